@@ -1,0 +1,68 @@
+"""ditprune_core: post-training pruning of diffusion transformers, in pure torch.
+
+The flow is calibrate -> score -> cluster -> mask -> apply/save; docs/ARCHITECTURE.md says which
+module owns each step. Nothing here imports ComfyUI.
+"""
+
+from .calibration import (
+    CalibrationError,
+    CalibrationStats,
+    Calibrator,
+    ChannelSquareMean,
+    LayerStats,
+    log_timestep_weight,
+)
+from .clustering import ClusterParams, LayerClusters, cluster_rows
+from .io import FileExistsRefusal
+from .layers import (
+    DEFAULT_FAMILIES,
+    FAMILIES,
+    UnsupportedModelError,
+    detect_architecture,
+    find_prunable_layers,
+    unwrap_diffusion_model,
+)
+from .masks import (
+    GRANULARITIES,
+    PATTERNS,
+    PruneConfig,
+    apply_masks_,
+    compute_masks,
+    iter_masks,
+    layer_keep_mask,
+)
+from .report import SparsityReport, sparsity_report
+from .saliency import METRICS, MetricParams, score_layer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_FAMILIES",
+    "FAMILIES",
+    "GRANULARITIES",
+    "METRICS",
+    "PATTERNS",
+    "CalibrationError",
+    "CalibrationStats",
+    "Calibrator",
+    "ChannelSquareMean",
+    "ClusterParams",
+    "FileExistsRefusal",
+    "LayerClusters",
+    "LayerStats",
+    "MetricParams",
+    "PruneConfig",
+    "SparsityReport",
+    "UnsupportedModelError",
+    "apply_masks_",
+    "cluster_rows",
+    "compute_masks",
+    "detect_architecture",
+    "find_prunable_layers",
+    "iter_masks",
+    "layer_keep_mask",
+    "log_timestep_weight",
+    "score_layer",
+    "sparsity_report",
+    "unwrap_diffusion_model",
+]

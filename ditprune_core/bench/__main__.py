@@ -1,0 +1,37 @@
+"""Benchmarks: ``python -m ditprune_core.bench {quality,sweep} [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path("docs/bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench", description=__doc__)
+    parser.add_argument("which", choices=("quality", "sweep"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
+    parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = "python -m ditprune_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.which == "quality":
+        from .quality import run_quality, write_quality
+
+        results = [run_quality(m, seeds=tuple(args.seeds)) for m in args.models]
+        path = write_quality(results, args.out, command)
+        print(path.read_text())
+        return 0 if all(ok for r in results for _, ok in r.checks()) else 1
+    from .sweep import write_sweep
+
+    path = write_sweep(args.out)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

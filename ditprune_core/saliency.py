@@ -1,0 +1,127 @@
+"""Saliency metrics: how much each weight matters. Higher score = keep.
+
+Every metric maps one layer's weight ``W`` (out, in) and its calibration statistics to a float32
+score tensor of the same shape. ``a_j = E[x_j**2]`` is the weighted mean square of input channel j
+(:class:`~ditprune_core.calibration.LayerStats.activation_sq_mean`).
+
+- ``magnitude``: ``|W_ij|``.
+- ``wanda``: ``|W_ij| * sqrt(a_j)`` (Sun et al. 2023; ``sqrt(a_j)`` is ``||X_j||_2`` up to a constant).
+- ``ria``: ``(|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * a_j ** (power / 2)`` with ``power``
+  0.5 (Zhang et al. 2024, relative importance and activations).
+- ``energy``: ours, see :func:`energy_score`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["METRICS", "MetricParams", "energy_score", "score_layer"]
+
+METRICS = ("magnitude", "wanda", "ria", "energy")
+NORMALIZATIONS = ("row", "row+column", "none")
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class MetricParams:
+    """Parameters of the metrics; the defaults are the ones the quality benchmark chose.
+
+    Attributes:
+        balance: ``beta`` of the energy metric, in [0, 1]: 0 ranks by weight energy alone,
+            1 by activation energy alone, 0.5 ranks like Wanda within a row.
+        normalize: ``"row"``: energy scores as the share of their output row's energy, which makes
+            scores of different rows comparable (used by layer and cluster groups);
+            ``"row+column"``: the sum of the row share and the input-column share (RIA's relative
+            importance, in energies); ``"none"``: the raw balanced energy.
+        ria_power: exponent ``a`` on ``||X||`` in RIA.
+    """
+
+    balance: float = 0.5
+    normalize: str = "row"
+    ria_power: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.balance <= 1.0:
+            raise ValueError(f"energy balance must be in [0, 1], got {self.balance}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown energy normalisation {self.normalize!r}; choose from {list(NORMALIZATIONS)}")
+        if self.ria_power < 0:
+            raise ValueError(f"ria_power must be >= 0, got {self.ria_power}")
+
+
+def energy_score(
+    weight: torch.Tensor, activation_sq_mean: torch.Tensor, *, balance: float, normalize: str = "row"
+) -> torch.Tensor:
+    """DiT-Pruning energy saliency (this project's definition; the paper publishes no formula).
+
+    The term ``W_ij x_j`` carries expected energy ``W_ij**2 * a_j`` into output i. Its two factors
+    are the weight energy ``W_ij**2`` and the activation energy ``a_j``. The score balances them
+    with ``beta``, each first made dimensionless by its layer mean so that ``beta`` means the same
+    in every layer::
+
+        e_ij = (W_ij**2 / mean(W**2)) ** (1 - beta) * (a_j / mean(a)) ** beta
+        S_ij = e_ij / sum_j e_ij                      (normalize="row")
+        S_ij = e_ij / sum_j e_ij + e_ij / sum_i e_ij  (normalize="row+column")
+        S_ij = e_ij                                   (normalize="none")
+
+    With ``beta = 0.5`` the order within a row is Wanda's; ``beta > 0.5`` gives activations more
+    say than Wanda does (the abstract: LLM metrics over-weight weights, DiT weights are large).
+    Row normalisation turns the score into the share of output i's energy that the weight carries,
+    so weights of different rows compare fairly when the group spans rows.
+
+    Args:
+        weight: (out, in) tensor of any float dtype.
+        activation_sq_mean: (in,) mean of x**2 per input channel.
+    Returns:
+        (out, in) float32 scores on the weight's device.
+    """
+    w2 = weight.float().pow(2)
+    a = activation_sq_mean.to(device=weight.device, dtype=torch.float32)
+    w2 = w2 / w2.mean().clamp_min(_TINY)
+    a = a / a.mean().clamp_min(_TINY)
+    if balance == 0.5:
+        score = (w2 * a).sqrt_()
+    else:
+        score = w2.pow_(1.0 - balance).mul_(a.pow(balance))
+    if normalize == "row":
+        score = score / score.sum(dim=1, keepdim=True).clamp_min(_TINY)
+    elif normalize == "row+column":
+        score = score / score.sum(dim=1, keepdim=True).clamp_min(_TINY) + score / score.sum(
+            dim=0, keepdim=True
+        ).clamp_min(_TINY)
+    return score
+
+
+def score_layer(
+    metric: str,
+    weight: torch.Tensor,
+    activation_sq_mean: torch.Tensor | None,
+    params: MetricParams | None = None,
+) -> torch.Tensor:
+    """Scores (out, in) float32 of one layer under ``metric``; higher means keep.
+
+    Raises:
+        ValueError: unknown metric, or a metric that needs calibration given none.
+    """
+    params = params or MetricParams()
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
+    if metric == "magnitude":
+        return weight.float().abs()
+    if activation_sq_mean is None:
+        raise ValueError(f"metric {metric!r} needs calibration statistics; run Calibrate first")
+    if activation_sq_mean.shape != (weight.shape[1],):
+        raise ValueError(
+            f"activation statistics have shape {tuple(activation_sq_mean.shape)}, the weight has "
+            f"{weight.shape[1]} input channels"
+        )
+    a = activation_sq_mean.to(device=weight.device, dtype=torch.float32)
+    if metric == "wanda":
+        return weight.float().abs().mul_(a.sqrt())
+    if metric == "ria":
+        w = weight.float().abs()
+        relative = w / w.sum(dim=0, keepdim=True).clamp_min(_TINY) + w / w.sum(dim=1, keepdim=True).clamp_min(_TINY)
+        return relative.mul_(a.pow(params.ria_power / 2))
+    return energy_score(weight, a, balance=params.balance, normalize=params.normalize)
