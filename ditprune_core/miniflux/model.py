@@ -47,6 +47,8 @@ class MiniFluxConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
+        if any(d % 2 for d in self.axes_dim):
+            raise ValueError(f"every rotary axis dimension must be even, got {self.axes_dim}")
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
             raise ValueError(
                 f"axes_dim {self.axes_dim} must sum to the head size "
