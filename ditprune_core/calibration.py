@@ -26,12 +26,12 @@ from .io import atomic_path
 from .layers import detect_architecture, find_prunable_layers, unwrap_diffusion_model
 
 __all__ = [
+    "TIMESTEP_WEIGHTINGS",
     "CalibrationError",
     "CalibrationStats",
     "Calibrator",
     "ChannelSquareMean",
     "LayerStats",
-    "TIMESTEP_WEIGHTINGS",
     "log_timestep_weight",
     "weight_sample_hash",
 ]
@@ -208,7 +208,12 @@ class CalibrationStats:
                 part.mean, part.weight_total, part.tokens = s.activation_sq_mean, s.weight_total, s.tokens
                 acc.merge(part)
             merged[name] = LayerStats(
-                acc.finalize(), mine.in_features, mine.out_features, acc.tokens, acc.weight_total, mine.weight_sample
+                acc.finalize(),
+                mine.in_features,
+                mine.out_features,
+                acc.tokens,
+                acc.weight_total,
+                mine.weight_sample,
             )
         settings = {"merged": [dict(self.settings), dict(other.settings)]}
         return CalibrationStats(merged, self.architecture, settings)
@@ -296,7 +301,12 @@ class CalibrationStats:
                     if mean.shape != (m["in_features"],):
                         raise CalibrationError(f"{path}: tensor {name!r} has shape {tuple(mean.shape)}")
                     layers[name] = LayerStats(
-                        mean, m["in_features"], m["out_features"], m["tokens"], m["weight_total"], m["weight_sample"]
+                        mean,
+                        m["in_features"],
+                        m["out_features"],
+                        m["tokens"],
+                        m["weight_total"],
+                        m["weight_sample"],
                     )
                 settings = json.loads(metadata.get("settings", "{}"))
                 return cls(layers, metadata.get("architecture", "unknown"), settings)
@@ -336,12 +346,16 @@ class Calibrator:
     ) -> None:
         module = unwrap_diffusion_model(model)
         self.architecture = detect_architecture(module).name
-        self.layers = dict(layers) if layers is not None else find_prunable_layers(module, families=CALIBRATED_FAMILIES)
+        self.layers = (
+            dict(layers) if layers is not None else find_prunable_layers(module, families=CALIBRATED_FAMILIES)
+        )
         if not self.layers:
             raise CalibrationError("no layers to calibrate: the layer selection is empty")
         if isinstance(weighting, str):
             if weighting not in TIMESTEP_WEIGHTINGS:
-                raise ValueError(f"unknown timestep weighting {weighting!r}; choose from {sorted(TIMESTEP_WEIGHTINGS)}")
+                raise ValueError(
+                    f"unknown timestep weighting {weighting!r}; choose from {sorted(TIMESTEP_WEIGHTINGS)}"
+                )
             self._weighting = TIMESTEP_WEIGHTINGS[weighting]
             weighting_name = weighting
         else:
@@ -349,7 +363,9 @@ class Calibrator:
             weighting_name = getattr(weighting, "__name__", "custom")
         self.settings = {"weighting": weighting_name, **dict(settings or {})}
         self.current_weight = 1.0
-        self._accumulators = {name: ChannelSquareMean(layer.in_features) for name, layer in self.layers.items()}
+        self._accumulators = {
+            name: ChannelSquareMean(layer.in_features) for name, layer in self.layers.items()
+        }
         self._samples = {name: weight_sample_hash(layer.weight) for name, layer in self.layers.items()}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stats: CalibrationStats | None = None
@@ -440,7 +456,9 @@ def calibrating(
 
 
 def stats_from_batches(
-    layers: Mapping[str, nn.Linear], batches: Iterable[Mapping[str, torch.Tensor]], architecture: str = "custom"
+    layers: Mapping[str, nn.Linear],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    architecture: str = "custom",
 ) -> CalibrationStats:
     """Build statistics from given input activations ``{layer name: x (..., in_features)}``.
 
@@ -453,8 +471,12 @@ def stats_from_batches(
     return CalibrationStats(
         {
             name: LayerStats(
-                acc.finalize(), layers[name].in_features, layers[name].out_features, acc.tokens,
-                acc.weight_total, weight_sample_hash(layers[name].weight),
+                acc.finalize(),
+                layers[name].in_features,
+                layers[name].out_features,
+                acc.tokens,
+                acc.weight_total,
+                weight_sample_hash(layers[name].weight),
             )
             for name, acc in accs.items()
         },

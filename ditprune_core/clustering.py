@@ -120,7 +120,11 @@ def cluster_rows(
     std[std == 0] = 1.0
     points = (points - points.mean(axis=0)) / std
     rng = np.random.default_rng(params.seed)
-    sample = rng.choice(n_rows, size=params.sample_rows, replace=False) if n_rows > params.sample_rows else np.arange(n_rows)
+    sample = (
+        rng.choice(n_rows, size=params.sample_rows, replace=False)
+        if n_rows > params.sample_rows
+        else np.arange(n_rows)
+    )
     fit_points = points[sample]
     n_distinct = len(np.unique(fit_points.round(8), axis=0))
 
@@ -133,7 +137,11 @@ def cluster_rows(
         if k < 2:
             continue
         km = KMeans(n_clusters=k, n_init=4, random_state=params.seed).fit(fit_points)
-        score = float(silhouette_score(fit_points, km.labels_, sample_size=min(2000, len(fit_points)), random_state=params.seed))
+        score = float(
+            silhouette_score(
+                fit_points, km.labels_, sample_size=min(2000, len(fit_points)), random_state=params.seed
+            )
+        )
         if best is None or score > best[0]:
             best = (score, km)
     if best is None or (params.n_clusters is None and best[0] < params.min_silhouette):
@@ -184,7 +192,9 @@ def allocate_cluster_prune_counts(
     if allocation > 0 and 0 < prune_total < scores.numel():
         threshold = scores.reshape(-1).float().kthvalue(prune_total).values
         below = (scores <= threshold).sum(dim=1)
-        global_counts = torch.zeros(k, dtype=torch.float64).index_add_(0, labels.cpu(), below.cpu().double()).numpy()
+        global_counts = (
+            torch.zeros(k, dtype=torch.float64).index_add_(0, labels.cpu(), below.cpu().double()).numpy()
+        )
         global_counts *= prune_total / max(1.0, global_counts.sum())
         targets = (1 - allocation) * uniform + allocation * global_counts
     else:

@@ -41,7 +41,12 @@ def write_png(image: torch.Tensor, path: str | Path, *, overwrite: bool = False)
     raw = b"".join(b"\x00" + pixels[row].tobytes() for row in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
@@ -61,11 +66,15 @@ def image_grid(images: torch.Tensor, rows: int, *, scale: int = 4, pad: int = 2)
     grid = torch.ones(rows * hh + pad, cols * ww + pad, 3)
     for i in range(n):
         r, col = divmod(i, cols)
-        grid[pad + r * hh : pad + r * hh + h * scale, pad + col * ww : pad + col * ww + w * scale] = imgs[i].permute(1, 2, 0)
+        grid[pad + r * hh : pad + r * hh + h * scale, pad + col * ww : pad + col * ww + w * scale] = imgs[
+            i
+        ].permute(1, 2, 0)
     return grid
 
 
-def scatter_plot(points: torch.Tensor, labels: torch.Tensor, *, size: int = 384, dot: int = 2) -> torch.Tensor:
+def scatter_plot(
+    points: torch.Tensor, labels: torch.Tensor, *, size: int = 384, dot: int = 2
+) -> torch.Tensor:
     """Scatter of (N, 2) points coloured by integer ``labels``; (size, size, 3) white background."""
     img = torch.ones(size, size, 3)
     pts = points.float()
@@ -84,8 +93,14 @@ def scatter_plot(points: torch.Tensor, labels: torch.Tensor, *, size: int = 384,
     return img
 
 
-def bar_chart(values: Sequence[float], *, height: int = 200, bar: int = 12, gap: int = 3,
-              colours: Sequence[int] | None = None) -> torch.Tensor:
+def bar_chart(
+    values: Sequence[float],
+    *,
+    height: int = 200,
+    bar: int = 12,
+    gap: int = 3,
+    colours: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Vertical bars for values in [0, 1] (e.g. sparsity per block) with 25/50/75 % grid lines."""
     n = len(values)
     width = max(1, n * (bar + gap) + gap)
@@ -93,7 +108,7 @@ def bar_chart(values: Sequence[float], *, height: int = 200, bar: int = 12, gap:
     for frac in (0.25, 0.5, 0.75):
         img[height - 1 - int(frac * (height - 1))] = 0.85
     for i, v in enumerate(values):
-        top = height - int(round(min(max(float(v), 0.0), 1.0) * (height - 1)))
+        top = height - round(min(max(float(v), 0.0), 1.0) * (height - 1))
         x0 = gap + i * (bar + gap)
         colour = PALETTE[(colours[i] if colours is not None else 0) % len(PALETTE)]
         img[top:height, x0 : x0 + bar] = colour

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "FileExistsRefusal"]
+__all__ = ["FileExistsRefusal", "atomic_path", "next_free_path"]
 
 
 class FileExistsRefusal(FileExistsError):
@@ -48,3 +48,12 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
                 os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def next_free_path(folder: str | Path, prefix: str, suffix: str) -> Path:
+    """``folder/prefix_00001suffix`` with the first counter not taken (ComfyUI's naming)."""
+    folder = Path(folder)
+    counter = 1
+    while (candidate := folder / f"{prefix}_{counter:05d}{suffix}").exists():
+        counter += 1
+    return candidate

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from torch import nn
 
 __all__ = [
-    "ArchTemplate",
-    "FAMILIES",
     "DEFAULT_FAMILIES",
+    "FAMILIES",
     "TEMPLATES",
+    "ArchTemplate",
     "LayerFilter",
     "UnsupportedModelError",
     "detect_architecture",
     "find_prunable_layers",
-    "layer_family",
     "layer_block",
+    "layer_family",
     "unwrap_diffusion_model",
 ]
 

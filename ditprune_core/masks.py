@@ -97,7 +97,9 @@ class PruneConfig:
             try:
                 re.compile(self.layer_regex)
             except re.error as exc:
-                raise ValueError(f"layer_regex {self.layer_regex!r} is not a valid regular expression: {exc}") from exc
+                raise ValueError(
+                    f"layer_regex {self.layer_regex!r} is not a valid regular expression: {exc}"
+                ) from exc
 
     @property
     def needs_calibration(self) -> bool:
@@ -143,7 +145,7 @@ def prune_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     Returns:
         (G, n) bool keep-mask.
     """
-    g, n = scores.shape
+    n = scores.shape[1]
     keep = torch.ones_like(scores, dtype=torch.bool)
     counts = counts.to(scores.device)
     for value in torch.unique(counts).tolist():
@@ -203,7 +205,9 @@ def layer_keep_mask(
     out_f, in_f = scores.shape
     s = float(config.sparsity)
     if config.granularity == "layer":
-        return prune_lowest(scores.reshape(1, -1), torch.tensor([round(s * scores.numel())])).reshape(out_f, in_f)
+        return prune_lowest(scores.reshape(1, -1), torch.tensor([round(s * scores.numel())])).reshape(
+            out_f, in_f
+        )
     if config.granularity == "row":
         return prune_lowest(scores, torch.full((out_f,), round(s * in_f), dtype=torch.int64))
     if config.granularity == "column":
@@ -211,9 +215,13 @@ def layer_keep_mask(
     if clusters is None:
         clusters = cluster_rows(weight, activation_sq_mean, config.cluster_params)
     if clusters.labels.shape != (out_f,):
-        raise ValueError(f"cluster assignment for {name!r} has {clusters.labels.numel()} rows, the layer {out_f}")
+        raise ValueError(
+            f"cluster assignment for {name!r} has {clusters.labels.numel()} rows, the layer {out_f}"
+        )
     total = round(s * scores.numel())
-    per_cluster = allocate_cluster_prune_counts(scores, clusters.labels, clusters.k, total, config.cluster_params.allocation)
+    per_cluster = allocate_cluster_prune_counts(
+        scores, clusters.labels, clusters.k, total, config.cluster_params.allocation
+    )
     keep = torch.ones_like(scores, dtype=torch.bool)
     labels = clusters.labels.to(scores.device)
     for c, count in enumerate(per_cluster):
@@ -244,7 +252,9 @@ def iter_masks(
     """
     layers = select_layers(model, config)
     if not layers:
-        raise ValueError(f"no layer of families {list(config.families)} matches (layer_regex={config.layer_regex!r})")
+        raise ValueError(
+            f"no layer of families {list(config.families)} matches (layer_regex={config.layer_regex!r})"
+        )
     if config.needs_calibration:
         if stats is None:
             raise CalibrationError(f"metric {config.metric!r} needs a calibration; run Calibrate first")
@@ -294,5 +304,5 @@ def apply_masks_(model: nn.Module | object, masks: Mapping[str, torch.Tensor]) -
             )
     with torch.no_grad():
         for name, keep in masks.items():
-            weight = named[name].weight  # type: ignore[union-attr]
+            weight = named[name].weight
             weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))

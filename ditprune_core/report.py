@@ -56,7 +56,9 @@ class SparsityReport:
         """Plain-text table (what the Apply Pruning node shows)."""
         lines = []
         pruned, numel = self.total
-        lines.append(f"pruned {pruned:,} of {numel:,} weights in {len(self.layers)} layers: {self.sparsity:.2%}")
+        lines.append(
+            f"pruned {pruned:,} of {numel:,} weights in {len(self.layers)} layers: {self.sparsity:.2%}"
+        )
         for key in ("family", "block"):
             lines.append(f"by {key}:")
             for group, (p, n) in self.by(key).items():
@@ -82,8 +84,13 @@ def sparsity_report(
     if masks is not None:
         for name, keep in masks.items():
             rows.append(
-                LayerSparsity(name, layer_family(name, template) or "other", layer_block(name, template),
-                              keep.numel(), int(keep.numel() - keep.sum()))
+                LayerSparsity(
+                    name,
+                    layer_family(name, template) or "other",
+                    layer_block(name, template),
+                    keep.numel(),
+                    int(keep.numel() - keep.sum()),
+                )
             )
     else:
         if layers is None:
@@ -91,7 +98,12 @@ def sparsity_report(
         for name, layer in layers.items():
             w = layer.weight
             rows.append(
-                LayerSparsity(name, layer_family(name, template) or "other", layer_block(name, template),
-                              w.numel(), int((w == 0).sum()))
+                LayerSparsity(
+                    name,
+                    layer_family(name, template) or "other",
+                    layer_block(name, template),
+                    w.numel(),
+                    int((w == 0).sum()),
+                )
             )
     return SparsityReport(tuple(rows))

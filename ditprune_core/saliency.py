@@ -46,7 +46,9 @@ class MetricParams:
         if not 0.0 <= self.balance <= 1.0:
             raise ValueError(f"energy balance must be in [0, 1], got {self.balance}")
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"unknown energy normalisation {self.normalize!r}; choose from {list(NORMALIZATIONS)}")
+            raise ValueError(
+                f"unknown energy normalisation {self.normalize!r}; choose from {list(NORMALIZATIONS)}"
+            )
         if self.ria_power < 0:
             raise ValueError(f"ria_power must be >= 0, got {self.ria_power}")
 
@@ -81,10 +83,8 @@ def energy_score(
     a = activation_sq_mean.to(device=weight.device, dtype=torch.float32)
     w2 = w2 / w2.mean().clamp_min(_TINY)
     a = a / a.mean().clamp_min(_TINY)
-    if balance == 0.5:
-        score = (w2 * a).sqrt_()
-    else:
-        score = w2.pow_(1.0 - balance).mul_(a.pow(balance))
+    # balance 0.5 is the common case: one sqrt instead of two pows
+    score = (w2 * a).sqrt_() if balance == 0.5 else w2.pow_(1.0 - balance).mul_(a.pow(balance))
     if normalize == "row":
         score = score / score.sum(dim=1, keepdim=True).clamp_min(_TINY)
     elif normalize == "row+column":
@@ -122,6 +122,8 @@ def score_layer(
         return weight.float().abs().mul_(a.sqrt())
     if metric == "ria":
         w = weight.float().abs()
-        relative = w / w.sum(dim=0, keepdim=True).clamp_min(_TINY) + w / w.sum(dim=1, keepdim=True).clamp_min(_TINY)
+        relative = w / w.sum(dim=0, keepdim=True).clamp_min(_TINY) + w / w.sum(dim=1, keepdim=True).clamp_min(
+            _TINY
+        )
         return relative.mul_(a.pow(params.ria_power / 2))
     return energy_score(weight, a, balance=params.balance, normalize=params.normalize)

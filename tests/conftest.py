@@ -12,7 +12,9 @@ from ditprune_core.miniflux.model import MiniFlux, MiniFluxConfig
 @pytest.fixture
 def tiny_flux() -> MiniFlux:
     torch.manual_seed(0)
-    return MiniFlux(MiniFluxConfig(hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6))).eval()
+    return MiniFlux(
+        MiniFluxConfig(hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6))
+    ).eval()
 
 
 class _SD3Block(nn.Module):

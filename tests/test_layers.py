@@ -31,11 +31,18 @@ def test_flux_families_are_selectable(tiny_flux: nn.Module) -> None:
         "single_blocks.0.modulation.lin",
     ]
     assert set(find_prunable_layers(tiny_flux, families=["embedder", "final"])) == {
-        "img_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
-        "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1",
+        "img_in",
+        "time_in.in_layer",
+        "time_in.out_layer",
+        "vector_in.in_layer",
+        "vector_in.out_layer",
+        "txt_in",
+        "final_layer.linear",
+        "final_layer.adaLN_modulation.1",
     }
     assert list(find_prunable_layers(tiny_flux, families=["single_fused"])) == [
-        "single_blocks.0.linear1", "single_blocks.0.linear2",
+        "single_blocks.0.linear1",
+        "single_blocks.0.linear2",
     ]
 
 
@@ -51,7 +58,9 @@ def test_sd3_names(tiny_sd3: nn.Module) -> None:
     assert "joint_blocks.1.context_block.attn.qkv" in names
     assert "joint_blocks.0.context_block.mlp.fc2" in names
     assert not any("adaLN" in n or "embedder" in n or "final" in n for n in names)
-    assert "joint_blocks.0.x_block.adaLN_modulation.1" in find_prunable_layers(tiny_sd3, families=["modulation"])
+    assert "joint_blocks.0.x_block.adaLN_modulation.1" in find_prunable_layers(
+        tiny_sd3, families=["modulation"]
+    )
 
 
 def test_generic_fallback_finds_linears_in_repeated_blocks() -> None:
@@ -71,13 +80,18 @@ def test_generic_fallback_finds_linears_in_repeated_blocks() -> None:
     model = Generic()
     assert detect_architecture(model).name == "generic"
     assert list(find_prunable_layers(model)) == [
-        "blocks.0.attn", "blocks.0.ff.0", "blocks.0.ff.2", "blocks.1.attn", "blocks.1.ff.0", "blocks.1.ff.2",
+        "blocks.0.attn",
+        "blocks.0.ff.0",
+        "blocks.0.ff.2",
+        "blocks.1.attn",
+        "blocks.1.ff.0",
+        "blocks.1.ff.2",
     ]
 
 
 def test_unsupported_model_names_what_is_supported() -> None:
     unet = nn.Sequential(nn.Conv2d(4, 8, 3), nn.SiLU(), nn.Conv2d(8, 4, 3))
-    with pytest.raises(UnsupportedModelError, match="FLUX.*SD3"):
+    with pytest.raises(UnsupportedModelError, match=r"FLUX.*SD3"):
         find_prunable_layers(unet)
 
 
@@ -98,7 +112,10 @@ def test_comfy_shaped_wrappers_are_unwrapped(tiny_flux: nn.Module) -> None:
 
     direct = find_prunable_layers(tiny_flux)
     assert list(find_prunable_layers(Patcher(BaseModel(tiny_flux)))) == list(direct)
-    assert find_prunable_layers(BaseModel(tiny_flux))["single_blocks.0.linear1"] is direct["single_blocks.0.linear1"]
+    assert (
+        find_prunable_layers(BaseModel(tiny_flux))["single_blocks.0.linear1"]
+        is direct["single_blocks.0.linear1"]
+    )
 
 
 def test_block_and_family_of_names(tiny_flux: nn.Module) -> None:
@@ -118,4 +135,6 @@ def test_linear_subclasses_count(tiny_flux: nn.Module) -> None:
     old = block.linear2
     block.linear2 = CastLinear(old.in_features, old.out_features)
     assert isinstance(find_prunable_layers(tiny_flux)["single_blocks.0.linear2"], CastLinear)
-    assert torch.equal(block.linear1.weight, find_prunable_layers(tiny_flux)["single_blocks.0.linear1"].weight)
+    assert torch.equal(
+        block.linear1.weight, find_prunable_layers(tiny_flux)["single_blocks.0.linear1"].weight
+    )

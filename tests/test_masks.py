@@ -111,8 +111,12 @@ def test_exact_sparsity_over_random_shapes(granularity: str) -> None:
         w = torch.randn(out_f, in_f, generator=gen)
         w[0, :2] = 0.0  # ties
         a = torch.rand(in_f, generator=gen).double() + 0.1
-        config = PruneConfig(sparsity, metric="energy", granularity=granularity,
-                             cluster_params=ClusterParams(seed=trial, min_silhouette=0.0))
+        config = PruneConfig(
+            sparsity,
+            metric="energy",
+            granularity=granularity,
+            cluster_params=ClusterParams(seed=trial, min_silhouette=0.0),
+        )
         keep = layer_keep_mask("l", w, a, config)
         pruned = ~keep
         if granularity == "row":
@@ -165,18 +169,22 @@ def test_compute_and_apply_on_a_model(tiny_flux: nn.Module) -> None:
     report = sparsity_report(tiny_flux, layers={k: layers[k] for k in masks})
     assert report.sparsity == pytest.approx(0.5)
     assert torch.equal(tiny_flux.double_blocks[0].img_attn.qkv.weight, before)
-    assert sparsity_report(tiny_flux, masks).by("block") == {"single_blocks.0": (report.total[0], report.total[1])}
+    assert sparsity_report(tiny_flux, masks).by("block") == {
+        "single_blocks.0": (report.total[0], report.total[1])
+    }
 
 
 def test_apply_masks_refuses_mismatches(tiny_flux: nn.Module) -> None:
-    with pytest.raises(ValueError, match="single_blocks.0.linear1.*shape"):
+    with pytest.raises(ValueError, match=r"single_blocks\.0\.linear1.*shape"):
         apply_masks_(tiny_flux, {"single_blocks.0.linear1": torch.ones(2, 2, dtype=torch.bool)})
     with pytest.raises(KeyError, match="no Linear layer"):
         apply_masks_(tiny_flux, {"nope": torch.ones(2, 2, dtype=torch.bool)})
 
 
 def test_cluster_masks_are_deterministic(tiny_flux: nn.Module) -> None:
-    config = PruneConfig(0.6, metric="magnitude", granularity="cluster", cluster_params=ClusterParams(min_silhouette=0.0))
+    config = PruneConfig(
+        0.6, metric="magnitude", granularity="cluster", cluster_params=ClusterParams(min_silhouette=0.0)
+    )
     first = compute_masks(tiny_flux, None, config)
     second = compute_masks(tiny_flux, None, config)
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -36,7 +36,9 @@ def test_energy_balance_extremes_and_normalisations() -> None:
     assert torch.allclose(only_act, torch.tensor([[0.4, 1.6], [0.4, 1.6]]))
     only_weight = energy_score(w, a, balance=0.0, normalize="none")
     assert torch.allclose(only_weight, torch.tensor([[4 / 7, 16 / 7], [4 / 7, 4 / 7]]))
-    assert torch.allclose(energy_score(w, a, balance=0.0, normalize="row"), torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
+    assert torch.allclose(
+        energy_score(w, a, balance=0.0, normalize="row"), torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    )
     # row+column: row shares [[.2,.8],[.5,.5]] + column shares [[.5,.8],[.5,.2]]
     assert torch.allclose(
         energy_score(w, a, balance=0.0, normalize="row+column"), torch.tensor([[0.7, 1.6], [1.0, 0.7]])

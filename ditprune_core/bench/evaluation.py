@@ -32,7 +32,12 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     vals, vecs = np.linalg.eigh(cov1)
     sqrt1 = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
     inner = np.linalg.eigvalsh(sqrt1 @ cov2 @ sqrt1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(
+        ((mu1 - mu2) ** 2).sum()
+        + np.trace(cov1)
+        + np.trace(cov2)
+        - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,9 @@ class BenchContext:
     dense: dict[int, DenseRun] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, name: str, *, seeds: Sequence[int], per_class: int, steps: int = 20, cfg: float = 2.0) -> BenchContext:
+    def build(
+        cls, name: str, *, seeds: Sequence[int], per_class: int, steps: int = 20, cfg: float = 2.0
+    ) -> BenchContext:
         pipe = load_bundled(name)
         stats = calibrate(pipe, steps=steps, cfg=cfg)
         ctx = cls(name, pipe, stats, steps, cfg)
@@ -167,7 +169,9 @@ class QualityResult:
                 theirs = self.mean(rival, setting)
                 ok = ours <= theirs if setting == "50%" else ours < theirs
                 word = "no worse than" if setting == "50%" else "beats"
-                out.append((f"{self.model} {setting}: dit-pruning {ours:.4f} {word} {rival} {theirs:.4f}", ok))
+                out.append(
+                    (f"{self.model} {setting}: dit-pruning {ours:.4f} {word} {rival} {theirs:.4f}", ok)
+                )
         return out
 
 
@@ -196,8 +200,17 @@ def run_quality(
             pipe = ctx.pruned(METHODS[method](sparsity, pattern))
             metrics = ctx.evaluate(pipe)
             rows.append((method, setting, metrics))
-            images[f"{method} {setting}"] = pipe.sample(first.labels[shown], seed=0, steps=ctx.steps, cfg=ctx.cfg, noise=first.noise[shown])
-            log.info("%s %s %s: rel err %.4f (%.1f s)", model, method, setting, np.mean(metrics["rel_err"]), time.perf_counter() - start)
+            images[f"{method} {setting}"] = pipe.sample(
+                first.labels[shown], seed=0, steps=ctx.steps, cfg=ctx.cfg, noise=first.noise[shown]
+            )
+            log.info(
+                "%s %s %s: rel err %.4f (%.1f s)",
+                model,
+                method,
+                setting,
+                np.mean(metrics["rel_err"]),
+                time.perf_counter() - start,
+            )
     return QualityResult(model, rows, dense_metrics, images)
 
 
@@ -218,7 +231,12 @@ def write_quality(results: Sequence[QualityResult], out_dir: Path, command: str)
         names = list(res.images)
         grid = image_grid(torch.cat([res.images[n] for n in names]), rows=len(names))
         write_png(grid, grid_path, overwrite=True)
-        parts += [f"![samples]({grid_path.name})", "", "Grid rows, top to bottom: " + ", ".join(names) + ".", ""]
+        parts += [
+            f"![samples]({grid_path.name})",
+            "",
+            "Grid rows, top to bottom: " + ", ".join(names) + ".",
+            "",
+        ]
     parts += ["## Claims checked", ""]
     for res in results:
         for text, ok in res.checks():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["MiniFluxConfig", "MiniFlux", "ClassConditioner", "patchify", "unpatchify"]
+__all__ = ["ClassConditioner", "MiniFlux", "MiniFluxConfig", "patchify", "unpatchify"]
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,12 @@ class MiniFluxConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if any(d % 2 for d in self.axes_dim):
             raise ValueError(f"every rotary axis dimension must be even, got {self.axes_dim}")
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
             raise ValueError(
-                f"axes_dim {self.axes_dim} must sum to the head size "
-                f"{self.hidden_size // self.num_heads}"
+                f"axes_dim {self.axes_dim} must sum to the head size {self.hidden_size // self.num_heads}"
             )
 
     @property
@@ -67,9 +64,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, time_factor: float = 1000.0) -
     """Sinusoidal embedding of ``t`` (B,) in [0, 1] -> (B, dim), FLUX convention (t * 1000)."""
     t = t * time_factor
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(10_000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -245,8 +240,7 @@ class MiniFlux(nn.Module):
         self.vector_in = MLPEmbedder(config.vec_dim, hidden)
         self.txt_in = nn.Linear(config.context_dim, hidden)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(hidden, config.num_heads, config.mlp_hidden)
-            for _ in range(config.depth)
+            DoubleStreamBlock(hidden, config.num_heads, config.mlp_hidden) for _ in range(config.depth)
         )
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(hidden, config.num_heads, config.mlp_hidden)
@@ -266,7 +260,9 @@ class MiniFlux(nn.Module):
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)
         txt = self.txt_in(txt)
-        angles = rope_frequencies(torch.cat([txt_ids, img_ids], dim=1), self.config.axes_dim, self.config.theta)
+        angles = rope_frequencies(
+            torch.cat([txt_ids, img_ids], dim=1), self.config.axes_dim, self.config.theta
+        )
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, angles)
         x = torch.cat([txt, img], dim=1)
@@ -287,6 +283,8 @@ class ClassConditioner(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         n = config.num_classes + 1
         self.null_class = config.num_classes
+        self.context: torch.Tensor
+        self.pooled: torch.Tensor
         self.register_buffer(
             "context", torch.randn(n, config.context_tokens, config.context_dim, generator=gen)
         )

@@ -41,15 +41,11 @@ class MiniFluxPipeline:
     def config(self) -> MiniFluxConfig:
         return self.model.config
 
-    def velocity(
-        self, tokens: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
+    def velocity(self, tokens: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Model velocity for noisy tokens (B, L, C) at noise level ``sigma`` (B,)."""
         b = tokens.shape[0]
         context, pooled = self.conditioner(labels)
-        return self.model(
-            tokens, image_ids(self.config, b), context, text_ids(self.config, b), sigma, pooled
-        )
+        return self.model(tokens, image_ids(self.config, b), context, text_ids(self.config, b), sigma, pooled)
 
     def guided_velocity(
         self, tokens: torch.Tensor, sigma: float, labels: torch.Tensor, cfg: float
@@ -170,8 +166,12 @@ def calibrate(
     Both CFG halves (conditional and empty prompt) are seen, as in real sampling.
     """
     labels = torch.arange(pipe.config.num_classes).repeat_interleave(per_class)
-    with Calibrator(pipe.model, layers, weighting=weighting,
-                    settings={"sampler": "euler", "steps": steps, "cfg": cfg, "seeds": list(seeds)}) as cal:
+    with Calibrator(
+        pipe.model,
+        layers,
+        weighting=weighting,
+        settings={"sampler": "euler", "steps": steps, "cfg": cfg, "seeds": list(seeds)},
+    ) as cal:
         for seed in seeds:
             pipe.sample(labels, seed=seed, steps=steps, cfg=cfg, on_step=cal.on_step)
     return cal.stats

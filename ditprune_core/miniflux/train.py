@@ -91,7 +91,9 @@ def train(recipe: Recipe, *, log_every: int = 250) -> MiniFluxPipeline:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--name", choices=sorted(RECIPES), default="miniflux-a")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     parser.add_argument("--out", type=Path, default=None, help="default: the package's assets/")
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
     pipe = train(recipe)
     out = args.out or Path(__file__).resolve().parent.parent / "assets" / BUNDLED[args.name]
-    pipe.save(out, extra_metadata={"recipe": args.name, "train_steps": str(recipe.steps)}, overwrite=args.force)
+    pipe.save(
+        out, extra_metadata={"recipe": args.name, "train_steps": str(recipe.steps)}, overwrite=args.force
+    )
     log.info("saved %s", out)
 
 
