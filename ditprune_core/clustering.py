@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .selection import kth_smallest
+
 __all__ = [
     "ClusterParams",
     "LayerClusters",
@@ -190,7 +192,7 @@ def allocate_cluster_prune_counts(
     sizes = rows_per_cluster * scores.shape[1]
     uniform = sizes * (prune_total / max(1, scores.numel()))
     if allocation > 0 and 0 < prune_total < scores.numel():
-        threshold = scores.reshape(-1).float().kthvalue(prune_total).values
+        threshold = kth_smallest(scores.reshape(-1), prune_total)
         below = (scores <= threshold).sum(dim=1)
         global_counts = (
             torch.zeros(k, dtype=torch.float64).index_add_(0, labels.cpu(), below.cpu().double()).numpy()

@@ -13,8 +13,20 @@ from torch import nn
 
 from .calibration import CalibrationError, CalibrationStats
 from .clustering import ClusterParams, LayerClusters, allocate_cluster_prune_counts, cluster_rows
-from .layers import DEFAULT_FAMILIES, FAMILIES, LayerFilter, find_prunable_layers
+from .layers import (
+    DEFAULT_FAMILIES,
+    FAMILIES,
+    LayerFilter,
+    detect_architecture,
+    find_prunable_layers,
+    layer_block,
+    layer_family,
+    unwrap_diffusion_model,
+)
+from .packing import PackedMask
+from .report import LayerSparsity, SparsityReport
 from .saliency import METRICS, MetricParams, score_layer
+from .selection import prune_lowest
 
 __all__ = [
     "GRANULARITIES",
@@ -26,6 +38,7 @@ __all__ = [
     "layer_keep_mask",
     "parse_pattern",
     "prune_lowest",
+    "prune_model_",
     "select_layers",
 ]
 
@@ -131,38 +144,6 @@ def select_layers(model: nn.Module | object, config: PruneConfig) -> dict[str, n
         return config.filter_fn(module, name) if config.filter_fn is not None else True
 
     return find_prunable_layers(model, families=config.families, filter_fn=keep)
-
-
-def prune_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Keep-mask that prunes exactly ``counts[g]`` lowest scores in each row ``g`` of ``scores``.
-
-    Selection is by ``kthvalue`` (no full sort); ties at the threshold are pruned in index order so
-    the count is exact.
-
-    Args:
-        scores: (G, n) scores.
-        counts: (G,) int64 number to prune per row, each in [0, n].
-    Returns:
-        (G, n) bool keep-mask.
-    """
-    n = scores.shape[1]
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    counts = counts.to(scores.device)
-    for value in torch.unique(counts).tolist():
-        if value == 0:
-            continue
-        rows = (counts == value).nonzero().squeeze(1)
-        sub = scores.index_select(0, rows)
-        if value >= n:
-            keep[rows] = False
-            continue
-        threshold = sub.kthvalue(int(value), dim=1, keepdim=True).values
-        prune = sub < threshold
-        need = value - prune.sum(dim=1, keepdim=True)
-        ties = sub == threshold
-        prune |= ties & (ties.cumsum(dim=1) <= need)
-        keep[rows] = ~prune
-    return keep
 
 
 def _nm_keep(scores: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:
@@ -275,34 +256,80 @@ def compute_masks(
     config: PruneConfig,
     *,
     progress: ProgressFn | None = None,
-) -> dict[str, torch.Tensor]:
-    """``{layer name: bool keep-mask (out, in)}`` for every layer ``config`` selects.
+    packed: bool = False,
+) -> dict[str, torch.Tensor] | dict[str, PackedMask]:
+    """``{layer name: keep-mask (out, in)}`` for every layer ``config`` selects.
 
-    Scores are computed and dropped one layer at a time; only the masks are kept.
+    Scores are computed and dropped one layer at a time; only the masks are kept: bool tensors, or
+    with ``packed=True`` :class:`~ditprune_core.packing.PackedMask` (1 bit per weight), which is
+    what a 12B model needs.
     """
+    if packed:
+        return {
+            name: PackedMask.from_bool(keep)
+            for name, keep in iter_masks(model, stats, config, progress=progress)
+        }
     return dict(iter_masks(model, stats, config, progress=progress))
 
 
-def apply_masks_(model: nn.Module | object, masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero, in place, the weights whose mask entry is False.
+MaskLike = torch.Tensor | PackedMask
+
+
+def _as_bool(keep: MaskLike, device: torch.device) -> torch.Tensor:
+    return keep.to_bool(device) if isinstance(keep, PackedMask) else keep.to(device)
+
+
+def apply_masks_(model: nn.Module | object, masks: Mapping[str, MaskLike]) -> None:
+    """Zero, in place, the weights whose mask entry is False (bool or packed masks).
 
     Raises:
         KeyError: a mask names a layer the model lacks.
         ValueError: a mask's shape differs from its layer's weight.
     """
-    from .layers import unwrap_diffusion_model
-
     module = unwrap_diffusion_model(model)
     named = dict(module.named_modules())
     for name, keep in masks.items():
         layer = named.get(name)
         if not isinstance(layer, nn.Linear):
             raise KeyError(f"mask for {name!r}, but the model has no Linear layer of that name")
-        if keep.shape != layer.weight.shape:
+        if tuple(keep.shape) != tuple(layer.weight.shape):
             raise ValueError(
                 f"mask for {name!r} has shape {tuple(keep.shape)}, the weight {tuple(layer.weight.shape)}"
             )
     with torch.no_grad():
         for name, keep in masks.items():
             weight = named[name].weight
-            weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
+            weight.masked_fill_(~_as_bool(keep, weight.device), 0)
+
+
+def prune_model_(
+    model: nn.Module | object,
+    stats: CalibrationStats | None,
+    config: PruneConfig,
+    *,
+    progress: ProgressFn | None = None,
+) -> SparsityReport:
+    """Compute each layer's mask and zero its weights at once, in place (streaming).
+
+    At any moment only one layer's scores and mask exist beside the model, so this is how a
+    FLUX.1-dev-sized model is pruned in bounded memory. Returns the sparsity report.
+    """
+    module = unwrap_diffusion_model(model)
+    template = detect_architecture(module)
+    named = dict(module.named_modules())
+    rows = []
+    with torch.no_grad():
+        for name, keep in iter_masks(module, stats, config, progress=progress):
+            weight = named[name].weight
+            weight.masked_fill_(~keep, 0)
+            rows.append(
+                LayerSparsity(
+                    name,
+                    layer_family(name, template) or "other",
+                    layer_block(name, template),
+                    keep.numel(),
+                    int(keep.numel() - keep.sum()),
+                )
+            )
+            del keep
+    return SparsityReport(tuple(rows))

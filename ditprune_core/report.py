@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .layers import ArchTemplate, detect_architecture, layer_block, layer_family, unwrap_diffusion_model
+from .packing import PackedMask
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 
@@ -72,7 +73,7 @@ class SparsityReport:
 
 def sparsity_report(
     model: nn.Module | object,
-    masks: Mapping[str, torch.Tensor] | None = None,
+    masks: Mapping[str, torch.Tensor | PackedMask] | None = None,
     *,
     layers: Mapping[str, nn.Linear] | None = None,
     template: ArchTemplate | None = None,
@@ -83,13 +84,14 @@ def sparsity_report(
     rows = []
     if masks is not None:
         for name, keep in masks.items():
+            kept = keep.kept() if isinstance(keep, PackedMask) else int(keep.sum())
             rows.append(
                 LayerSparsity(
                     name,
                     layer_family(name, template) or "other",
                     layer_block(name, template),
                     keep.numel(),
-                    int(keep.numel() - keep.sum()),
+                    keep.numel() - kept,
                 )
             )
     else:

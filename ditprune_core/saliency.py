@@ -79,19 +79,37 @@ def energy_score(
     Returns:
         (out, in) float32 scores on the weight's device.
     """
-    w2 = weight.float().pow(2)
+    score = _fp32_copy(weight).pow_(2)
     a = activation_sq_mean.to(device=weight.device, dtype=torch.float32)
-    w2 = w2 / w2.mean().clamp_min(_TINY)
+    score.div_(score.mean().clamp_min(_TINY))
     a = a / a.mean().clamp_min(_TINY)
-    # balance 0.5 is the common case: one sqrt instead of two pows
-    score = (w2 * a).sqrt_() if balance == 0.5 else w2.pow_(1.0 - balance).mul_(a.pow(balance))
+    if balance == 0.5:  # the common case: one sqrt instead of two pows
+        score.mul_(a).sqrt_()
+    else:
+        score.pow_(1.0 - balance).mul_(a.pow(balance))
     if normalize == "row":
-        score = score / score.sum(dim=1, keepdim=True).clamp_min(_TINY)
+        score.div_(score.sum(dim=1, keepdim=True).clamp_min(_TINY))
     elif normalize == "row+column":
-        score = score / score.sum(dim=1, keepdim=True).clamp_min(_TINY) + score / score.sum(
-            dim=0, keepdim=True
-        ).clamp_min(_TINY)
+        row_sum = score.sum(dim=1).clamp_min(_TINY)
+        col_sum = score.sum(dim=0).clamp_min(_TINY)
+        _mul_row_plus_col_(score, row_sum.reciprocal(), col_sum.reciprocal())
     return score
+
+
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _fp32_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of ``weight`` that in-place ops may change (``.float()`` can alias)."""
+    return weight.detach().to(torch.float32, copy=True)
+
+
+def _mul_row_plus_col_(t: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``t_ij *= row_i + col_j`` in place, a block of rows at a time (no full-size temporary)."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, t.shape[1]))
+    for start in range(0, t.shape[0], step):
+        t[start : start + step].mul_(row[start : start + step, None] + col[None, :])
+    return t
 
 
 def score_layer(
@@ -109,7 +127,7 @@ def score_layer(
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
     if metric == "magnitude":
-        return weight.float().abs()
+        return _fp32_copy(weight).abs_()
     if activation_sq_mean is None:
         raise ValueError(f"metric {metric!r} needs calibration statistics; run Calibrate first")
     if activation_sq_mean.shape != (weight.shape[1],):
@@ -119,11 +137,11 @@ def score_layer(
         )
     a = activation_sq_mean.to(device=weight.device, dtype=torch.float32)
     if metric == "wanda":
-        return weight.float().abs().mul_(a.sqrt())
+        return _fp32_copy(weight).abs_().mul_(a.sqrt())
     if metric == "ria":
-        w = weight.float().abs()
-        relative = w / w.sum(dim=0, keepdim=True).clamp_min(_TINY) + w / w.sum(dim=1, keepdim=True).clamp_min(
-            _TINY
-        )
-        return relative.mul_(a.pow(params.ria_power / 2))
+        # |W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij| = |W_ij| * (1 / row_i + 1 / col_j)
+        w = _fp32_copy(weight).abs_()
+        row = w.sum(dim=1).clamp_min(_TINY).reciprocal()
+        col = w.sum(dim=0).clamp_min(_TINY).reciprocal()
+        return _mul_row_plus_col_(w, row, col).mul_(a.pow(params.ria_power / 2))
     return energy_score(weight, a, balance=params.balance, normalize=params.normalize)

@@ -18,7 +18,7 @@ from ditprune_core import (
     sparsity_report,
 )
 from ditprune_core.clustering import LayerClusters, cluster_rows
-from ditprune_core.masks import prune_lowest
+from ditprune_core.selection import kth_smallest, prune_lowest
 
 T, F = True, False
 
@@ -189,3 +189,17 @@ def test_cluster_masks_are_deterministic(tiny_flux: nn.Module) -> None:
     second = compute_masks(tiny_flux, None, config)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert math.isclose(sparsity_report(tiny_flux, first).sparsity, 0.6, abs_tol=1e-3)
+
+
+def test_ties_spanning_rows_keep_the_later_ones() -> None:
+    scores = torch.tensor([[0.0, 0.0, 0.0, 5.0], [0.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    keep = prune_lowest(scores, torch.tensor([2, 2, 2]))
+    assert keep.tolist() == [[F, F, T, T], [F, T, F, T], [F, F, T, T]]
+
+
+def test_kth_smallest_matches_kthvalue_on_large_inputs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(5_000_000, generator=gen)
+    values[:1_000_000] = 0.25  # a big block of ties
+    for k in (1, 1_234_567, 2_500_000, 4_999_999):
+        assert kth_smallest(values, k) == values.kthvalue(k).values
