@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .selection import kth_smallest
+from .selection import count_true, kth_smallest
 
 __all__ = [
     "ClusterParams",
@@ -36,6 +36,7 @@ __all__ = [
 
 log = logging.getLogger("ditprune")
 WITHIN = ("row", "cluster")
+_ROW_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ClusterParams:
     n_clusters: int | None = None
     max_clusters: int = 4
     min_silhouette: float = 0.5
-    allocation: float = 0.5
+    allocation: float = 1.0
     within: str = "row"
     sample_rows: int = 4096
     seed: int = 0
@@ -97,14 +98,25 @@ class LayerClusters:
 
 
 def row_features(weight: torch.Tensor, activation_sq_mean: torch.Tensor | None) -> torch.Tensor:
-    """The 2-D point of every output row, (out, 2) float32 on the CPU."""
-    w = weight.float()
-    f1 = w.pow(2).mean(dim=1).clamp_min(1e-30).sqrt().log()
-    if activation_sq_mean is not None:
-        a = activation_sq_mean.to(device=w.device, dtype=torch.float32)
-        f2 = (w.pow(2) * a).mean(dim=1).clamp_min(1e-30).sqrt().log()
-    else:
-        f2 = w.abs().amax(dim=1).clamp_min(1e-30).log()
+    """The 2-D point of every output row, (out, 2) float32 on the CPU (computed in row blocks)."""
+    out_f, in_f = weight.shape
+    a = (
+        None
+        if activation_sq_mean is None
+        else activation_sq_mean.to(device=weight.device, dtype=torch.float32)
+    )
+    f1 = torch.empty(out_f, device=weight.device)
+    f2 = torch.empty(out_f, device=weight.device)
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(1, in_f))
+    for start in range(0, out_f, step):
+        w2 = weight[start : start + step].float().pow(2)
+        f1[start : start + step] = w2.mean(dim=1)
+        if a is not None:
+            f2[start : start + step] = w2.mul_(a).mean(dim=1)
+        else:
+            f2[start : start + step] = w2.amax(dim=1)
+    f1 = f1.clamp_min(1e-30).sqrt().log()
+    f2 = f2.clamp_min(1e-30).sqrt().log()
     return torch.stack([f1, f2], dim=1).cpu()
 
 
@@ -193,7 +205,9 @@ def allocate_cluster_prune_counts(
     uniform = sizes * (prune_total / max(1, scores.numel()))
     if allocation > 0 and 0 < prune_total < scores.numel():
         threshold = kth_smallest(scores.reshape(-1), prune_total)
-        below = (scores <= threshold).sum(dim=1)
+        below = torch.cat(
+            [count_true(scores[i : i + 256] <= threshold) for i in range(0, scores.shape[0], 256)]
+        ).squeeze(1)
         global_counts = (
             torch.zeros(k, dtype=torch.float64).index_add_(0, labels.cpu(), below.cpu().double()).numpy()
         )

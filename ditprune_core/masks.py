@@ -26,7 +26,7 @@ from .layers import (
 from .packing import PackedMask
 from .report import LayerSparsity, SparsityReport
 from .saliency import METRICS, MetricParams, score_layer
-from .selection import prune_lowest
+from .selection import count_true, prune_lowest
 
 __all__ = [
     "GRANULARITIES",
@@ -79,7 +79,7 @@ class PruneConfig:
 
     sparsity: float = 0.5
     metric: str = "energy"
-    granularity: str = "cluster"
+    granularity: str = "layer"
     pattern: str = "unstructured"
     metric_params: MetricParams = field(default_factory=MetricParams)
     cluster_params: ClusterParams = field(default_factory=ClusterParams)
@@ -147,16 +147,22 @@ def select_layers(model: nn.Module | object, config: PruneConfig) -> dict[str, n
 
 
 def _nm_keep(scores: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:
+    """Keep the ``n`` best of every ``m`` consecutive inputs of each row (a block of rows at a time)."""
     out_f, in_f = scores.shape
     if in_f % m:
         raise ValueError(
             f"layer {name!r} has {in_f} input features, not divisible by {m}: pattern {n}:{m} "
             f"cannot apply; exclude it with layer_regex/families or use unstructured sparsity"
         )
-    groups = scores.reshape(out_f, in_f // m, m)
-    top = groups.topk(n, dim=2).indices
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, top, True)
+    keep = torch.zeros(out_f, in_f // m, m, dtype=torch.bool, device=scores.device)
+    step = max(1, _NM_BLOCK_ELEMENTS // in_f)
+    for start in range(0, out_f, step):
+        groups = scores[start : start + step].reshape(-1, in_f // m, m)
+        keep[start : start + step].scatter_(2, groups.topk(n, dim=2).indices, True)
     return keep.reshape(out_f, in_f)
+
+
+_NM_BLOCK_ELEMENTS = 1 << 18
 
 
 def _counts_even(total: int, parts: int) -> torch.Tensor:
@@ -179,8 +185,11 @@ def layer_keep_mask(
     Only this layer's scores exist while it runs. ``clusters`` may be passed to reuse an
     assignment (the cluster node does); otherwise it is computed when the granularity needs it.
     """
-    scores = score_layer(config.metric, weight, activation_sq_mean, config.metric_params)
     nm = parse_pattern(config.pattern)
+    if nm is None and config.granularity == "cluster" and clusters is None:
+        # cluster before scoring: KMeans' temporaries never stack on top of the scores
+        clusters = cluster_rows(weight, activation_sq_mean, config.cluster_params)
+    scores = score_layer(config.metric, weight, activation_sq_mean, config.metric_params)
     if nm is not None:
         return _nm_keep(scores, nm[0], nm[1], name)
     out_f, in_f = scores.shape
@@ -193,8 +202,7 @@ def layer_keep_mask(
         return prune_lowest(scores, torch.full((out_f,), round(s * in_f), dtype=torch.int64))
     if config.granularity == "column":
         return prune_lowest(scores.t(), torch.full((in_f,), round(s * out_f), dtype=torch.int64)).t()
-    if clusters is None:
-        clusters = cluster_rows(weight, activation_sq_mean, config.cluster_params)
+    assert clusters is not None  # set above for the cluster granularity
     if clusters.labels.shape != (out_f,):
         raise ValueError(
             f"cluster assignment for {name!r} has {clusters.labels.numel()} rows, the layer {out_f}"
@@ -203,18 +211,21 @@ def layer_keep_mask(
     per_cluster = allocate_cluster_prune_counts(
         scores, clusters.labels, clusters.k, total, config.cluster_params.allocation
     )
-    keep = torch.ones_like(scores, dtype=torch.bool)
     labels = clusters.labels.to(scores.device)
+    if config.cluster_params.within == "row":
+        # every row of a cluster prunes its share of the cluster's count (exact to one weight)
+        row_counts = torch.empty(out_f, dtype=torch.int64, device=scores.device)
+        for c, count in enumerate(per_cluster):
+            rows = (labels == c).nonzero().squeeze(1)
+            if rows.numel():
+                row_counts[rows] = _counts_even(count, rows.numel()).to(scores.device)
+        return prune_lowest(scores, row_counts)
+    keep = torch.ones_like(scores, dtype=torch.bool)
     for c, count in enumerate(per_cluster):
         rows = (labels == c).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        sub = scores.index_select(0, rows)
-        if config.cluster_params.within == "row":
-            sub_keep = prune_lowest(sub, _counts_even(count, rows.numel()))
-        else:
-            sub_keep = prune_lowest(sub.reshape(1, -1), torch.tensor([count])).reshape(sub.shape)
-        keep[rows] = sub_keep
+        if rows.numel():
+            sub = scores.index_select(0, rows)
+            keep[rows] = prune_lowest(sub.reshape(1, -1), torch.tensor([count])).reshape(sub.shape)
     return keep
 
 
@@ -328,7 +339,7 @@ def prune_model_(
                     layer_family(name, template) or "other",
                     layer_block(name, template),
                     keep.numel(),
-                    int(keep.numel() - keep.sum()),
+                    keep.numel() - int(count_true(keep.reshape(1, -1))),
                 )
             )
             del keep

@@ -10,6 +10,7 @@ from torch import nn
 
 from .layers import ArchTemplate, detect_architecture, layer_block, layer_family, unwrap_diffusion_model
 from .packing import PackedMask
+from .selection import count_true
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 
@@ -84,7 +85,7 @@ def sparsity_report(
     rows = []
     if masks is not None:
         for name, keep in masks.items():
-            kept = keep.kept() if isinstance(keep, PackedMask) else int(keep.sum())
+            kept = keep.kept() if isinstance(keep, PackedMask) else int(count_true(keep.reshape(1, -1)))
             rows.append(
                 LayerSparsity(
                     name,
@@ -105,7 +106,7 @@ def sparsity_report(
                     layer_family(name, template) or "other",
                     layer_block(name, template),
                     w.numel(),
-                    int((w == 0).sum()),
+                    int(count_true((w == 0).reshape(1, -1))),
                 )
             )
     return SparsityReport(tuple(rows))

@@ -38,8 +38,8 @@ class MetricParams:
         ria_power: exponent ``a`` on ``||X||`` in RIA.
     """
 
-    balance: float = 0.5
-    normalize: str = "row"
+    balance: float = 0.4
+    normalize: str = "none"
     ria_power: float = 0.5
 
     def __post_init__(self) -> None:
@@ -96,7 +96,7 @@ def energy_score(
     return score
 
 
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _fp32_copy(weight: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,26 @@
-"""Exact selection of the lowest scores: the one place where masks get their exact sparsity."""
+"""Exact selection of the lowest scores: the one place where masks get their exact sparsity.
+
+Everything here works a block of rows (or columns) at a time, so that beside a layer's scores only
+block-sized temporaries exist: this is what keeps the peak memory of pruning a FLUX layer near
+one fp32 copy of it.
+"""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["kth_smallest", "prune_lowest"]
+__all__ = ["count_true", "kth_smallest", "prune_lowest"]
+
+_BLOCK_ELEMENTS = 1 << 18  # temporaries of at most 1 MB of float32 / 2 MB of int64
+_BRACKET_SAMPLE = 1 << 16
 
 
 def prune_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Keep-mask that prunes exactly ``counts[g]`` lowest scores in each row ``g`` of ``scores``.
 
-    Selection is by ``kthvalue`` (no full sort), a block of rows at a time so temporaries stay
-    small; one very long row (layer-wide groups) uses :func:`kth_smallest`. Ties at the threshold
-    are pruned in index order so the count is exact.
+    Selection is by ``kthvalue`` (no full sort) on blocks of rows; a single long row (layer-wide
+    groups) uses :func:`kth_smallest`. Ties at the threshold are pruned in index order so the count
+    is exact.
 
     Args:
         scores: (G, n) scores.
@@ -20,19 +28,37 @@ def prune_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     Returns:
         (G, n) bool keep-mask.
     """
+    g, n = scores.shape
     counts = counts.to(scores.device)
     distinct = torch.unique(counts).tolist()
-    if len(distinct) == 1:
+    step = max(1, _BLOCK_ELEMENTS // max(1, n))
+    if len(distinct) == 1 and g <= step:
         return _prune_uniform(scores, int(distinct[0]))
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    if len(distinct) == 1:
+        for start in range(0, g, step):
+            keep[start : start + step] = _prune_uniform(scores[start : start + step], int(distinct[0]))
+        return keep
     for value in distinct:
         rows = (counts == value).nonzero().squeeze(1)
-        keep[rows] = _prune_uniform(scores.index_select(0, rows), int(value))
+        for start in range(0, rows.numel(), step):
+            chunk = rows[start : start + step]
+            keep[chunk] = _prune_uniform(scores.index_select(0, chunk), int(value))
     return keep
 
 
-_ROW_BLOCK_ELEMENTS = 1 << 22  # kthvalue copies its input: bound that copy to 16 MB of float32
-_BRACKET_SAMPLE = 1 << 20
+def count_true(mask: torch.Tensor) -> torch.Tensor:
+    """Number of True entries per row of a (G, n) bool tensor, as (G, 1) int64.
+
+    ``mask.sum(dim=1)`` would first cast the whole mask to int64 (8 bytes per weight); this sums a
+    block of columns at a time.
+    """
+    g, n = mask.shape
+    total = torch.zeros(g, 1, dtype=torch.int64, device=mask.device)
+    step = max(1, _BLOCK_ELEMENTS // max(1, g))
+    for start in range(0, n, step):
+        total += mask[:, start : start + step].sum(dim=1, keepdim=True)
+    return total
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -42,19 +68,26 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     from. Falls back to ``kthvalue`` on small inputs or when the bracket misses.
     """
     n = values.numel()
-    if n <= 4 * _BRACKET_SAMPLE:
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is outside 1..{n}")
+    if n <= 16 * _BRACKET_SAMPLE:
         return values.kthvalue(k).values
     gen = torch.Generator(device="cpu").manual_seed(n ^ k)
     idx = torch.randint(0, n, (_BRACKET_SAMPLE,), generator=gen).to(values.device)
     sample = values[idx]
     q = k / n
-    margin = 4.0 * (q * (1 - q) / _BRACKET_SAMPLE) ** 0.5 + 2.0 / _BRACKET_SAMPLE
+    margin = 5.0 * (q * (1 - q) / _BRACKET_SAMPLE) ** 0.5 + 2.0 / _BRACKET_SAMPLE
     lo = sample.kthvalue(max(1, int((q - margin) * _BRACKET_SAMPLE))).values
     hi = sample.kthvalue(min(_BRACKET_SAMPLE, int((q + margin) * _BRACKET_SAMPLE) + 1)).values
-    below = int((values < lo).sum())
-    inside = values[(values >= lo) & (values <= hi)]
-    if below < k <= below + inside.numel():
-        return inside.kthvalue(k - below).values
+    below = 0
+    inside = []
+    for start in range(0, n, _BLOCK_ELEMENTS):
+        block = values[start : start + _BLOCK_ELEMENTS]
+        below += int(count_true((block < lo)[None]))
+        inside.append(block[(block >= lo) & (block <= hi)])
+    candidates = torch.cat(inside)
+    if below < k <= below + candidates.numel():
+        return candidates.kthvalue(k - below).values
     return values.kthvalue(k).values
 
 
@@ -68,15 +101,31 @@ def _prune_uniform(scores: torch.Tensor, count: int) -> torch.Tensor:
     if g == 1:
         threshold = kth_smallest(scores[0], count).reshape(1, 1)
     else:
-        step = max(1, _ROW_BLOCK_ELEMENTS // n)
-        threshold = torch.cat(
-            [scores[i : i + step].kthvalue(count, dim=1, keepdim=True).values for i in range(0, g, step)]
-        )
+        threshold = scores.kthvalue(count, dim=1, keepdim=True).values
     keep = scores > threshold
     ties = scores == threshold
-    need = count - (n - keep.sum(dim=1) - ties.sum(dim=1))  # ties still to prune per row
-    survivors = (need < ties.sum(dim=1)).nonzero().squeeze(1)  # rows where some ties are kept
+    n_ties = count_true(ties)
+    need = count - (n - count_true(keep) - n_ties)  # ties still to prune per row
+    survivors = (need < n_ties).squeeze(1).nonzero().squeeze(1)  # rows where some ties are kept
     if survivors.numel():
-        row_ties = ties.index_select(0, survivors)
-        keep[survivors] |= row_ties & (row_ties.cumsum(dim=1) > need[survivors, None])
+        _keep_late_ties_(keep, ties, need, survivors)
     return keep
+
+
+def _keep_late_ties_(keep: torch.Tensor, ties: torch.Tensor, need: torch.Tensor, rows: torch.Tensor) -> None:
+    """In ``rows``, keep the ties after the first ``need`` ones, a block of columns at a time."""
+    every_row = rows.numel() == ties.shape[0]
+    sub = ties if every_row else ties.index_select(0, rows)
+    sub_need = need if every_row else need.index_select(0, rows)
+    running = torch.zeros_like(sub_need)
+    n = sub.shape[1]
+    step = max(1, _BLOCK_ELEMENTS // max(1, rows.numel()))
+    for start in range(0, n, step):
+        t = sub[:, start : start + step]
+        rank = t.cumsum(dim=1) + running
+        late = t & (rank > sub_need)
+        if every_row:
+            keep[:, start : start + step] |= late
+        else:
+            keep[rows, start : start + step] |= late
+        running = rank[:, -1:]

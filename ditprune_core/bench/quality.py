@@ -44,6 +44,7 @@ METHODS: dict[str, ConfigFactory] = {
     "ria-layer": lambda s, p: PruneConfig(s, metric="ria", granularity="layer", pattern=p),
     "dit-pruning": lambda s, p: PruneConfig(s, pattern=p),
     "energy-row": lambda s, p: PruneConfig(s, granularity="row", pattern=p),
+    "energy-cluster": lambda s, p: PruneConfig(s, granularity="cluster", pattern=p),
     "wanda-cluster": lambda s, p: PruneConfig(s, metric="wanda", granularity="cluster", pattern=p),
 }
 SETTINGS: dict[str, tuple[float, str]] = {
