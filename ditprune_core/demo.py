@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.model}, {len(labels)} samples, seed {seed}, {steps} Euler steps, cfg {cfg}")
     print(f"{'method':<24} {'sparsity':>8} {'rel.err':>8} {'PSNR dB':>8} {'accuracy':>8}")
     for name, sparsity, err, db, acc in rows:
-        print(f"{name:<24} {sparsity:>8.2%} {err:>8.4f} {db:>8.2f} {acc:>8.3f}")
+        err_text, db_text = ("-", "-") if name == "dense" else (f"{err:.4f}", f"{db:.2f}")
+        print(f"{name:<24} {sparsity:>8.2%} {err_text:>8} {db_text:>8} {acc:>8.3f}")
     path = write_png(image_grid(torch.cat(grids), rows=len(grids)), next_free_path(args.out, "demo", ".png"))
     print(f"\nsample grid (rows: dense, DiT-Pruning, Wanda): {path}")
     print(f"done in {time.perf_counter() - start:.0f} s")
