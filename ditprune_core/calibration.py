@@ -68,10 +68,19 @@ def _uniform(_sigma: float) -> float:
 TIMESTEP_WEIGHTINGS: dict[str, TimestepWeighting] = {"uniform": _uniform, "log": log_timestep_weight}
 
 
+def strided_indices(n: int, samples: int) -> torch.Tensor:
+    """``samples`` indices spread evenly over ``range(n)``, first and last included (integer maths:
+    float32 ``linspace`` rounds past the end for FLUX-sized tensors)."""
+    count = min(samples, n)
+    if count <= 1:
+        return torch.zeros(count, dtype=torch.int64)
+    return torch.arange(count, dtype=torch.int64) * (n - 1) // (count - 1)
+
+
 def weight_sample_hash(weight: torch.Tensor, samples: int = 16) -> str:
     """Short hash of ``samples`` evenly strided entries of a weight: tells models apart cheaply."""
     flat = weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long().to(flat.device)
+    idx = strided_indices(flat.numel(), samples).to(flat.device)
     values = flat[idx].float().cpu().numpy().round(6).tobytes()
     return hashlib.sha256(values).hexdigest()[:16]
 

@@ -222,3 +222,13 @@ def test_stats_from_batches_helper() -> None:
         {"blocks.0.l": layer}, [{"blocks.0.l": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}]
     )
     assert stats["blocks.0.l"].activation_sq_mean.tolist() == [5.0, 10.0]
+
+
+def test_weight_samples_stay_inside_flux_sized_tensors() -> None:
+    from ditprune_core.calibration import strided_indices
+
+    n = 21504 * 3072  # single_blocks.N.linear1 of FLUX.1-dev; float32 linspace overshoots here
+    idx = strided_indices(n, 16)
+    assert idx[0] == 0 and idx[-1] == n - 1
+    assert bool((idx[1:] > idx[:-1]).all())
+    assert strided_indices(3, 16).tolist() == [0, 1, 2]
