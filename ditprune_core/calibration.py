@@ -44,6 +44,14 @@ CALIBRATED_FAMILIES = ("attention", "mlp", "single_fused", "modulation", "block_
 _CHUNK_ELEMENTS = 1 << 24  # at most 64 MB of float32 temporaries per hook call
 
 TimestepWeighting = Callable[[float], float]
+#: ``weight_fn(name, layer) -> weight``: where a host keeps the real weight elsewhere (ComfyUI keeps
+#: originals in a backup while a patched clone is loaded), this says which tensor is the layer's.
+WeightFn = Callable[[str, nn.Linear], torch.Tensor]
+
+
+def module_weight(_name: str, layer: nn.Linear) -> torch.Tensor:
+    """The default :data:`WeightFn`: the module's own weight."""
+    return layer.weight
 
 
 class CalibrationError(ValueError):
@@ -227,7 +235,7 @@ class CalibrationStats:
         settings = {"merged": [dict(self.settings), dict(other.settings)]}
         return CalibrationStats(merged, self.architecture, settings)
 
-    def validate_for(self, layers: Mapping[str, nn.Linear]) -> None:
+    def validate_for(self, layers: Mapping[str, nn.Linear], weight_fn: WeightFn = module_weight) -> None:
         """Check that these statistics belong to ``layers`` (names, shapes, weights).
 
         Raises:
@@ -248,7 +256,7 @@ class CalibrationStats:
                     f"was recorded on a {s.out_features}x{s.in_features} layer: calibration from "
                     "another model; calibrate this model"
                 )
-            if weight_sample_hash(layer.weight) != s.weight_sample:
+            if weight_sample_hash(weight_fn(name, layer)) != s.weight_sample:
                 raise CalibrationError(
                     f"weights of layer {name!r} differ from the model the calibration was recorded "
                     "on (another checkpoint, or already pruned): calibrate this model"
@@ -343,6 +351,8 @@ class Calibrator:
         weighting: ``"uniform"``, ``"log"`` (see :func:`log_timestep_weight`) or a function of sigma
             returning the weight of the calls made at that noise level.
         settings: extra JSON-able settings stored with the statistics.
+        weight_fn: which tensor is a layer's weight, for the model fingerprint (see
+            :data:`WeightFn`); the hooks themselves never read weights.
     """
 
     def __init__(
@@ -352,6 +362,7 @@ class Calibrator:
         *,
         weighting: str | TimestepWeighting = "uniform",
         settings: Mapping[str, Any] | None = None,
+        weight_fn: WeightFn = module_weight,
     ) -> None:
         module = unwrap_diffusion_model(model)
         self.architecture = detect_architecture(module).name
@@ -375,7 +386,9 @@ class Calibrator:
         self._accumulators = {
             name: ChannelSquareMean(layer.in_features) for name, layer in self.layers.items()
         }
-        self._samples = {name: weight_sample_hash(layer.weight) for name, layer in self.layers.items()}
+        self._samples = {
+            name: weight_sample_hash(weight_fn(name, layer)) for name, layer in self.layers.items()
+        }
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stats: CalibrationStats | None = None
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import CalibrationError, CalibrationStats
+from .calibration import CalibrationError, CalibrationStats, WeightFn, module_weight
 from .clustering import ClusterParams, LayerClusters, allocate_cluster_prune_counts, cluster_rows
 from .layers import (
     DEFAULT_FAMILIES,
@@ -236,8 +236,12 @@ def iter_masks(
     *,
     progress: ProgressFn | None = None,
     clusters: Mapping[str, LayerClusters] | None = None,
+    weight_fn: WeightFn = module_weight,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, keep_mask)`` one layer at a time: at most one layer's scores exist at once.
+
+    ``weight_fn(name, layer)`` gives the weight to score (default: ``layer.weight``); a host that
+    keeps original weights elsewhere (ComfyUI while a patched clone is loaded) passes its own.
 
     Raises:
         CalibrationError: the metric needs statistics and ``stats`` is None or does not match.
@@ -250,12 +254,12 @@ def iter_masks(
     if config.needs_calibration:
         if stats is None:
             raise CalibrationError(f"metric {config.metric!r} needs a calibration; run Calibrate first")
-        stats.validate_for(layers)
+        stats.validate_for(layers, weight_fn)
     for i, (name, layer) in enumerate(layers.items()):
         a = stats[name].activation_sq_mean if (stats is not None and name in stats) else None
         cached = clusters.get(name) if clusters is not None else None
         with torch.no_grad():
-            keep = layer_keep_mask(name, layer.weight.detach(), a, config, cached)
+            keep = layer_keep_mask(name, weight_fn(name, layer).detach(), a, config, cached)
         if progress is not None:
             progress(i + 1, len(layers), name)
         yield name, keep
