@@ -1,0 +1,28 @@
+"""ComfyUI nodes of ditprune (V3 API). Thin glue: the work is done by ``ditprune_core``."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .calibrate import DitPruneCalibrate, DitPruneLoadCalibration
+from .prune import DitPruneApplyPruning, DitPruneClusterWeights, DitPruneScoreSaliency
+from .save import DitPruneCompare, DitPruneSavePrunedModel
+
+NODES: list[type[io.ComfyNode]] = [
+    DitPruneCalibrate,
+    DitPruneLoadCalibration,
+    DitPruneScoreSaliency,
+    DitPruneClusterWeights,
+    DitPruneApplyPruning,
+    DitPruneSavePrunedModel,
+    DitPruneCompare,
+]
+
+
+class DitPruneExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> DitPruneExtension:
+    return DitPruneExtension()

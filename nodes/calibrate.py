@@ -1,0 +1,169 @@
+"""Calibrate, plus loading a saved calibration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.samplers
+import folder_paths
+from comfy_api.latest import io
+
+import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
+
+from ..ditprune_core.calibration import TIMESTEP_WEIGHTINGS, CalibrationStats, Calibrator
+from ..ditprune_core.layers import find_prunable_layers
+from .common import (
+    CALIBRATION_FOLDER,
+    CATEGORY,
+    CalibrationType,
+    calibration_dir,
+    diffusion_model,
+    safe_child,
+    weight_fn_for,
+)
+
+CALIBRATED_FAMILIES = ("attention", "mlp", "single_fused", "modulation", "block_linear")
+
+
+class DitPruneCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DitPruneCalibrate",
+            display_name="DiT-Pruning Calibrate",
+            category=CATEGORY,
+            description="Runs ComfyUI's sampler on the model and records, for every block layer, the mean "
+            "square of its inputs per channel (both CFG halves, every step).",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX / SD3 model to calibrate. It is not changed."),
+                io.Conditioning.Input(
+                    "positive", tooltip="Prompts to calibrate on; batch them for many prompts."
+                ),
+                io.Conditioning.Input("negative", tooltip="Negative prompt (its pass is skipped at cfg 1)."),
+                io.Latent.Input(
+                    "latent_image", tooltip="Empty latent: its size and batch set the calibration shape."
+                ),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Sampling seed."),
+                io.Int.Input(
+                    "steps", default=8, min=1, max=200, tooltip="Sampling steps; every step is recorded."
+                ),
+                io.Float.Input(
+                    "cfg",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="CFG scale; 1.0 for FLUX.1-dev (guidance is in the conditioning).",
+                ),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.KSampler.SCHEDULERS,
+                    default="simple",
+                    tooltip="Scheduler.",
+                ),
+                io.Combo.Input(
+                    "timestep_weighting",
+                    options=sorted(TIMESTEP_WEIGHTINGS),
+                    default="log",
+                    tooltip="log: early (noisy) steps weigh 1.2, the last 0.8; uniform: all equal.",
+                ),
+                io.String.Input(
+                    "save_name",
+                    default="",
+                    tooltip="If set, also save the calibration as "
+                    "models/ditprune_calibrations/<name>.safetensors (never overwrites).",
+                ),
+                CalibrationType.Input(
+                    "calibration",
+                    optional=True,
+                    tooltip="A calibration to merge with (chain Calibrate nodes for many prompts).",
+                ),
+            ],
+            outputs=[
+                CalibrationType.Output(display_name="calibration"),
+                io.Latent.Output(
+                    display_name="LATENT", tooltip="What the model drew while being calibrated."
+                ),
+                io.String.Output(display_name="summary"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: Any,
+        positive: Any,
+        negative: Any,
+        latent_image: dict,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        timestep_weighting: str,
+        save_name: str = "",
+        calibration: CalibrationStats | None = None,
+    ) -> io.NodeOutput:
+        dm = diffusion_model(model)
+        layers = find_prunable_layers(dm, families=CALIBRATED_FAMILIES)
+        patched = model.clone()
+        settings = {"seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler}
+        with Calibrator(
+            dm, layers, weighting=timestep_weighting, settings=settings, weight_fn=weight_fn_for(model)
+        ) as cal:
+            inner = patched.model_options.get("model_function_wrapper")
+
+            def record_sigma(apply_model: Any, args: dict) -> Any:
+                cal.set_sigma(float(args["timestep"].flatten()[0]))
+                if inner is not None:
+                    return inner(apply_model, args)
+                return apply_model(args["input"], args["timestep"], **args["c"])
+
+            patched.set_model_unet_function_wrapper(record_sigma)
+            (samples,) = comfy_nodes.common_ksampler(
+                patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image
+            )
+        stats = cal.stats
+        if calibration is not None:
+            stats = calibration.merge(stats)
+        if save_name.strip():
+            target = safe_child(
+                calibration_dir(), save_name.strip().removesuffix(".safetensors") + ".safetensors"
+            )
+            stats.save(target)
+        s = stats.summary()
+        text = (
+            f"{s['layers']} layers of a {s['architecture']} model, "
+            f"{s['tokens_per_layer_min']:,}-{s['tokens_per_layer_max']:,} tokens per layer, "
+            f"fingerprint {s['fingerprint']}"
+        )
+        return io.NodeOutput(stats, samples, text)
+
+
+class DitPruneLoadCalibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        calibration_dir()
+        return io.Schema(
+            node_id="DitPruneLoadCalibration",
+            display_name="DiT-Pruning Load Calibration",
+            category=CATEGORY,
+            inputs=[
+                io.Combo.Input(
+                    "calibration_name",
+                    options=folder_paths.get_filename_list(CALIBRATION_FOLDER),
+                    tooltip="A file saved by Calibrate in models/ditprune_calibrations.",
+                )
+            ],
+            outputs=[CalibrationType.Output(display_name="calibration")],
+        )
+
+    @classmethod
+    def execute(cls, calibration_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration_name)
+        return io.NodeOutput(CalibrationStats.load(path))
+
+
+__all__ = ["DitPruneCalibrate", "DitPruneLoadCalibration"]

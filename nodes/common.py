@@ -1,0 +1,163 @@
+"""ComfyUI glue shared by the nodes: socket types, weights of a MODEL, the mask patch, progress."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import comfy.float
+import comfy.lora
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+from comfy.weight_adapter.base import WeightAdapterBase
+from comfy_api.latest import io
+from torch import nn
+
+from ..ditprune_core.layers import detect_architecture, unwrap_diffusion_model
+from ..ditprune_core.packing import PackedMask
+
+log = logging.getLogger("ditprune")
+
+CATEGORY = "DiT-Pruning"
+CalibrationType = io.Custom("DITPRUNE_CALIBRATION")
+SaliencyType = io.Custom("DITPRUNE_SALIENCY")
+ClustersType = io.Custom("DITPRUNE_CLUSTERS")
+
+CALIBRATION_FOLDER = "ditprune_calibrations"
+PREFIX = "diffusion_model."
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+_FLOAT_DTYPES |= {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+
+
+def diffusion_models_dir() -> Path:
+    """Where the stock "Load Diffusion Model" node looks: ``models/diffusion_models``."""
+    paths = [Path(p) for p in folder_paths.get_folder_paths("diffusion_models")]
+    named = [p for p in paths if p.name == "diffusion_models"]
+    return (named or paths)[0]
+
+
+def calibration_dir() -> Path:
+    """``models/ditprune_calibrations``, registered with ComfyUI's folder list on first use."""
+    if CALIBRATION_FOLDER not in folder_paths.folder_names_and_paths:
+        path = diffusion_models_dir().parent / CALIBRATION_FOLDER
+        folder_paths.folder_names_and_paths[CALIBRATION_FOLDER] = ([str(path)], {".safetensors"})
+    return Path(folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0])
+
+
+def diffusion_model(model: comfy.model_patcher.ModelPatcher) -> nn.Module:
+    """The DiT inside a MODEL, refusing models ditprune cannot prune (names what is supported)."""
+    module = unwrap_diffusion_model(model)
+    detect_architecture(module)  # raises UnsupportedModelError with the list of supported models
+    return module
+
+
+def original_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torch.Tensor:
+    """The stored weight of layer ``name``, unpatched even while a patched clone is loaded."""
+    key = f"{PREFIX}{name}.weight"
+    backup = model.backup.get(key)
+    if backup is not None:
+        return backup.weight
+    weight, _set_func, _convert = comfy.model_patcher.get_key_weight(model.model, key)
+    return weight
+
+
+def effective_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torch.Tensor:
+    """The weight the sampler will use: the original with the MODEL's own patches (LoRA ...) on it.
+
+    Raises:
+        ValueError: for quantised storage ditprune cannot read (GGUF and other custom tensors).
+    """
+    key = f"{PREFIX}{name}.weight"
+    weight = original_weight(model, name)
+    if weight.dtype not in _FLOAT_DTYPES or type(weight) not in (torch.Tensor, nn.Parameter):
+        raise ValueError(
+            f"layer {name!r} is stored as {type(weight).__name__} of dtype {weight.dtype}: quantised "
+            "weights (GGUF, NF4, ...) cannot be pruned. Prune the bf16/fp16/fp8 model, then quantise"
+        )
+    patches = model.patches.get(key)
+    if not patches:
+        return weight
+    _w, _set_func, convert_func = comfy.model_patcher.get_key_weight(model.model, key)
+    temp = weight.to(torch.float32, copy=True)
+    if convert_func is not None:
+        temp = convert_func(temp, inplace=True)
+    return comfy.lora.calculate_weight(patches, temp, key)
+
+
+def weight_fn_for(model: comfy.model_patcher.ModelPatcher) -> Callable[[str, nn.Linear], torch.Tensor]:
+    return lambda name, _layer: effective_weight(model, name)
+
+
+class MaskPatch(WeightAdapterBase):
+    """Zeroes pruned weights when ComfyUI loads them: 1 bit of state per weight.
+
+    ComfyUI calls :meth:`calculate_weight` on a float copy of the weight, once per load in normal
+    mode and once per forward in lowvram mode, so the MODEL's stored weights are never changed.
+    """
+
+    name = "ditprune_mask"
+
+    def __init__(self, mask: PackedMask, layer: str) -> None:
+        self.loaded_keys: set[str] = set()
+        self.weights: list[torch.Tensor] = []
+        self.mask = mask
+        self.layer = layer
+
+    def calculate_weight(  # type: ignore[override]
+        self,
+        weight: torch.Tensor,
+        key: str,
+        strength: float,
+        strength_model: float,
+        offset: object,
+        function: object,
+        intermediate_dtype: torch.dtype = torch.float32,
+        original_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if tuple(weight.shape) != self.mask.shape:
+            raise ValueError(
+                f"ditprune mask for {self.layer!r} has shape {self.mask.shape} but the weight is "
+                f"{tuple(weight.shape)}: the model changed after Apply Pruning; apply it again"
+            )
+        return weight.masked_fill_(~self.mask.to_bool(weight.device), 0)
+
+
+class Progress:
+    """A ComfyUI progress bar whose every update is also an interrupt point."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, done: int, total: int, _label: str = "") -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(done, total)
+
+
+def safe_child(folder: str | Path, relative: str) -> Path:
+    """``folder / relative`` resolved, refusing anything that would leave ``folder``."""
+    base = Path(folder).resolve()
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{relative!r} would write outside {base}; use a plain name or a subfolder")
+    return target
+
+
+def stored_weight(model: comfy.model_patcher.ModelPatcher, key: str) -> torch.Tensor:
+    """A state-dict tensor of the MODEL with its patches baked in, in the stored dtype."""
+    weight, set_func, convert_func = comfy.model_patcher.get_key_weight(model.model, key)
+    backup = model.backup.get(key)
+    original = backup.weight if backup is not None else weight
+    patches = model.patches.get(key)
+    if not patches:
+        return original
+    if set_func is not None:
+        raise ValueError(f"{key!r} uses custom weight storage (scaled fp8?); saving it is not supported")
+    temp = original.to(torch.float32, copy=True)
+    if convert_func is not None:
+        temp = convert_func(temp, inplace=True)
+    out = comfy.lora.calculate_weight(patches, temp, key)
+    return comfy.float.stochastic_rounding(out, original.dtype, seed=comfy.model_patcher.string_to_seed(key))

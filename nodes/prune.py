@@ -1,0 +1,298 @@
+"""Score Saliency, Cluster Weights and Apply Pruning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from comfy_api.latest import io
+
+from ..ditprune_core.calibration import CalibrationStats
+from ..ditprune_core.clustering import WITHIN, ClusterParams, cluster_rows
+from ..ditprune_core.imaging import bar_chart, scatter_plot
+from ..ditprune_core.layers import find_prunable_layers
+from ..ditprune_core.masks import GRANULARITIES, PATTERNS, iter_masks, select_layers
+from ..ditprune_core.packing import PackedMask
+from ..ditprune_core.report import sparsity_report
+from ..ditprune_core.saliency import METRICS, NORMALIZATIONS, MetricParams
+from ..ditprune_core.specs import GroupingSpec, SaliencySpec
+from .common import (
+    CATEGORY,
+    PREFIX,
+    CalibrationType,
+    ClustersType,
+    MaskPatch,
+    Progress,
+    SaliencyType,
+    diffusion_model,
+    effective_weight,
+    weight_fn_for,
+)
+
+_DEFAULT_METRIC = MetricParams()
+_DEFAULT_CLUSTERS = ClusterParams()
+
+
+class DitPruneScoreSaliency(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DitPruneScoreSaliency",
+            display_name="DiT-Pruning Score Saliency",
+            category=CATEGORY,
+            description="Chooses how weights are scored. Nothing is computed here: scores are made one layer "
+            "at a time when pruning is applied.",
+            inputs=[
+                io.Combo.Input(
+                    "metric",
+                    options=list(METRICS),
+                    default="energy",
+                    tooltip="energy: DiT-Pruning (ours, see README); wanda: |W|·‖X‖; ria; magnitude: |W|.",
+                ),
+                io.Float.Input(
+                    "balance",
+                    default=_DEFAULT_METRIC.balance,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="energy only: 0 = weights alone, 1 = activations alone, 0.5 orders rows like Wanda.",
+                ),
+                io.Combo.Input(
+                    "normalize",
+                    options=list(NORMALIZATIONS),
+                    default=_DEFAULT_METRIC.normalize,
+                    tooltip="energy only: make scores shares of their row (or row and column) energy.",
+                ),
+                io.Float.Input(
+                    "ria_power",
+                    default=_DEFAULT_METRIC.ria_power,
+                    min=0.0,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="ria only: exponent on ‖X‖.",
+                ),
+                CalibrationType.Input(
+                    "calibration",
+                    optional=True,
+                    tooltip="From Calibrate; every metric but magnitude needs it.",
+                ),
+            ],
+            outputs=[SaliencyType.Output(display_name="saliency")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        metric: str,
+        balance: float,
+        normalize: str,
+        ria_power: float,
+        calibration: CalibrationStats | None = None,
+    ) -> io.NodeOutput:
+        params = MetricParams(balance=balance, normalize=normalize, ria_power=ria_power)
+        return io.NodeOutput(SaliencySpec(metric, params, calibration))
+
+
+class DitPruneClusterWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DitPruneClusterWeights",
+            display_name="DiT-Pruning Cluster Weights",
+            category=CATEGORY,
+            description="Chooses the comparison groups. With 'cluster', output rows are clustered in 2-D weight "
+            "space per layer; the picture shows one layer's rows coloured by cluster.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model whose layer is plotted. It is not changed."),
+                io.Combo.Input(
+                    "granularity",
+                    options=list(GRANULARITIES),
+                    default="layer",
+                    tooltip="layer (DiT-Pruning default), row (Wanda's), column, or cluster.",
+                ),
+                io.Int.Input("n_clusters", default=0, min=0, max=16, tooltip="0 chooses k by silhouette."),
+                io.Int.Input(
+                    "max_clusters",
+                    default=_DEFAULT_CLUSTERS.max_clusters,
+                    min=1,
+                    max=16,
+                    tooltip="Largest k tried when n_clusters is 0.",
+                ),
+                io.Float.Input(
+                    "min_silhouette",
+                    default=_DEFAULT_CLUSTERS.min_silhouette,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Below this silhouette a layer stays one cluster.",
+                ),
+                io.Float.Input(
+                    "allocation",
+                    default=_DEFAULT_CLUSTERS.allocation,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="0: every cluster gets the layer's sparsity; 1: what one layer-wide "
+                    "threshold gives it.",
+                ),
+                io.Combo.Input(
+                    "within",
+                    options=list(WITHIN),
+                    default=_DEFAULT_CLUSTERS.within,
+                    tooltip="row: each row of a cluster pruned alike; cluster: compare the whole cluster.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="KMeans seed."),
+                io.String.Input(
+                    "plot_layer",
+                    default="single_blocks.0.linear1",
+                    tooltip="Layer to plot, e.g. single_blocks.0.linear1 or joint_blocks.0.x_block.attn.qkv.",
+                ),
+                SaliencyType.Input(
+                    "saliency", optional=True, tooltip="Its calibration adds the activation axis to the plot."
+                ),
+            ],
+            outputs=[
+                ClustersType.Output(display_name="clusters"),
+                io.Image.Output(display_name="plot"),
+                io.String.Output(display_name="summary"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: Any,
+        granularity: str,
+        n_clusters: int,
+        max_clusters: int,
+        min_silhouette: float,
+        allocation: float,
+        within: str,
+        seed: int,
+        plot_layer: str,
+        saliency: SaliencySpec | None = None,
+    ) -> io.NodeOutput:
+        params = ClusterParams(
+            n_clusters=n_clusters or None,
+            max_clusters=max_clusters,
+            min_silhouette=min_silhouette,
+            allocation=allocation,
+            within=within,
+            seed=seed,
+        )
+        layers = find_prunable_layers(
+            diffusion_model(model),
+            families=("attention", "mlp", "single_fused", "modulation", "block_linear"),
+        )
+        if plot_layer not in layers:
+            plot_layer = next(iter(layers))
+        stats = saliency.stats if saliency is not None else None
+        a = stats[plot_layer].activation_sq_mean if stats is not None and plot_layer in stats else None
+        clusters = cluster_rows(effective_weight(model, plot_layer), a, params)
+        plot = scatter_plot(clusters.features, clusters.labels)[None]
+        text = f"{plot_layer}: k={clusters.k}, rows per cluster {clusters.sizes()}" + (
+            f", silhouette {clusters.silhouette:.2f}" if clusters.silhouette is not None else ""
+        )
+        return io.NodeOutput(GroupingSpec(granularity, params), plot, text)
+
+
+class DitPruneApplyPruning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DitPruneApplyPruning",
+            display_name="DiT-Pruning Apply Pruning",
+            category=CATEGORY,
+            description="Returns a pruned copy of the model: masks go in as weight patches (1 bit per weight), "
+            "the incoming model keeps producing dense results.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to prune. It is cloned, never changed."),
+                SaliencyType.Input("saliency", tooltip="From Score Saliency."),
+                io.Float.Input(
+                    "sparsity",
+                    default=0.5,
+                    min=0.01,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="Fraction of weights removed in every selected layer (0.5 for 2:4 and 4:8).",
+                ),
+                io.Combo.Input(
+                    "pattern",
+                    options=list(PATTERNS),
+                    default="unstructured",
+                    tooltip="2:4 / 4:8 keep N of every M inputs (GPU sparse kernels need 2:4).",
+                ),
+                io.Boolean.Input("attention", default=True, tooltip="Prune attention qkv / proj layers."),
+                io.Boolean.Input("mlp", default=True, tooltip="Prune MLP layers."),
+                io.Boolean.Input(
+                    "single_fused", default=True, tooltip="Prune FLUX single-block linear1/linear2."
+                ),
+                io.Boolean.Input(
+                    "modulation",
+                    default=False,
+                    tooltip="Prune adaLN modulation layers (off by default: measured to hurt).",
+                ),
+                io.String.Input(
+                    "layer_regex", default="", tooltip="Optional: only layers whose name matches."
+                ),
+                ClustersType.Input(
+                    "clusters",
+                    optional=True,
+                    tooltip="From Cluster Weights; default: layer-wide groups (DiT-Pruning default).",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.String.Output(display_name="report"),
+                io.Image.Output(display_name="sparsity per block"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: Any,
+        saliency: SaliencySpec,
+        sparsity: float,
+        pattern: str,
+        attention: bool,
+        mlp: bool,
+        single_fused: bool,
+        modulation: bool,
+        layer_regex: str = "",
+        clusters: GroupingSpec | None = None,
+    ) -> io.NodeOutput:
+        chosen = {"attention": attention, "mlp": mlp, "single_fused": single_fused, "modulation": modulation}
+        families = [f for f, on in chosen.items() if on] + ["block_linear"]
+        if pattern != "unstructured":
+            n, m = (int(x) for x in pattern.split(":"))
+            sparsity = 1 - n / m
+        config = (clusters or GroupingSpec()).to_config(
+            saliency, sparsity, pattern=pattern, families=families, layer_regex=layer_regex
+        )
+        dm = diffusion_model(model)
+        total = len(select_layers(dm, config))
+        pruned = model.clone()
+        masks: dict[str, PackedMask] = {}
+        for name, keep in iter_masks(
+            dm, saliency.stats, config, progress=Progress(total), weight_fn=weight_fn_for(model)
+        ):
+            masks[name] = PackedMask.from_bool(keep.cpu())
+            del keep
+        for name, mask in masks.items():
+            pruned.add_patches({f"{PREFIX}{name}.weight": MaskPatch(mask, name)}, 1.0)
+        report = sparsity_report(dm, masks)
+        header = f"{saliency.describe()}, {config.granularity} groups, {pattern}, target {sparsity:.0%}\n"
+        per_block = report.by("block")
+        values = [p / n if n else 0.0 for p, n in per_block.values()]
+        colours = [0 if b.startswith(("double", "joint")) else 1 for b in per_block]
+        image = torch.nn.functional.pad(bar_chart(values, colours=colours), (0, 0, 8, 8, 8, 8), value=1.0)[
+            None
+        ]
+        pruned.model_options.setdefault("transformer_options", {})
+        pruned.model_options["ditprune"] = {
+            "config": config.to_dict(),
+            "sparsity": report.sparsity,
+            "calibration": saliency.stats.summary() if saliency.stats else None,
+        }
+        return io.NodeOutput(pruned, header + report.to_text(), image)
