@@ -99,6 +99,7 @@ class LayerClusters:
 
 def row_features(weight: torch.Tensor, activation_sq_mean: torch.Tensor | None) -> torch.Tensor:
     """The 2-D point of every output row, (out, 2) float32 on the CPU (computed in row blocks)."""
+    weight = weight.detach()
     out_f, in_f = weight.shape
     a = (
         None

@@ -107,6 +107,10 @@ GENERIC = ArchTemplate(
 )
 
 
+#: Module names that mark a UNet (SD1.x, SDXL): refused even though its blocks repeat.
+UNET_MARKERS = ("input_blocks.0", "middle_block", "output_blocks.0")
+
+
 def unwrap_diffusion_model(model: nn.Module | object) -> nn.Module:
     """Return the diffusion transformer inside ``model``.
 
@@ -135,6 +139,12 @@ def detect_architecture(model: nn.Module | object) -> ArchTemplate:
     """
     module = unwrap_diffusion_model(model)
     names = {name for name, _ in module.named_modules()}
+    if all(marker in names for marker in UNET_MARKERS):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} is a UNet (input_blocks / middle_block / output_blocks, as in SD1.x "
+            "and SDXL), not a diffusion transformer: supported are FLUX (double_blocks/single_blocks), "
+            "SD3/SD3.5 (joint_blocks) and other DiTs whose Linear layers sit in repeated blocks"
+        )
     for template in TEMPLATES:
         if any(key in names for key in template.detect):
             return template

@@ -138,3 +138,20 @@ def test_linear_subclasses_count(tiny_flux: nn.Module) -> None:
     assert torch.equal(
         block.linear1.weight, find_prunable_layers(tiny_flux)["single_blocks.0.linear1"].weight
     )
+
+
+def test_unet_is_refused_even_though_its_blocks_repeat() -> None:
+    class ResBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(8, 8))
+
+    class UNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_blocks = nn.ModuleList([nn.ModuleList([ResBlock()])])
+            self.middle_block = nn.ModuleList([ResBlock()])
+            self.output_blocks = nn.ModuleList([nn.ModuleList([ResBlock()])])
+
+    with pytest.raises(UnsupportedModelError, match=r"is a UNet .*SDXL.*supported are FLUX"):
+        find_prunable_layers(UNet())

@@ -1,0 +1,91 @@
+"""Fixtures for the tests against a real ComfyUI (found via $COMFYUI_PATH or /opt/ComfyUI).
+
+The pack is loaded the way ComfyUI loads it: ``nodes.load_custom_node(<repo root>)``, as a package
+from its parent folder. The repository root is never put on ``sys.path``: its ``nodes/`` folder
+would shadow ComfyUI's ``nodes.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_IDS = (
+    "DitPruneCalibrate",
+    "DitPruneScoreSaliency",
+    "DitPruneClusterWeights",
+    "DitPruneApplyPruning",
+    "DitPruneSavePrunedModel",
+    "DitPruneCompare",
+    "DitPruneLoadCalibration",
+)
+
+
+def comfyui_path() -> Path | None:
+    for candidate in (os.environ.get("COMFYUI_PATH"), "/opt/ComfyUI"):
+        if candidate and (Path(candidate) / "comfy" / "model_management.py").is_file():
+            return Path(candidate)
+    return None
+
+
+@dataclass
+class Comfy:
+    root: Path
+    nodes: ModuleType
+    base: Path
+    mappings: dict[str, Any]
+
+    def node(self, node_id: str) -> Any:
+        return self.mappings[node_id]
+
+
+def _without_repo_root() -> None:
+    """Drop the repository root ('' under ``python -m pytest``) from sys.path, and our ``nodes``."""
+    bad = {"", ".", str(REPO)}
+    sys.path[:] = [p for p in sys.path if p not in bad and Path(p or ".").resolve() != REPO]
+    mod = sys.modules.get("nodes")
+    if mod is not None and str(REPO) in str(getattr(mod, "__file__", "")):
+        del sys.modules["nodes"]
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory: pytest.TempPathFactory) -> Comfy:
+    root = comfyui_path()
+    if root is None:
+        pytest.skip(
+            "no ComfyUI found: set $COMFYUI_PATH or install it at /opt/ComfyUI (see shared/COMFYUI.md)"
+        )
+    _without_repo_root()
+    sys.path.insert(0, str(root))
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401
+        import comfy.sd  # noqa: F401
+        import folder_paths
+        import nodes
+    except Exception as exc:  # ImportError, or a torch/torchvision mismatch raising at import
+        pytest.skip(
+            f"ComfyUI at {root} cannot be imported in this environment ({exc!r}); install its "
+            "requirements (torch==2.14.1 torchvision==0.29.1 + requirements.txt)"
+        )
+    assert Path(nodes.__file__).resolve().parent == root.resolve(), "ComfyUI's nodes.py is shadowed"
+    base = tmp_path_factory.mktemp("comfybase")
+    (base / "output").mkdir()
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.folder_names_and_paths["diffusion_models"] = (
+        [str(base / "models" / "diffusion_models")],
+        folder_paths.supported_pt_extensions,
+    )
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    assert asyncio.run(nodes.load_custom_node(str(REPO))), "ComfyUI failed to load the pack (see log)"
+    return Comfy(root, nodes, base, nodes.NODE_CLASS_MAPPINGS)

@@ -1,0 +1,281 @@
+"""The nodes inside a real ComfyUI on CPU, on random-weight FLUX and SD3 models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import (
+    empty_latent,
+    flux_cond,
+    flux_detection_from_shapes,
+    flux_shapes,
+    random_state_dict,
+    sd3_cond,
+    sd3_shapes,
+)
+
+from conftest import NODE_IDS, Comfy
+
+SAMPLE = {"steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+APPLY = {"pattern": "unstructured", "attention": True, "mlp": True, "single_fused": True, "modulation": False}
+
+
+def load(sd: dict[str, torch.Tensor], **options: Any) -> Any:
+    import comfy.sd as csd
+
+    with flux_detection_from_shapes():
+        return csd.load_diffusion_model_state_dict(dict(sd), model_options=options)
+
+
+def sample(comfy: Comfy, model: Any, cond: list, seed: int = 7, cfg: float = 1.0) -> torch.Tensor:
+    (out,) = comfy.nodes.common_ksampler(model, seed, 3, cfg, "euler", "simple", cond, cond, empty_latent())
+    return out["samples"]
+
+
+def calibrate(comfy: Comfy, model: Any, cond_fn: Any, **kw: Any) -> Any:
+    args = {"seed": 0, **SAMPLE, "timestep_weighting": "log", **kw}
+    out = comfy.node("DitPruneCalibrate").execute(
+        model=model,
+        positive=cond_fn(batch=2),
+        negative=cond_fn(batch=2, seed=3),
+        latent_image=empty_latent(batch=2),
+        **args,
+    )
+    return out.args
+
+
+def saliency(comfy: Comfy, stats: Any, metric: str = "energy") -> Any:
+    return (
+        comfy.node("DitPruneScoreSaliency")
+        .execute(metric=metric, balance=0.4, normalize="none", ria_power=0.5, calibration=stats)
+        .args[0]
+    )
+
+
+def apply(comfy: Comfy, model: Any, sal: Any, sparsity: float = 0.5, **kw: Any) -> Any:
+    return (
+        comfy.node("DitPruneApplyPruning")
+        .execute(model=model, saliency=sal, sparsity=sparsity, **{**APPLY, **kw})
+        .args
+    )
+
+
+def test_pack_registers_every_node_with_tooltips(comfy: Comfy) -> None:
+    for node_id in NODE_IDS:
+        schema = comfy.node(node_id).GET_SCHEMA()
+        assert schema.category == "DiT-Pruning"
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
+
+
+def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy) -> None:
+    sd = random_state_dict(flux_shapes(), seed=0)
+    model = load(sd)
+    cond = flux_cond()
+    dense = sample(comfy, model, cond)
+
+    stats, latent, summary = calibrate(comfy, model, flux_cond)
+    assert latent["samples"].shape == (2, 16, 8, 8)
+    assert "flux model" in summary
+    assert stats["double_blocks.0.img_attn.qkv"].tokens > 0
+    sal = saliency(comfy, stats)
+    clusters, plot, text = (
+        comfy.node("DitPruneClusterWeights")
+        .execute(
+            model=model,
+            granularity="cluster",
+            n_clusters=2,
+            max_clusters=4,
+            min_silhouette=0.0,
+            allocation=1.0,
+            within="row",
+            seed=0,
+            plot_layer="single_blocks.0.linear1",
+            saliency=sal,
+        )
+        .args
+    )
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert text.startswith("single_blocks.0.linear1: k=2")
+    pruned, report, image = apply(comfy, model, sal, 0.5, clusters=clusters)
+    assert "50.00%" in report.splitlines()[1]
+    assert image.dim() == 4
+
+    pruned_latent = sample(comfy, pruned, cond)
+    linear1 = pruned.model.diffusion_model.single_blocks[0].linear1.weight  # pruned clone is loaded now
+    assert float((linear1 == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    assert not torch.allclose(pruned_latent, dense)
+    assert torch.equal(sample(comfy, model, cond), dense)  # the incoming model still draws dense
+    assert float((model.model.diffusion_model.single_blocks[0].linear1.weight == 0).float().mean()) == 0.0
+
+    (path,) = (
+        comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="ditprune/flux").args
+    )
+    assert path.endswith("diffusion_models/ditprune/flux_00001.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "ditprune.pruned_diffusion_model"
+        assert json.loads(meta["ditprune"])["config"]["granularity"] == "cluster"
+        assert f.get_tensor("single_blocks.0.linear1.weight").eq(0).float().mean() == pytest.approx(
+            0.5, abs=1e-3
+        )
+    with flux_detection_from_shapes():
+        (reloaded,) = comfy.nodes.UNETLoader().load_unet("ditprune/flux_00001.safetensors", "default")
+    assert torch.equal(sample(comfy, reloaded, cond), pruned_latent)
+
+
+def test_sd3_with_cfg_and_bf16_weights_kept(comfy: Comfy) -> None:
+    sd = random_state_dict(sd3_shapes(), seed=1, dtype=torch.bfloat16)
+    model = load(sd, dtype=torch.bfloat16)
+    cond = sd3_cond()
+    stats, _latent, summary = calibrate(comfy, model, sd3_cond, cfg=2.0)
+    assert "sd3 model" in summary
+    pruned, report, _ = apply(comfy, model, saliency(comfy, stats, "wanda"), 0.6)
+    pruned_latent = sample(comfy, pruned, cond, cfg=2.0)
+    (path,) = comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="sd3").args
+    with safe_open(path, framework="pt") as f:
+        weight = f.get_tensor("joint_blocks.0.x_block.mlp.fc1.weight")
+        assert weight.dtype == torch.bfloat16
+        assert float((weight == 0).float().mean()) == pytest.approx(0.6, abs=1e-3)
+        assert (
+            float((f.get_tensor("joint_blocks.0.x_block.adaLN_modulation.1.weight") == 0).float().mean()) == 0
+        )
+    (reloaded,) = comfy.nodes.UNETLoader().load_unet(path.rsplit("/", 1)[1], "default")
+    assert torch.equal(sample(comfy, reloaded, cond, cfg=2.0), pruned_latent)
+
+
+def test_lowvram_patch_matches_full_load(comfy: Comfy) -> None:
+    import comfy.model_management as mm
+
+    model = load(random_state_dict(flux_shapes(), seed=2))
+    pruned, _report, _ = apply(comfy, model, saliency(comfy, None, "magnitude"), 0.5)
+    mm.unload_all_models()
+    cpu = torch.device("cpu")
+    x, t = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
+    c = flux_cond()[0]
+    kwargs = {"context": c[0], "y": c[1]["pooled_output"], "guidance": torch.tensor([3.5])}
+    pruned.patch_model(device_to=cpu, lowvram_model_memory=1)  # every layer patched per forward
+    try:
+        qkv = pruned.model.diffusion_model.double_blocks[0].img_attn.qkv
+        assert qkv.weight_function, "lowvram mode did not engage"
+        assert float((qkv.weight == 0).float().mean()) == 0.0  # stored weights untouched
+        with torch.no_grad():
+            low = pruned.model.diffusion_model(x, t, **kwargs)
+    finally:
+        pruned.unpatch_model(device_to=cpu)
+    pruned.patch_model(device_to=cpu)
+    try:
+        with torch.no_grad():
+            full = pruned.model.diffusion_model(x, t, **kwargs)
+    finally:
+        pruned.unpatch_model(device_to=cpu)
+    assert torch.allclose(low, full, atol=1e-6)
+
+
+def test_calibration_files_round_trip(comfy: Comfy) -> None:
+    model = load(random_state_dict(flux_shapes(), seed=3))
+    stats, _, _ = calibrate(comfy, model, flux_cond, save_name="tiny_flux")
+    load_node = comfy.node("DitPruneLoadCalibration")
+    options = load_node.GET_SCHEMA().inputs[0].options
+    assert "tiny_flux.safetensors" in options
+    (loaded,) = load_node.execute(calibration_name="tiny_flux.safetensors").args
+    assert loaded.fingerprint == stats.fingerprint
+    with pytest.raises(FileExistsError, match="already exists"):
+        calibrate(comfy, model, flux_cond, save_name="tiny_flux")
+    with pytest.raises(ValueError, match="outside"):
+        calibrate(comfy, model, flux_cond, save_name="../../escape")
+    # chained calibrations merge
+    merged, _, _ = calibrate(comfy, model, flux_cond, calibration=stats)
+    assert merged["single_blocks.0.linear1"].tokens == 2 * stats["single_blocks.0.linear1"].tokens
+
+
+def test_interrupted_calibrate_leaves_no_hooks_and_runs_again(comfy: Comfy) -> None:
+    import comfy.model_management as mm
+    import comfy.utils as cu
+
+    model = load(random_state_dict(flux_shapes(), seed=4))
+    calls = {"n": 0}
+
+    def server_like_hook(value: int, total: int, preview: Any = None, node_id: Any = None) -> None:
+        calls["n"] += 1
+        mm.throw_exception_if_processing_interrupted()
+
+    cu.set_progress_bar_global_hook(server_like_hook)
+    try:
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            calibrate(comfy, model, flux_cond)
+    finally:
+        mm.interrupt_current_processing(False)
+        cu.set_progress_bar_global_hook(None)
+    assert calls["n"] >= 1
+    assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
+    stats, _, _ = calibrate(comfy, model, flux_cond)
+    assert stats["single_blocks.0.linear2"].tokens > 0
+
+
+def test_bad_inputs_are_refused_with_clear_errors(comfy: Comfy) -> None:
+    flux = load(random_state_dict(flux_shapes(), seed=5))
+    other = load(random_state_dict(flux_shapes(), seed=6))
+    stats, _, _ = calibrate(comfy, flux, flux_cond)
+    with pytest.raises(ValueError, match="calibration from another model|differ from the model"):
+        apply(comfy, other, saliency(comfy, stats))
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            apply(comfy, flux, saliency(comfy, stats), bad)
+    with pytest.raises(ValueError, match="needs a calibration"):
+        saliency(comfy, None, "wanda")
+    odd = load(random_state_dict(flux_shapes(hidden=36, heads=2), seed=7))
+    with pytest.raises(ValueError, match="has 36 input features, not divisible by 8"):
+        apply(comfy, odd, saliency(comfy, None, "magnitude"), pattern="4:8")
+
+
+def test_unsupported_model_is_named(comfy: Comfy) -> None:
+    import comfy.model_patcher as mp
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    class Base(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.diffusion_model = UNetModel(
+                image_size=8,
+                in_channels=4,
+                model_channels=32,
+                out_channels=4,
+                num_res_blocks=1,
+                channel_mult=(1,),
+                num_head_channels=8,
+                transformer_depth=[0],
+                transformer_depth_output=[0, 0],
+                transformer_depth_middle=0,
+            )
+
+    unet = mp.ModelPatcher(Base(), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"is a UNet .*SDXL.*supported are FLUX"):
+        apply(comfy, unet, saliency(comfy, None, "magnitude"))
+
+
+def test_save_never_overwrites_and_stays_in_its_folder(comfy: Comfy) -> None:
+    model = load(random_state_dict(sd3_shapes(), seed=8))
+    save = comfy.node("DitPruneSavePrunedModel")
+    (first,) = save.execute(model=model, filename_prefix="keep/me").args
+    before = open(first, "rb").read()
+    (second,) = save.execute(model=model, filename_prefix="keep/me").args
+    assert first != second and open(first, "rb").read() == before
+    with pytest.raises(ValueError, match="outside"):
+        save.execute(model=model, filename_prefix="../../../tmp/evil")
+
+
+def test_compare_node(comfy: Comfy) -> None:
+    a = torch.zeros(1, 4, 4, 3)
+    b = a.clone()
+    b[0, 0, 0, 0] = 0.5
+    text, diff = comfy.node("DitPruneCompare").execute(dense=a, pruned=b, amplify=2.0).args
+    assert "max abs difference 0.5000" in text
+    assert float(diff.max()) == 1.0
+    with pytest.raises(ValueError, match="same size"):
+        comfy.node("DitPruneCompare").execute(dense=a, pruned=torch.zeros(1, 2, 2, 3), amplify=1.0)
