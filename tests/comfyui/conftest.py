@@ -69,9 +69,10 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Comfy:
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
-        import comfy.model_management  # noqa: F401
-        import comfy.sd  # noqa: F401
+        import comfy.model_management
+        import comfy.sd
         import folder_paths
+
         import nodes
     except Exception as exc:  # ImportError, or a torch/torchvision mismatch raising at import
         pytest.skip(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import NODE_IDS, Comfy
 from safetensors import safe_open
 from tiny_models import (
     empty_latent,
@@ -17,8 +19,6 @@ from tiny_models import (
     sd3_cond,
     sd3_shapes,
 )
-
-from conftest import NODE_IDS, Comfy
 
 SAMPLE = {"steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
 APPLY = {"pattern": "unstructured", "attention": True, "mlp": True, "single_fused": True, "modulation": False}
@@ -134,7 +134,7 @@ def test_sd3_with_cfg_and_bf16_weights_kept(comfy: Comfy) -> None:
     cond = sd3_cond()
     stats, _latent, summary = calibrate(comfy, model, sd3_cond, cfg=2.0)
     assert "sd3 model" in summary
-    pruned, report, _ = apply(comfy, model, saliency(comfy, stats, "wanda"), 0.6)
+    pruned, _report, _ = apply(comfy, model, saliency(comfy, stats, "wanda"), 0.6)
     pruned_latent = sample(comfy, pruned, cond, cfg=2.0)
     (path,) = comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="sd3").args
     with safe_open(path, framework="pt") as f:
@@ -222,7 +222,7 @@ def test_bad_inputs_are_refused_with_clear_errors(comfy: Comfy) -> None:
     flux = load(random_state_dict(flux_shapes(), seed=5))
     other = load(random_state_dict(flux_shapes(), seed=6))
     stats, _, _ = calibrate(comfy, flux, flux_cond)
-    with pytest.raises(ValueError, match="calibration from another model|differ from the model"):
+    with pytest.raises(ValueError, match=r"calibration from another model|differ from the model"):
         apply(comfy, other, saliency(comfy, stats))
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="strictly between 0 and 1"):
@@ -263,9 +263,9 @@ def test_save_never_overwrites_and_stays_in_its_folder(comfy: Comfy) -> None:
     model = load(random_state_dict(sd3_shapes(), seed=8))
     save = comfy.node("DitPruneSavePrunedModel")
     (first,) = save.execute(model=model, filename_prefix="keep/me").args
-    before = open(first, "rb").read()
+    before = Path(first).read_bytes()
     (second,) = save.execute(model=model, filename_prefix="keep/me").args
-    assert first != second and open(first, "rb").read() == before
+    assert first != second and Path(first).read_bytes() == before
     with pytest.raises(ValueError, match="outside"):
         save.execute(model=model, filename_prefix="../../../tmp/evil")
 
