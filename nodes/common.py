@@ -60,11 +60,12 @@ def original_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torch
     key = f"{PREFIX}{name}.weight"
     backup = model.backup.get(key)
     if backup is not None:
-        return backup.weight
+        return backup.weight.detach()
     weight, _set_func, _convert = comfy.model_patcher.get_key_weight(model.model, key)
-    return weight
+    return weight.detach()
 
 
+@torch.no_grad()
 def effective_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torch.Tensor:
     """The weight the sampler will use: the original with the MODEL's own patches (LoRA ...) on it.
 
@@ -73,7 +74,7 @@ def effective_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torc
     """
     key = f"{PREFIX}{name}.weight"
     weight = original_weight(model, name)
-    if weight.dtype not in _FLOAT_DTYPES or type(weight) not in (torch.Tensor, nn.Parameter):
+    if weight.dtype not in _FLOAT_DTYPES or type(weight) is not torch.Tensor:
         raise ValueError(
             f"layer {name!r} is stored as {type(weight).__name__} of dtype {weight.dtype}: quantised "
             "weights (GGUF, NF4, ...) cannot be pruned. Prune the bf16/fp16/fp8 model, then quantise"
@@ -123,7 +124,8 @@ class MaskPatch(WeightAdapterBase):
                 f"ditprune mask for {self.layer!r} has shape {self.mask.shape} but the weight is "
                 f"{tuple(weight.shape)}: the model changed after Apply Pruning; apply it again"
             )
-        return weight.masked_fill_(~self.mask.to_bool(weight.device), 0)
+        with torch.no_grad():
+            return weight.masked_fill_(~self.mask.to_bool(weight.device), 0)
 
 
 class Progress:
@@ -146,11 +148,12 @@ def safe_child(folder: str | Path, relative: str) -> Path:
     return target
 
 
+@torch.no_grad()
 def stored_weight(model: comfy.model_patcher.ModelPatcher, key: str) -> torch.Tensor:
     """A state-dict tensor of the MODEL with its patches baked in, in the stored dtype."""
     weight, set_func, convert_func = comfy.model_patcher.get_key_weight(model.model, key)
     backup = model.backup.get(key)
-    original = backup.weight if backup is not None else weight
+    original = (backup.weight if backup is not None else weight).detach()
     patches = model.patches.get(key)
     if not patches:
         return original

@@ -56,6 +56,15 @@ def _without_repo_root() -> None:
         del sys.modules["nodes"]
 
 
+@pytest.fixture(autouse=True)
+def _like_the_executor() -> Any:
+    """ComfyUI runs every prompt under ``torch.inference_mode()`` (execution.py); so do we."""
+    import torch
+
+    with torch.inference_mode():
+        yield
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory: pytest.TempPathFactory) -> Comfy:
     root = comfyui_path()

@@ -279,3 +279,62 @@ def test_compare_node(comfy: Comfy) -> None:
     assert float(diff.max()) == 1.0
     with pytest.raises(ValueError, match="same size"):
         comfy.node("DitPruneCompare").execute(dense=a, pruned=torch.zeros(1, 2, 2, 3), amplify=1.0)
+
+
+@pytest.mark.parametrize("variant", ["flux-schnell", "sd3.5"])
+def test_schnell_and_sd35_variants(comfy: Comfy, variant: str) -> None:
+    if variant == "flux-schnell":
+        sd, cond_fn = random_state_dict(flux_shapes(guidance=False), seed=11), flux_cond
+        layer = "double_blocks.0.txt_attn.qkv"
+    else:
+        sd, cond_fn = random_state_dict(sd3_shapes(sd35=True), seed=12), sd3_cond
+        layer = "joint_blocks.0.x_block.attn2.qkv"
+    model = load(sd)
+    stats, _, _ = calibrate(comfy, model, cond_fn)
+    assert stats[layer].tokens > 0
+    pruned, _report, _ = apply(comfy, model, saliency(comfy, stats), 0.6)
+    cond = cond_fn()
+    dense = sample(comfy, model, cond)
+    pruned_latent = sample(comfy, pruned, cond)
+    weight = dict(pruned.model.diffusion_model.named_modules())[layer].weight  # loaded, patched
+    assert float((weight == 0).float().mean()) == pytest.approx(0.6, abs=1e-3)
+    assert not torch.allclose(dense, pruned_latent)
+    assert torch.equal(sample(comfy, model, cond), dense)
+
+
+def test_fp8_weights_are_pruned_and_saved_as_fp8(comfy: Comfy) -> None:
+    model = load(random_state_dict(flux_shapes(), seed=13), dtype=torch.float8_e4m3fn)
+    qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight
+    assert qkv.dtype == torch.float8_e4m3fn
+    stats, _, _ = calibrate(comfy, model, flux_cond)
+    pruned, _report, _ = apply(comfy, model, saliency(comfy, stats), 0.5)
+    sample(comfy, pruned, flux_cond())
+    in_graph = pruned.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.clone()  # loaded, patched
+    (path,) = comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="fp8/flux").args
+    with safe_open(path, framework="pt") as f:
+        saved = f.get_tensor("double_blocks.0.img_attn.qkv.weight")
+    assert saved.dtype == torch.float8_e4m3fn
+    assert float((saved.float() == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    # the file holds exactly what ComfyUI computes in the graph (its fp8 stochastic rounding included),
+    # and kept values stay within one fp8 step of the originals
+    assert torch.equal(saved.view(torch.uint8), in_graph.view(torch.uint8))
+    kept = saved.float() != 0
+    step = qkv.float()[kept].abs() * 2**-3
+    assert bool(((saved.float()[kept] - qkv.float()[kept]).abs() <= step + 1e-12).all())
+
+
+@pytest.mark.slow
+def test_full_width_flux_block_with_stock_detection(comfy: Comfy) -> None:
+    """3072-wide FLUX, 1 double + 1 single block (546M parameters): ComfyUI's own detection."""
+    import comfy.sd as csd
+
+    sd = random_state_dict(
+        flux_shapes(hidden=3072, heads=24, ctx=4096, vec=768), seed=14, dtype=torch.bfloat16, std=0.02
+    )
+    model = csd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16})
+    cond_fn = lambda batch=1, seed=1: flux_cond(batch, seed, ctx=4096, vec=768)  # noqa: E731
+    stats, _, _ = calibrate(comfy, model, cond_fn, steps=1)
+    pruned, report, _ = apply(comfy, model, saliency(comfy, stats), 0.5)
+    assert "50.00%" in report.splitlines()[1]
+    cond = cond_fn()
+    assert not torch.equal(sample(comfy, pruned, cond), sample(comfy, model, cond))

@@ -54,8 +54,13 @@ def flux_shapes(
     return s
 
 
-def sd3_shapes(depth: int = 2, *, ctx: int = 32, adm: int = 32) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of ComfyUI's MMDiT (SD3): hidden 64 * depth, the last context block pre-only."""
+def sd3_shapes(
+    depth: int = 2, *, ctx: int = 32, adm: int = 32, sd35: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ComfyUI's MMDiT (SD3): hidden 64 * depth, the last context block pre-only.
+
+    ``sd35`` adds SD3.5's RMS q/k norms (``ln_q``/``ln_k``) and a second self-attention
+    (``x_block.attn2``) in block 0, whose modulation is then 9 * hidden wide."""
     h, m = 64 * depth, 256 * depth
     s: dict[str, tuple[int, ...]] = {
         "pos_embed": (1, 256, h),
@@ -71,12 +76,18 @@ def sd3_shapes(depth: int = 2, *, ctx: int = 32, adm: int = 32) -> dict[str, tup
         for blk in ("context_block", "x_block"):
             b = f"joint_blocks.{i}.{blk}."
             pre_only = blk == "context_block" and i == depth - 1
-            _lin(s, b + "attn.qkv", 3 * h, h)
+            attn2 = sd35 and blk == "x_block" and i == 0
+            for attn in ("attn", "attn2") if attn2 else ("attn",):
+                _lin(s, b + f"{attn}.qkv", 3 * h, h)
+                if sd35:
+                    s[b + f"{attn}.ln_q.weight"] = (64,)
+                    s[b + f"{attn}.ln_k.weight"] = (64,)
+                if not pre_only:
+                    _lin(s, b + f"{attn}.proj", h, h)
             if not pre_only:
-                _lin(s, b + "attn.proj", h, h)
                 _lin(s, b + "mlp.fc1", m, h)
                 _lin(s, b + "mlp.fc2", h, m)
-            _lin(s, b + "adaLN_modulation.1", (2 if pre_only else 6) * h, h)
+            _lin(s, b + "adaLN_modulation.1", (2 if pre_only else 9 if attn2 else 6) * h, h)
     _lin(s, "final_layer.linear", 64, h)
     _lin(s, "final_layer.adaLN_modulation.1", 2 * h, h)
     return s
@@ -88,7 +99,7 @@ def random_state_dict(
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in shapes.items():
-        if key.endswith(".scale"):
+        if key.endswith((".scale", ".ln_q.weight", ".ln_k.weight")):
             out[key] = torch.ones(shape, dtype=dtype)
         else:
             out[key] = (torch.randn(shape, generator=gen) * std).to(dtype)
