@@ -43,7 +43,14 @@ class DitPruneCalibrate(io.ComfyNode):
                 io.Latent.Input(
                     "latent_image", tooltip="Empty latent: its size and batch set the calibration shape."
                 ),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Sampling seed."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Sampling seed.",
+                ),
                 io.Int.Input(
                     "steps", default=8, min=1, max=200, tooltip="Sampling steps; every step is recorded."
                 ),

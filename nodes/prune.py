@@ -141,7 +141,14 @@ class DitPruneClusterWeights(io.ComfyNode):
                     default=_DEFAULT_CLUSTERS.within,
                     tooltip="row: each row of a cluster pruned alike; cluster: compare the whole cluster.",
                 ),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="KMeans seed."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=True,
+                    tooltip="KMeans seed.",
+                ),
                 io.String.Input(
                     "plot_layer",
                     default="single_blocks.0.linear1",

@@ -59,7 +59,24 @@ class Graph:
         source["outputs"][src_slot]["links"].append(link_id)
         self.links.append([link_id, src, src_slot, dst, slot, link_type])
 
+    def arrange(self) -> None:
+        """Columns by distance from the loaders, nodes stacked in each column: nothing overlaps."""
+        depth = {n["id"]: 0 for n in self.nodes}
+        for _ in self.nodes:
+            for _lid, src, _s, dst, _d, _t in self.links:
+                depth[dst] = max(depth[dst], depth[src] + 1)
+        heights: dict[int, int] = {}
+        for node in self.nodes:
+            column = depth[node["id"]]
+            slots = max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"])
+            height = 46 + 24 * slots + (120 if node["type"] == "PreviewImage" else 0)
+            y = heights.get(column, 40)
+            node["pos"] = [column * 390, y]
+            node["size"] = [320, height]
+            heights[column] = y + height + 80
+
     def to_json(self) -> dict[str, Any]:
+        self.arrange()
         return {
             "last_node_id": len(self.nodes),
             "last_link_id": len(self.links),
@@ -79,7 +96,7 @@ def pruning_chain(
     cal = g.add(
         "DitPruneCalibrate",
         (x, 40),
-        [0, 8, cfg, "euler", "simple", "log", ""],
+        [0, "fixed", 8, cfg, "euler", "simple", "log", ""],
         [
             ("model", "MODEL"),
             ("positive", "CONDITIONING"),
@@ -102,7 +119,7 @@ def pruning_chain(
     cluster = g.add(
         "DitPruneClusterWeights",
         (x + 360, 40),
-        ["layer", 0, 4, 0.5, 1.0, "row", 0, plot_layer],
+        ["layer", 0, 4, 0.5, 1.0, "row", 0, "fixed", plot_layer],
         [("model", "MODEL"), ("saliency", "DITPRUNE_SALIENCY")],
         [("clusters", "DITPRUNE_CLUSTERS"), ("plot", "IMAGE"), ("summary", "STRING")],
     )

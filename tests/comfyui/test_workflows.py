@@ -43,7 +43,13 @@ def test_workflow_fits_live_schemas(path: Path, all_nodes: dict[str, Any]) -> No
         assert node["type"] in all_nodes, f"{path.name}: unknown node type {node['type']}"
         live = _inputs(all_nodes[node["type"]])
         widgets = [name for name, (kind, _) in live.items() if kind in WIDGET_TYPES]
-        extra = sum(1 for name in widgets if live[name][1].get("control_after_generate"))
+        # the web UI adds a "control after generate" value after such INTs (and after any named seed)
+        extra = sum(
+            1
+            for name in widgets
+            if live[name][1].get("control_after_generate")
+            or (live[name][0] == "INT" and name in ("seed", "noise_seed"))
+        )
         assert len(node["widgets_values"]) == len(widgets) + extra, (
             f"{path.name}: node {node['id']} {node['type']} has {len(node['widgets_values'])} widget values, "
             f"the live schema {len(widgets)} widgets (+{extra} seed controls): {widgets}"
