@@ -12,6 +12,7 @@ from .calibration import (
     LayerStats,
     log_timestep_weight,
 )
+from .checkpoint import CheckpointError, CheckpointReport, load_pruned_checkpoint, save_pruned_checkpoint
 from .clustering import ClusterParams, LayerClusters, cluster_rows
 from .io import FileExistsRefusal
 from .layers import (
@@ -30,6 +31,7 @@ from .masks import (
     compute_masks,
     iter_masks,
     layer_keep_mask,
+    prune_model_,
 )
 from .report import SparsityReport, sparsity_report
 from .saliency import METRICS, MetricParams, score_layer
@@ -46,6 +48,8 @@ __all__ = [
     "CalibrationStats",
     "Calibrator",
     "ChannelSquareMean",
+    "CheckpointError",
+    "CheckpointReport",
     "ClusterParams",
     "FileExistsRefusal",
     "LayerClusters",
@@ -61,7 +65,10 @@ __all__ = [
     "find_prunable_layers",
     "iter_masks",
     "layer_keep_mask",
+    "load_pruned_checkpoint",
     "log_timestep_weight",
+    "prune_model_",
+    "save_pruned_checkpoint",
     "score_layer",
     "sparsity_report",
     "unwrap_diffusion_model",

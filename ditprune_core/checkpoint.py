@@ -20,6 +20,7 @@ holds ``format``, ``format_version`` and a JSON ``layouts`` map.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,10 +34,10 @@ from .safetensors_io import LazyTensor, write_safetensors
 from .selection import count_true
 
 __all__ = [
-    "CheckpointError",
-    "CheckpointReport",
     "FORMAT",
     "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointReport",
     "load_pruned_checkpoint",
     "read_checkpoint_info",
     "save_pruned_checkpoint",
@@ -118,6 +119,7 @@ class _Encoder:
         self.max_error = 0.0
         rows, cols = weight.shape
         vdtype = value_dtype or weight.dtype
+        self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
         if layout == "2:4":
             groups = cols // 4
             self.shapes = {
@@ -137,7 +139,7 @@ class _Encoder:
 
     def lazy(self) -> dict[str, LazyTensor]:
         return {
-            f"{self.name}.{piece}": LazyTensor(shape, dtype, lambda p=piece: self._take(p))
+            f"{self.name}.{piece}": LazyTensor(shape, dtype, functools.partial(self._take, piece))
             for piece, (shape, dtype) in self.shapes.items()
         }
 
@@ -315,7 +317,7 @@ def _decode(name: str, info: Mapping[str, str], get: Mapping[str, torch.Tensor],
         v = values.float() if scale is None else values.float() * scale[:, None]
         out = torch.zeros(rows, groups, 4)
         out.scatter_(2, idx, v.reshape(rows, groups, 2))
-        return out.reshape(rows, cols).to(dtype) if scale is not None else out.reshape(rows, cols).to(dtype)
+        return out.reshape(rows, cols).to(dtype)
     bits, values = get[f"{name}.bitmask"], get[f"{name}.compressed"]
     try:
         mask = unpack_bits(bits, cols)
