@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,8 +113,17 @@ def _fp8_quantize(
 class _Encoder:
     """Encodes one weight lazily; its pieces are produced once, then dropped after writing."""
 
-    def __init__(self, name: str, weight: torch.Tensor, layout: str, value_dtype: torch.dtype | None) -> None:
-        self.name, self.weight, self.layout, self.value_dtype = name, weight, layout, value_dtype
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        layout: str,
+        value_dtype: torch.dtype | None,
+        produce: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        self.name, self.layout, self.value_dtype = name, layout, value_dtype
+        # with a producer, the weight is made again when it is written instead of being kept
+        self.produce: Callable[[], torch.Tensor] = produce if produce is not None else (lambda: weight)
         self._pieces: dict[str, torch.Tensor] | None = None
         self.max_error = 0.0
         rows, cols = weight.shape
@@ -152,7 +161,7 @@ class _Encoder:
         return out
 
     def _encode(self) -> dict[str, torch.Tensor]:
-        w = self.weight.detach().cpu()
+        w = self.produce().detach().cpu()
         rows, cols = w.shape
         pieces: dict[str, torch.Tensor] = {"shape": torch.tensor([rows, cols], dtype=torch.int64)}
         if self.layout == "2:4":
@@ -206,8 +215,11 @@ def _choose_layout(weight: torch.Tensor, value_dtype: torch.dtype | None) -> str
     return best
 
 
+TensorSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
 def save_pruned_checkpoint(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, TensorSource],
     path: str | Path,
     *,
     format: str = "compressed",
@@ -218,7 +230,9 @@ def save_pruned_checkpoint(
     """Write a state dict, ``dense`` or ``compressed`` (see module docstring), one tensor at a time.
 
     Args:
-        state_dict: name -> tensor (any device; pruned weights hold exact zeros).
+        state_dict: name -> tensor (any device; pruned weights hold exact zeros), or a function
+            returning it: such tensors are made once to choose their layout and once when written,
+            so no more than one of them is alive at a time (how a 12B model is saved).
         path: the ``.safetensors`` file to create; never overwritten unless ``overwrite``.
         format: ``"compressed"`` or ``"dense"``.
         value_dtype: None keeps the weights' dtype (bit-exact round trip); ``torch.float8_e4m3fn``
@@ -240,13 +254,16 @@ def save_pruned_checkpoint(
     tensors: dict[str, torch.Tensor | LazyTensor] = {}
     layouts: dict[str, dict[str, str]] = {}
     encoders = []
-    for name, tensor in state_dict.items():
+    for name, source in state_dict.items():
+        tensor = source() if callable(source) else source
         report.dense_bytes += _nbytes(tensor)
         layout = _choose_layout(tensor, value_dtype) if format == "compressed" else None
         if layout is None:
-            tensors[name] = tensor
+            tensors[name] = (
+                LazyTensor(tuple(tensor.shape), tensor.dtype, source) if callable(source) else tensor
+            )
             continue
-        encoder = _Encoder(name, tensor, layout, value_dtype)
+        encoder = _Encoder(name, tensor, layout, value_dtype, source if callable(source) else None)
         encoders.append(encoder)
         tensors[name] = torch.zeros(0, dtype=torch.uint8)  # placeholder: unknowing loaders fail loudly
         tensors.update(encoder.lazy())
@@ -256,6 +273,7 @@ def save_pruned_checkpoint(
             "values": str(value_dtype or tensor.dtype).removeprefix("torch."),
         }
         report.layouts[name] = layout
+        del tensor
     meta = {
         **(metadata or {}),
         "format": FORMAT,

@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .calibrate import DitPruneCalibrate, DitPruneLoadCalibration
 from .prune import DitPruneApplyPruning, DitPruneClusterWeights, DitPruneScoreSaliency
-from .save import DitPruneCompare, DitPruneSavePrunedModel
+from .save import DitPruneCompare, DitPruneLoadPrunedModel, DitPruneSavePrunedModel
 
 NODES: list[type[io.ComfyNode]] = [
     DitPruneCalibrate,
@@ -15,6 +15,7 @@ NODES: list[type[io.ComfyNode]] = [
     DitPruneClusterWeights,
     DitPruneApplyPruning,
     DitPruneSavePrunedModel,
+    DitPruneLoadPrunedModel,
     DitPruneCompare,
 ]
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import comfy.sd
+import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..ditprune_core import __version__
 from ..ditprune_core.bench.evaluation import psnr, relative_error
+from ..ditprune_core.checkpoint import load_pruned_checkpoint, save_pruned_checkpoint
 from ..ditprune_core.io import next_free_path
-from ..ditprune_core.safetensors_io import LazyTensor, write_safetensors
 from .common import (
     CATEGORY,
     PREFIX,
@@ -30,8 +32,9 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             node_id="DitPruneSavePrunedModel",
             display_name="DiT-Pruning Save Pruned Model",
             category=CATEGORY,
-            description="Writes the diffusion model, pruning baked in, to models/diffusion_models/ for the stock "
-            "Load Diffusion Model node. Weights keep their dtype; never overwrites a file.",
+            description="Writes the diffusion model, pruning baked in, to models/diffusion_models/. 'dense' files open "
+            "in the stock Load Diffusion Model node; 'compressed' files (about 56% of bf16 at 50% sparsity, 31% with "
+            "fp8 values) open in DiT-Pruning Load Pruned Model. Never overwrites a file.",
             inputs=[
                 io.Model.Input("model", tooltip="A model from Apply Pruning (any MODEL can be saved)."),
                 io.String.Input(
@@ -39,35 +42,91 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                     default="ditprune/pruned",
                     tooltip="Name inside models/diffusion_models; a counter is appended (_00001).",
                 ),
+                io.Combo.Input(
+                    "format",
+                    options=["dense", "compressed"],
+                    default="dense",
+                    tooltip="dense: same size as the original, any loader; compressed: bitmask or 2:4 "
+                    "packing of pruned weights (DiT-Pruning Load Pruned Model).",
+                ),
+                io.Combo.Input(
+                    "values",
+                    options=["keep dtype", "fp8_e4m3fn"],
+                    default="keep dtype",
+                    tooltip="compressed only: store pruned weights' values as fp8 with per-row scales "
+                    "(lossy, bounded error) or keep their dtype (bit-exact).",
+                ),
             ],
             outputs=[io.String.Output(display_name="path")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model: Any, filename_prefix: str) -> io.NodeOutput:
+    def execute(
+        cls, model: Any, filename_prefix: str, format: str = "dense", values: str = "keep dtype"
+    ) -> io.NodeOutput:
         dm = diffusion_model(model)
+        if format == "dense" and values != "keep dtype":
+            raise ValueError("fp8 values need format 'compressed'; choose 'keep dtype' for a dense file")
         folder = diffusion_models_dir()
         prefix = safe_child(folder, filename_prefix.strip() or "ditprune/pruned")
         target = next_free_path(prefix.parent, prefix.name, ".safetensors")
-        state = dm.state_dict()
-        progress = Progress(len(state))
-        tensors = {}
-        for i, (key, value) in enumerate(state.items()):
+        keys = list(dm.state_dict().keys())
+        progress = Progress(2 * len(keys))
+        done = {"n": 0}
 
-            def produce(key: str = key, i: int = i) -> torch.Tensor:
-                progress(i + 1, len(state))
+        def source(key: str) -> Any:
+            def produce() -> torch.Tensor:
+                done["n"] += 1
+                progress(min(done["n"], 2 * len(keys)), 2 * len(keys))
                 return stored_weight(model, PREFIX + key)
 
-            tensors[key] = LazyTensor(tuple(value.shape), value.dtype, produce)
+            return produce
+
         info = model.model_options.get("ditprune", {})
-        metadata = {
-            "format": "ditprune.pruned_diffusion_model",
-            "ditprune_version": __version__,
-            "ditprune": json.dumps(info, default=str),
-        }
-        write_safetensors(target, tensors, metadata)
-        return io.NodeOutput(str(target), ui={"text": [f"saved {target}"]})
+        metadata = {"ditprune_version": __version__, "ditprune": json.dumps(info, default=str)}
+        report = save_pruned_checkpoint(
+            {k: source(k) for k in keys},
+            target,
+            format=format,
+            metadata=metadata,
+            value_dtype=torch.float8_e4m3fn if values == "fp8_e4m3fn" else None,
+        )
+        text = (
+            f"saved {target} ({report.ratio:.1%} of the dense size, {len(report.layouts)} tensors compressed)"
+        )
+        return io.NodeOutput(str(target), ui={"text": [text]})
+
+
+class DitPruneLoadPrunedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DitPruneLoadPrunedModel",
+            display_name="DiT-Pruning Load Pruned Model",
+            category="loaders",
+            description="Loads a checkpoint saved by DiT-Pruning Save Pruned Model (dense or compressed) through "
+            "ComfyUI's own model detection, decompressing it at load.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="A ditprune checkpoint in models/diffusion_models.",
+                ),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        progress = Progress(1)
+        state = load_pruned_checkpoint(path)
+        progress(1, 1)
+        model = comfy.sd.load_diffusion_model_state_dict(state)
+        if model is None:
+            raise ValueError(f"{path}: ComfyUI could not detect the model type of this checkpoint")
+        return io.NodeOutput(model)
 
 
 def _as_images(x: Any) -> torch.Tensor:

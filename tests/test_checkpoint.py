@@ -182,3 +182,20 @@ def test_unknown_version_and_mismatched_mask(tmp_path) -> None:
         load_pruned_checkpoint(tmp_path / "narrow.safetensors")
     meta = json.loads(read_checkpoint_info(path)["metadata"]["layouts"])
     assert meta["w"]["layout"] == "bitmask"
+
+
+def test_tensor_producers_are_called_lazily(tmp_path) -> None:
+    w, d = _pruned(64, 64, 0.5), torch.randn(16, 16)
+    calls = {"w": 0, "d": 0}
+
+    def make(name, t):
+        def produce():
+            calls[name] += 1
+            return t.clone()
+
+        return produce
+
+    report = save_pruned_checkpoint({"w": make("w", w), "d": make("d", d)}, tmp_path / "c.safetensors")
+    assert report.layouts == {"w": "bitmask"} and calls == {"w": 2, "d": 2}  # layout pass + write
+    back = load_pruned_checkpoint(tmp_path / "c.safetensors")
+    assert torch.equal(back["w"], w) and torch.equal(back["d"], d)

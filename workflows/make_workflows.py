@@ -196,7 +196,13 @@ def sample_compare_save(
     g.link(decoded["pruned"], 0, compare, "pruned")
     diff = g.add("PreviewImage", (x + 600, 640), [], [("images", "IMAGE")], [], title="difference x4")
     g.link(compare, 1, diff, "images")
-    save = g.add("DitPruneSavePrunedModel", (x, 640), [prefix], [("model", "MODEL")], [("path", "STRING")])
+    save = g.add(
+        "DitPruneSavePrunedModel",
+        (x, 640),
+        [prefix, "compressed", "keep dtype"],
+        [("model", "MODEL")],
+        [("path", "STRING")],
+    )
     g.link(pruned_model, 0, save, "model")
 
 

@@ -26,6 +26,7 @@ NODE_IDS = (
     "DitPruneSavePrunedModel",
     "DitPruneCompare",
     "DitPruneLoadCalibration",
+    "DitPruneLoadPrunedModel",
 )
 
 

@@ -67,7 +67,7 @@ def apply(comfy: Comfy, model: Any, sal: Any, sparsity: float = 0.5, **kw: Any) 
 def test_pack_registers_every_node_with_tooltips(comfy: Comfy) -> None:
     for node_id in NODE_IDS:
         schema = comfy.node(node_id).GET_SCHEMA()
-        assert schema.category == "DiT-Pruning"
+        assert schema.category == ("loaders" if node_id == "DitPruneLoadPrunedModel" else "DiT-Pruning")
         for inp in schema.inputs:
             assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
 
@@ -118,7 +118,7 @@ def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy) -> None:
     assert path.endswith("diffusion_models/ditprune/flux_00001.safetensors")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
-        assert meta["format"] == "ditprune.pruned_diffusion_model"
+        assert meta["format"] == "ditprune.checkpoint" and meta["checkpoint"] == "dense"
         assert json.loads(meta["ditprune"])["config"]["granularity"] == "cluster"
         assert f.get_tensor("single_blocks.0.linear1.weight").eq(0).float().mean() == pytest.approx(
             0.5, abs=1e-3
@@ -338,3 +338,46 @@ def test_full_width_flux_block_with_stock_detection(comfy: Comfy) -> None:
     assert "50.00%" in report.splitlines()[1]
     cond = cond_fn()
     assert not torch.equal(sample(comfy, pruned, cond), sample(comfy, model, cond))
+
+
+@pytest.mark.parametrize("values", ["keep dtype", "fp8_e4m3fn"])
+def test_compressed_save_and_load_pruned_model(comfy: Comfy, values: str) -> None:
+    model = load(random_state_dict(sd3_shapes(), seed=15, dtype=torch.bfloat16), dtype=torch.bfloat16)
+    stats, _, _ = calibrate(comfy, model, sd3_cond)
+    pruned, _report, _ = apply(comfy, model, saliency(comfy, stats), 0.5, pattern="2:4")
+    cond = sd3_cond()
+    in_graph = sample(comfy, pruned, cond)
+    save = comfy.node("DitPruneSavePrunedModel")
+    (path,) = save.execute(
+        model=pruned, filename_prefix=f"packed/{values[:4]}", format="compressed", values=values
+    ).args
+    (dense_path,) = save.execute(model=pruned, filename_prefix="packed/dense").args
+    size, dense_size = Path(path).stat().st_size, Path(dense_path).stat().st_size
+    assert (
+        size < (0.75 if values == "keep dtype" else 0.65) * dense_size
+    )  # modulation and embedders stay dense
+    name = str(Path(path).relative_to(comfy.base / "models" / "diffusion_models"))
+    (loaded,) = comfy.node("DitPruneLoadPrunedModel").execute(model_name=name).args
+    latent = sample(comfy, loaded, cond)
+    if values == "keep dtype":
+        assert torch.equal(latent, in_graph)
+    else:
+        assert (latent - in_graph).norm() / in_graph.norm() < 0.05
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the stock loader fails loudly on it
+        comfy.nodes.UNETLoader().load_unet(name, "default")
+
+
+def test_load_pruned_model_refuses_other_files(comfy: Comfy) -> None:
+    from safetensors.torch import save_file
+
+    other = comfy.base / "models" / "diffusion_models" / "not_ours.safetensors"
+    save_file(random_state_dict(sd3_shapes(), seed=16), str(other))
+    with pytest.raises(ValueError, match="not a ditprune checkpoint"):
+        comfy.node("DitPruneLoadPrunedModel").execute(model_name="not_ours.safetensors")
+    with pytest.raises(ValueError, match="fp8 values need format 'compressed'"):
+        comfy.node("DitPruneSavePrunedModel").execute(
+            model=comfy.nodes.UNETLoader().load_unet("not_ours.safetensors", "default")[0],
+            filename_prefix="x",
+            format="dense",
+            values="fp8_e4m3fn",
+        )
