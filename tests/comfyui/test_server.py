@@ -102,7 +102,12 @@ def test_server_queues_an_api_workflow(comfy: Comfy, tmp_path: Path) -> None:
             },
             "4": {
                 "class_type": "DitPruneSavePrunedModel",
-                "inputs": {"model": ["3", 0], "filename_prefix": "served"},
+                "inputs": {
+                    "model": ["3", 0],
+                    "filename_prefix": "served",
+                    "format": "dense",
+                    "values": "keep dtype",
+                },
             },
         }
         request = urllib.request.Request(
