@@ -1,0 +1,163 @@
+"""Checkpoint sizes and load times: dense vs compressed (bf16 and fp8 values).
+
+    python -m ditprune_core.bench checkpoint      # writes docs/bench/checkpoint.md
+
+MiniFlux-A pruned with the DiT-Pruning defaults, and FLUX.1-dev-shaped layers (random bf16 weights,
+the real sizes) pruned by magnitude per row, at 50/60/70 % and 2:4. The FLUX.1-dev projection
+applies the measured ratios of the FLUX-width layers to FLUX.1-dev's prunable layers (attention,
+MLP, fused single-block layers) and keeps the rest (modulation, embedders) dense.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import load_pruned_checkpoint, save_pruned_checkpoint
+from ..masks import PruneConfig, apply_masks_, compute_masks, layer_keep_mask
+from ..miniflux.pipeline import calibrate, load_bundled
+
+SETTINGS = {
+    "50%": (0.5, "unstructured"),
+    "60%": (0.6, "unstructured"),
+    "70%": (0.7, "unstructured"),
+    "2:4": (0.5, "2:4"),
+}
+FLUX_LAYERS = {  # name: (out, in), one of each distinct shape of FLUX.1-dev's prunable layers
+    "single_blocks.N.linear1": (21504, 3072),
+    "single_blocks.N.linear2": (3072, 15360),
+    "double_blocks.N.img_attn.qkv": (9216, 3072),
+    "double_blocks.N.img_mlp.2": (3072, 12288),
+}
+H, MLP = 3072, 12288
+FLUX_PRUNABLE = 19 * 2 * (3 * H * H + H * H + 2 * H * MLP) + 38 * (H * (3 * H + MLP) + (H + MLP) * H)
+FLUX_TOTAL = 11_901_408_320  # parameters of the FLUX.1-dev diffusion model (23.8 GB in bf16)
+REFERENCES = {
+    "bf16 (dense)": 23.8,
+    "fp8 (ComfyUI)": 11.9,
+    "GGUF Q8_0": 12.7,
+    "GGUF Q5_K_S": 8.3,
+    "GGUF Q4_0": 6.8,
+}
+
+
+def _sizes(state: dict[str, torch.Tensor], folder: Path, tag: str) -> tuple[float, float, float]:
+    """(compressed bf16 ratio, compressed fp8 ratio, fp8 max relative error) for one state dict."""
+    plain = save_pruned_checkpoint(state, folder / f"{tag}_bf16.safetensors")
+    fp8 = save_pruned_checkpoint(state, folder / f"{tag}_fp8.safetensors", value_dtype=torch.float8_e4m3fn)
+    dense = folder / f"{tag}_dense.safetensors"
+    save_file(state, str(dense))
+    dense_size = dense.stat().st_size
+    return plain.file_bytes / dense_size, fp8.file_bytes / dense_size, fp8.max_fp8_relative_error
+
+
+def _flux_layers(sparsity: float, pattern: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, (rows, cols) in FLUX_LAYERS.items():
+        w = torch.randn(rows, cols, generator=gen, dtype=torch.float32).mul_(0.02)
+        keep = layer_keep_mask(
+            name, w, None, PruneConfig(sparsity, metric="magnitude", granularity="row", pattern=pattern)
+        )
+        out[name] = w.mul_(keep).to(torch.bfloat16)
+        del keep
+    return out
+
+
+def _load_ratio(state: dict[str, torch.Tensor], folder: Path) -> tuple[float, float]:
+    """Seconds to load compressed (decompressing) and dense, best of 3 each, interleaved."""
+    dense, packed = folder / "load_dense.safetensors", folder / "load_packed.safetensors"
+    save_file(state, str(dense))
+    save_pruned_checkpoint(state, packed)
+    best = [float("inf"), float("inf")]
+    for _ in range(3):
+        for i, fn in enumerate((lambda: load_pruned_checkpoint(packed), lambda: load_file(str(dense)))):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def run_checkpoint_bench() -> str:
+    lines = [
+        "# Checkpoint size benchmark (generated)",
+        "",
+        "Command: `python -m ditprune_core.bench checkpoint`. Written by "
+        "`ditprune_core/bench/checkpoint_size.py`.",
+        "",
+        "File size as a fraction of the same state dict saved dense in bf16 (safetensors).",
+        "",
+    ]
+    pipe = load_bundled("miniflux-a")
+    stats = calibrate(pipe, seeds=(1000,), per_class=5)
+    flux_ratios: dict[str, tuple[float, float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        lines += [
+            "## MiniFlux-A (whole model, DiT-Pruning defaults; modulation and embedders stay dense)",
+            "",
+            "| sparsity | compressed, bf16 values | compressed, fp8 values | fp8 max error / row max |",
+            "|---|---|---|---|",
+        ]
+        for label, (sparsity, pattern) in SETTINGS.items():
+            model = load_bundled("miniflux-a").model
+            apply_masks_(model, compute_masks(model, stats, PruneConfig(sparsity, pattern=pattern)))
+            state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+            bf16, fp8, err = _sizes(state, folder, f"mini{label.replace(':', '_').rstrip('%')}")
+            lines.append(f"| {label} | {bf16:.1%} | {fp8:.1%} | {err:.4f} |")
+        lines += [
+            "",
+            "## FLUX.1-dev-shaped layers ("
+            + ", ".join(f"{k} {r}x{c}" for k, (r, c) in FLUX_LAYERS.items())
+            + ")",
+            "",
+            "| sparsity | compressed, bf16 values | compressed, fp8 values | fp8 max error / row max |",
+            "|---|---|---|---|",
+        ]
+        for label, (sparsity, pattern) in SETTINGS.items():
+            state = _flux_layers(sparsity, pattern)
+            flux_ratios[label] = _sizes(state, folder, f"flux{label.replace(':', '_').rstrip('%')}")
+            for f in folder.glob("flux*"):
+                f.unlink()
+            bf16, fp8, err = flux_ratios[label]
+            lines.append(f"| {label} | {bf16:.1%} | {fp8:.1%} | {err:.4f} |")
+        packed_s, dense_s = _load_ratio(_flux_layers(0.5, "unstructured"), folder)
+    prunable = FLUX_PRUNABLE / FLUX_TOTAL
+    lines += [
+        "",
+        "## Projected FLUX.1-dev diffusion model",
+        "",
+        f"Prunable layers (attention, MLP, fused single-block): {FLUX_PRUNABLE / 1e9:.2f}B of "
+        f"{FLUX_TOTAL / 1e9:.2f}B parameters ({prunable:.0%}); the rest stays bf16.",
+        "",
+        "| file | GB |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {gb} |" for name, gb in REFERENCES.items()]
+    for label, (bf16, fp8, _err) in flux_ratios.items():
+        for values, ratio in (("bf16", bf16), ("fp8", fp8)):
+            gb = 23.8 * ((1 - prunable) + prunable * ratio)
+            lines.append(f"| ditprune {label}, compressed, {values} values | {gb:.1f} |")
+    lines += [
+        "",
+        "## Load time (FLUX-shaped layers, 50 %)",
+        "",
+        f"Loading the compressed file and decompressing it takes {packed_s / dense_s:.2f}x the time of "
+        f"loading the dense file ({packed_s:.2f} s vs {dense_s:.2f} s, best of 3, interleaved; CPU).",
+        "",
+        "Compressed-runtime step time (per-layer decompression on the device) is not measured: that",
+        "runtime is not built yet (see the README).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_checkpoint_bench(out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "checkpoint.md"
+    path.write_text(run_checkpoint_bench() + "\n")
+    return path
