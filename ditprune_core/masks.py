@@ -19,14 +19,12 @@ from .layers import (
     LayerFilter,
     detect_architecture,
     find_prunable_layers,
-    layer_block,
-    layer_family,
     unwrap_diffusion_model,
 )
 from .packing import PackedMask
-from .report import LayerSparsity, SparsityReport
+from .report import LayerSparsity, SparsityReport, count_kept
 from .saliency import METRICS, MetricParams, score_layer
-from .selection import count_true, prune_lowest
+from .selection import prune_lowest
 
 __all__ = [
     "GRANULARITIES",
@@ -337,14 +335,6 @@ def prune_model_(
         for name, keep in iter_masks(module, stats, config, progress=progress):
             weight = named[name].weight
             weight.masked_fill_(~keep, 0)
-            rows.append(
-                LayerSparsity(
-                    name,
-                    layer_family(name, template) or "other",
-                    layer_block(name, template),
-                    keep.numel(),
-                    keep.numel() - int(count_true(keep.reshape(1, -1))),
-                )
-            )
+            rows.append(LayerSparsity.of(name, template, keep.numel(), count_kept(keep)))
             del keep
     return SparsityReport(tuple(rows))

@@ -12,7 +12,7 @@ from .layers import ArchTemplate, detect_architecture, layer_block, layer_family
 from .packing import PackedMask
 from .selection import count_true
 
-__all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
+__all__ = ["LayerSparsity", "SparsityReport", "count_kept", "sparsity_report"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,18 @@ class LayerSparsity:
     @property
     def sparsity(self) -> float:
         return self.pruned / self.numel if self.numel else 0.0
+
+    @classmethod
+    def of(cls, name: str, template: ArchTemplate, numel: int, kept: int) -> LayerSparsity:
+        """Row for layer ``name``, its family and block read off ``template``."""
+        return cls(
+            name, layer_family(name, template) or "other", layer_block(name, template), numel, numel - kept
+        )
+
+
+def count_kept(keep: torch.Tensor | PackedMask) -> int:
+    """Number of True entries of a bool or packed keep-mask, without an int64 copy of it."""
+    return keep.kept() if isinstance(keep, PackedMask) else int(count_true(keep.reshape(1, -1)))
 
 
 @dataclass(frozen=True)
@@ -85,28 +97,11 @@ def sparsity_report(
     rows = []
     if masks is not None:
         for name, keep in masks.items():
-            kept = keep.kept() if isinstance(keep, PackedMask) else int(count_true(keep.reshape(1, -1)))
-            rows.append(
-                LayerSparsity(
-                    name,
-                    layer_family(name, template) or "other",
-                    layer_block(name, template),
-                    keep.numel(),
-                    keep.numel() - kept,
-                )
-            )
+            rows.append(LayerSparsity.of(name, template, keep.numel(), count_kept(keep)))
     else:
         if layers is None:
             raise ValueError("give masks, or the layers whose zeros to count")
         for name, layer in layers.items():
             w = layer.weight
-            rows.append(
-                LayerSparsity(
-                    name,
-                    layer_family(name, template) or "other",
-                    layer_block(name, template),
-                    w.numel(),
-                    int(count_true((w == 0).reshape(1, -1))),
-                )
-            )
+            rows.append(LayerSparsity.of(name, template, w.numel(), count_kept(w != 0)))
     return SparsityReport(tuple(rows))

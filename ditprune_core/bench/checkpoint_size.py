@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import load_pruned_checkpoint, save_pruned_checkpoint
 from ..masks import PruneConfig, apply_masks_, compute_masks, layer_keep_mask
 from ..miniflux.pipeline import calibrate, load_bundled
+from . import write_report
 
 SETTINGS = {
     "50%": (0.5, "unstructured"),
@@ -162,7 +163,4 @@ def run_checkpoint_bench() -> str:
 
 
 def write_checkpoint_bench(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "checkpoint.md"
-    path.write_text(run_checkpoint_bench() + "\n")
-    return path
+    return write_report(out_dir, "checkpoint.md", run_checkpoint_bench())

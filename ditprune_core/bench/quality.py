@@ -31,6 +31,7 @@ from ..calibration import CalibrationStats
 from ..imaging import image_grid, write_png
 from ..masks import PruneConfig, apply_masks_, compute_masks
 from ..miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled, sigma_schedule
+from . import write_report
 from .evaluation import load_judge, psnr, relative_error
 
 log = logging.getLogger("ditprune")
@@ -242,6 +243,4 @@ def write_quality(results: Sequence[QualityResult], out_dir: Path, command: str)
     for res in results:
         for text, ok in res.checks():
             parts.append(f"- {'PASS' if ok else 'FAIL'}: {text}")
-    path = out_dir / "quality.md"
-    path.write_text("\n".join(parts) + "\n")
-    return path
+    return write_report(out_dir, "quality.md", "\n".join(parts))

@@ -27,6 +27,7 @@ from ..calibration import CalibrationStats, Calibrator, LayerStats, weight_sampl
 from ..masks import GRANULARITIES, PruneConfig, iter_masks
 from ..miniflux.model import DoubleStreamBlock, SingleStreamBlock, rope_frequencies
 from ..saliency import METRICS
+from . import write_report
 from .memprobe import PeakRSS
 
 log = logging.getLogger("ditprune")
@@ -211,7 +212,4 @@ def run_speed(selected: Sequence[str] | None = None, repeats: int = 2) -> str:
 
 
 def write_speed(out_dir: Path, selected: Sequence[str] | None = None) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "speed.md"
-    path.write_text(run_speed(selected) + "\n")
-    return path
+    return write_report(out_dir, "speed.md", run_speed(selected))

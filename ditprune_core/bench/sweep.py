@@ -21,6 +21,7 @@ import numpy as np
 from ..clustering import ClusterParams
 from ..masks import PruneConfig
 from ..saliency import MetricParams
+from . import write_report
 from .quality import BenchContext
 
 log = logging.getLogger("ditprune")
@@ -111,7 +112,4 @@ def run_sweep(models: Sequence[str] = ("miniflux-a", "miniflux-b"), seeds: Seque
 
 
 def write_sweep(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "sweep.md"
-    path.write_text(run_sweep() + "\n")
-    return path
+    return write_report(out_dir, "sweep.md", run_sweep())
