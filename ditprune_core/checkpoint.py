@@ -41,6 +41,7 @@ __all__ = [
     "load_pruned_checkpoint",
     "read_checkpoint_info",
     "save_pruned_checkpoint",
+    "unpack_weight",
 ]
 
 FORMAT = "ditprune.checkpoint"
@@ -317,43 +318,64 @@ def read_checkpoint_info(path: str | Path) -> dict[str, object]:
     }
 
 
-def _decode(name: str, info: Mapping[str, str], get: Mapping[str, torch.Tensor], path: Path) -> torch.Tensor:
-    rows, cols = (int(x) for x in get[f"{name}.shape"].tolist())
-    dtype = _DTYPE_NAMES[info["dtype"]]
-    scale = get.get(f"{name}.scale")
-    if info["layout"] == "2:4":
-        values, codes = get[f"{name}.nm_values"], get[f"{name}.nm_codes"].long()
+PIECES = ("compressed", "bitmask", "shape", "row_offsets", "scale", "nm_values", "nm_codes")
+
+
+def unpack_weight(
+    pieces: Mapping[str, torch.Tensor], dtype: torch.dtype, *, check: bool = True, where: str = "weight"
+) -> torch.Tensor:
+    """Dense weight from its compressed pieces (keys as in :data:`PIECES`), on the pieces' device.
+
+    This is the per-layer decompression: :func:`load_pruned_checkpoint` calls it once per tensor,
+    the ComfyUI runtime once per forward. ``check`` validates the pieces against each other.
+
+    Raises:
+        CheckpointError: (with ``check``) pieces that do not fit the shape, or invalid codes.
+    """
+    rows, cols = (int(x) for x in pieces["shape"].tolist())
+    scale = pieces.get("scale")
+    if "nm_values" in pieces:
+        values, codes = pieces["nm_values"], pieces["nm_codes"].long()
         groups = cols // 4
-        if values.shape != (rows, cols // 2) or codes.shape != (rows, -(-groups // 3)) or cols % 4:
-            raise CheckpointError(f"{path}: 2:4 pieces of {name!r} do not fit its shape ({rows}, {cols})")
-        if bool((codes > 215).any()):
-            raise CheckpointError(f"{path}: {name!r} has invalid 2:4 codes (corrupted file)")
+        if check:
+            if values.shape != (rows, cols // 2) or codes.shape != (rows, -(-groups // 3)) or cols % 4:
+                raise CheckpointError(f"{where}: 2:4 pieces do not fit its shape ({rows}, {cols})")
+            if bool((codes > 215).any()):
+                raise CheckpointError(f"{where}: invalid 2:4 codes (corrupted file)")
         unpacked = torch.stack([codes % 6, (codes // 6) % 6, codes // 36], dim=2).reshape(rows, -1)[
             :, :groups
         ]
-        idx = _CODE_PAIRS[unpacked]
-        v = values.float() if scale is None else values.float() * scale[:, None]
-        out = torch.zeros(rows, groups, 4)
+        idx = _CODE_PAIRS.to(values.device)[unpacked]
+        v = values.to(dtype) if scale is None else (values.float() * scale[:, None]).to(dtype)
+        out = torch.zeros(rows, groups, 4, dtype=dtype, device=values.device)
         out.scatter_(2, idx, v.reshape(rows, groups, 2))
-        return out.reshape(rows, cols).to(dtype)
-    bits, values = get[f"{name}.bitmask"], get[f"{name}.compressed"]
+        return out.reshape(rows, cols)
+    bits, values = pieces["bitmask"], pieces["compressed"]
     try:
         mask = unpack_bits(bits, cols)
     except ValueError as exc:
+        raise CheckpointError(f"{where}: bitmask does not fit its shape ({rows}, {cols}): {exc}") from exc
+    if check and (mask.shape[0] != rows or int(count_true(mask.reshape(1, -1))) != values.numel()):
         raise CheckpointError(
-            f"{path}: bitmask of {name!r} does not fit its shape ({rows}, {cols}): {exc}"
-        ) from exc
-    if mask.shape[0] != rows or int(count_true(mask.reshape(1, -1))) != values.numel():
-        raise CheckpointError(
-            f"{path}: bitmask of {name!r} marks {int(count_true(mask.reshape(1, -1)))} weights but "
+            f"{where}: bitmask marks {int(count_true(mask.reshape(1, -1)))} weights but "
             f"{values.numel()} values are stored (mask size does not match its tensor)"
         )
     if scale is not None:
-        rows_of = torch.repeat_interleave(torch.arange(rows), count_true(mask).squeeze(1))
-        values = values.float() * scale[rows_of]
-    out = torch.zeros(rows, cols, dtype=dtype)
+        offsets = pieces.get("row_offsets")
+        counts = (
+            count_true(mask).squeeze(1)
+            if offsets is None
+            else torch.diff(offsets, append=torch.tensor([values.numel()], device=offsets.device))
+        )
+        values = values.float() * torch.repeat_interleave(scale, counts)
+    out = torch.zeros(rows, cols, dtype=dtype, device=values.device)
     out[mask] = values.to(dtype)
     return out
+
+
+def _decode(name: str, info: Mapping[str, str], get: Mapping[str, torch.Tensor], path: Path) -> torch.Tensor:
+    pieces = {k.removeprefix(f"{name}."): v for k, v in get.items()}
+    return unpack_weight(pieces, _DTYPE_NAMES[info["dtype"]], where=f"{path}: {name!r}")
 
 
 def iter_pruned_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -361,11 +383,7 @@ def iter_pruned_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor
     path = Path(path)
     info = read_checkpoint_info(path)
     layouts: dict[str, dict[str, str]] = info["layouts"]  # type: ignore[assignment]
-    pieces = {
-        f"{n}.{p}"
-        for n in layouts
-        for p in ("compressed", "bitmask", "shape", "row_offsets", "scale", "nm_values", "nm_codes")
-    }
+    pieces = {f"{n}.{p}" for n in layouts for p in PIECES}
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

@@ -1,0 +1,146 @@
+"""Runtime for compressed checkpoints: pruned weights stay compressed on the device.
+
+``PackedOps`` is a ComfyUI operations class whose Linear keeps a pruned weight as its compressed
+pieces (buffers, so they move with the model and count in its memory size) and decompresses it for
+each forward, on the input's device, in the input's dtype. Patches (LoRA, masks) still apply:
+``PackedModelPatcher`` hands them to the layer instead of baking them into a weight that does not
+exist densely, and lowvram patches arrive through the layer's ``weight_function`` list as usual.
+With ``sparse_kernels``, 2:4 layers run with torch's semi-structured sparse kernels where they
+exist (CUDA, fp16/bf16); elsewhere they fall back to the dense decompression.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import comfy.lora
+import comfy.model_patcher
+import comfy.ops
+import torch
+from torch import nn
+
+from ..ditprune_core.checkpoint import PIECES, unpack_weight
+
+log = logging.getLogger("ditprune")
+
+
+class PackedLinear(comfy.ops.manual_cast.Linear):  # type: ignore[name-defined,misc]
+    packed_pieces: tuple[str, ...] = ()
+    sparse_kernels = False
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight"
+        if key + ".shape" not in state_dict:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            return
+        names = []
+        for piece in PIECES:
+            if key + "." + piece in state_dict:
+                self.register_buffer(f"packed_{piece}", state_dict.pop(key + "." + piece), persistent=True)
+                names.append(piece)
+        state_dict.pop(key, None)  # the empty placeholder
+        self.packed_pieces = tuple(names)
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.ditprune_patches: tuple[str, list[Any]] | None = None
+        self._sparse_cache: tuple[Any, Any] | None = None
+        bias = state_dict.pop(prefix + "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def is_packed(self) -> bool:
+        return bool(self.packed_pieces)
+
+    def dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        pieces = {p: getattr(self, f"packed_{p}").to(device, non_blocking=True) for p in self.packed_pieces}
+        return unpack_weight(pieces, dtype, check=False)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.is_packed:
+            return super().forward(x, *args, **kwargs)
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        for f in self.bias_function:
+            bias = f(bias)
+        if (
+            self.sparse_kernels
+            and "nm_values" in self.packed_pieces
+            and not self.weight_function
+            and self.ditprune_patches is None
+        ):
+            out = self._semi_structured(x, bias)
+            if out is not None:
+                return out
+        weight = self.dense_weight(x.device, x.dtype)
+        for f in self.weight_function:  # lowvram patches (LowVramPatch) take the decompressed weight
+            weight = f(weight)
+        if self.ditprune_patches is not None:
+            key, patches = self.ditprune_patches
+            weight = comfy.lora.calculate_weight(patches, weight.float(), key).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def _semi_structured(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+            return None
+        try:
+            if self._sparse_cache is None or self._sparse_cache[0] != (x.device, x.dtype):
+                sparse = torch.sparse.to_sparse_semi_structured(self.dense_weight(x.device, x.dtype))
+                self._sparse_cache = ((x.device, x.dtype), sparse)
+            return torch.nn.functional.linear(x, self._sparse_cache[1], bias)
+        except (RuntimeError, NotImplementedError, AttributeError) as exc:
+            log.warning("ditprune: 2:4 sparse kernels unavailable (%s); using dense decompression", exc)
+            self.sparse_kernels = False
+            return None
+
+
+class PackedOps(comfy.ops.manual_cast):  # type: ignore[name-defined,misc]
+    Linear = PackedLinear
+
+
+class PackedModelPatcher(comfy.model_patcher.ModelPatcher):  # type: ignore[name-defined,misc]
+    """Patches on packed layers are applied in their forward, not baked into a dense weight."""
+
+    def _packed(self, key: str) -> PackedLinear | None:
+        module_name, _, attr = key.rpartition(".")
+        if attr != "weight":
+            return None
+        try:
+            module = self.model.get_submodule(module_name)
+        except AttributeError:
+            return None
+        return module if isinstance(module, PackedLinear) and module.is_packed else None
+
+    def patch_weight_to_device(self, key: str, device_to: Any = None, inplace_update: bool = False) -> None:
+        module = self._packed(key)
+        if module is None:
+            return super().patch_weight_to_device(key, device_to, inplace_update)
+        module.ditprune_patches = (key, self.patches[key]) if key in self.patches else None
+        return None
+
+    def unpatch_model(self, device_to: Any = None, unpatch_weights: bool = True) -> Any:
+        if unpatch_weights:
+            for module in self.model.modules():
+                if isinstance(module, PackedLinear) and module.is_packed:
+                    module.ditprune_patches = None
+        return super().unpatch_model(device_to, unpatch_weights)
+
+
+def make_packed(
+    model: comfy.model_patcher.ModelPatcher, sparse_kernels: bool
+) -> comfy.model_patcher.ModelPatcher:
+    """Turn the patcher of a model built with :class:`PackedOps` into a :class:`PackedModelPatcher`."""
+    model.__class__ = PackedModelPatcher
+    for module in model.model.modules():
+        if isinstance(module, PackedLinear) and module.is_packed:
+            module.sparse_kernels = sparse_kernels
+    return model

@@ -1,0 +1,101 @@
+"""Compressed checkpoints kept compressed in ComfyUI: decompressed per layer per forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import Comfy
+from test_nodes import apply, calibrate, load, saliency, sample
+from tiny_models import random_state_dict, sd3_cond, sd3_shapes
+
+LAYER = "joint_blocks.0.x_block.mlp.fc1"
+
+
+def _saved(comfy: Comfy, pattern: str, tag: str) -> tuple[Any, Any, str]:
+    model = load(random_state_dict(sd3_shapes(), seed=20))
+    stats, _, _ = calibrate(comfy, model, sd3_cond)
+    pruned, _report, _ = apply(comfy, model, saliency(comfy, stats), 0.5, pattern=pattern)
+    (path,) = (
+        comfy.node("DitPruneSavePrunedModel")
+        .execute(model=pruned, filename_prefix=f"runtime/{tag}", format="compressed", values="keep dtype")
+        .args
+    )
+    name = str(Path(path).relative_to(comfy.base / "models" / "diffusion_models"))
+    return model, pruned, name
+
+
+def _load(comfy: Comfy, name: str, mode: str = "compressed on device") -> Any:
+    return (
+        comfy.node("DitPruneLoadPrunedModel").execute(model_name=name, mode=mode, sparse_kernels=True).args[0]
+    )
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_compressed_runtime_draws_what_the_graph_drew(comfy: Comfy, pattern: str) -> None:
+    _model, pruned, name = _saved(comfy, pattern, pattern.replace(":", "of"))
+    cond = sd3_cond()
+    in_graph = sample(comfy, pruned, cond)
+    packed = _load(comfy, name)
+    layer = packed.model.diffusion_model.get_submodule(LAYER)
+    assert layer.weight.numel() == 0  # no dense copy of the pruned weight anywhere
+    assert ("nm_values" if pattern == "2:4" else "compressed") in layer.packed_pieces
+    dense = _load(comfy, name, "densify at load")
+    assert packed.model_size() < 0.8 * dense.model_size()
+    # sparse_kernels=True falls back on the CPU: same result
+    assert torch.equal(sample(comfy, packed, cond), in_graph)
+    assert torch.equal(sample(comfy, dense, cond), in_graph)
+
+
+def test_patches_still_apply_to_compressed_layers(comfy: Comfy) -> None:
+    _model, _pruned, name = _saved(comfy, "unstructured", "lora")
+    packed, dense = _load(comfy, name), _load(comfy, name, "densify at load")
+    key = f"diffusion_model.{LAYER}.weight"
+    delta = torch.randn(512, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    cond = sd3_cond()
+    outs = []
+    for model in (packed, dense):
+        patched = model.clone()
+        assert patched.add_patches({key: ("diff", (delta,))}) == [key]
+        outs.append(sample(comfy, patched, cond))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert not torch.allclose(outs[0], sample(comfy, packed, cond), atol=1e-4)
+    assert packed.model.diffusion_model.get_submodule(LAYER).ditprune_patches is None  # unpatched again
+
+
+def test_lowvram_forward_of_compressed_layers(comfy: Comfy) -> None:
+    import comfy.model_management as mm
+
+    _model, _pruned, name = _saved(comfy, "2:4", "lowvram")
+    packed = _load(comfy, name)
+    patched = packed.clone()
+    key = f"diffusion_model.{LAYER}.weight"
+    patched.add_patches({key: ("diff", (torch.full((512, 128), 0.01),))})
+    mm.unload_all_models()
+    cpu = torch.device("cpu")
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    c = sd3_cond()[0]
+    kwargs = {"context": c[0], "y": c[1]["pooled_output"]}
+    t = torch.tensor([0.5])
+    outs = []
+    for budget in (1, 0):  # 1 byte: every layer lowvram (patches via weight_function); 0: full load
+        patched.patch_model(device_to=cpu, lowvram_model_memory=budget)
+        try:
+            outs.append(patched.model.diffusion_model(x, t, **kwargs))
+        finally:
+            patched.unpatch_model(device_to=cpu)
+    packed.patch_model(device_to=cpu)
+    try:
+        unpatched = packed.model.diffusion_model(x, t, **kwargs)
+    finally:
+        packed.unpatch_model(device_to=cpu)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert not torch.allclose(outs[1], unpatched, atol=1e-4)  # the patch did apply on both paths
+
+
+def test_compressed_models_are_not_saved_again(comfy: Comfy) -> None:
+    _model, _pruned, name = _saved(comfy, "unstructured", "resave")
+    with pytest.raises(ValueError, match="loaded compressed"):
+        comfy.node("DitPruneSavePrunedModel").execute(model=_load(comfy, name), filename_prefix="again")
