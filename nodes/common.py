@@ -55,9 +55,8 @@ def diffusion_model(model: comfy.model_patcher.ModelPatcher) -> nn.Module:
     return module
 
 
-def original_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torch.Tensor:
-    """The stored weight of layer ``name``, unpatched even while a patched clone is loaded."""
-    key = f"{PREFIX}{name}.weight"
+def original_weight(model: comfy.model_patcher.ModelPatcher, key: str) -> torch.Tensor:
+    """The stored tensor of state-dict ``key``, unpatched even while a patched clone is loaded."""
     backup = model.backup.get(key)
     if backup is not None:
         return backup.weight.detach()
@@ -65,28 +64,39 @@ def original_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torch
     return weight.detach()
 
 
+def _patched_fp32(
+    model: comfy.model_patcher.ModelPatcher, key: str, original: torch.Tensor
+) -> torch.Tensor | None:
+    """``original`` with the MODEL's patches on ``key`` applied, in float32; None when it has none."""
+    patches = model.patches.get(key)
+    if not patches:
+        return None
+    _w, set_func, convert_func = comfy.model_patcher.get_key_weight(model.model, key)
+    if set_func is not None:
+        raise ValueError(f"{key!r} uses custom weight storage (scaled fp8?); ditprune cannot read it patched")
+    temp = original.to(torch.float32, copy=True)
+    if convert_func is not None:
+        temp = convert_func(temp, inplace=True)
+    return comfy.lora.calculate_weight(patches, temp, key)
+
+
 @torch.no_grad()
 def effective_weight(model: comfy.model_patcher.ModelPatcher, name: str) -> torch.Tensor:
-    """The weight the sampler will use: the original with the MODEL's own patches (LoRA ...) on it.
+    """The weight of layer ``name`` the sampler will use: the original with the MODEL's own patches
+    (LoRA ...) on it.
 
     Raises:
         ValueError: for quantised storage ditprune cannot read (GGUF and other custom tensors).
     """
     key = f"{PREFIX}{name}.weight"
-    weight = original_weight(model, name)
+    weight = original_weight(model, key)
     if weight.dtype not in _FLOAT_DTYPES or type(weight) is not torch.Tensor:
         raise ValueError(
             f"layer {name!r} is stored as {type(weight).__name__} of dtype {weight.dtype}: quantised "
             "weights (GGUF, NF4, ...) cannot be pruned. Prune the bf16/fp16/fp8 model, then quantise"
         )
-    patches = model.patches.get(key)
-    if not patches:
-        return weight
-    _w, _set_func, convert_func = comfy.model_patcher.get_key_weight(model.model, key)
-    temp = weight.to(torch.float32, copy=True)
-    if convert_func is not None:
-        temp = convert_func(temp, inplace=True)
-    return comfy.lora.calculate_weight(patches, temp, key)
+    patched = _patched_fp32(model, key, weight)
+    return weight if patched is None else patched
 
 
 def weight_fn_for(model: comfy.model_patcher.ModelPatcher) -> Callable[[str, nn.Linear], torch.Tensor]:
@@ -150,17 +160,12 @@ def safe_child(folder: str | Path, relative: str) -> Path:
 
 @torch.no_grad()
 def stored_weight(model: comfy.model_patcher.ModelPatcher, key: str) -> torch.Tensor:
-    """A state-dict tensor of the MODEL with its patches baked in, in the stored dtype."""
-    weight, set_func, convert_func = comfy.model_patcher.get_key_weight(model.model, key)
-    backup = model.backup.get(key)
-    original = (backup.weight if backup is not None else weight).detach()
-    patches = model.patches.get(key)
-    if not patches:
+    """A state-dict tensor of the MODEL with its patches baked in, in the stored dtype (rounded the
+    way ComfyUI rounds when it patches weights in place)."""
+    original = original_weight(model, key)
+    patched = _patched_fp32(model, key, original)
+    if patched is None:
         return original
-    if set_func is not None:
-        raise ValueError(f"{key!r} uses custom weight storage (scaled fp8?); saving it is not supported")
-    temp = original.to(torch.float32, copy=True)
-    if convert_func is not None:
-        temp = convert_func(temp, inplace=True)
-    out = comfy.lora.calculate_weight(patches, temp, key)
-    return comfy.float.stochastic_rounding(out, original.dtype, seed=comfy.model_patcher.string_to_seed(key))
+    return comfy.float.stochastic_rounding(
+        patched, original.dtype, seed=comfy.model_patcher.string_to_seed(key)
+    )
