@@ -381,3 +381,14 @@ def test_load_pruned_model_refuses_other_files(comfy: Comfy) -> None:
             format="dense",
             values="fp8_e4m3fn",
         )
+
+
+def test_quantised_weights_are_refused_with_the_reason(comfy: Comfy) -> None:
+    class QuantTensor(torch.Tensor):  # stands for GGUF's GGMLTensor and other custom storage
+        pass
+
+    model = load(random_state_dict(flux_shapes(), seed=17))
+    layer = model.model.diffusion_model.single_blocks[0].linear1
+    layer.weight = torch.nn.Parameter(layer.weight.detach().as_subclass(QuantTensor), requires_grad=False)
+    with pytest.raises(ValueError, match=r"'single_blocks\.0\.linear1' is stored as QuantTensor.*quantised"):
+        apply(comfy, model, saliency(comfy, None, "magnitude"))
