@@ -156,6 +156,17 @@ class LayerStats:
     weight_total: float
     weight_sample: str
 
+    @classmethod
+    def from_accumulator(cls, acc: ChannelSquareMean, out_features: int, weight_sample: str) -> LayerStats:
+        """Finalise ``acc`` (the layer's inputs) into the statistics of a layer."""
+        return cls(acc.finalize(), acc.channels, out_features, acc.tokens, acc.weight_total, weight_sample)
+
+    def accumulator(self) -> ChannelSquareMean:
+        """An accumulator holding these statistics, ready to ``merge`` with others."""
+        acc = ChannelSquareMean(self.in_features)
+        acc.mean, acc.weight_total, acc.tokens = self.activation_sq_mean, self.weight_total, self.tokens
+        return acc
+
     @property
     def activation_norm(self) -> torch.Tensor:
         """Root-mean-square input per channel, the ``||X||`` of Wanda up to a constant."""
@@ -219,19 +230,9 @@ class CalibrationStats:
                     f"cannot merge: layer {name!r} differs between the two calibrations "
                     "(they were recorded on different models)"
                 )
-            acc = ChannelSquareMean(mine.in_features)
-            for s in (mine, theirs):
-                part = ChannelSquareMean(s.in_features)
-                part.mean, part.weight_total, part.tokens = s.activation_sq_mean, s.weight_total, s.tokens
-                acc.merge(part)
-            merged[name] = LayerStats(
-                acc.finalize(),
-                mine.in_features,
-                mine.out_features,
-                acc.tokens,
-                acc.weight_total,
-                mine.weight_sample,
-            )
+            acc = mine.accumulator()
+            acc.merge(theirs.accumulator())
+            merged[name] = LayerStats.from_accumulator(acc, mine.out_features, mine.weight_sample)
         settings = {"merged": [dict(self.settings), dict(other.settings)]}
         return CalibrationStats(merged, self.architecture, settings)
 
@@ -454,14 +455,7 @@ class Calibrator:
                     "model (sample at least one step) inside the `with Calibrator(...)` block"
                 )
             layers = {
-                name: LayerStats(
-                    acc.finalize(),
-                    self.layers[name].in_features,
-                    self.layers[name].out_features,
-                    acc.tokens,
-                    acc.weight_total,
-                    self._samples[name],
-                )
+                name: LayerStats.from_accumulator(acc, self.layers[name].out_features, self._samples[name])
                 for name, acc in self._accumulators.items()
             }
             self._stats = CalibrationStats(layers, self.architecture, self.settings)
@@ -492,13 +486,8 @@ def stats_from_batches(
             accs[name].add_batch(x)
     return CalibrationStats(
         {
-            name: LayerStats(
-                acc.finalize(),
-                layers[name].in_features,
-                layers[name].out_features,
-                acc.tokens,
-                acc.weight_total,
-                weight_sample_hash(layers[name].weight),
+            name: LayerStats.from_accumulator(
+                acc, layers[name].out_features, weight_sample_hash(layers[name].weight)
             )
             for name, acc in accs.items()
         },
