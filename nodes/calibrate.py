@@ -11,7 +11,6 @@ from comfy_api.latest import io
 import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
 
 from ..ditprune_core.calibration import TIMESTEP_WEIGHTINGS, CalibrationStats, Calibrator
-from ..ditprune_core.layers import find_prunable_layers
 from .common import (
     CALIBRATION_FOLDER,
     CATEGORY,
@@ -21,8 +20,6 @@ from .common import (
     safe_child,
     weight_fn_for,
 )
-
-CALIBRATED_FAMILIES = ("attention", "mlp", "single_fused", "modulation", "block_linear")
 
 
 class DitPruneCalibrate(io.ComfyNode):
@@ -114,11 +111,10 @@ class DitPruneCalibrate(io.ComfyNode):
         calibration: CalibrationStats | None = None,
     ) -> io.NodeOutput:
         dm = diffusion_model(model)
-        layers = find_prunable_layers(dm, families=CALIBRATED_FAMILIES)
         patched = model.clone()
         settings = {"seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler}
         with Calibrator(
-            dm, layers, weighting=timestep_weighting, settings=settings, weight_fn=weight_fn_for(model)
+            dm, weighting=timestep_weighting, settings=settings, weight_fn=weight_fn_for(model)
         ) as cal:
             inner = patched.model_options.get("model_function_wrapper")
 

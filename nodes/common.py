@@ -141,11 +141,13 @@ class MaskPatch(WeightAdapterBase):
 class Progress:
     """A ComfyUI progress bar whose every update is also an interrupt point."""
 
-    def __init__(self, total: int) -> None:
-        self.bar = comfy.utils.ProgressBar(total)
+    def __init__(self, total: int | None = None) -> None:
+        self.bar = None if total is None else comfy.utils.ProgressBar(total)
 
     def __call__(self, done: int, total: int, _label: str = "") -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.bar is None:  # total learnt from the first update
+            self.bar = comfy.utils.ProgressBar(total)
         self.bar.update_absolute(done, total)
 
 

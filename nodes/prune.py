@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.calibration import CalibrationStats
+from ..ditprune_core.calibration import CALIBRATED_FAMILIES, CalibrationStats
 from ..ditprune_core.clustering import WITHIN, ClusterParams, cluster_rows
 from ..ditprune_core.imaging import bar_chart, scatter_plot
 from ..ditprune_core.layers import find_prunable_layers
-from ..ditprune_core.masks import GRANULARITIES, PATTERNS, iter_masks, select_layers
+from ..ditprune_core.masks import GRANULARITIES, PATTERNS, iter_masks
 from ..ditprune_core.packing import PackedMask
 from ..ditprune_core.report import sparsity_report
 from ..ditprune_core.saliency import METRICS, NORMALIZATIONS, MetricParams
@@ -189,7 +189,7 @@ class DitPruneClusterWeights(io.ComfyNode):
         )
         layers = find_prunable_layers(
             diffusion_model(model),
-            families=("attention", "mlp", "single_fused", "modulation", "block_linear"),
+            families=CALIBRATED_FAMILIES,
         )
         if plot_layer not in layers:
             plot_layer = next(iter(layers))
@@ -278,11 +278,10 @@ class DitPruneApplyPruning(io.ComfyNode):
             saliency, sparsity, pattern=pattern, families=families, layer_regex=layer_regex
         )
         dm = diffusion_model(model)
-        total = len(select_layers(dm, config))
         pruned = model.clone()
         masks: dict[str, PackedMask] = {}
         for name, keep in iter_masks(
-            dm, saliency.stats, config, progress=Progress(total), weight_fn=weight_fn_for(model)
+            dm, saliency.stats, config, progress=Progress(), weight_fn=weight_fn_for(model)
         ):
             masks[name] = PackedMask.from_bool(keep.cpu())
             del keep

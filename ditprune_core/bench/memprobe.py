@@ -79,14 +79,24 @@ class LayerStack(nn.Module):
         self.blocks = nn.ModuleList(_Block(width, ratio) for _ in range(layers // 2))
 
 
-def synthetic_stats(model: nn.Module, seed: int = 0) -> CalibrationStats:
+def synthetic_stats(
+    model: nn.Module, seed: int = 0, *, spread: str = "uniform", architecture: str = "generic"
+) -> CalibrationStats:
+    """Random calibration statistics for every Linear of ``model`` (benchmarks need no sampler).
+
+    ``spread``: ``"uniform"`` draws E[x²] from [0.01, 4.01); ``"lognormal"`` from exp(1.5 N(0, 1)),
+    with DiT-like outlier channels.
+    """
     gen = torch.Generator().manual_seed(seed)
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            a = torch.rand(m.in_features, generator=gen, dtype=torch.float64) * 4 + 0.01
+            if spread == "lognormal":
+                a = torch.randn(m.in_features, generator=gen, dtype=torch.float64).mul(1.5).exp()
+            else:
+                a = torch.rand(m.in_features, generator=gen, dtype=torch.float64) * 4 + 0.01
             layers[name] = LayerStats(a, m.in_features, m.out_features, 1, 1.0, weight_sample_hash(m.weight))
-    return CalibrationStats(layers, "generic")
+    return CalibrationStats(layers, architecture)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibration import CalibrationStats, Calibrator, LayerStats, weight_sample_hash
+from ..calibration import CalibrationStats, Calibrator
 from ..masks import GRANULARITIES, PruneConfig, iter_masks
 from ..miniflux.model import DoubleStreamBlock, SingleStreamBlock, rope_frequencies
 from ..saliency import METRICS
 from . import write_report
-from .memprobe import PeakRSS
+from .memprobe import PeakRSS, synthetic_stats
 
 log = logging.getLogger("ditprune")
 
@@ -64,17 +64,6 @@ def flux_dev_blocks(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> FluxD
             else:
                 p.zero_()
     return model
-
-
-def synthetic_stats(model: nn.Module, seed: int = 0) -> CalibrationStats:
-    """Activation statistics with DiT-like outlier channels (log-normal spread)."""
-    gen = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            a = torch.randn(m.in_features, generator=gen, dtype=torch.float64).mul(1.5).exp()
-            layers[name] = LayerStats(a, m.in_features, m.out_features, 1, 1.0, weight_sample_hash(m.weight))
-    return CalibrationStats(layers, "flux")
 
 
 def _limit_malloc_caching() -> str:
@@ -151,7 +140,7 @@ def run_speed(selected: Sequence[str] | None = None, repeats: int = 2) -> str:
     allocator = _limit_malloc_caching()
     torch.manual_seed(0)
     model = flux_dev_blocks()
-    stats = synthetic_stats(model)
+    stats = synthetic_stats(model, spread="lognormal", architecture="flux")
     largest = max(
         m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and "mod" not in n
     )
