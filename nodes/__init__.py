@@ -5,8 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .calibrate import DitPruneCalibrate, DitPruneLoadCalibration
+from .compare import DitPruneCompare
+from .load import DitPruneLoadPrunedModel
 from .prune import DitPruneApplyPruning, DitPruneClusterWeights, DitPruneScoreSaliency
-from .save import DitPruneCompare, DitPruneLoadPrunedModel, DitPruneSavePrunedModel
+from .save import DitPruneSavePrunedModel
 
 NODES: list[type[io.ComfyNode]] = [
     DitPruneCalibrate,

@@ -1,19 +1,15 @@
-"""Save Pruned Model and Compare."""
+"""Save Pruned Model: the diffusion model, pruning baked in, dense or compressed."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import comfy.sd
-import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..ditprune_core import __version__
-from ..ditprune_core.bench.evaluation import psnr, relative_error
-from ..ditprune_core.checkpoint import load_pruned_checkpoint, read_checkpoint_info, save_pruned_checkpoint
+from ..ditprune_core.checkpoint import save_pruned_checkpoint
 from ..ditprune_core.io import next_free_path
 from .common import (
     CATEGORY,
@@ -24,7 +20,7 @@ from .common import (
     safe_child,
     stored_weight,
 )
-from .packed import PackedLinear, PackedOps, make_packed
+from .packed import PackedLinear
 
 
 class DitPruneSavePrunedModel(io.ComfyNode):
@@ -103,105 +99,3 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             f"saved {target} ({report.ratio:.1%} of the dense size, {len(report.layouts)} tensors compressed)"
         )
         return io.NodeOutput(str(target), ui={"text": [text]})
-
-
-MODES = ("compressed on device", "densify at load")
-
-
-class DitPruneLoadPrunedModel(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DitPruneLoadPrunedModel",
-            display_name="DiT-Pruning Load Pruned Model",
-            category="loaders",
-            description="Loads a checkpoint saved by DiT-Pruning Save Pruned Model (dense or compressed) through "
-            "ComfyUI's own model detection. Pruned weights can stay compressed in memory and be decompressed "
-            "one layer at a time per forward; LoRA and other patches still apply.",
-            inputs=[
-                io.Combo.Input(
-                    "model_name",
-                    options=folder_paths.get_filename_list("diffusion_models"),
-                    tooltip="A ditprune checkpoint in models/diffusion_models.",
-                ),
-                io.Combo.Input(
-                    "mode",
-                    options=list(MODES),
-                    default=MODES[0],
-                    tooltip="compressed on device: less memory, each pruned layer is decompressed when "
-                    "it runs; densify at load: ordinary dense weights.",
-                ),
-                io.Boolean.Input(
-                    "sparse_kernels",
-                    default=False,
-                    tooltip="2:4 layers use torch's semi-structured sparse kernels where they exist "
-                    "(CUDA, fp16/bf16, Ampere or newer); elsewhere this falls back to dense.",
-                ),
-            ],
-            outputs=[io.Model.Output(display_name="MODEL")],
-        )
-
-    @classmethod
-    def execute(cls, model_name: str, mode: str = MODES[0], sparse_kernels: bool = False) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        info = read_checkpoint_info(path)
-        layouts: dict[str, dict[str, str]] = info["layouts"]  # type: ignore[assignment]
-        if mode == "densify at load" or not layouts:
-            state = load_pruned_checkpoint(path)
-            model = comfy.sd.load_diffusion_model_state_dict(state)
-        else:
-            state = comfy.utils.load_torch_file(path)
-            dtypes = [getattr(torch, v["dtype"]) for v in layouts.values()]
-            options = {"custom_operations": PackedOps, "dtype": max(set(dtypes), key=dtypes.count)}
-            model = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
-            if model is not None:
-                model = make_packed(model, sparse_kernels)
-        if model is None:
-            raise ValueError(f"{path}: ComfyUI could not detect the model type of this checkpoint")
-        return io.NodeOutput(model)
-
-
-def _as_images(x: Any) -> torch.Tensor:
-    if isinstance(x, dict):
-        return x["samples"].float()
-    return x.float()
-
-
-class DitPruneCompare(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DitPruneCompare",
-            display_name="DiT-Pruning Compare",
-            category=CATEGORY,
-            description="Dense vs pruned from the same seed: PSNR, relative error and an amplified difference.",
-            inputs=[
-                io.Image.Input("dense", tooltip="Image from the dense model."),
-                io.Image.Input("pruned", tooltip="Image from the pruned model, same seed and settings."),
-                io.Float.Input(
-                    "amplify",
-                    default=4.0,
-                    min=1.0,
-                    max=64.0,
-                    step=1.0,
-                    tooltip="Multiply the difference image by this.",
-                ),
-            ],
-            outputs=[io.String.Output(display_name="metrics"), io.Image.Output(display_name="difference")],
-        )
-
-    @classmethod
-    def execute(cls, dense: torch.Tensor, pruned: torch.Tensor, amplify: float) -> io.NodeOutput:
-        if dense.shape != pruned.shape:
-            raise ValueError(
-                f"dense image is {tuple(dense.shape)} but pruned is {tuple(pruned.shape)}: compare "
-                "images made with the same size and batch"
-            )
-        d, p = dense.float(), pruned.float()
-        # images are in [0, 1]: PSNR over a range of 1 (psnr() takes [-1, 1] data, so map to it)
-        text = (
-            f"PSNR {psnr(p * 2 - 1, d * 2 - 1):.2f} dB, relative error {relative_error(p, d):.4f}, "
-            f"max abs difference {float((p - d).abs().max()):.4f}"
-        )
-        diff = ((p - d).abs() * amplify).clamp(0, 1)
-        return io.NodeOutput(text, diff, ui={"text": [text]})

@@ -1,0 +1,67 @@
+"""Load Pruned Model: a ditprune checkpoint, kept compressed on the device or densified at load."""
+
+from __future__ import annotations
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..ditprune_core.checkpoint import load_pruned_checkpoint, read_checkpoint_info
+from .packed import PackedOps, make_packed
+
+MODES = ("compressed on device", "densify at load")
+
+
+class DitPruneLoadPrunedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DitPruneLoadPrunedModel",
+            display_name="DiT-Pruning Load Pruned Model",
+            category="loaders",
+            description="Loads a checkpoint saved by DiT-Pruning Save Pruned Model (dense or compressed) through "
+            "ComfyUI's own model detection. Pruned weights can stay compressed in memory and be decompressed "
+            "one layer at a time per forward; LoRA and other patches still apply.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="A ditprune checkpoint in models/diffusion_models.",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=list(MODES),
+                    default=MODES[0],
+                    tooltip="compressed on device: less memory, each pruned layer is decompressed when "
+                    "it runs; densify at load: ordinary dense weights.",
+                ),
+                io.Boolean.Input(
+                    "sparse_kernels",
+                    default=False,
+                    tooltip="2:4 layers use torch's semi-structured sparse kernels where they exist "
+                    "(CUDA, fp16/bf16, Ampere or newer); elsewhere this falls back to dense.",
+                ),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, mode: str = MODES[0], sparse_kernels: bool = False) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        info = read_checkpoint_info(path)
+        layouts: dict[str, dict[str, str]] = info["layouts"]  # type: ignore[assignment]
+        if mode == "densify at load" or not layouts:
+            state = load_pruned_checkpoint(path)
+            model = comfy.sd.load_diffusion_model_state_dict(state)
+        else:
+            state = comfy.utils.load_torch_file(path)
+            dtypes = [getattr(torch, v["dtype"]) for v in layouts.values()]
+            options = {"custom_operations": PackedOps, "dtype": max(set(dtypes), key=dtypes.count)}
+            model = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
+            if model is not None:
+                model = make_packed(model, sparse_kernels)
+        if model is None:
+            raise ValueError(f"{path}: ComfyUI could not detect the model type of this checkpoint")
+        return io.NodeOutput(model)
