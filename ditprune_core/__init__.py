@@ -4,7 +4,7 @@ The flow is calibrate -> score -> cluster -> mask -> apply/save; docs/ARCHITECTU
 module owns each step. Nothing here imports ComfyUI.
 """
 
-from .calibration import (
+from .calibrate import (
     CalibrationError,
     CalibrationStats,
     Calibrator,
@@ -12,9 +12,7 @@ from .calibration import (
     LayerStats,
     log_timestep_weight,
 )
-from .checkpoint import CheckpointError, CheckpointReport, load_pruned_checkpoint, save_pruned_checkpoint
-from .clustering import ClusterParams, LayerClusters, cluster_rows
-from .io import FileExistsRefusal
+from .cluster import ClusterParams, LayerClusters, cluster_rows
 from .layers import (
     DEFAULT_FAMILIES,
     FAMILIES,
@@ -23,7 +21,7 @@ from .layers import (
     find_prunable_layers,
     unwrap_diffusion_model,
 )
-from .masks import (
+from .prune import (
     GRANULARITIES,
     PATTERNS,
     PruneConfig,
@@ -34,7 +32,9 @@ from .masks import (
     prune_model_,
 )
 from .report import SparsityReport, sparsity_report
-from .saliency import METRICS, MetricParams, score_layer
+from .save import CheckpointError, CheckpointReport, load_pruned_checkpoint, save_pruned_checkpoint
+from .score import METRICS, MetricParams, score_layer
+from .util.io import FileExistsRefusal
 
 __version__ = "0.1.0"
 

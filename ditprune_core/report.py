@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .layers import ArchTemplate, detect_architecture, layer_block, layer_family, unwrap_diffusion_model
-from .packing import PackedMask
-from .selection import count_true
+from .util.packing import PackedMask
+from .util.selection import count_true
 
 __all__ = ["LayerSparsity", "SparsityReport", "count_kept", "sparsity_report"]
 

@@ -1,7 +1,7 @@
 """Lazy descriptions passed between the ComfyUI nodes: what to score and how to group.
 
 Neither holds a score tensor: the scores of a 12B model are computed one layer at a time, when the
-masks are made (:func:`~ditprune_core.masks.iter_masks`).
+masks are made (:func:`~ditprune_core.prune.iter_masks`).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .calibration import CalibrationError, CalibrationStats
-from .clustering import ClusterParams
+from .calibrate import CalibrationError, CalibrationStats
+from .cluster import ClusterParams
 from .layers import DEFAULT_FAMILIES
-from .masks import PruneConfig
-from .saliency import METRICS, MetricParams
+from .prune import PruneConfig
+from .score import METRICS, MetricParams
 
 __all__ = ["GroupingSpec", "SaliencySpec"]
 

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
 
-from ..ditprune_core.calibration import TIMESTEP_WEIGHTINGS, CalibrationStats, Calibrator
+from ..ditprune_core.calibrate import TIMESTEP_WEIGHTINGS, CalibrationStats, Calibrator
 from .common import (
     CALIBRATION_FOLDER,
     CATEGORY,

@@ -18,7 +18,7 @@ from comfy_api.latest import io
 from torch import nn
 
 from ..ditprune_core.layers import detect_architecture, unwrap_diffusion_model
-from ..ditprune_core.packing import PackedMask
+from ..ditprune_core.util.packing import PackedMask
 
 log = logging.getLogger("ditprune")
 

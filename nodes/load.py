@@ -8,7 +8,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.checkpoint import load_pruned_checkpoint, read_checkpoint_info
+from ..ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info
 from .packed import PackedOps, make_packed
 
 MODES = ("compressed on device", "densify at load")

@@ -9,8 +9,8 @@ import torch
 from comfy_api.latest import io
 
 from ..ditprune_core import __version__
-from ..ditprune_core.checkpoint import save_pruned_checkpoint
-from ..ditprune_core.io import next_free_path
+from ..ditprune_core.save import save_pruned_checkpoint
+from ..ditprune_core.util.io import next_free_path
 from .common import (
     CATEGORY,
     PREFIX,

@@ -10,13 +10,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ditprune_core import PruneConfig, compute_masks
-from ditprune_core.checkpoint import (
+from ditprune_core.prune import layer_keep_mask
+from ditprune_core.save import (
     CheckpointError,
     load_pruned_checkpoint,
     read_checkpoint_info,
     save_pruned_checkpoint,
 )
-from ditprune_core.masks import layer_keep_mask
 
 
 def _pruned(

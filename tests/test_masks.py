@@ -17,8 +17,8 @@ from ditprune_core import (
     layer_keep_mask,
     sparsity_report,
 )
-from ditprune_core.clustering import LayerClusters, cluster_rows
-from ditprune_core.selection import kth_smallest, prune_lowest
+from ditprune_core.cluster import LayerClusters, cluster_rows
+from ditprune_core.util.selection import kth_smallest, prune_lowest
 
 T, F = True, False
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ditprune_core import PruneConfig, apply_masks_, compute_masks, sparsity_report
-from ditprune_core.masks import prune_model_
-from ditprune_core.packing import PackedMask, pack_bits, unpack_bits
+from ditprune_core.prune import prune_model_
+from ditprune_core.util.packing import PackedMask, pack_bits, unpack_bits
 
 
 def test_pack_bits_by_hand_little_endian() -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ditprune_core.safetensors_io import LazyTensor, write_safetensors
+from ditprune_core.util.safetensors_io import LazyTensor, write_safetensors
 
 
 def test_round_trip_through_the_safetensors_library(tmp_path) -> None:

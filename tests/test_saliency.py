@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ditprune_core import MetricParams, score_layer
-from ditprune_core.saliency import energy_score
+from ditprune_core.score import energy_score
 
 W = torch.tensor([[1.0, -2.0], [3.0, 1.0]])
 A = torch.tensor([4.0, 1.0], dtype=torch.float64)  # E[x^2] per input channel

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibration import CalibrationStats, LayerStats, weight_sample_hash
-from ..masks import PruneConfig, prune_model_
+from ..calibrate import CalibrationStats, LayerStats, weight_sample_hash
+from ..prune import PruneConfig, prune_model_
 
 
 def _status_kb(field: str) -> int:

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibration import CalibrationStats, Calibrator
-from ..masks import GRANULARITIES, PruneConfig, iter_masks
+from ..calibrate import CalibrationStats, Calibrator
 from ..miniflux.model import DoubleStreamBlock, SingleStreamBlock, rope_frequencies
-from ..saliency import METRICS
+from ..prune import GRANULARITIES, PruneConfig, iter_masks
+from ..score import METRICS
 from . import write_report
 from .memprobe import PeakRSS, synthetic_stats
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..clustering import ClusterParams
-from ..masks import PruneConfig
-from ..saliency import MetricParams
+from ..cluster import ClusterParams
+from ..prune import PruneConfig
+from ..score import MetricParams
 from . import write_report
 from .quality import BenchContext
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..calibration import CalibrationStats, Calibrator
-from ..io import atomic_path
+from ..calibrate import CalibrationStats, Calibrator
+from ..util.io import atomic_path
 from .model import ClassConditioner, MiniFlux, MiniFluxConfig, image_ids, patchify, text_ids, unpatchify
 
 __all__ = ["MiniFluxPipeline", "bundled_checkpoints", "calibrate", "load_bundled", "sigma_schedule"]

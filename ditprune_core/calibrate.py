@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .io import atomic_path
 from .layers import detect_architecture, find_prunable_layers, unwrap_diffusion_model
+from .util.io import atomic_path
 
 __all__ = [
     "TIMESTEP_WEIGHTINGS",

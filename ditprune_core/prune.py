@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import CalibrationError, CalibrationStats, WeightFn, module_weight
-from .clustering import ClusterParams, LayerClusters, allocate_cluster_prune_counts, cluster_rows
+from .calibrate import CalibrationError, CalibrationStats, WeightFn, module_weight
+from .cluster import ClusterParams, LayerClusters, allocate_cluster_prune_counts, cluster_rows
 from .layers import (
     DEFAULT_FAMILIES,
     FAMILIES,
@@ -21,10 +21,10 @@ from .layers import (
     find_prunable_layers,
     unwrap_diffusion_model,
 )
-from .packing import PackedMask
 from .report import LayerSparsity, SparsityReport, count_kept
-from .saliency import METRICS, MetricParams, score_layer
-from .selection import prune_lowest
+from .score import METRICS, MetricParams, score_layer
+from .util.packing import PackedMask
+from .util.selection import prune_lowest
 
 __all__ = [
     "GRANULARITIES",
@@ -274,7 +274,7 @@ def compute_masks(
     """``{layer name: keep-mask (out, in)}`` for every layer ``config`` selects.
 
     Scores are computed and dropped one layer at a time; only the masks are kept: bool tensors, or
-    with ``packed=True`` :class:`~ditprune_core.packing.PackedMask` (1 bit per weight), which is
+    with ``packed=True`` :class:`~ditprune_core.util.packing.PackedMask` (1 bit per weight), which is
     what a 12B model needs.
     """
     if packed:

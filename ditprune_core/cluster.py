@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .selection import count_true, kth_smallest
+from .util.selection import count_true, kth_smallest
 
 __all__ = [
     "ClusterParams",

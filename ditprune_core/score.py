@@ -2,7 +2,7 @@
 
 Every metric maps one layer's weight ``W`` (out, in) and its calibration statistics to a float32
 score tensor of the same shape. ``a_j = E[x_j**2]`` is the weighted mean square of input channel j
-(:class:`~ditprune_core.calibration.LayerStats.activation_sq_mean`).
+(:class:`~ditprune_core.calibrate.LayerStats.activation_sq_mean`).
 
 - ``magnitude``: ``|W_ij|``.
 - ``wanda``: ``|W_ij| * sqrt(a_j)`` (Sun et al. 2023; ``sqrt(a_j)`` is ``||X_j||_2`` up to a constant).

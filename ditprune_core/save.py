@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .packing import pack_bits, unpack_bits
-from .safetensors_io import LazyTensor, write_safetensors
-from .selection import count_true
+from .util.packing import pack_bits, unpack_bits
+from .util.safetensors_io import LazyTensor, write_safetensors
+from .util.selection import count_true
 
 __all__ = [
     "FORMAT",
