@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layers import detect_architecture, find_prunable_layers, unwrap_diffusion_model
+from .util.blocks import HOOK_ELEMENTS, row_blocks
 from .util.io import atomic_path
 
 __all__ = [
@@ -41,7 +42,6 @@ VERSION = 1
 #: Families hooked when the caller names none: every block family, so that one calibration serves
 #: any later choice of layers to prune.
 CALIBRATED_FAMILIES = ("attention", "mlp", "single_fused", "modulation", "block_linear")
-_CHUNK_ELEMENTS = 1 << 24  # at most 64 MB of float32 temporaries per hook call
 
 TimestepWeighting = Callable[[float], float]
 #: ``weight_fn(name, layer) -> weight``: where a host keeps the real weight elsewhere (ComfyUI keeps
@@ -115,9 +115,8 @@ class ChannelSquareMean:
         if n == 0 or weight <= 0:
             return
         total = torch.zeros(self.channels, dtype=torch.float64, device=x.device)
-        step = max(1, _CHUNK_ELEMENTS // self.channels)
-        for start in range(0, n, step):
-            chunk = rows[start : start + step].float()
+        for span in row_blocks(n, self.channels, HOOK_ELEMENTS):
+            chunk = rows[span].float()
             total += chunk.pow(2).sum(0, dtype=torch.float64)
         batch_mean = total / n
         self._combine(batch_mean, weight * n, n)

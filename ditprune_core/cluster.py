@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .util.blocks import row_blocks
 from .util.selection import count_true, kth_smallest
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
 
 log = logging.getLogger("ditprune")
 WITHIN = ("row", "cluster")
-_ROW_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,13 @@ def row_features(weight: torch.Tensor, activation_sq_mean: torch.Tensor | None) 
     )
     f1 = torch.empty(out_f, device=weight.device)
     f2 = torch.empty(out_f, device=weight.device)
-    step = max(1, _ROW_BLOCK_ELEMENTS // max(1, in_f))
-    for start in range(0, out_f, step):
-        w2 = weight[start : start + step].float().pow(2)
-        f1[start : start + step] = w2.mean(dim=1)
+    for span in row_blocks(out_f, in_f):
+        w2 = weight[span].float().pow(2)
+        f1[span] = w2.mean(dim=1)
         if a is not None:
-            f2[start : start + step] = w2.mul_(a).mean(dim=1)
+            f2[span] = w2.mul_(a).mean(dim=1)
         else:
-            f2[start : start + step] = w2.amax(dim=1)
+            f2[span] = w2.amax(dim=1)
     f1 = f1.clamp_min(1e-30).sqrt().log()
     f2 = f2.clamp_min(1e-30).sqrt().log()
     return torch.stack([f1, f2], dim=1).cpu()
@@ -207,7 +206,7 @@ def allocate_cluster_prune_counts(
     if allocation > 0 and 0 < prune_total < scores.numel():
         threshold = kth_smallest(scores.reshape(-1), prune_total)
         below = torch.cat(
-            [count_true(scores[i : i + 256] <= threshold) for i in range(0, scores.shape[0], 256)]
+            [count_true(scores[span] <= threshold) for span in row_blocks(*scores.shape)]
         ).squeeze(1)
         global_counts = (
             torch.zeros(k, dtype=torch.float64).index_add_(0, labels.cpu(), below.cpu().double()).numpy()

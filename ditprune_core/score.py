@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .util.blocks import row_blocks
+
 __all__ = ["METRICS", "MetricParams", "energy_score", "score_layer"]
 
 METRICS = ("magnitude", "wanda", "ria", "energy")
@@ -96,9 +98,6 @@ def energy_score(
     return score
 
 
-_CHUNK_ELEMENTS = 1 << 18
-
-
 def _fp32_copy(weight: torch.Tensor) -> torch.Tensor:
     """A float32 copy of ``weight`` that in-place ops may change (``.float()`` can alias)."""
     return weight.detach().to(torch.float32, copy=True)
@@ -106,9 +105,8 @@ def _fp32_copy(weight: torch.Tensor) -> torch.Tensor:
 
 def _mul_row_plus_col_(t: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """``t_ij *= row_i + col_j`` in place, a block of rows at a time (no full-size temporary)."""
-    step = max(1, _CHUNK_ELEMENTS // max(1, t.shape[1]))
-    for start in range(0, t.shape[0], step):
-        t[start : start + step].mul_(row[start : start + step, None] + col[None, :])
+    for span in row_blocks(t.shape[0], t.shape[1]):
+        t[span].mul_(row[span, None] + col[None, :])
     return t
 
 

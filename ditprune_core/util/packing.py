@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import PACK_ELEMENTS, row_blocks
+
 __all__ = ["PackedMask", "pack_bits", "unpack_bits"]
 
-_ROW_BLOCK = 1 << 22
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)  # set bits per byte
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
@@ -29,14 +30,11 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     n_bytes = -(-cols // 8)
     out = torch.empty(rows, n_bytes, dtype=torch.uint8, device=mask.device)
     weights = _bit_weights(mask.device)
-    step = max(1, _ROW_BLOCK // max(1, cols))
-    for start in range(0, rows, step):
-        block = mask[start : start + step].to(torch.uint8)
+    for span in row_blocks(rows, cols, PACK_ELEMENTS):
+        block = mask[span].to(torch.uint8)
         if cols % 8:
             block = torch.nn.functional.pad(block, (0, n_bytes * 8 - cols))
-        out[start : start + step] = (block.view(block.shape[0], n_bytes, 8) * weights).sum(
-            dim=2, dtype=torch.uint8
-        )
+        out[span] = (block.view(block.shape[0], n_bytes, 8) * weights).sum(dim=2, dtype=torch.uint8)
     return out
 
 
@@ -71,10 +69,7 @@ class PackedMask:
 
     def kept(self) -> int:
         """Number of weights kept (set bits)."""
-        table = torch.tensor(
-            [bin(i).count("1") for i in range(256)], dtype=torch.int64, device=self.bits.device
-        )
-        return int(table[self.bits.long()].sum())
+        return int(_POPCOUNT.to(self.bits.device)[self.bits.long()].sum())
 
     @property
     def nbytes(self) -> int:

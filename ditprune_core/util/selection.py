@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import row_blocks, rows_per_block
+
 __all__ = ["count_true", "kth_smallest", "prune_lowest"]
 
-_BLOCK_ELEMENTS = 1 << 18  # temporaries of at most 1 MB of float32 / 2 MB of int64
 _BRACKET_SAMPLE = 1 << 16
 
 
@@ -31,18 +32,17 @@ def prune_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     g, n = scores.shape
     counts = counts.to(scores.device)
     distinct = torch.unique(counts).tolist()
-    step = max(1, _BLOCK_ELEMENTS // max(1, n))
-    if len(distinct) == 1 and g <= step:
+    if len(distinct) == 1 and g <= rows_per_block(n):
         return _prune_uniform(scores, int(distinct[0]))
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if len(distinct) == 1:
-        for start in range(0, g, step):
-            keep[start : start + step] = _prune_uniform(scores[start : start + step], int(distinct[0]))
+        for block in row_blocks(g, n):
+            keep[block] = _prune_uniform(scores[block], int(distinct[0]))
         return keep
     for value in distinct:
         rows = (counts == value).nonzero().squeeze(1)
-        for start in range(0, rows.numel(), step):
-            chunk = rows[start : start + step]
+        for block in row_blocks(rows.numel(), n):
+            chunk = rows[block]
             keep[chunk] = _prune_uniform(scores.index_select(0, chunk), int(value))
     return keep
 
@@ -55,9 +55,8 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     """
     g, n = mask.shape
     total = torch.zeros(g, 1, dtype=torch.int64, device=mask.device)
-    step = max(1, _BLOCK_ELEMENTS // max(1, g))
-    for start in range(0, n, step):
-        total += mask[:, start : start + step].sum(dim=1, keepdim=True)
+    for cols in row_blocks(n, g):  # blocks of columns, each g tall
+        total += mask[:, cols].sum(dim=1, keepdim=True)
     return total
 
 
@@ -81,8 +80,8 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     hi = sample.kthvalue(min(_BRACKET_SAMPLE, int((q + margin) * _BRACKET_SAMPLE) + 1)).values
     below = 0
     inside = []
-    for start in range(0, n, _BLOCK_ELEMENTS):
-        block = values[start : start + _BLOCK_ELEMENTS]
+    for span in row_blocks(n, 1):  # a 1-D tensor: blocks of BLOCK_ELEMENTS values
+        block = values[span]
         below += int(count_true((block < lo)[None]))
         inside.append(block[(block >= lo) & (block <= hi)])
     candidates = torch.cat(inside)
@@ -119,13 +118,12 @@ def _keep_late_ties_(keep: torch.Tensor, ties: torch.Tensor, need: torch.Tensor,
     sub_need = need if every_row else need.index_select(0, rows)
     running = torch.zeros_like(sub_need)
     n = sub.shape[1]
-    step = max(1, _BLOCK_ELEMENTS // max(1, rows.numel()))
-    for start in range(0, n, step):
-        t = sub[:, start : start + step]
+    for cols in row_blocks(n, rows.numel()):  # blocks of columns, rows.numel() tall
+        t = sub[:, cols]
         rank = t.cumsum(dim=1) + running
         late = t & (rank > sub_need)
         if every_row:
-            keep[:, start : start + step] |= late
+            keep[:, cols] |= late
         else:
-            keep[rows, start : start + step] |= late
+            keep[rows, cols] |= late
         running = rank[:, -1:]
