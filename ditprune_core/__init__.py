@@ -4,14 +4,7 @@ The flow is calibrate -> score -> cluster -> mask -> apply/save; docs/ARCHITECTU
 module owns each step. Nothing here imports ComfyUI.
 """
 
-from .calibrate import (
-    CalibrationError,
-    CalibrationStats,
-    Calibrator,
-    ChannelSquareMean,
-    LayerStats,
-    log_timestep_weight,
-)
+from .calibrate import Calibrator, log_timestep_weight
 from .cluster import ClusterParams, LayerClusters, cluster_rows
 from .layers import (
     DEFAULT_FAMILIES,
@@ -34,6 +27,7 @@ from .prune import (
 from .report import SparsityReport, sparsity_report
 from .save import CheckpointError, CheckpointReport, load_pruned_checkpoint, save_pruned_checkpoint
 from .score import METRICS, MetricParams, score_layer
+from .stats import CalibrationError, CalibrationStats, ChannelSquareMean, LayerStats
 from .util.io import FileExistsRefusal
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Calibration: per-input-channel activation statistics gathered by forward hooks.
+"""Calibrate: forward hooks that gather per-input-channel activation statistics while the model runs.
 
 For every hooked Linear layer the :class:`Calibrator` accumulates the weighted mean of x**2 per
 input channel over all tokens it sees (``activation_sq_mean``, shape ``(in_features,)``), in
@@ -8,54 +8,36 @@ weighted (timestep weighting): the weight of a call multiplies every one of its 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .layers import detect_architecture, find_prunable_layers, unwrap_diffusion_model
-from .util.blocks import HOOK_ELEMENTS, row_blocks
-from .util.io import atomic_path
+from .stats import (
+    CalibrationError,
+    CalibrationStats,
+    ChannelSquareMean,
+    LayerStats,
+    WeightFn,
+    module_weight,
+    weight_sample_hash,
+)
 
 __all__ = [
+    "CALIBRATED_FAMILIES",
     "TIMESTEP_WEIGHTINGS",
-    "CalibrationError",
-    "CalibrationStats",
     "Calibrator",
-    "ChannelSquareMean",
-    "LayerStats",
     "log_timestep_weight",
-    "weight_sample_hash",
 ]
 
-FORMAT = "ditprune.calibration"
-VERSION = 1
 #: Families hooked when the caller names none: every block family, so that one calibration serves
 #: any later choice of layers to prune.
 CALIBRATED_FAMILIES = ("attention", "mlp", "single_fused", "modulation", "block_linear")
 
 TimestepWeighting = Callable[[float], float]
-#: ``weight_fn(name, layer) -> weight``: where a host keeps the real weight elsewhere (ComfyUI keeps
-#: originals in a backup while a patched clone is loaded), this says which tensor is the layer's.
-WeightFn = Callable[[str, nn.Linear], torch.Tensor]
-
-
-def module_weight(_name: str, layer: nn.Linear) -> torch.Tensor:
-    """The default :data:`WeightFn`: the module's own weight."""
-    return layer.weight
-
-
-class CalibrationError(ValueError):
-    """A calibration that cannot be used: wrong model, no tokens, bad values, bad file."""
 
 
 def log_timestep_weight(sigma: float, high: float = 1.2, low: float = 0.8) -> float:
@@ -74,265 +56,6 @@ def _uniform(_sigma: float) -> float:
 
 
 TIMESTEP_WEIGHTINGS: dict[str, TimestepWeighting] = {"uniform": _uniform, "log": log_timestep_weight}
-
-
-def strided_indices(n: int, samples: int) -> torch.Tensor:
-    """``samples`` indices spread evenly over ``range(n)``, first and last included (integer maths:
-    float32 ``linspace`` rounds past the end for FLUX-sized tensors)."""
-    count = min(samples, n)
-    if count <= 1:
-        return torch.zeros(count, dtype=torch.int64)
-    return torch.arange(count, dtype=torch.int64) * (n - 1) // (count - 1)
-
-
-def weight_sample_hash(weight: torch.Tensor, samples: int = 16) -> str:
-    """Short hash of ``samples`` evenly strided entries of a weight: tells models apart cheaply."""
-    flat = weight.detach().reshape(-1)
-    idx = strided_indices(flat.numel(), samples).to(flat.device)
-    values = flat[idx].float().cpu().numpy().round(6).tobytes()
-    return hashlib.sha256(values).hexdigest()[:16]
-
-
-class ChannelSquareMean:
-    """Running, weighted mean of x**2 per channel: ``add_batch`` / ``merge`` / ``finalize``.
-
-    The mean is updated as ``mean += w_b / (W + w_b) * (batch_mean - mean)`` in float64, so it stays
-    accurate over millions of tokens.
-    """
-
-    def __init__(self, channels: int) -> None:
-        self.channels = channels
-        self.mean: torch.Tensor | None = None
-        self.weight_total = 0.0
-        self.tokens = 0
-
-    def add_batch(self, x: torch.Tensor, weight: float = 1.0) -> None:
-        """Add activations ``x`` (..., channels); every token counts ``weight`` times."""
-        if x.shape[-1] != self.channels:
-            raise CalibrationError(f"activation has {x.shape[-1]} channels, expected {self.channels}")
-        rows = x.reshape(-1, self.channels)
-        n = rows.shape[0]
-        if n == 0 or weight <= 0:
-            return
-        total = torch.zeros(self.channels, dtype=torch.float64, device=x.device)
-        for span in row_blocks(n, self.channels, HOOK_ELEMENTS):
-            chunk = rows[span].float()
-            total += chunk.pow(2).sum(0, dtype=torch.float64)
-        batch_mean = total / n
-        self._combine(batch_mean, weight * n, n)
-
-    def _combine(self, batch_mean: torch.Tensor, batch_weight: float, tokens: int) -> None:
-        if self.mean is None:
-            self.mean = batch_mean.clone()
-        else:
-            self.mean = self.mean.to(batch_mean.device)
-            self.mean += (batch_weight / (self.weight_total + batch_weight)) * (batch_mean - self.mean)
-        self.weight_total += batch_weight
-        self.tokens += tokens
-
-    def merge(self, other: ChannelSquareMean) -> None:
-        """Fold another accumulator of the same size into this one."""
-        if other.channels != self.channels:
-            raise CalibrationError(f"cannot merge {other.channels} channels into {self.channels}")
-        if other.mean is not None:
-            self._combine(other.mean.to(torch.float64), other.weight_total, other.tokens)
-
-    def finalize(self) -> torch.Tensor:
-        """The mean of x**2 per channel, float64 on the CPU."""
-        if self.mean is None:
-            raise CalibrationError("no tokens were seen")
-        return self.mean.detach().to("cpu", torch.float64)
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """Statistics of one Linear layer. ``activation_sq_mean`` is float64 of shape (in_features,)."""
-
-    activation_sq_mean: torch.Tensor
-    in_features: int
-    out_features: int
-    tokens: int
-    weight_total: float
-    weight_sample: str
-
-    @classmethod
-    def from_accumulator(cls, acc: ChannelSquareMean, out_features: int, weight_sample: str) -> LayerStats:
-        """Finalise ``acc`` (the layer's inputs) into the statistics of a layer."""
-        return cls(acc.finalize(), acc.channels, out_features, acc.tokens, acc.weight_total, weight_sample)
-
-    def accumulator(self) -> ChannelSquareMean:
-        """An accumulator holding these statistics, ready to ``merge`` with others."""
-        acc = ChannelSquareMean(self.in_features)
-        acc.mean, acc.weight_total, acc.tokens = self.activation_sq_mean, self.weight_total, self.tokens
-        return acc
-
-    @property
-    def activation_norm(self) -> torch.Tensor:
-        """Root-mean-square input per channel, the ``||X||`` of Wanda up to a constant."""
-        return self.activation_sq_mean.sqrt()
-
-
-@dataclass(frozen=True)
-class CalibrationStats:
-    """Per-layer activation statistics of one model; ``merge``, ``save`` / ``load``, ``validate``."""
-
-    layers: Mapping[str, LayerStats]
-    architecture: str
-    settings: Mapping[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> LayerStats:
-        return self.layers[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.layers
-
-    @property
-    def fingerprint(self) -> str:
-        """Hash of layer names, shapes and weight samples: equal for the same model."""
-        items = sorted((n, s.out_features, s.in_features, s.weight_sample) for n, s in self.layers.items())
-        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(s.tokens for s in self.layers.values())
-
-    def summary(self) -> dict[str, Any]:
-        """Small JSON-able description (for checkpoint metadata and node reports)."""
-        tokens = [s.tokens for s in self.layers.values()]
-        return {
-            "architecture": self.architecture,
-            "layers": len(self.layers),
-            "fingerprint": self.fingerprint,
-            "tokens_per_layer_min": min(tokens) if tokens else 0,
-            "tokens_per_layer_max": max(tokens) if tokens else 0,
-            "settings": dict(self.settings),
-        }
-
-    def merge(self, other: CalibrationStats) -> CalibrationStats:
-        """Statistics of both calibrations together, as if their batches had been seen in one run.
-
-        Raises:
-            CalibrationError: when the two were recorded on different models.
-        """
-        if set(self.layers) != set(other.layers):
-            missing = sorted(set(self.layers) ^ set(other.layers))[:5]
-            raise CalibrationError(f"cannot merge calibrations of different layer sets (e.g. {missing})")
-        merged: dict[str, LayerStats] = {}
-        for name, mine in self.layers.items():
-            theirs = other.layers[name]
-            if (mine.in_features, mine.out_features, mine.weight_sample) != (
-                theirs.in_features,
-                theirs.out_features,
-                theirs.weight_sample,
-            ):
-                raise CalibrationError(
-                    f"cannot merge: layer {name!r} differs between the two calibrations "
-                    "(they were recorded on different models)"
-                )
-            acc = mine.accumulator()
-            acc.merge(theirs.accumulator())
-            merged[name] = LayerStats.from_accumulator(acc, mine.out_features, mine.weight_sample)
-        settings = {"merged": [dict(self.settings), dict(other.settings)]}
-        return CalibrationStats(merged, self.architecture, settings)
-
-    def validate_for(self, layers: Mapping[str, nn.Linear], weight_fn: WeightFn = module_weight) -> None:
-        """Check that these statistics belong to ``layers`` (names, shapes, weights).
-
-        Raises:
-            CalibrationError: naming the first layer that is missing or differs.
-        """
-        missing = [name for name in layers if name not in self.layers]
-        if missing:
-            raise CalibrationError(
-                f"calibration has no statistics for {len(missing)} layer(s), e.g. {missing[:3]}; "
-                "it was recorded on another model or with other layer families: calibrate again "
-                "with these layers"
-            )
-        for name, layer in layers.items():
-            s = self.layers[name]
-            if (s.out_features, s.in_features) != (layer.out_features, layer.in_features):
-                raise CalibrationError(
-                    f"layer {name!r} is {layer.out_features}x{layer.in_features} but the calibration "
-                    f"was recorded on a {s.out_features}x{s.in_features} layer: calibration from "
-                    "another model; calibrate this model"
-                )
-            if weight_sample_hash(weight_fn(name, layer)) != s.weight_sample:
-                raise CalibrationError(
-                    f"weights of layer {name!r} differ from the model the calibration was recorded "
-                    "on (another checkpoint, or already pruned): calibrate this model"
-                )
-
-    def save(self, path: str | Path) -> Path:
-        """Write to a safetensors file atomically; refuses to overwrite an existing file."""
-        path = Path(path)
-        tensors = {name: s.activation_sq_mean.contiguous() for name, s in self.layers.items()}
-        meta_layers = {
-            name: {
-                "in_features": s.in_features,
-                "out_features": s.out_features,
-                "tokens": s.tokens,
-                "weight_total": s.weight_total,
-                "weight_sample": s.weight_sample,
-            }
-            for name, s in self.layers.items()
-        }
-        metadata = {
-            "format": FORMAT,
-            "version": str(VERSION),
-            "architecture": self.architecture,
-            "fingerprint": self.fingerprint,
-            "layers": json.dumps(meta_layers),
-            "settings": json.dumps(dict(self.settings), default=str),
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> CalibrationStats:
-        """Read a file written by :meth:`save`.
-
-        Raises:
-            CalibrationError: the file is missing, truncated, not ours, or of another version.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise CalibrationError(f"calibration file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") != FORMAT:
-                    raise CalibrationError(
-                        f"{path} is a safetensors file but not a ditprune calibration "
-                        f"(format {metadata.get('format')!r}); pass a file saved by Calibrate"
-                    )
-                if metadata.get("version") != str(VERSION):
-                    raise CalibrationError(
-                        f"{path} has calibration format version {metadata.get('version')!r}; this "
-                        f"ditprune reads version {VERSION}: recalibrate or upgrade ditprune"
-                    )
-                meta_layers = json.loads(metadata["layers"])
-                layers = {}
-                for name, m in meta_layers.items():
-                    mean = f.get_tensor(name).to(torch.float64)
-                    if mean.shape != (m["in_features"],):
-                        raise CalibrationError(f"{path}: tensor {name!r} has shape {tuple(mean.shape)}")
-                    layers[name] = LayerStats(
-                        mean,
-                        m["in_features"],
-                        m["out_features"],
-                        m["tokens"],
-                        m["weight_total"],
-                        m["weight_sample"],
-                    )
-                settings = json.loads(metadata.get("settings", "{}"))
-                return cls(layers, metadata.get("architecture", "unknown"), settings)
-        except CalibrationError:
-            raise
-        except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-            raise CalibrationError(
-                f"{path} is not a readable ditprune calibration file (truncated or corrupted?): {exc}"
-            ) from exc
 
 
 class Calibrator:
@@ -459,36 +182,3 @@ class Calibrator:
             }
             self._stats = CalibrationStats(layers, self.architecture, self.settings)
         return self._stats
-
-
-@contextmanager
-def calibrating(
-    model: nn.Module | object, layers: Mapping[str, nn.Linear] | None = None, **kwargs: Any
-) -> Iterator[Calibrator]:
-    """Functional spelling of ``with Calibrator(...) as cal``."""
-    with Calibrator(model, layers, **kwargs) as cal:
-        yield cal
-
-
-def stats_from_batches(
-    layers: Mapping[str, nn.Linear],
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    architecture: str = "custom",
-) -> CalibrationStats:
-    """Build statistics from given input activations ``{layer name: x (..., in_features)}``.
-
-    Handy for tests and for callers that already hold activations.
-    """
-    accs = {name: ChannelSquareMean(layer.in_features) for name, layer in layers.items()}
-    for batch in batches:
-        for name, x in batch.items():
-            accs[name].add_batch(x)
-    return CalibrationStats(
-        {
-            name: LayerStats.from_accumulator(
-                acc, layers[name].out_features, weight_sample_hash(layers[name].weight)
-            )
-            for name, acc in accs.items()
-        },
-        architecture,
-    )

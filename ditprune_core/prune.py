@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import CalibrationError, CalibrationStats, WeightFn, module_weight
 from .cluster import ClusterParams, LayerClusters, allocate_cluster_prune_counts, cluster_rows
 from .layers import (
     DEFAULT_FAMILIES,
@@ -23,6 +22,7 @@ from .layers import (
 )
 from .report import LayerSparsity, SparsityReport, count_kept
 from .score import METRICS, MetricParams, score_layer
+from .stats import CalibrationError, CalibrationStats, WeightFn, module_weight
 from .util.packing import PackedMask
 from .util.selection import prune_lowest
 

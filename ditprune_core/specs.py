@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .calibrate import CalibrationError, CalibrationStats
 from .cluster import ClusterParams
 from .layers import DEFAULT_FAMILIES
 from .prune import PruneConfig
 from .score import METRICS, MetricParams
+from .stats import CalibrationError, CalibrationStats
 
 __all__ = ["GroupingSpec", "SaliencySpec"]
 

@@ -10,7 +10,8 @@ from comfy_api.latest import io
 
 import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
 
-from ..ditprune_core.calibrate import TIMESTEP_WEIGHTINGS, CalibrationStats, Calibrator
+from ..ditprune_core.calibrate import TIMESTEP_WEIGHTINGS, Calibrator
+from ..ditprune_core.stats import CalibrationStats
 from .common import (
     CALIBRATION_FOLDER,
     CATEGORY,

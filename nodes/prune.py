@@ -7,13 +7,14 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.calibrate import CALIBRATED_FAMILIES, CalibrationStats
+from ..ditprune_core.calibrate import CALIBRATED_FAMILIES
 from ..ditprune_core.cluster import WITHIN, ClusterParams, cluster_rows
 from ..ditprune_core.layers import find_prunable_layers
 from ..ditprune_core.prune import GRANULARITIES, PATTERNS, iter_masks
 from ..ditprune_core.report import sparsity_report
 from ..ditprune_core.score import METRICS, NORMALIZATIONS, MetricParams
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
+from ..ditprune_core.stats import CalibrationStats
 from ..ditprune_core.util.imaging import bar_chart, scatter_plot
 from ..ditprune_core.util.packing import PackedMask
 from .common import (

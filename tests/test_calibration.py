@@ -15,8 +15,9 @@ from ditprune_core import (
     PruneConfig,
     compute_masks,
 )
-from ditprune_core.calibrate import log_timestep_weight, stats_from_batches
+from ditprune_core.calibrate import log_timestep_weight
 from ditprune_core.miniflux.model import MiniFlux, MiniFluxConfig
+from ditprune_core.stats import stats_from_batches
 
 
 def test_channel_square_mean_by_hand() -> None:
@@ -225,7 +226,7 @@ def test_stats_from_batches_helper() -> None:
 
 
 def test_weight_samples_stay_inside_flux_sized_tensors() -> None:
-    from ditprune_core.calibrate import strided_indices
+    from ditprune_core.stats import strided_indices
 
     n = 21504 * 3072  # single_blocks.N.linear1 of FLUX.1-dev; float32 linspace overshoots here
     idx = strided_indices(n, 16)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibrate import CalibrationStats, LayerStats, weight_sample_hash
 from ..prune import PruneConfig, prune_model_
+from ..stats import CalibrationStats, LayerStats, weight_sample_hash
 
 
 def _status_kb(field: str) -> int:

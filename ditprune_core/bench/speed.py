@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibrate import CalibrationStats, Calibrator
+from ..calibrate import Calibrator
 from ..miniflux.model import DoubleStreamBlock, SingleStreamBlock, rope_frequencies
 from ..prune import GRANULARITIES, PruneConfig, iter_masks
 from ..score import METRICS
+from ..stats import CalibrationStats
 from . import write_report
 from .memprobe import PeakRSS, synthetic_stats
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..calibrate import CalibrationStats, Calibrator
+from ..calibrate import Calibrator
+from ..stats import CalibrationStats
 from ..util.io import atomic_path
 from .model import ClassConditioner, MiniFlux, MiniFluxConfig, image_ids, patchify, text_ids, unpatchify
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .io import atomic_path
 
-__all__ = ["LazyTensor", "write_safetensors"]
+__all__ = ["LazyTensor", "read_metadata", "write_safetensors"]
 
 _DTYPES = {
     torch.float64: "F64",
@@ -99,3 +100,49 @@ def write_safetensors(
             if data.numel():
                 f.write(data.view(torch.uint8).numpy().data)
     return Path(path)
+
+
+def read_metadata(
+    path: str | Path,
+    *,
+    format: str,
+    what: str,
+    error: type[Exception],
+    version: int | None = None,
+    version_key: str = "format_version",
+    not_ours_hint: str = "",
+    old_version_hint: str = "upgrade ditprune",
+) -> dict[str, str]:
+    """The metadata of one of our safetensors files, after checking its ``format`` and version.
+
+    This is the one place where a file's kind is recognised: calibrations, checkpoints and MiniFlux
+    files all go through it, so they refuse foreign, truncated and future files the same way.
+
+    Args:
+        path: the file.
+        format: the ``format`` metadata value our writer stores.
+        what: how a message names the kind of file ("ditprune calibration").
+        error: the exception class to raise.
+        version: the version this code reads (None: unversioned).
+        version_key: the metadata key holding the version.
+        not_ours_hint: appended to the "not a ..." message (how to fix it).
+        old_version_hint: appended to the version message (how to fix it).
+    Raises:
+        ``error``: the file is missing, unreadable, not ours, or of another version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise error(f"{path} is not a readable {what} file (truncated or corrupted?): {exc}") from exc
+    if metadata.get("format") != format:
+        raise error(f"{path} is not a {what} (format {metadata.get('format')!r}){not_ours_hint}")
+    if version is not None and metadata.get(version_key) != str(version):
+        raise error(
+            f"{path} has {what} format version {metadata.get(version_key)!r}; this ditprune reads "
+            f"version {version}: {old_version_hint}"
+        )
+    return metadata
