@@ -4,8 +4,9 @@ The flow is calibrate -> score -> cluster -> mask -> apply/save; docs/ARCHITECTU
 module owns each step. Nothing here imports ComfyUI.
 """
 
-from .calibrate import Calibrator, log_timestep_weight
-from .cluster import ClusterParams, LayerClusters, cluster_rows
+from .calibrate import CALIBRATED_FAMILIES, TIMESTEP_WEIGHTINGS, Calibrator, log_timestep_weight
+from .cluster import WITHIN, ClusterParams, LayerClusters, cluster_rows
+from .config import GRANULARITIES, PATTERNS, PruneConfig, parse_pattern
 from .layers import (
     DEFAULT_FAMILIES,
     FAMILIES,
@@ -14,35 +15,39 @@ from .layers import (
     find_prunable_layers,
     unwrap_diffusion_model,
 )
-from .prune import (
-    GRANULARITIES,
-    PATTERNS,
-    PruneConfig,
-    apply_masks_,
-    compute_masks,
-    iter_masks,
-    layer_keep_mask,
-    prune_model_,
-)
+from .mask import layer_keep_mask
+from .prune import PruneTarget, apply_masks_, compute_masks, iter_masks, prune_model_, select_layers
 from .report import SparsityReport, sparsity_report
-from .save import CheckpointError, CheckpointReport, load_pruned_checkpoint, save_pruned_checkpoint
-from .score import METRICS, MetricParams, score_layer
+from .save import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointReport,
+    load_pruned_checkpoint,
+    read_checkpoint_info,
+    save_pruned_checkpoint,
+)
+from .score import METRICS, NORMALIZATIONS, MetricParams, score_layer
 from .stats import CalibrationError, CalibrationStats, ChannelSquareMean, LayerStats
 from .util.io import FileExistsRefusal
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CALIBRATED_FAMILIES",
     "DEFAULT_FAMILIES",
     "FAMILIES",
     "GRANULARITIES",
     "METRICS",
+    "NORMALIZATIONS",
     "PATTERNS",
+    "TIMESTEP_WEIGHTINGS",
+    "WITHIN",
     "CalibrationError",
     "CalibrationStats",
     "Calibrator",
     "ChannelSquareMean",
     "CheckpointError",
+    "CheckpointInfo",
     "CheckpointReport",
     "ClusterParams",
     "FileExistsRefusal",
@@ -50,6 +55,7 @@ __all__ = [
     "LayerStats",
     "MetricParams",
     "PruneConfig",
+    "PruneTarget",
     "SparsityReport",
     "UnsupportedModelError",
     "apply_masks_",
@@ -61,9 +67,12 @@ __all__ = [
     "layer_keep_mask",
     "load_pruned_checkpoint",
     "log_timestep_weight",
+    "parse_pattern",
     "prune_model_",
+    "read_checkpoint_info",
     "save_pruned_checkpoint",
     "score_layer",
+    "select_layers",
     "sparsity_report",
     "unwrap_diffusion_model",
 ]

@@ -17,13 +17,47 @@ from dataclasses import dataclass
 
 import torch
 
+from .stats import CalibrationError
 from .util.blocks import row_blocks
 
-__all__ = ["METRICS", "MetricParams", "energy_score", "score_layer"]
+__all__ = [
+    "METRICS",
+    "NORMALIZATIONS",
+    "MetricParams",
+    "check_metric",
+    "energy_score",
+    "missing_calibration",
+    "needs_calibration",
+    "score_layer",
+]
 
 METRICS = ("magnitude", "wanda", "ria", "energy")
 NORMALIZATIONS = ("row", "row+column", "none")
 _TINY = 1e-30
+
+
+def check_metric(metric: str) -> str:
+    """``metric`` if it is one of :data:`METRICS` (the one place a metric name is validated).
+
+    Raises:
+        ValueError: an unknown metric, listing the known ones.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
+    return metric
+
+
+def needs_calibration(metric: str) -> bool:
+    """Whether ``metric`` reads calibration statistics (every metric but ``magnitude``)."""
+    return check_metric(metric) != "magnitude"
+
+
+def missing_calibration(metric: str) -> CalibrationError:
+    """The error for a metric that needs statistics and got none (hosts may add their own hint)."""
+    return CalibrationError(
+        f"metric {metric!r} needs a calibration (it needs calibration statistics, E[x**2] per "
+        "input channel): record them with a Calibrator, or use metric 'magnitude'"
+    )
 
 
 @dataclass(frozen=True)
@@ -122,12 +156,10 @@ def score_layer(
         ValueError: unknown metric, or a metric that needs calibration given none.
     """
     params = params or MetricParams()
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
-    if metric == "magnitude":
+    if not needs_calibration(metric):
         return _fp32_copy(weight).abs_()
     if activation_sq_mean is None:
-        raise ValueError(f"metric {metric!r} needs calibration statistics; run Calibrate first")
+        raise missing_calibration(metric)
     if activation_sq_mean.shape != (weight.shape[1],):
         raise ValueError(
             f"activation statistics have shape {tuple(activation_sq_mean.shape)}, the weight has "

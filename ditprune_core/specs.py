@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .cluster import ClusterParams
+from .config import PruneConfig
 from .layers import DEFAULT_FAMILIES
-from .prune import PruneConfig
-from .score import METRICS, MetricParams
-from .stats import CalibrationError, CalibrationStats
+from .score import MetricParams, missing_calibration, needs_calibration
+from .stats import CalibrationStats
 
 __all__ = ["GroupingSpec", "SaliencySpec"]
 
@@ -27,12 +27,8 @@ class SaliencySpec:
     stats: CalibrationStats | None = None
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose from {list(METRICS)}")
-        if self.metric != "magnitude" and self.stats is None:
-            raise CalibrationError(
-                f"metric {self.metric!r} needs a calibration: connect a Calibrate node (or use magnitude)"
-            )
+        if needs_calibration(self.metric) and self.stats is None:
+            raise missing_calibration(self.metric)
 
     def describe(self) -> str:
         if self.metric == "energy":

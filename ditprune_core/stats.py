@@ -213,8 +213,15 @@ class CalibrationStats:
         settings = {"merged": [dict(self.settings), dict(other.settings)]}
         return CalibrationStats(merged, self.architecture, settings)
 
-    def validate_for(self, layers: Mapping[str, nn.Linear], weight_fn: WeightFn = module_weight) -> None:
-        """Check that these statistics belong to ``layers`` (names, shapes, weights).
+    def validate_for(
+        self,
+        layers: Mapping[str, nn.Linear],
+        weight_fn: WeightFn = module_weight,
+        *,
+        weights: bool = True,
+    ) -> None:
+        """Check that these statistics belong to ``layers`` (names, shapes and, with ``weights``,
+        each layer's weight fingerprint through ``weight_fn``).
 
         Raises:
             CalibrationError: naming the first layer that is missing or differs.
@@ -234,11 +241,20 @@ class CalibrationStats:
                     f"was recorded on a {s.out_features}x{s.in_features} layer: calibration from "
                     "another model; calibrate this model"
                 )
-            if weight_sample_hash(weight_fn(name, layer)) != s.weight_sample:
-                raise CalibrationError(
-                    f"weights of layer {name!r} differ from the model the calibration was recorded "
-                    "on (another checkpoint, or already pruned): calibrate this model"
-                )
+            if weights:
+                self.check_weight(name, weight_fn(name, layer))
+
+    def check_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Check one layer's weight against the fingerprint recorded with its statistics.
+
+        Raises:
+            CalibrationError: the weight differs from the one the calibration was recorded on.
+        """
+        if weight_sample_hash(weight) != self.layers[name].weight_sample:
+            raise CalibrationError(
+                f"weights of layer {name!r} differ from the model the calibration was recorded "
+                "on (another checkpoint, or already pruned): calibrate this model"
+            )
 
     def save(self, path: str | Path) -> Path:
         """Write to a safetensors file atomically; refuses to overwrite an existing file."""

@@ -50,8 +50,7 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, mode: str = MODES[0], sparse_kernels: bool = False) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        info = read_checkpoint_info(path)
-        layouts: dict[str, dict[str, str]] = info["layouts"]  # type: ignore[assignment]
+        layouts = read_checkpoint_info(path).layouts
         if mode == "densify at load" or not layouts:
             state = load_pruned_checkpoint(path)
             model = comfy.sd.load_diffusion_model_state_dict(state)

@@ -20,7 +20,7 @@ import comfy.ops
 import torch
 from torch import nn
 
-from ..ditprune_core.save import PIECES, unpack_weight
+from ..ditprune_core.layouts import PIECES, unpack_weight
 
 log = logging.getLogger("ditprune")
 

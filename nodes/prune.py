@@ -7,14 +7,25 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.calibrate import CALIBRATED_FAMILIES
-from ..ditprune_core.cluster import WITHIN, ClusterParams, cluster_rows
-from ..ditprune_core.layers import find_prunable_layers
-from ..ditprune_core.prune import GRANULARITIES, PATTERNS, iter_masks
-from ..ditprune_core.report import sparsity_report
-from ..ditprune_core.score import METRICS, NORMALIZATIONS, MetricParams
+from ..ditprune_core import (
+    CALIBRATED_FAMILIES,
+    GRANULARITIES,
+    METRICS,
+    NORMALIZATIONS,
+    PATTERNS,
+    WITHIN,
+    CalibrationError,
+    CalibrationStats,
+    ClusterParams,
+    MetricParams,
+    PruneTarget,
+    cluster_rows,
+    find_prunable_layers,
+    iter_masks,
+    parse_pattern,
+    sparsity_report,
+)
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
-from ..ditprune_core.stats import CalibrationStats
 from ..ditprune_core.util.imaging import bar_chart, scatter_plot
 from ..ditprune_core.util.packing import PackedMask
 from .common import (
@@ -91,7 +102,13 @@ class DitPruneScoreSaliency(io.ComfyNode):
         calibration: CalibrationStats | None = None,
     ) -> io.NodeOutput:
         params = MetricParams(balance=balance, normalize=normalize, ria_power=ria_power)
-        return io.NodeOutput(SaliencySpec(metric, params, calibration))
+        try:
+            spec = SaliencySpec(metric, params, calibration)
+        except CalibrationError as exc:
+            raise CalibrationError(
+                f"{exc}. In ComfyUI: connect Calibrate or Load Calibration to 'calibration'"
+            ) from exc
+        return io.NodeOutput(spec)
 
 
 class DitPruneClusterWeights(io.ComfyNode):
@@ -272,23 +289,23 @@ class DitPruneApplyPruning(io.ComfyNode):
     ) -> io.NodeOutput:
         chosen = {"attention": attention, "mlp": mlp, "single_fused": single_fused, "modulation": modulation}
         families = [f for f, on in chosen.items() if on] + ["block_linear"]
-        if pattern != "unstructured":
-            n, m = (int(x) for x in pattern.split(":"))
-            sparsity = 1 - n / m
+        nm = parse_pattern(pattern)
+        if nm is not None:
+            sparsity = 1 - nm[0] / nm[1]
         config = (clusters or GroupingSpec()).to_config(
             saliency, sparsity, pattern=pattern, families=families, layer_regex=layer_regex
         )
-        dm = diffusion_model(model)
+        target = PruneTarget.of(diffusion_model(model), config)  # resolved once for masks and report
         pruned = model.clone()
         masks: dict[str, PackedMask] = {}
         for name, keep in iter_masks(
-            dm, saliency.stats, config, progress=Progress(), weight_fn=weight_fn_for(model)
+            target, saliency.stats, config, progress=Progress(), weight_fn=weight_fn_for(model)
         ):
             masks[name] = PackedMask.from_bool(keep.cpu())
             del keep
         for name, mask in masks.items():
             pruned.add_patches({f"{PREFIX}{name}.weight": MaskPatch(mask, name)}, 1.0)
-        report = sparsity_report(dm, masks)
+        report = sparsity_report(target.module, masks, template=target.template)
         header = f"{saliency.describe()}, {config.granularity} groups, {pattern}, target {sparsity:.0%}\n"
         per_block = report.by("block")
         values = [p / n if n else 0.0 for p, n in per_block.values()]
@@ -296,7 +313,6 @@ class DitPruneApplyPruning(io.ComfyNode):
         image = torch.nn.functional.pad(bar_chart(values, colours=colours), (0, 0, 8, 8, 8, 8), value=1.0)[
             None
         ]
-        pruned.model_options.setdefault("transformer_options", {})
         pruned.model_options["ditprune"] = {
             "config": config.to_dict(),
             "sparsity": report.sparsity,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,16 +76,9 @@ class DitPruneSavePrunedModel(io.ComfyNode):
         prefix = safe_child(folder, filename_prefix.strip() or "ditprune/pruned")
         target = next_free_path(prefix.parent, prefix.name, ".safetensors")
         keys = list(dm.state_dict().keys())
-        progress = Progress(2 * len(keys))
-        done = {"n": 0}
 
-        def source(key: str) -> Any:
-            def produce() -> torch.Tensor:
-                done["n"] += 1
-                progress(min(done["n"], 2 * len(keys)), 2 * len(keys))
-                return stored_weight(model, PREFIX + key)
-
-            return produce
+        def source(key: str) -> Callable[[], torch.Tensor]:
+            return lambda: stored_weight(model, PREFIX + key)
 
         info = model.model_options.get("ditprune", {})
         metadata = {"ditprune_version": __version__, "ditprune": json.dumps(info, default=str)}
@@ -94,6 +88,7 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             format=format,
             metadata=metadata,
             value_dtype=torch.float8_e4m3fn if values == "fp8_e4m3fn" else None,
+            progress=Progress(),
         )
         text = (
             f"saved {target} ({report.ratio:.1%} of the dense size, {len(report.layouts)} tensors compressed)"

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ditprune_core import PruneConfig, compute_masks
-from ditprune_core.prune import layer_keep_mask
+from ditprune_core.mask import layer_keep_mask
 from ditprune_core.save import (
     CheckpointError,
     load_pruned_checkpoint,
@@ -124,7 +124,7 @@ def test_dense_format_and_model_masks(tmp_path, tiny_flux) -> None:
     apply_masks_(tiny_flux, masks)
     state = tiny_flux.state_dict()
     dense = save_pruned_checkpoint(state, tmp_path / "d.safetensors", format="dense")
-    assert dense.layouts == {} and read_checkpoint_info(tmp_path / "d.safetensors")["format"] == "dense"
+    assert dense.layouts == {} and read_checkpoint_info(tmp_path / "d.safetensors").format == "dense"
     compressed = save_pruned_checkpoint(state, tmp_path / "c.safetensors")
     assert set(compressed.layouts) == {f"{n}.weight" for n in masks}
     back = load_pruned_checkpoint(tmp_path / "c.safetensors")
@@ -180,7 +180,7 @@ def test_unknown_version_and_mismatched_mask(tmp_path) -> None:
     )
     with pytest.raises(CheckpointError, match="does not fit its shape"):
         load_pruned_checkpoint(tmp_path / "narrow.safetensors")
-    meta = json.loads(read_checkpoint_info(path)["metadata"]["layouts"])
+    meta = json.loads(read_checkpoint_info(path).metadata["layouts"])
     assert meta["w"]["layout"] == "bitmask"
 
 

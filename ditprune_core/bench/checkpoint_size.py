@@ -18,9 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config import PruneConfig
+from ..layouts import PIECES, unpack_weight
+from ..mask import layer_keep_mask
 from ..miniflux.pipeline import calibrate, load_bundled
-from ..prune import PruneConfig, apply_masks_, compute_masks, layer_keep_mask
-from ..save import PIECES, load_pruned_checkpoint, save_pruned_checkpoint, unpack_weight
+from ..prune import apply_masks_, compute_masks
+from ..save import load_pruned_checkpoint, save_pruned_checkpoint
 from . import write_report
 
 SETTINGS = {

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..prune import PruneConfig, prune_model_
+from ..config import PruneConfig
+from ..prune import prune_model_
 from ..stats import CalibrationStats, LayerStats, weight_sample_hash
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import PruneConfig
 from ..miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled, sigma_schedule
-from ..prune import PruneConfig, apply_masks_, compute_masks
+from ..prune import apply_masks_, compute_masks
 from ..stats import CalibrationStats
 from ..util.imaging import image_grid, write_png
 from . import write_report

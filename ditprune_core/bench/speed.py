@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..calibrate import Calibrator
+from ..config import GRANULARITIES, PruneConfig
 from ..miniflux.model import DoubleStreamBlock, SingleStreamBlock, rope_frequencies
-from ..prune import GRANULARITIES, PruneConfig, iter_masks
+from ..prune import iter_masks
 from ..score import METRICS
 from ..stats import CalibrationStats
 from . import write_report

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cluster import ClusterParams
-from ..prune import PruneConfig
+from ..config import PruneConfig
 from ..score import MetricParams
 from . import write_report
 from .quality import BenchContext
