@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .bench.evaluation import load_judge, psnr, relative_error
+from .bench.evaluation import load_judge
 from .config import PruneConfig
 from .miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled
 from .prune import apply_masks_, compute_masks
 from .report import sparsity_report
 from .util.imaging import image_grid, write_png
 from .util.io import next_free_path
+from .util.metrics import psnr, relative_error
 
 log = logging.getLogger("ditprune")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import comfy.samplers
 import folder_paths
+import torch
+from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
@@ -98,7 +101,7 @@ class DitPruneCalibrate(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model: Any,
+        model: ModelPatcher,
         positive: Any,
         negative: Any,
         latent_image: dict,
@@ -119,7 +122,7 @@ class DitPruneCalibrate(io.ComfyNode):
         ) as cal:
             inner = patched.model_options.get("model_function_wrapper")
 
-            def record_sigma(apply_model: Any, args: dict) -> Any:
+            def record_sigma(apply_model: Callable[..., torch.Tensor], args: dict) -> torch.Tensor:
                 cal.set_sigma(float(args["timestep"].flatten()[0]))
                 if inner is not None:
                     return inner(apply_model, args)

@@ -118,7 +118,7 @@ class MaskPatch(WeightAdapterBase):
         self.mask = mask
         self.layer = layer
 
-    def calculate_weight(  # type: ignore[override]
+    def calculate_weight(
         self,
         weight: torch.Tensor,
         key: str,

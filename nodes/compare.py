@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.bench.evaluation import psnr, relative_error
+from ..ditprune_core.util.metrics import psnr, relative_error
 from .common import CATEGORY
 
 

@@ -25,7 +25,7 @@ from ..ditprune_core.layouts import PIECES, unpack_weight
 log = logging.getLogger("ditprune")
 
 
-class PackedLinear(comfy.ops.manual_cast.Linear):  # type: ignore[name-defined,misc]
+class PackedLinear(comfy.ops.manual_cast.Linear):
     packed_pieces: tuple[str, ...] = ()
     sparse_kernels = False
 
@@ -56,7 +56,7 @@ class PackedLinear(comfy.ops.manual_cast.Linear):  # type: ignore[name-defined,m
         self.ditprune_patches: tuple[str, list[Any]] | None = None
         self._sparse_cache: tuple[Any, Any] | None = None
         bias = state_dict.pop(prefix + "bias", None)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     @property
     def is_packed(self) -> bool:
@@ -66,7 +66,8 @@ class PackedLinear(comfy.ops.manual_cast.Linear):  # type: ignore[name-defined,m
         pieces = {p: getattr(self, f"packed_{p}").to(device, non_blocking=True) for p in self.packed_pieces}
         return unpack_weight(pieces, dtype, check=False)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = input
         if not self.is_packed:
             return super().forward(x, *args, **kwargs)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
@@ -103,11 +104,11 @@ class PackedLinear(comfy.ops.manual_cast.Linear):  # type: ignore[name-defined,m
             return None
 
 
-class PackedOps(comfy.ops.manual_cast):  # type: ignore[name-defined,misc]
+class PackedOps(comfy.ops.manual_cast):
     Linear = PackedLinear
 
 
-class PackedModelPatcher(comfy.model_patcher.ModelPatcher):  # type: ignore[name-defined,misc]
+class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
     """Patches on packed layers are applied in their forward, not baked into a dense weight."""
 
     def _packed(self, key: str) -> PackedLinear | None:

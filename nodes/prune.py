@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from ..ditprune_core import (
@@ -186,7 +185,7 @@ class DitPruneClusterWeights(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model: Any,
+        model: ModelPatcher,
         granularity: str,
         n_clusters: int,
         max_clusters: int,
@@ -276,7 +275,7 @@ class DitPruneApplyPruning(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model: Any,
+        model: ModelPatcher,
         saliency: SaliencySpec,
         sparsity: float,
         pattern: str,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 import torch
+from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from ..ditprune_core import __version__
@@ -62,7 +62,7 @@ class DitPruneSavePrunedModel(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model: Any, filename_prefix: str, format: str = "dense", values: str = "keep dtype"
+        cls, model: ModelPatcher, filename_prefix: str, format: str = "dense", values: str = "keep dtype"
     ) -> io.NodeOutput:
         dm = diffusion_model(model)
         if any(isinstance(m, PackedLinear) and m.is_packed for m in dm.modules()):

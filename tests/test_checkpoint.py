@@ -199,3 +199,44 @@ def test_tensor_producers_are_called_lazily(tmp_path) -> None:
     assert report.layouts == {"w": "bitmask"} and calls == {"w": 2, "d": 2}  # layout pass + write
     back = load_pruned_checkpoint(tmp_path / "c.safetensors")
     assert torch.equal(back["w"], w) and torch.equal(back["d"], d)
+
+
+def test_save_progress_counts_both_passes_of_every_tensor(tmp_path) -> None:
+    w, d = _pruned(64, 64, 0.5), torch.randn(16, 16)
+    seen: list[tuple[int, int]] = []
+    save_pruned_checkpoint(
+        {"w": lambda: w.clone(), "d": d},
+        tmp_path / "c.safetensors",
+        progress=lambda n, t: seen.append((n, t)),
+    )
+    # "w" is made twice (layout, then write); the tensor "d" counts both passes at once
+    assert seen == [(1, 4), (3, 4), (4, 4)]
+
+
+def test_reserved_metadata_and_typed_info(tmp_path) -> None:
+    w = _pruned(32, 64, 0.5)
+    with pytest.raises(ValueError, match=r"'checkpoint'.*reserved"):
+        save_pruned_checkpoint({"w": w}, tmp_path / "x.safetensors", metadata={"checkpoint": "dense"})
+    path = tmp_path / "c.safetensors"
+    save_pruned_checkpoint({"w": w}, path, metadata={"mine": "1"})
+    info = read_checkpoint_info(path)
+    assert (info.format, info.version, info.metadata["mine"]) == ("compressed", 1, "1")
+    assert info.layouts == {"w": {"layout": "bitmask", "dtype": "bfloat16", "values": "bfloat16"}}
+
+
+def test_every_layout_round_trips_through_its_own_object() -> None:
+    from ditprune_core.layouts import LAYOUTS, Fp8Values, choose_layout, unpack_weight
+
+    w = _pruned(16, 16, 0.5, pattern="2:4", dtype=torch.float32)
+    assert choose_layout(w, None) is LAYOUTS["2:4"]
+    for layout in LAYOUTS.values():
+        pieces, err = layout.encode(w)
+        assert err == 0.0 and set(pieces) == {"shape", *layout.own_pieces}
+        specs = layout.piece_specs(w, None)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in pieces.items()} == specs
+        assert torch.equal(layout.decode(pieces, torch.float32), w)
+        assert torch.equal(unpack_weight(pieces, torch.float32), w)
+        fp8, err = layout.encode(w, Fp8Values())
+        assert pieces.keys() | {"scale"} == fp8.keys() and 0 < err <= 1 / 16
+    with pytest.raises(CheckpointError, match=r"'shape' piece must be two non-negative"):
+        layout.decode({**pieces, "shape": torch.tensor([16.0, 16.0])}, torch.float32)

@@ -12,19 +12,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["DigitJudge", "frechet_distance", "psnr", "relative_error"]
+from ..util.metrics import psnr, relative_error
 
-
-def relative_error(pruned: torch.Tensor, dense: torch.Tensor) -> float:
-    """Mean over samples of ||pruned - dense|| / ||dense||."""
-    p, d = pruned.reshape(pruned.shape[0], -1).double(), dense.reshape(dense.shape[0], -1).double()
-    return float(((p - d).norm(dim=1) / d.norm(dim=1).clamp_min(1e-12)).mean())
-
-
-def psnr(pruned: torch.Tensor, dense: torch.Tensor, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB over the whole batch (images in [-1, 1])."""
-    mse = float((pruned.double().clamp(-1, 1) - dense.double().clamp(-1, 1)).pow(2).mean())
-    return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
+__all__ = ["DigitJudge", "frechet_distance", "load_judge", "psnr", "relative_error"]
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
