@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .layouts import LAYOUTS, PIECES, CheckpointError, Fp8Values, Layout, PieceSpec, choose_layout
-from .util.safetensors_io import LazyTensor, read_metadata, write_safetensors
+from .util.safetensors_io import (
+    CHECKSUM_KEY,
+    LazyTensor,
+    checksum_mismatch,
+    read_checksums,
+    read_metadata,
+    write_safetensors,
+)
 
 __all__ = [
     "FORMAT",
@@ -29,16 +36,18 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointReport",
+    "check_keys",
     "iter_pruned_checkpoint",
     "load_pruned_checkpoint",
     "read_checkpoint_info",
     "save_pruned_checkpoint",
+    "validate_compressed_state",
 ]
 
 FORMAT = "ditprune.checkpoint"
 FORMAT_VERSION = 1
 #: metadata keys the writer sets itself; a caller's metadata may not use them
-RESERVED_METADATA = ("format", "format_version", "layouts", "checkpoint")
+RESERVED_METADATA = ("format", "format_version", "layouts", "checkpoint", CHECKSUM_KEY)
 _DTYPE_NAMES = {
     str(d).removeprefix("torch."): d
     for d in (
@@ -197,7 +206,14 @@ def save_pruned_checkpoint(
         encoder = _Encoder(name, tensor, layout, values, source if callable(source) else None)
         encoders.append(encoder)
         tensors[name] = torch.zeros(0, dtype=torch.uint8)  # placeholder: unknowing loaders fail loudly
-        tensors.update(encoder.lazy())
+        pieces = encoder.lazy()
+        taken = sorted(set(pieces) & set(state_dict))
+        if taken:
+            raise ValueError(
+                f"state dict key {taken[0]!r} collides with a piece of the compressed weight {name!r}; "
+                "rename it, or save with format='dense'"
+            )
+        tensors.update(pieces)
         layouts[name] = {
             "layout": layout.name,
             "dtype": str(tensor.dtype).removeprefix("torch."),
@@ -212,6 +228,8 @@ def save_pruned_checkpoint(
         "layouts": json.dumps(layouts),
         "checkpoint": format,
     }
+    if "__metadata__" in state_dict:
+        raise ValueError("a tensor may not be called '__metadata__' (safetensors keeps its metadata there)")
     write_safetensors(path, tensors, meta, overwrite=overwrite)
     report.file_bytes = Path(path).stat().st_size
     report.max_fp8_relative_error = max((e.max_error for e in encoders), default=0.0)
@@ -222,7 +240,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Metadata of a ditprune checkpoint: format, version, layouts; refuses other files.
 
     Raises:
-        CheckpointError: a missing, unreadable or foreign file, or another format version.
+        CheckpointError: a missing, unreadable or foreign file, another format version, or a
+            ``layouts`` map that is not what the writer stores.
     """
     meta = read_metadata(
         path,
@@ -232,44 +251,139 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         version=FORMAT_VERSION,
         not_ours_hint="; load it with ComfyUI's Load Diffusion Model node, or save it with ditprune first",
     )
+    fmt = meta.get("checkpoint", "compressed")
+    if fmt not in ("dense", "compressed"):
+        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} in its metadata")
+    if "layouts" not in meta:
+        raise CheckpointError(f"{path}: its metadata has no 'layouts' map (not written by ditprune?)")
     try:
-        layouts = json.loads(meta.get("layouts", "{}"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: its 'layouts' metadata is not valid JSON: {exc}") from exc
-    return CheckpointInfo(meta.get("checkpoint", "compressed"), FORMAT_VERSION, layouts, meta)
+        layouts = json.loads(meta["layouts"])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: its 'layouts' metadata is not valid JSON ({exc})") from exc
+    if not isinstance(layouts, dict):
+        raise CheckpointError(f"{path}: its 'layouts' metadata is not a map of tensor names")
+    for name, entry in layouts.items():
+        where = f"{path}: layouts entry {name!r}"
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), str) for k in ("layout", "dtype", "values")
+        ):
+            raise CheckpointError(f"{where} must hold the strings 'layout', 'dtype' and 'values'")
+        if entry["layout"] not in LAYOUTS:
+            raise CheckpointError(f"{where}: unknown layout {entry['layout']!r}; known: {list(LAYOUTS)}")
+        for key in ("dtype", "values"):
+            if entry[key] not in _DTYPE_NAMES:
+                raise CheckpointError(f"{where}: unknown {key} {entry[key]!r}; known: {list(_DTYPE_NAMES)}")
+    if fmt == "dense" and layouts:
+        raise CheckpointError(f"{path}: a dense checkpoint lists compressed tensors")
+    return CheckpointInfo(fmt, FORMAT_VERSION, layouts, meta)
 
 
-def _decode(name: str, info: Mapping[str, str], own: Mapping[str, torch.Tensor], path: Path) -> torch.Tensor:
-    where = f"{path}: {name!r}"
-    layout = LAYOUTS.get(info.get("layout", ""))
-    if layout is None:
-        raise CheckpointError(f"{where}: unknown layout {info.get('layout')!r}; choose from {list(LAYOUTS)}")
-    return layout.decode(own, _DTYPE_NAMES[info["dtype"]], where=where)
+def _piece_names(info: Mapping[str, str]) -> tuple[str, ...]:
+    layout = LAYOUTS[info["layout"]]
+    scale = ("scale",) if info["values"] != info["dtype"] else ()
+    return ("shape", *layout.own_pieces, *scale)
+
+
+def check_keys(keys: Iterable[str], info: CheckpointInfo, path: str | Path) -> None:
+    """Every compressed weight has its placeholder and exactly its pieces, and nothing is left over.
+
+    Raises:
+        CheckpointError: naming the file and the first key that is missing, extra or renamed.
+    """
+    present = set(keys)
+    expected: set[str] = set()
+    for name, entry in info.layouts.items():
+        if name not in present:
+            raise CheckpointError(
+                f"{path}: compressed tensor {name!r} has no placeholder key (renamed or removed?)"
+            )
+        for piece in _piece_names(entry):
+            if f"{name}.{piece}" not in present:
+                raise CheckpointError(f"{path}: compressed tensor {name!r} has no {piece!r} piece")
+            expected.add(f"{name}.{piece}")
+    for key in sorted(present - expected - set(info.layouts)):
+        base, _, piece = key.rpartition(".")
+        if piece in PIECES and base in info.layouts:
+            raise CheckpointError(
+                f"{path}: {key!r} is not a piece of the {info.layouts[base]['layout']} layout"
+            )
+    crc_names = set(read_checksums(info.metadata, path, CheckpointError))
+    if crc_names and crc_names != present:
+        odd = sorted(crc_names ^ present)[0]
+        raise CheckpointError(
+            f"{path}: key {odd!r} is {'missing' if odd in crc_names else 'not recorded'} "
+            "(the file's keys differ from the ones it was written with: renamed or corrupted)"
+        )
+
+
+def _decode(name: str, entry: Mapping[str, str], own: Mapping[str, torch.Tensor], path: Path) -> torch.Tensor:
+    return LAYOUTS[entry["layout"]].decode(own, _DTYPE_NAMES[entry["dtype"]], where=f"{path}: {name!r}")
+
+
+def validate_compressed_state(
+    state: Mapping[str, torch.Tensor], path: str | Path, info: CheckpointInfo | None = None
+) -> CheckpointInfo:
+    """Check a whole loaded state dict of a checkpoint before anything is built from it.
+
+    Checks the keys (:func:`check_keys`), every compressed weight's pieces against each other
+    (counts, code ranges, shapes; :meth:`Layout.validate`) and, where the file records them, every
+    tensor's CRC32. This is what "compressed on device" loading runs: it decodes nothing.
+
+    Raises:
+        CheckpointError: naming the file and the key.
+    """
+    info = info or read_checkpoint_info(path)
+    check_keys(state.keys(), info, path)
+    crcs = read_checksums(info.metadata, path, CheckpointError)
+    for name, entry in info.layouts.items():
+        if state[name].numel() != 0:
+            raise CheckpointError(f"{path}: placeholder {name!r} of a compressed tensor is not empty")
+        own = {p: state[f"{name}.{p}"] for p in _piece_names(entry)}
+        LAYOUTS[entry["layout"]].validate(own, f"{path}: {name!r}")
+    if crcs:
+        for key, tensor in state.items():
+            problem = checksum_mismatch(key, tensor, crcs, path)
+            if problem:
+                raise CheckpointError(problem)
+    return info
 
 
 def iter_pruned_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, dense tensor)`` one at a time (bounded memory)."""
+    """Yield ``(name, dense tensor)`` one at a time (bounded memory), checking every piece and,
+    where the file records them, every tensor's CRC32 as it is read.
+
+    Raises:
+        CheckpointError: naming the file and the key.
+    """
     path = Path(path)
-    layouts = read_checkpoint_info(path).layouts
-    pieces = {f"{n}.{p}" for n in layouts for p in PIECES}
+    info = read_checkpoint_info(path)
+    layouts = info.layouts
+    crcs = read_checksums(info.metadata, path, CheckpointError)
+    pieces = {f"{n}.{p}" for n, entry in layouts.items() for p in _piece_names(entry)}
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-            missing = [n for n in layouts if f"{n}.shape" not in keys]
-            if missing:
-                raise CheckpointError(f"{path}: compressed tensor {missing[0]!r} has no '.shape' piece")
+            check_keys(keys, info, path)
+
+            def read(key: str) -> torch.Tensor:
+                tensor = f.get_tensor(key)
+                problem = checksum_mismatch(key, tensor, crcs, path) if crcs else None
+                if problem:
+                    raise CheckpointError(problem)
+                return tensor
+
             for key in keys:
                 if key in pieces:
                     continue
                 if key in layouts:
-                    own = {
-                        k.removeprefix(key + "."): f.get_tensor(k)
-                        for k in keys
-                        if k.startswith(key + ".") and k in pieces
-                    }
+                    if read(key).numel() != 0:
+                        raise CheckpointError(
+                            f"{path}: placeholder {key!r} of a compressed tensor is not empty"
+                        )
+                    own = {p: read(f"{key}.{p}") for p in _piece_names(layouts[key])}
                     yield key, _decode(key, layouts[key], own, path)
                 else:
-                    yield key, f.get_tensor(key)
+                    yield key, read(key)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path} could not be read (truncated or corrupted?): {exc}") from exc
 

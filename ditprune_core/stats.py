@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .util.blocks import HOOK_ELEMENTS, row_blocks
-from .util.io import atomic_path
-from .util.safetensors_io import read_metadata
+from .util.safetensors_io import checksum_mismatch, read_checksums, read_metadata, write_safetensors
 
 __all__ = [
     "FORMAT",
@@ -52,6 +51,25 @@ def module_weight(_name: str, layer: nn.Linear) -> torch.Tensor:
 
 class CalibrationError(ValueError):
     """A calibration that cannot be used: wrong model, no tokens, bad values, bad file."""
+
+
+def check_activation_sq_mean(values: torch.Tensor, where: str) -> None:
+    """Refuse NaN, inf or negative mean squares, naming ``where`` and the first bad channel.
+
+    A NaN channel loses every comparison (its layer would be pruned whole) and an inf one turns the
+    ranking into index-order ties, so such statistics must never reach scoring.
+
+    Raises:
+        CalibrationError: naming the channel and its value.
+    """
+    bad = ~torch.isfinite(values) | (values < 0)
+    if bool(bad.any()):
+        channel = int(bad.nonzero()[0, 0]) if values.dim() else 0
+        value = float(values.reshape(-1)[channel])
+        raise CalibrationError(
+            f"{where}: input channel {channel} has activation mean square {value} (statistics must be "
+            "finite and non-negative); recalibrate (in float32 or bfloat16 if fp16 overflowed)"
+        )
 
 
 def strided_indices(n: int, samples: int) -> torch.Tensor:
@@ -133,6 +151,25 @@ class LayerStats:
     weight_total: float
     weight_sample: str
 
+    def check(self, name: str) -> None:
+        """Refuse statistics that cannot be scored, naming layer ``name``.
+
+        Raises:
+            CalibrationError: a wrong shape, non-finite or negative values, or no tokens / weight.
+        """
+        where = f"calibration of layer {name!r}"
+        a = self.activation_sq_mean
+        if not isinstance(a, torch.Tensor) or tuple(a.shape) != (self.in_features,):
+            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise CalibrationError(f"{where}: statistics have shape {shape}, expected ({self.in_features},)")
+        check_activation_sq_mean(a, where)
+        if not (isinstance(self.tokens, int) and self.tokens > 0):
+            raise CalibrationError(f"{where}: token count {self.tokens!r} must be a positive integer")
+        if not (isinstance(self.weight_total, (int, float)) and math.isfinite(self.weight_total)):
+            raise CalibrationError(f"{where}: weight total {self.weight_total!r} is not a finite number")
+        if self.weight_total <= 0:
+            raise CalibrationError(f"{where}: weight total {self.weight_total} must be positive")
+
     @classmethod
     def from_accumulator(cls, acc: ChannelSquareMean, out_features: int, weight_sample: str) -> LayerStats:
         """Finalise ``acc`` (the layer's inputs) into the statistics of a layer."""
@@ -157,6 +194,10 @@ class CalibrationStats:
     layers: Mapping[str, LayerStats]
     architecture: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, layer in self.layers.items():
+            layer.check(name)
 
     def __getitem__(self, name: str) -> LayerStats:
         return self.layers[name]
@@ -278,8 +319,7 @@ class CalibrationStats:
             "layers": json.dumps(meta_layers),
             "settings": json.dumps(dict(self.settings), default=str),
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        write_safetensors(path, tensors, metadata)  # atomic, never overwrites, CRC32 per tensor
         return path
 
     @classmethod
@@ -299,30 +339,67 @@ class CalibrationStats:
             not_ours_hint="; pass a file saved by Calibrator (or the Calibrate node)",
             old_version_hint="recalibrate or upgrade ditprune",
         )
+        crcs = read_checksums(metadata, path, CalibrationError)
+        try:
+            meta_layers = json.loads(metadata["layers"])
+            settings = json.loads(metadata.get("settings", "{}"))
+        except (KeyError, json.JSONDecodeError, RecursionError) as exc:
+            raise CalibrationError(
+                f"{path}: its 'layers'/'settings' metadata is missing or not JSON ({exc})"
+            ) from exc
+        if not isinstance(meta_layers, dict) or not isinstance(settings, dict):
+            raise CalibrationError(f"{path}: its 'layers' and 'settings' metadata must be JSON maps")
+        fields: dict[str, type | tuple[type, ...]] = {
+            "in_features": int,
+            "out_features": int,
+            "tokens": int,
+            "weight_total": (int, float),
+        }
+        layers = {}
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta_layers = json.loads(metadata["layers"])
-                layers = {}
+                keys = set(f.keys())
+                if crcs and set(crcs) != keys:
+                    odd = sorted(set(crcs) ^ keys)[0]
+                    raise CalibrationError(
+                        f"{path}: key {odd!r} differs from the keys the file was written with"
+                    )
                 for name, m in meta_layers.items():
-                    mean = f.get_tensor(name).to(torch.float64)
+                    where = f"{path}: layer {name!r}"
+                    if not isinstance(m, dict) or not isinstance(m.get("weight_sample"), str):
+                        raise CalibrationError(f"{where}: its metadata entry is not what Calibrator writes")
+                    for key, kind in fields.items():
+                        if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+                            raise CalibrationError(f"{where}: {key!r} is {m.get(key)!r}, not a number")
+                    if name not in keys:
+                        raise CalibrationError(f"{where} has no tensor in the file")
+                    raw = f.get_tensor(name)
+                    problem = checksum_mismatch(name, raw, crcs, path) if crcs else None
+                    if problem:
+                        raise CalibrationError(problem)
+                    mean = raw.to(torch.float64)
                     if mean.shape != (m["in_features"],):
                         raise CalibrationError(f"{path}: tensor {name!r} has shape {tuple(mean.shape)}")
-                    layers[name] = LayerStats(
+                    layer = LayerStats(
                         mean,
                         m["in_features"],
                         m["out_features"],
                         m["tokens"],
-                        m["weight_total"],
+                        float(m["weight_total"]),
                         m["weight_sample"],
                     )
-                settings = json.loads(metadata.get("settings", "{}"))
-                return cls(layers, metadata.get("architecture", "unknown"), settings)
+                    try:
+                        layer.check(name)
+                    except CalibrationError as exc:
+                        raise CalibrationError(f"{path}: {exc}") from exc
+                    layers[name] = layer
         except CalibrationError:
             raise
-        except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
             raise CalibrationError(
                 f"{path} is not a readable ditprune calibration file (truncated or corrupted?): {exc}"
             ) from exc
+        return cls(layers, str(metadata.get("architecture", "unknown")), settings)
 
 
 def stats_from_batches(

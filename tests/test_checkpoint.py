@@ -155,10 +155,14 @@ def test_refusals(tmp_path) -> None:
         load_pruned_checkpoint(tmp_path / "missing.safetensors")
 
 
-def _rewrite(src, dst, *, meta=None, tensors=None) -> None:
+def _rewrite(src, dst, *, meta=None, tensors=None, keep_checksums=False) -> None:
+    """Rewrite a file with changed metadata or tensors; a crafted file drops the checksums, so that
+    the checks behind them are what refuses it."""
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata()
         data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    if not keep_checksums:
+        metadata.pop("tensor_crc32")
     metadata.update(meta or {})
     data.update(tensors or {})
     save_file(data, str(dst), metadata=metadata)

@@ -16,7 +16,7 @@ def test_round_trip_through_the_safetensors_library(tmp_path) -> None:
         "empty": torch.zeros(0, 4),
         "lazy": LazyTensor((2, 3), torch.float16, lambda: torch.ones(2, 3, dtype=torch.float16)),
     }
-    path = write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "test"})
+    path = write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "test"}, checksums=False)
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"format": "test"}
         for name, t in tensors.items():
@@ -39,3 +39,28 @@ def test_refusals(tmp_path) -> None:
         )
     assert not (tmp_path / "l.safetensors").exists()  # nothing half-written
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary left behind
+
+
+def test_checksums_are_the_crc32_of_each_tensors_bytes(tmp_path) -> None:
+    import json
+
+    from ditprune_core.util.safetensors_io import CHECKSUM_KEY, checksum_mismatch, read_checksums
+
+    tensors = {
+        "u": torch.tensor([1, 2, 3], dtype=torch.uint8),  # zlib.crc32(b"\x01\x02\x03") = 0x55bc801d
+        "one": LazyTensor((1,), torch.float32, lambda: torch.ones(1)),  # bytes 00 00 80 3f
+    }
+    path = write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "test"})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert json.loads(meta[CHECKSUM_KEY]) == {"u": "55bc801d", "one": "aca16a6a"}
+        assert torch.equal(f.get_tensor("u"), tensors["u"])  # the header rewrite kept the data intact
+    crcs = read_checksums(meta, path, ValueError)
+    assert checksum_mismatch("u", torch.tensor([1, 2, 3], dtype=torch.uint8), crcs, path) is None
+    assert "corrupted" in (
+        checksum_mismatch("u", torch.tensor([1, 2, 4], dtype=torch.uint8), crcs, path) or ""
+    )
+    with pytest.raises(ValueError, match="reserved"):
+        write_safetensors(tmp_path / "r.safetensors", {"a": torch.zeros(1)}, {CHECKSUM_KEY: "{}"})
+    with pytest.raises(ValueError, match="__metadata__"):
+        write_safetensors(tmp_path / "m.safetensors", {"__metadata__": torch.zeros(1)})

@@ -9,6 +9,7 @@ read back with the ``safetensors`` library.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,18 @@ from safetensors import SafetensorError, safe_open
 
 from .io import atomic_path
 
-__all__ = ["LazyTensor", "read_metadata", "write_safetensors"]
+__all__ = [
+    "CHECKSUM_KEY",
+    "LazyTensor",
+    "checksum_mismatch",
+    "read_checksums",
+    "read_metadata",
+    "tensor_crc32",
+    "write_safetensors",
+]
+
+#: metadata key holding a JSON ``{tensor name: CRC32 of its bytes, 8 hex digits}``
+CHECKSUM_KEY = "tensor_crc32"
 
 _DTYPES = {
     torch.float64: "F64",
@@ -53,14 +65,25 @@ def _meta(t: TensorLike) -> tuple[tuple[int, ...], torch.dtype]:
     return (tuple(t.shape), t.dtype)
 
 
+def tensor_crc32(t: torch.Tensor) -> str:
+    """CRC32 of a tensor's bytes as they are stored (row-major, little-endian), 8 hex digits."""
+    data = t.detach().to("cpu").contiguous().reshape(-1)
+    return f"{zlib.crc32(data.view(torch.uint8).numpy().data) if data.numel() else 0:08x}"
+
+
 def write_safetensors(
     path: str | Path,
     tensors: Mapping[str, TensorLike],
     metadata: Mapping[str, str] | None = None,
     *,
     overwrite: bool = False,
+    checksums: bool = True,
 ) -> Path:
     """Write ``tensors`` to ``path`` one at a time; :class:`LazyTensor` values are produced then.
+
+    With ``checksums`` the metadata gets :data:`CHECKSUM_KEY`, the CRC32 of every tensor's bytes:
+    the header is written first with fixed-width placeholders, and rewritten in place (same length)
+    once every tensor has been produced and hashed.
 
     Raises:
         ValueError: a dtype safetensors cannot store, a non-string metadata value, or a lazy
@@ -68,13 +91,18 @@ def write_safetensors(
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     header: dict[str, object] = {}
-    if metadata:
-        bad = [k for k, v in metadata.items() if not isinstance(v, str)]
-        if bad:
-            raise ValueError(
-                f"safetensors metadata values must be strings; not {bad[:3]} (store JSON strings)"
-            )
-        header["__metadata__"] = dict(metadata)
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata values must be strings; not {bad[:3]} (store JSON strings)")
+    if "__metadata__" in tensors:
+        raise ValueError("a tensor may not be called '__metadata__' (safetensors keeps its metadata there)")
+    if checksums:
+        if CHECKSUM_KEY in meta:
+            raise ValueError(f"metadata key {CHECKSUM_KEY!r} is reserved for the checksums")
+        meta[CHECKSUM_KEY] = json.dumps(dict.fromkeys(tensors, "0" * 8))
+    if meta:
+        header["__metadata__"] = meta
     offset = 0
     for name, t in tensors.items():
         shape, dtype = _meta(t)
@@ -87,8 +115,8 @@ def write_safetensors(
             "data_offsets": [offset, offset + size],
         }
         offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
+    raw = _header_bytes(header)
+    crcs: dict[str, str] = {}
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
@@ -99,7 +127,58 @@ def write_safetensors(
             data = value.detach().to("cpu").contiguous().reshape(-1)
             if data.numel():
                 f.write(data.view(torch.uint8).numpy().data)
+            if checksums:
+                crcs[name] = tensor_crc32(data)
+            del value, data
+        if checksums:
+            meta[CHECKSUM_KEY] = json.dumps(crcs)
+            final = _header_bytes(header)
+            if len(final) != len(raw):  # cannot happen: every placeholder has the width of a CRC
+                raise RuntimeError("safetensors header changed size while writing checksums")
+            f.seek(8)
+            f.write(final)
     return Path(path)
+
+
+def _header_bytes(header: Mapping[str, object]) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * ((8 - len(raw) % 8) % 8)
+
+
+def read_checksums(metadata: Mapping[str, str], path: str | Path, error: type[Exception]) -> dict[str, str]:
+    """The per-tensor CRC32s a file's metadata records (empty for a file written without them).
+
+    Raises:
+        ``error``: the checksum metadata is not a JSON map of 8-hex-digit strings.
+    """
+    raw = metadata.get(CHECKSUM_KEY)
+    if raw is None:
+        return {}
+    try:
+        crcs = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise error(f"{path}: its {CHECKSUM_KEY!r} metadata is not valid JSON ({exc})") from exc
+    if not isinstance(crcs, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 8 for k, v in crcs.items()
+    ):
+        raise error(f"{path}: its {CHECKSUM_KEY!r} metadata is not a map of tensor names to CRC32s")
+    return crcs
+
+
+def checksum_mismatch(
+    name: str, tensor: torch.Tensor, crcs: Mapping[str, str], path: str | Path
+) -> str | None:
+    """A message if ``tensor`` (read as key ``name``) does not match its recorded CRC32, else None."""
+    expected = crcs.get(name)
+    if expected is None:
+        return f"{path}: tensor {name!r} has no recorded checksum (the file was changed after it was written)"
+    actual = tensor_crc32(tensor)
+    if actual != expected:
+        return (
+            f"{path}: tensor {name!r} is corrupted (CRC32 {actual}, the file records {expected}); "
+            "the file was damaged on disk or in transfer: save or copy it again"
+        )
+    return None
 
 
 def read_metadata(
