@@ -13,7 +13,9 @@ import torch
 from .cluster import LayerClusters, allocate_cluster_prune_counts, cluster_rows
 from .config import PruneConfig, parse_pattern
 from .score import score_layer
+from .stats import check_activation_sq_mean
 from .util.blocks import row_blocks
+from .util.dtypes import first_non_finite
 from .util.selection import prune_lowest
 
 __all__ = ["layer_keep_mask"]
@@ -64,6 +66,14 @@ def layer_keep_mask(
     Returns:
         (out, in) bool, True where the weight is kept.
     """
+    bad = first_non_finite(weight)
+    if bad is not None:
+        raise ValueError(
+            f"layer {name!r} has a non-finite weight at {list(bad)} ({float(weight[bad])}): pruning "
+            "would rank it arbitrarily; fix or reload the model (NaN: a broken file or fp16 overflow)"
+        )
+    if activation_sq_mean is not None:
+        check_activation_sq_mean(activation_sq_mean, f"calibration of layer {name!r}")
     nm = parse_pattern(config.pattern)
     if nm is None and config.granularity == "cluster" and clusters is None:
         # cluster before scoring: KMeans' temporaries never stack on top of the scores

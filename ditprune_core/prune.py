@@ -23,6 +23,7 @@ from .mask import layer_keep_mask
 from .report import LayerSparsity, SparsityReport, count_kept
 from .score import missing_calibration
 from .stats import CalibrationStats, WeightFn, module_weight
+from .util.dtypes import zero_where_
 from .util.packing import PackedMask
 
 __all__ = [
@@ -170,7 +171,7 @@ def apply_masks_(model: nn.Module | object, masks: Mapping[str, MaskLike]) -> No
     with torch.no_grad():
         for name, keep in masks.items():
             weight = named[name].weight
-            weight.masked_fill_(~_as_bool(keep, weight.device), 0)
+            zero_where_(weight, ~_as_bool(keep, weight.device))
 
 
 def prune_model_(
@@ -191,8 +192,7 @@ def prune_model_(
     rows = []
     with torch.no_grad():
         for name, keep in iter_masks(target, stats, config, progress=progress):
-            weight = target.layers[name].weight
-            weight.masked_fill_(~keep, 0)
+            zero_where_(target.layers[name].weight, ~keep)
             rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
             del keep
     return SparsityReport(tuple(rows))

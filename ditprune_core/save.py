@@ -127,7 +127,8 @@ class _Encoder:
 
     def _take(self, piece: str) -> torch.Tensor:
         if self._pieces is None:
-            self._pieces, self.max_error = self.layout.encode(self.produce(), self.values)
+            where = repr(self.name)
+            self._pieces, self.max_error = self.layout.encode(self.produce(), self.values, where)
         return self._pieces.pop(piece)
 
 
@@ -218,6 +219,7 @@ def save_pruned_checkpoint(
             "layout": layout.name,
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "values": str(value_dtype or tensor.dtype).removeprefix("torch."),
+            "scale": "per-row" if values is not None else "none",
         }
         report.layouts[name] = layout.name
         del tensor
@@ -270,6 +272,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
             raise CheckpointError(f"{where} must hold the strings 'layout', 'dtype' and 'values'")
         if entry["layout"] not in LAYOUTS:
             raise CheckpointError(f"{where}: unknown layout {entry['layout']!r}; known: {list(LAYOUTS)}")
+        if entry.get("scale", "none") not in ("none", "per-row"):
+            raise CheckpointError(f"{where}: unknown scale {entry.get('scale')!r}; known: 'none', 'per-row'")
         for key in ("dtype", "values"):
             if entry[key] not in _DTYPE_NAMES:
                 raise CheckpointError(f"{where}: unknown {key} {entry[key]!r}; known: {list(_DTYPE_NAMES)}")
@@ -280,7 +284,9 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 def _piece_names(info: Mapping[str, str]) -> tuple[str, ...]:
     layout = LAYOUTS[info["layout"]]
-    scale = ("scale",) if info["values"] != info["dtype"] else ()
+    # files from before the "scale" key: scaled exactly when the values dtype differs
+    scaled = info.get("scale", "per-row" if info["values"] != info["dtype"] else "none") == "per-row"
+    scale = ("scale",) if scaled else ()
     return ("shape", *layout.own_pieces, *scale)
 
 

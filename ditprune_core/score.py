@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stats import CalibrationError
+from .stats import CalibrationError, check_activation_sq_mean
 from .util.blocks import row_blocks
 
 __all__ = [
@@ -160,6 +160,7 @@ def score_layer(
         return _fp32_copy(weight).abs_()
     if activation_sq_mean is None:
         raise missing_calibration(metric)
+    check_activation_sq_mean(activation_sq_mean, "activation statistics")
     if activation_sq_mean.shape != (weight.shape[1],):
         raise ValueError(
             f"activation statistics have shape {tuple(activation_sq_mean.shape)}, the weight has "

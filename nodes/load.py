@@ -8,7 +8,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info
+from ..ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info, validate_compressed_state
 from .packed import PackedOps, make_packed
 
 MODES = ("compressed on device", "densify at load")
@@ -50,12 +50,15 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, mode: str = MODES[0], sparse_kernels: bool = False) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        layouts = read_checkpoint_info(path).layouts
+        info = read_checkpoint_info(path)
+        layouts = info.layouts
         if mode == "densify at load" or not layouts:
-            state = load_pruned_checkpoint(path)
+            state = load_pruned_checkpoint(path)  # checks every piece and checksum as it decodes
             model = comfy.sd.load_diffusion_model_state_dict(state)
         else:
             state = comfy.utils.load_torch_file(path)
+            # every piece, count, code range and checksum is checked before anything is built from it
+            validate_compressed_state(state, path, info)
             dtypes = [getattr(torch, v["dtype"]) for v in layouts.values()]
             options = {"custom_operations": PackedOps, "dtype": max(set(dtypes), key=dtypes.count)}
             model = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)

@@ -45,6 +45,12 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
             return
+        rows, cols = (int(x) for x in state_dict[key + ".shape"].tolist())
+        if (rows, cols) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"compressed weight {key!r} is {rows}x{cols} but the model's layer is "
+                f"{self.out_features}x{self.in_features}: the checkpoint does not match the detected model"
+            )
         names = []
         for piece in PIECES:
             if key + "." + piece in state_dict:

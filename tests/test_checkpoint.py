@@ -225,7 +225,9 @@ def test_reserved_metadata_and_typed_info(tmp_path) -> None:
     save_pruned_checkpoint({"w": w}, path, metadata={"mine": "1"})
     info = read_checkpoint_info(path)
     assert (info.format, info.version, info.metadata["mine"]) == ("compressed", 1, "1")
-    assert info.layouts == {"w": {"layout": "bitmask", "dtype": "bfloat16", "values": "bfloat16"}}
+    assert info.layouts == {
+        "w": {"layout": "bitmask", "dtype": "bfloat16", "values": "bfloat16", "scale": "none"}
+    }
 
 
 def test_every_layout_round_trips_through_its_own_object() -> None:

@@ -99,3 +99,39 @@ def test_compressed_models_are_not_saved_again(comfy: Comfy) -> None:
     _model, _pruned, name = _saved(comfy, "unstructured", "resave")
     with pytest.raises(ValueError, match="loaded compressed"):
         comfy.node("DitPruneSavePrunedModel").execute(model=_load(comfy, name), filename_prefix="again")
+
+
+@pytest.mark.parametrize("mode", ["compressed on device", "densify at load"])
+def test_corrupted_or_crafted_files_are_refused_at_load_in_every_mode(comfy: Comfy, mode: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _model, _pruned, name = _saved(comfy, "2:4", f"bad{mode[:4]}")
+    folder = comfy.base / "models" / "diffusion_models"
+    with safe_open(str(folder / name), framework="pt") as f:
+        meta = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = f"{LAYER}.weight"
+    # a flipped data bit: the checksum catches it before sampling
+    raw = bytearray((folder / name).read_bytes())
+    raw[-7] ^= 0x04
+    (folder / "runtime" / f"flip{mode[:4]}.safetensors").write_bytes(bytes(raw))
+    # (the pack's CheckpointError, a ValueError: ComfyUI imports the pack under its own package name)
+    with pytest.raises(ValueError, match="is corrupted"):
+        _load(comfy, f"runtime/flip{mode[:4]}.safetensors", mode)
+    # a crafted file without checksums: a 2:4 code out of range, a lying shape, a renamed key
+    meta.pop("tensor_crc32")
+    codes = data[f"{key}.nm_codes"].clone()
+    codes[0, 0] = 250
+    crafted = {
+        "code": ({**data, f"{key}.nm_codes": codes}, "invalid 2:4 codes"),
+        "shape": ({**data, f"{key}.shape": torch.tensor([512, 10**6])}, "do not fit its shape"),
+        "renamed": (
+            {**{k: v for k, v in data.items() if k != key}, key + "x": data[key]},
+            "has no placeholder key",
+        ),
+    }
+    for tag, (tensors, message) in crafted.items():
+        save_file(tensors, str(folder / "runtime" / f"{tag}{mode[:4]}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=message):
+            _load(comfy, f"runtime/{tag}{mode[:4]}.safetensors", mode)

@@ -1,0 +1,41 @@
+"""Working with every weight dtype ComfyUI loads, fp8 included.
+
+torch implements few kernels for float8 (no ``masked_fill``, ``masked_scatter``, ``scatter``,
+``gather`` or ``isfinite`` on the CPU). Pruning only moves values and writes zeros, and zero is the
+all-zero byte in every float8 format, so those operations run on the weight's bytes instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocks import row_blocks
+
+__all__ = ["first_non_finite", "storage_view", "zero_where_"]
+
+
+def storage_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a 1-byte float dtype (fp8) a uint8 view of the same memory."""
+    if t.is_floating_point() and t.element_size() == 1:
+        return t.view(torch.uint8)
+    return t
+
+
+def zero_where_(weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Set ``weight`` to zero where the bool ``pruned`` is True, in place (any dtype, fp8 too)."""
+    storage_view(weight).masked_fill_(pruned.to(weight.device), 0)
+    return weight
+
+
+def first_non_finite(t: torch.Tensor) -> tuple[int, ...] | None:
+    """Index of the first NaN or inf entry of a float tensor (checked a block of rows at a time), or None."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    for span in row_blocks(flat.shape[0], flat.shape[1]):
+        bad = ~torch.isfinite(flat[span].float())
+        if bool(bad.any()):
+            row, col = (int(x) for x in bad.nonzero()[0])
+            index = (span.start + row) * flat.shape[1] + col
+            return tuple(int(i) for i in torch.unravel_index(torch.tensor(index), t.shape))
+    return None
