@@ -56,7 +56,9 @@ __all__ = [
     "GramAccumulator",
     "GramRecorder",
     "ObsResult",
+    "PairedGramAccumulator",
     "RefitInfo",
+    "corrected_weight",
     "dampened",
     "obs_prune",
     "plan_groups",
@@ -133,7 +135,9 @@ class GramAccumulator:
         if self.mean is None:
             self.mean = batch_mean.to(self.dtype, copy=True)
         else:
-            self.mean.lerp_(batch_mean.to(self.mean.device, self.dtype), batch_weight / (self.weight_total + batch_weight))
+            self.mean.lerp_(
+                batch_mean.to(self.mean.device, self.dtype), batch_weight / (self.weight_total + batch_weight)
+            )
         self.weight_total += batch_weight
         self.tokens += tokens
 
@@ -158,6 +162,79 @@ class GramAccumulator:
             )
         check_gram(self.mean, self.name)
         return self.mean
+
+
+class PairedGramAccumulator:
+    """Gram of a layer's inputs ``x`` and cross-Gram with reference inputs ``x_ref`` of the same tokens.
+
+    For error-correcting reconstruction: ``x`` are the inputs of the layer in the partially pruned
+    model, ``x_ref`` the inputs of the same layer in the dense model on the same model inputs. The
+    running means are ``H = E[x xᵀ]`` and ``C = E[x_ref xᵀ]``, both (in, in), weighted like
+    :class:`GramAccumulator`. Memory: twice a Gram.
+    """
+
+    def __init__(self, in_features: int, *, name: str = "layer", dtype: torch.dtype = torch.float32) -> None:
+        self.gram = GramAccumulator(in_features, name=name, dtype=dtype)
+        self.cross = GramAccumulator(in_features, name=name, dtype=dtype)
+
+    @property
+    def tokens(self) -> int:
+        return self.gram.tokens
+
+    def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor, weight: float = 1.0) -> None:
+        """Add inputs ``x`` and reference inputs ``x_ref``, both (..., in_features), token for token."""
+        if x.shape != x_ref.shape:
+            raise CalibrationError(
+                f"paired Gram of {self.gram.name!r}: inputs {tuple(x.shape)} and reference inputs "
+                f"{tuple(x_ref.shape)} differ; run the dense and the pruned model on the same inputs"
+            )
+        self.gram.add_batch(x, weight)
+        n = self.gram.in_features
+        a, b = x_ref.detach().reshape(-1, n), x.detach().reshape(-1, n)
+        if a.shape[0] == 0 or weight <= 0:
+            return
+        total = torch.zeros(n, n, dtype=self.cross.dtype, device=x.device)
+        step = max(1, _CHUNK_ELEMENTS // n)
+        for start in range(0, a.shape[0], step):
+            total.addmm_(a[start : start + step].to(total.dtype).t(), b[start : start + step].to(total.dtype))
+        if not bool(torch.isfinite(total).all()):
+            raise CalibrationError(f"layer {self.gram.name!r} received NaN or inf reference inputs")
+        self.cross._combine(total.div_(a.shape[0]), weight * a.shape[0], a.shape[0])
+
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(H, C)``: Gram ``E[x xᵀ]`` and cross-Gram ``E[x_ref xᵀ]``, each (in, in)."""
+        return self.gram.finalize(), self.cross.finalize()
+
+
+@torch.no_grad()
+def corrected_weight(
+    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, *, damp: float = 0.01
+) -> torch.Tensor:
+    """The dense weight moved to absorb the error upstream of the layer (before pruning it).
+
+    ``W* = argmin E||W' x - W x_ref||² + λ||W' - W||² = W (C + λI)(H + λI)⁻¹`` with ``H = E[x xᵀ]``,
+    ``C = E[x_ref xᵀ]`` (:class:`PairedGramAccumulator`) and ``λ = damp · mean(diag H)``. When the
+    inputs are unchanged (``x = x_ref``) it is ``W`` itself. Since
+    ``E||W' x - W x_ref||² = tr((W' - W*) H (W' - W*)ᵀ) + const`` (for λ → 0), pruning ``W*`` on
+    ``H`` with :func:`obs_prune` / :func:`refit_masked` minimises the error against the dense layer's
+    output on dense inputs.
+
+    Args:
+        weight: (out, in) dense weight ``W``.
+        gram: (in, in) ``H``; cross: (in, in) ``C``.
+    Returns:
+        (out, in) float32 ``W*`` on the weight's device.
+    """
+    check_gram(gram)
+    check_gram(cross)
+    device = weight.device
+    h = dampened(gram.to(device), damp)
+    lam = float(h.diagonal().mean() - gram.diagonal().mean())
+    c = cross.to(device, torch.float32, copy=True)
+    c.diagonal().add_(lam)
+    w = weight.detach().to(torch.float32)
+    chol = torch.linalg.cholesky(h)
+    return torch.cholesky_solve(c.t() @ w.t(), chol).t().contiguous()
 
 
 def check_gram(gram: torch.Tensor, name: str = "layer") -> None:
@@ -229,7 +306,9 @@ def _parse_nm(pattern: tuple[int, int] | str | None) -> tuple[int, int] | None:
         try:
             n, m = (int(p) for p in pattern.split(":"))
         except ValueError as exc:
-            raise ValueError(f"unknown sparsity pattern {pattern!r}; use 'unstructured', '2:4' or '4:8'") from exc
+            raise ValueError(
+                f"unknown sparsity pattern {pattern!r}; use 'unstructured', '2:4' or '4:8'"
+            ) from exc
         return n, m
     return int(pattern[0]), int(pattern[1])
 
@@ -303,7 +382,9 @@ def obs_prune(
         keep_mask = mask_fn(weight, gram.diagonal().to(device, torch.float64))
     if keep_mask is not None:
         if tuple(keep_mask.shape) != (out_f, in_f):
-            raise ValueError(f"keep_mask of {name!r} has shape {tuple(keep_mask.shape)}, weight {(out_f, in_f)}")
+            raise ValueError(
+                f"keep_mask of {name!r} has shape {tuple(keep_mask.shape)}, weight {(out_f, in_f)}"
+            )
         fixed_prune = ~keep_mask.to(device, torch.bool)
     elif nm is not None:
         n, m = nm
@@ -332,7 +413,9 @@ def obs_prune(
             block_counts = _split_counts(torch.full((out_f,), round(s * in_f)), starts, in_f)
         elif granularity == "cluster":
             if row_groups is None or group_prune_counts is None or row_groups.shape != (out_f,):
-                raise ValueError(f"granularity 'cluster' of {name!r} needs row_groups (out,) and group_prune_counts")
+                raise ValueError(
+                    f"granularity 'cluster' of {name!r} needs row_groups (out,) and group_prune_counts"
+                )
             block_counts = _split_counts(group_prune_counts.to(torch.int64).cpu(), starts, in_f)
         else:
             raise ValueError(f"unknown granularity {granularity!r}; choose from {list(GRANULARITIES)}")
@@ -371,7 +454,9 @@ def obs_prune(
 
 def _saliency(w: torch.Tensor, d: torch.Tensor, balance: float) -> torch.Tensor:
     """``log`` of ``(w²)^(1-β) (1/d²)^β`` (same order, no overflow): (out, c) from w (out, c), d (c,)."""
-    return (1.0 - balance) * w.pow(2).clamp_min(1e-38).log() - (2.0 * balance) * d.abs().clamp_min(1e-38).log()
+    return (1.0 - balance) * w.pow(2).clamp_min(1e-38).log() - (2.0 * balance) * d.abs().clamp_min(
+        1e-38
+    ).log()
 
 
 def _select_block(
@@ -414,7 +499,15 @@ def sparsegpt_prune(
     layer (module docstring); the reference code prunes one weight more per block.
     """
     return obs_prune(
-        weight, gram, sparsity=sparsity, pattern=pattern, balance=0.5, granularity="layer", blocksize=128, damp=0.01, name=name
+        weight,
+        gram,
+        sparsity=sparsity,
+        pattern=pattern,
+        balance=0.5,
+        granularity="layer",
+        blocksize=128,
+        damp=0.01,
+        name=name,
     )
 
 
@@ -492,7 +585,12 @@ def refit_masked(
         resid = _residual(x, h, rhs, mask)
         info_out = RefitInfo("exact", 1, resid, time.perf_counter() - start)
         return x.to(weight.dtype), info_out
-    x = (init if init is not None else weight).detach().to(device, torch.float32, copy=True).masked_fill_(~mask, 0.0)
+    x = (
+        (init if init is not None else weight)
+        .detach()
+        .to(device, torch.float32, copy=True)
+        .masked_fill_(~mask, 0.0)
+    )
     inv_diag = h.diagonal().reciprocal()
     r = rhs - (x @ h).masked_fill_(~mask, 0.0)
     rhs_norm = rhs.norm(dim=1).clamp_min(1e-30)
@@ -591,7 +689,8 @@ class GramRecorder:
         self._weighting = TIMESTEP_WEIGHTINGS[weighting] if isinstance(weighting, str) else weighting
         self.current_weight = 1.0
         self.accumulators = {
-            name: GramAccumulator(layer.in_features, name=name, dtype=dtype) for name, layer in self.layers.items()
+            name: GramAccumulator(layer.in_features, name=name, dtype=dtype)
+            for name, layer in self.layers.items()
         }
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

@@ -98,7 +98,9 @@ def test_exact_counts_across_uneven_blocks() -> None:
     assert (~rows.keep_mask).sum(dim=1).tolist() == [round(0.37 * 10)] * 7
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     counts = torch.tensor([5, 20])
-    cl = obs_prune(w, h, sparsity=0.37, blocksize=3, granularity="cluster", row_groups=groups, group_prune_counts=counts)
+    cl = obs_prune(
+        w, h, sparsity=0.37, blocksize=3, granularity="cluster", row_groups=groups, group_prune_counts=counts
+    )
     pruned = ~cl.keep_mask
     assert [int(pruned[:3].sum()), int(pruned[3:].sum())] == [5, 20]
     assert not bool(res.weight[~res.keep_mask].any())
@@ -158,7 +160,11 @@ def test_nan_gram_is_refused_naming_the_layer() -> None:
 def test_gram_merge_equals_concatenated_batches(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(4)
     x1, x2, x3 = (torch.randn(n, 2, 6, generator=gen) for n in (3, 5, 2))
-    a, b, whole = GramAccumulator(6, dtype=dtype), GramAccumulator(6, dtype=dtype), GramAccumulator(6, dtype=dtype)
+    a, b, whole = (
+        GramAccumulator(6, dtype=dtype),
+        GramAccumulator(6, dtype=dtype),
+        GramAccumulator(6, dtype=dtype),
+    )
     a.add_batch(x1)
     b.add_batch(x2)
     b.add_batch(x3)

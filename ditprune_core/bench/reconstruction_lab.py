@@ -32,8 +32,16 @@ import torch
 from torch import nn
 
 from ..masks import PruneConfig, layer_keep_mask
-from ..miniflux.pipeline import MiniFluxPipeline
-from ..reconstruct import GramRecorder, obs_prune, refit_masked, relative_output_error, sparsegpt_prune
+from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
+from ..reconstruct import (
+    GramRecorder,
+    PairedGramAccumulator,
+    corrected_weight,
+    obs_prune,
+    refit_masked,
+    relative_output_error,
+    sparsegpt_prune,
+)
 from . import write_report
 from .quality import SETTINGS, BenchContext
 
@@ -59,7 +67,9 @@ class Recipe:
     refit_tol: float = 1e-4
     update: bool = True  # OBS update (False: mask alone, then refit if asked)
 
-    def __call__(self, name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str) -> torch.Tensor:
+    def __call__(
+        self, name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str
+    ) -> torch.Tensor:
         nm = None if pattern == "unstructured" else pattern
         keep = None
         if self.mask == "energy":
@@ -96,7 +106,9 @@ class Recipe:
 
 
 def _sparsegpt(name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str) -> torch.Tensor:
-    return sparsegpt_prune(weight, gram, sparsity=s, pattern=None if pattern == "unstructured" else pattern, name=name).weight
+    return sparsegpt_prune(
+        weight, gram, sparsity=s, pattern=None if pattern == "unstructured" else pattern, name=name
+    ).weight
 
 
 def variants() -> dict[str, LayerFn]:
@@ -152,6 +164,7 @@ class Lab:
         self.ctx = BenchContext.build(model, seeds=seeds, per_class=per_class)
         self.pipe = self.ctx.pipe
         self.layers = PruneConfig(0.5)
+        self.correction_damp = 0.01
         from ..masks import select_layers
 
         self._select = select_layers
@@ -201,6 +214,65 @@ class Lab:
             del grams
         return pipe, float(np.mean(err))
 
+    def _gather_paired(
+        self, pipe: MiniFluxPipeline, layers: dict[str, nn.Linear]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Grams of the pruned model's inputs and cross-Grams with the dense model's, same tokens.
+
+        The sampler follows the pruned model; at every step the dense model also runs on the same
+        latent, so that each layer sees (pruned input, dense input) pairs.
+        """
+        from ..calibration import log_timestep_weight
+
+        dense_layers = self._select(self.pipe.model, self.layers)
+        accs = {n: PairedGramAccumulator(layers[n].in_features, name=n) for n in layers}
+        pending: dict[str, torch.Tensor] = {}
+        weight = [1.0]
+
+        def grab(name: str) -> Callable[..., None]:
+            return lambda _m, inputs, _o: pending.__setitem__(name, inputs[0].detach())
+
+        def pair(name: str) -> Callable[..., None]:
+            return lambda _m, inputs, _o: accs[name].add_pair(pending.pop(name), inputs[0], weight[0])
+
+        handles = [layers[n].register_forward_hook(grab(n)) for n in layers]
+        handles += [dense_layers[n].register_forward_hook(pair(n)) for n in layers]
+        try:
+            labels = torch.arange(pipe.config.num_classes).repeat_interleave(CAL_PER_CLASS)
+            sigmas = sigma_schedule(self.ctx.steps)
+            with torch.no_grad():
+                for seed in CAL_SEEDS:
+                    x = pipe.initial_noise(labels.shape[0], seed)
+                    for i in range(self.ctx.steps):
+                        sigma = float(sigmas[i])
+                        weight[0] = log_timestep_weight(sigma)
+                        v = pipe.guided_velocity(x, sigma, labels, self.ctx.cfg)
+                        self.pipe.guided_velocity(x, sigma, labels, self.ctx.cfg)
+                        x = x + float(sigmas[i + 1] - sigmas[i]) * v
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: acc.finalize() for n, acc in accs.items()}
+
+    def twin(self, fn: LayerFn, s: float, pattern: str) -> tuple[MiniFluxPipeline, float]:
+        """Sequential, and each layer's target is the dense layer on dense inputs (error correction)."""
+        model = copy.deepcopy(self.pipe.model)
+        pipe = MiniFluxPipeline(model, self.pipe.conditioner)
+        layers = self._select(model, self.layers)
+        err = []
+        for group in self.groups:
+            paired = self._gather_paired(pipe, {n: layers[n] for n in group})
+            with torch.no_grad():
+                for name in group:
+                    h, c = paired[name]
+                    w = layers[name].weight
+                    target = corrected_weight(w, h, c, damp=self.correction_damp)
+                    new = fn(name, target.clone(), h, s, pattern)
+                    err.append(relative_output_error(new, target, h))
+                    w.copy_(new)
+            del paired
+        return pipe, float(np.mean(err))
+
     def mask_only_defaults(self, s: float, pattern: str) -> MiniFluxPipeline:
         return self.ctx.pruned(PruneConfig(s, pattern=pattern))
 
@@ -236,14 +308,25 @@ def run_lab(
                 pipe = lab.mask_only_defaults(s, pattern)
             else:
                 base, mode = name.rsplit("-", 1)
-                if mode not in ("1s", "seq") or base not in table:
-                    raise ValueError(f"unknown variant {name!r}: use dit-pruning or <recipe>-1s / -seq, recipes {list(table)}")
-                runner = lab.oneshot if mode == "1s" else lab.sequential
+                if mode not in ("1s", "seq", "twin") or base not in table:
+                    raise ValueError(
+                        f"unknown variant {name!r}: use dit-pruning or <recipe>-1s / -seq / -twin, "
+                        f"recipes {list(table)}"
+                    )
+                runner = {"1s": lab.oneshot, "seq": lab.sequential, "twin": lab.twin}[mode]
                 pipe, layer_err = runner(table[base], s, pattern)
             seconds = time.perf_counter() - start
             metrics = lab.ctx.evaluate(pipe, full=full)
             rows.append(Row(model, name, setting, metrics["rel_err"], layer_err, seconds))
-            log.info("%s %s %s: rel err %.4f  layer err %.4f  (%.1f s)", model, name, setting, np.mean(metrics["rel_err"]), layer_err, seconds)
+            log.info(
+                "%s %s %s: rel err %.4f  layer err %.4f  (%.1f s)",
+                model,
+                name,
+                setting,
+                np.mean(metrics["rel_err"]),
+                layer_err,
+                seconds,
+            )
     return rows
 
 
@@ -266,12 +349,17 @@ def to_markdown(rows: Sequence[Row], command: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.variant} | {r.setting} | {_cell(r.rel_err)} | {r.layer_err:.4f} | {r.seconds:.1f} |")
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.setting} | {_cell(r.rel_err)} | "
+            f"{r.layer_err:.4f} | {r.seconds:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench.reconstruction_lab", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m ditprune_core.bench.reconstruction_lab", description=__doc__
+    )
     parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
     parser.add_argument("--variants", nargs="+", default=None)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
@@ -284,8 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     names = args.variants or list(DEFAULT_VARIANTS)
     seeds, per_class = ((0,), 5) if args.quick else (tuple(args.seeds), args.per_class)
-    rows = [r for m in args.models for r in run_lab(m, names, args.settings, seeds=seeds, per_class=per_class, full=False)]
-    command = "python -m ditprune_core.bench.reconstruction_lab " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = [
+        r
+        for m in args.models
+        for r in run_lab(m, names, args.settings, seeds=seeds, per_class=per_class, full=False)
+    ]
+    command = "python -m ditprune_core.bench.reconstruction_lab " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     text = to_markdown(rows, command.strip())
     if args.quick:
         print(text)
