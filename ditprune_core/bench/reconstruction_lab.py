@@ -1,0 +1,402 @@
+"""Reconstruction lab: mask-only pruning vs SparseGPT vs DiT-Pruning with OBS update / refit, on MiniFlux.
+
+    python -m ditprune_core.bench.reconstruction_lab                 # final table, both models
+    python -m ditprune_core.bench.reconstruction_lab --quick --variants sparsegpt-seq energy-refit-seq
+
+Same calibration (2 seeds x 10 digits per class, 20 Euler steps, cfg 2, log timestep weighting, as
+``bench/quality.py``), same evaluation (relative error of the final samples against the dense model
+from the same noise, mean over evaluation seeds). Every variant sees the same calibration:
+
+- one-shot (``-1s``): the Grams of all layers are gathered on the dense model in one pass;
+- sequential (``-seq``): layers in forward order are split into groups (one transformer block each);
+  for each group the Grams are gathered while the calibration sampler runs on the partially pruned
+  model, the group's layers are pruned and updated, and the Grams are freed. Every sequential variant
+  runs the same number of calibration passes.
+
+The mask-only DiT-Pruning defaults (``dit-pruning``) are exactly the quality benchmark's row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..masks import PruneConfig, layer_keep_mask
+from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
+from ..reconstruct import (
+    GramRecorder,
+    PairedGramAccumulator,
+    corrected_weight,
+    obs_prune,
+    refit_masked,
+    relative_output_error,
+    sparsegpt_prune,
+)
+from . import write_report
+from .quality import SETTINGS, BenchContext
+
+log = logging.getLogger("ditprune")
+
+#: ``fn(name, weight, gram, sparsity, pattern) -> new weight``
+LayerFn = Callable[[str, torch.Tensor, torch.Tensor, float, str], torch.Tensor]
+CAL_SEEDS = (1000, 1001)
+CAL_PER_CLASS = 10
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one layer is pruned and compensated."""
+
+    mask: str = "obs"  # "obs": chosen inside the update; "energy": DiT-Pruning energy mask, fixed
+    balance: float = 0.5
+    damp: float = 0.01
+    blocksize: int = 128
+    refit: str = "none"  # "none", "exact", "pcg"
+    refit_damp: float = 0.01
+    refit_iters: int = 20
+    refit_tol: float = 1e-4
+    update: bool = True  # OBS update (False: mask alone, then refit if asked)
+
+    def __call__(
+        self, name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str
+    ) -> torch.Tensor:
+        nm = None if pattern == "unstructured" else pattern
+        keep = None
+        if self.mask == "energy":
+            keep = layer_keep_mask(name, weight, gram.diagonal().double(), PruneConfig(s, pattern=pattern))
+        if self.update:
+            res = obs_prune(
+                weight,
+                gram,
+                sparsity=s,
+                pattern=nm,
+                keep_mask=keep,
+                balance=self.balance,
+                damp=self.damp,
+                blocksize=self.blocksize,
+                name=name,
+            )
+            new, keep = res.weight, res.keep_mask
+        else:
+            assert keep is not None
+            new = weight.masked_fill(~keep, 0.0)
+        if self.refit != "none":
+            new, _info = refit_masked(
+                weight,
+                gram,
+                keep,
+                init=new,
+                method=self.refit,
+                damp=self.refit_damp,
+                iters=self.refit_iters,
+                tol=self.refit_tol,
+                name=name,
+            )
+        return new
+
+
+def _sparsegpt(name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str) -> torch.Tensor:
+    return sparsegpt_prune(
+        weight, gram, sparsity=s, pattern=None if pattern == "unstructured" else pattern, name=name
+    ).weight
+
+
+def variants() -> dict[str, LayerFn]:
+    """The layer recipes the lab can run; ``-1s`` / ``-seq`` suffixes choose one-shot or sequential."""
+    out: dict[str, LayerFn] = {"sparsegpt": _sparsegpt}
+    for b in (0.3, 0.4, 0.5, 0.6):
+        out[f"obs-b{b}"] = Recipe(balance=b)
+        out[f"obs-b{b}-refit"] = Recipe(balance=b, refit="exact")
+    out["energy-obs"] = Recipe(mask="energy")
+    out["energy-refit"] = Recipe(mask="energy", update=False, refit="exact")
+    out["energy-obs-refit"] = Recipe(mask="energy", refit="exact")
+    for d in (1e-4, 1e-3, 0.1):
+        out[f"energy-refit-d{d}"] = Recipe(mask="energy", update=False, refit="exact", refit_damp=d)
+        out[f"obs-b0.5-refit-d{d}"] = Recipe(balance=0.5, refit="exact", refit_damp=d)
+    for it in (1, 3, 5, 10, 20):
+        out[f"energy-obs-pcg{it}"] = Recipe(mask="energy", refit="pcg", refit_iters=it, refit_tol=0.0)
+    return out
+
+
+def forward_order(pipe: MiniFluxPipeline, layers: dict[str, nn.Linear]) -> list[str]:
+    """Layer names in the order their first forward call happens (one tiny guided step)."""
+    seen: list[str] = []
+    handles = [
+        layer.register_forward_hook(lambda _m, _i, _o, n=name: seen.append(n) if n not in seen else None)
+        for name, layer in layers.items()
+    ]
+    try:
+        labels = torch.arange(2)
+        with torch.no_grad():
+            pipe.guided_velocity(pipe.initial_noise(2, 0), 1.0, labels, 2.0)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def block_groups(order: Sequence[str]) -> list[list[str]]:
+    """Consecutive layers of the same transformer block (``double_blocks.N`` / ``single_blocks.N``)."""
+    groups: list[list[str]] = []
+    for name in order:
+        block = ".".join(name.split(".")[:2])
+        if groups and ".".join(groups[-1][0].split(".")[:2]) == block:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+class Lab:
+    """One model: calibration, dense runs, one-shot Grams; runs variants."""
+
+    def __init__(self, model: str, *, seeds: Sequence[int], per_class: int) -> None:
+        self.ctx = BenchContext.build(model, seeds=seeds, per_class=per_class)
+        self.pipe = self.ctx.pipe
+        self.layers = PruneConfig(0.5)
+        self.correction_damp = 0.01
+        from ..masks import select_layers
+
+        self._select = select_layers
+        layers = select_layers(self.pipe.model, self.layers)
+        self.order = forward_order(self.pipe, layers)
+        self.groups = block_groups(self.order)
+        start = time.perf_counter()
+        self.grams = self._gather(self.pipe, layers)
+        self.gram_seconds = time.perf_counter() - start
+
+    def run_calibration(self, pipe: MiniFluxPipeline, rec: GramRecorder) -> None:
+        """The calibration of ``bench/quality.py``: both CFG halves, log weighting."""
+        labels = torch.arange(pipe.config.num_classes).repeat_interleave(CAL_PER_CLASS)
+        for seed in CAL_SEEDS:
+            pipe.sample(labels, seed=seed, steps=self.ctx.steps, cfg=self.ctx.cfg, on_step=rec.on_step)
+
+    def _gather(self, pipe: MiniFluxPipeline, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+        with GramRecorder(layers, weighting="log") as rec:
+            self.run_calibration(pipe, rec)
+        return rec.grams()
+
+    def oneshot(self, fn: LayerFn, s: float, pattern: str) -> tuple[MiniFluxPipeline, float]:
+        model = copy.deepcopy(self.pipe.model)
+        layers = self._select(model, self.layers)
+        err = []
+        with torch.no_grad():
+            for name in self.order:
+                w = layers[name].weight
+                new = fn(name, w.detach().clone(), self.grams[name], s, pattern)
+                err.append(relative_output_error(new, w, self.grams[name]))
+                w.copy_(new)
+        return MiniFluxPipeline(model, self.pipe.conditioner), float(np.mean(err))
+
+    def sequential(self, fn: LayerFn, s: float, pattern: str) -> tuple[MiniFluxPipeline, float]:
+        model = copy.deepcopy(self.pipe.model)
+        pipe = MiniFluxPipeline(model, self.pipe.conditioner)
+        layers = self._select(model, self.layers)
+        err = []
+        for group in self.groups:
+            grams = self._gather(pipe, {n: layers[n] for n in group})
+            with torch.no_grad():
+                for name in group:
+                    w = layers[name].weight
+                    new = fn(name, w.detach().clone(), grams[name], s, pattern)
+                    err.append(relative_output_error(new, w, grams[name]))
+                    w.copy_(new)
+            del grams
+        return pipe, float(np.mean(err))
+
+    def _gather_paired(
+        self, pipe: MiniFluxPipeline, layers: dict[str, nn.Linear]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Grams of the pruned model's inputs and cross-Grams with the dense model's, same tokens.
+
+        The sampler follows the pruned model; at every step the dense model also runs on the same
+        latent, so that each layer sees (pruned input, dense input) pairs.
+        """
+        from ..calibration import log_timestep_weight
+
+        dense_layers = self._select(self.pipe.model, self.layers)
+        accs = {n: PairedGramAccumulator(layers[n].in_features, name=n) for n in layers}
+        pending: dict[str, torch.Tensor] = {}
+        weight = [1.0]
+
+        def grab(name: str) -> Callable[..., None]:
+            return lambda _m, inputs, _o: pending.__setitem__(name, inputs[0].detach())
+
+        def pair(name: str) -> Callable[..., None]:
+            return lambda _m, inputs, _o: accs[name].add_pair(pending.pop(name), inputs[0], weight[0])
+
+        handles = [layers[n].register_forward_hook(grab(n)) for n in layers]
+        handles += [dense_layers[n].register_forward_hook(pair(n)) for n in layers]
+        try:
+            labels = torch.arange(pipe.config.num_classes).repeat_interleave(CAL_PER_CLASS)
+            sigmas = sigma_schedule(self.ctx.steps)
+            with torch.no_grad():
+                for seed in CAL_SEEDS:
+                    x = pipe.initial_noise(labels.shape[0], seed)
+                    for i in range(self.ctx.steps):
+                        sigma = float(sigmas[i])
+                        weight[0] = log_timestep_weight(sigma)
+                        v = pipe.guided_velocity(x, sigma, labels, self.ctx.cfg)
+                        self.pipe.guided_velocity(x, sigma, labels, self.ctx.cfg)
+                        x = x + float(sigmas[i + 1] - sigmas[i]) * v
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: acc.finalize() for n, acc in accs.items()}
+
+    def twin(self, fn: LayerFn, s: float, pattern: str) -> tuple[MiniFluxPipeline, float]:
+        """Sequential, and each layer's target is the dense layer on dense inputs (error correction)."""
+        model = copy.deepcopy(self.pipe.model)
+        pipe = MiniFluxPipeline(model, self.pipe.conditioner)
+        layers = self._select(model, self.layers)
+        err = []
+        for group in self.groups:
+            paired = self._gather_paired(pipe, {n: layers[n] for n in group})
+            with torch.no_grad():
+                for name in group:
+                    h, c = paired[name]
+                    w = layers[name].weight
+                    target = corrected_weight(w, h, c, damp=self.correction_damp)
+                    new = fn(name, target.clone(), h, s, pattern)
+                    err.append(relative_output_error(new, target, h))
+                    w.copy_(new)
+            del paired
+        return pipe, float(np.mean(err))
+
+    def mask_only_defaults(self, s: float, pattern: str) -> MiniFluxPipeline:
+        return self.ctx.pruned(PruneConfig(s, pattern=pattern))
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    setting: str
+    rel_err: list[float]
+    layer_err: float
+    seconds: float
+
+
+def run_lab(
+    model: str,
+    names: Sequence[str],
+    settings: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    per_class: int,
+    full: bool,
+) -> list[Row]:
+    lab = Lab(model, seeds=seeds, per_class=per_class)
+    table = variants()
+    rows = []
+    for setting in settings:
+        s, pattern = SETTINGS[setting]
+        for name in names:
+            start = time.perf_counter()
+            layer_err = float("nan")
+            if name == "dit-pruning":
+                pipe = lab.mask_only_defaults(s, pattern)
+            else:
+                base, mode = name.rsplit("-", 1)
+                if mode not in ("1s", "seq", "twin") or base not in table:
+                    raise ValueError(
+                        f"unknown variant {name!r}: use dit-pruning or <recipe>-1s / -seq / -twin, "
+                        f"recipes {list(table)}"
+                    )
+                runner = {"1s": lab.oneshot, "seq": lab.sequential, "twin": lab.twin}[mode]
+                pipe, layer_err = runner(table[base], s, pattern)
+            seconds = time.perf_counter() - start
+            metrics = lab.ctx.evaluate(pipe, full=full)
+            rows.append(Row(model, name, setting, metrics["rel_err"], layer_err, seconds))
+            log.info(
+                "%s %s %s: rel err %.4f  layer err %.4f  (%.1f s)",
+                model,
+                name,
+                setting,
+                np.mean(metrics["rel_err"]),
+                layer_err,
+                seconds,
+            )
+    return rows
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.4f}" if len(values) == 1 else f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def to_markdown(rows: Sequence[Row], command: str) -> str:
+    lines = [
+        "# Reconstruction lab (generated)",
+        "",
+        f"Command: `{command}`. Written by `ditprune_core/bench/reconstruction_lab.py`; do not edit by hand.",
+        "",
+        "Relative error of the final samples against the dense model from the same noise (mean ± std over",
+        "evaluation seeds), same calibration for every row. `layer err` is the mean over layers of the",
+        "relative output error on each layer's own calibration Gram. `-1s`: one-shot; `-seq`: sequential,",
+        "one calibration pass per transformer block. Seconds: pruning incl. calibration passes.",
+        "",
+        "| model | variant | sparsity | rel. error ↓ | layer err | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.setting} | {_cell(r.rel_err)} | "
+            f"{r.layer_err:.4f} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ditprune_core.bench.reconstruction_lab", description=__doc__
+    )
+    parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="one evaluation seed of 50 samples, no file")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    names = args.variants or list(DEFAULT_VARIANTS)
+    seeds, per_class = ((0,), 5) if args.quick else (tuple(args.seeds), args.per_class)
+    rows = [
+        r
+        for m in args.models
+        for r in run_lab(m, names, args.settings, seeds=seeds, per_class=per_class, full=False)
+    ]
+    command = "python -m ditprune_core.bench.reconstruction_lab " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    text = to_markdown(rows, command.strip())
+    if args.quick:
+        print(text)
+        return 0
+    path = write_report(args.out, "reconstruction_lab.md", text)
+    print(path.read_text())
+    return 0
+
+
+DEFAULT_VARIANTS = (
+    "dit-pruning",
+    "sparsegpt-1s",
+    "sparsegpt-seq",
+    "energy-obs-seq",
+    "energy-refit-seq",
+    "obs-b0.4-seq",
+)
+
+if __name__ == "__main__":
+    sys.exit(main())
