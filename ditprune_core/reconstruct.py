@@ -48,8 +48,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .calibration import TIMESTEP_WEIGHTINGS, CalibrationError, TimestepWeighting
-from .selection import prune_lowest
+from .calibrate import TIMESTEP_WEIGHTINGS, TimestepWeighting
+from .stats import CalibrationError
+from .util.selection import prune_lowest
 
 __all__ = [
     "REFIT_METHODS",

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from ditprune_core.calibration import CalibrationError, ChannelSquareMean
 from ditprune_core.reconstruct import (
     GramAccumulator,
     GramRecorder,
@@ -16,6 +15,7 @@ from ditprune_core.reconstruct import (
     relative_output_error,
     sparsegpt_prune,
 )
+from ditprune_core.stats import CalibrationError, ChannelSquareMean
 
 T, F = True, False
 

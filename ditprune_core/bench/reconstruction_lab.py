@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..masks import PruneConfig, layer_keep_mask
+from ..config import PruneConfig
+from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
 from ..reconstruct import (
     GramRecorder,
