@@ -9,7 +9,7 @@ weighted (timestep weighting): the weight of a call multiplies every one of its 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from .stats import (
     CalibrationError,
     CalibrationStats,
     ChannelSquareMean,
+    GramAccumulator,
     LayerStats,
     WeightFn,
     module_weight,
@@ -86,6 +87,8 @@ class Calibrator:
         weighting: str | TimestepWeighting = "uniform",
         settings: Mapping[str, Any] | None = None,
         weight_fn: WeightFn = module_weight,
+        grams: Iterable[str] = (),
+        gram_dtype: torch.dtype = torch.float32,
     ) -> None:
         module = unwrap_diffusion_model(model)
         self.architecture = detect_architecture(module).name
@@ -112,6 +115,14 @@ class Calibrator:
         self._samples = {
             name: weight_sample_hash(weight_fn(name, layer)) for name, layer in self.layers.items()
         }
+        unknown = sorted(set(grams) - set(self.layers))
+        if unknown:
+            raise ValueError(f"Grams asked for layers that are not calibrated: {unknown[:3]}")
+        # the input Gram Σ w·xᵀx of the chosen layers, for reconstruction (in_features² × 4 bytes each)
+        self._grams = {
+            name: GramAccumulator(self.layers[name].in_features, name=name, dtype=gram_dtype)
+            for name in grams
+        }
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stats: CalibrationStats | None = None
 
@@ -127,6 +138,7 @@ class Calibrator:
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         acc = self._accumulators[name]
+        gram = self._grams.get(name)
 
         def hook(_module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
             x = inputs[0].detach()
@@ -138,6 +150,8 @@ class Calibrator:
                     f"layer {name!r} received NaN or inf activations during calibration; check the "
                     "model's dtype (fp16 overflow?) and its inputs"
                 )
+            if gram is not None:
+                gram.add_batch(x, self.current_weight)
 
         return hook
 
@@ -160,6 +174,26 @@ class Calibrator:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def gram(self, name: str) -> torch.Tensor:
+        """The weighted mean input Gram (in, in) of layer ``name``, asked for with ``grams=``.
+
+        Raises:
+            KeyError: no Gram was asked for this layer.
+            CalibrationError: the layer saw no token, or its Gram holds NaN/inf.
+        """
+        if name not in self._grams:
+            raise KeyError(f"no Gram was recorded for {name!r}; pass it in Calibrator(..., grams=[...])")
+        return self._grams[name].finalize()
+
+    def free_gram(self, name: str) -> None:
+        """Drop the Gram of ``name`` (its memory is released once no one else holds it)."""
+        self._grams.pop(name, None)
+
+    @property
+    def gram_bytes(self) -> int:
+        """Bytes the Grams of this calibrator take once recorded."""
+        return sum(GramAccumulator.nbytes(acc.in_features, acc.dtype) for acc in self._grams.values())
 
     @property
     def stats(self) -> CalibrationStats:

@@ -29,8 +29,10 @@ __all__ = [
     "CalibrationError",
     "CalibrationStats",
     "ChannelSquareMean",
+    "GramAccumulator",
     "LayerStats",
     "WeightFn",
+    "check_gram",
     "module_weight",
     "stats_from_batches",
     "weight_sample_hash",
@@ -138,6 +140,104 @@ class ChannelSquareMean:
         if self.mean is None:
             raise CalibrationError("no tokens were seen")
         return self.mean.detach().to("cpu", torch.float64)
+
+
+class GramAccumulator:
+    """Running, weighted mean of ``x xᵀ`` over tokens (the input Gram of one Linear).
+
+    ``add_batch`` / ``merge`` / ``finalize`` like :class:`ChannelSquareMean`:
+    every token of a batch counts ``weight`` times and the mean is updated as
+    ``mean += w_b / (W + w_b) * (batch_mean - mean)``, so ``finalize().diagonal()`` is that class's
+    mean of x². Memory: ``in_features² × 4`` bytes in float32 (:meth:`nbytes`).
+
+    Args:
+        in_features: input size of the layer.
+        name: layer name, used in error messages.
+        dtype: ``torch.float32`` (default) or ``torch.float64`` for the running mean.
+    """
+
+    def __init__(self, in_features: int, *, name: str = "layer", dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Gram of {name!r}: dtype must be float32 or float64, got {dtype}")
+        self.in_features = in_features
+        self.name = name
+        self.dtype = dtype
+        self.mean: torch.Tensor | None = None
+        self.weight_total = 0.0
+        self.tokens = 0
+
+    @staticmethod
+    def nbytes(in_features: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of one Gram of ``in_features`` inputs."""
+        return in_features * in_features * (8 if dtype == torch.float64 else 4)
+
+    def add_batch(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        """Add inputs ``x`` (..., in_features); every token counts ``weight`` times.
+
+        Raises:
+            CalibrationError: wrong input size, or NaN/inf in the inputs (naming the layer).
+        """
+        if x.shape[-1] != self.in_features:
+            raise CalibrationError(
+                f"Gram of {self.name!r}: input has {x.shape[-1]} features, expected {self.in_features}"
+            )
+        rows = x.detach().reshape(-1, self.in_features)
+        n = rows.shape[0]
+        if n == 0 or weight <= 0:
+            return
+        total = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
+        for span in row_blocks(n, self.in_features, HOOK_ELEMENTS // 4):
+            chunk = rows[span].to(self.dtype)
+            total.addmm_(chunk.t(), chunk)
+        if not bool(torch.isfinite(total).all()):
+            raise CalibrationError(
+                f"layer {self.name!r} received NaN or inf inputs while its Gram was accumulated; check "
+                "the model's dtype (fp16 overflow?) and its inputs"
+            )
+        self._combine(total.div_(n), weight * n, n)
+
+    def _combine(self, batch_mean: torch.Tensor, batch_weight: float, tokens: int) -> None:
+        if self.mean is None:
+            self.mean = batch_mean.to(self.dtype, copy=True)
+        else:
+            self.mean.lerp_(
+                batch_mean.to(self.mean.device, self.dtype), batch_weight / (self.weight_total + batch_weight)
+            )
+        self.weight_total += batch_weight
+        self.tokens += tokens
+
+    def merge(self, other: GramAccumulator) -> None:
+        """Fold another accumulator of the same layer into this one (as if its batches were added)."""
+        if other.in_features != self.in_features:
+            raise CalibrationError(
+                f"cannot merge a Gram of {other.in_features} inputs into {self.name!r} ({self.in_features})"
+            )
+        if other.mean is not None:
+            self._combine(other.mean, other.weight_total, other.tokens)
+
+    def finalize(self) -> torch.Tensor:
+        """The weighted mean Gram (in, in) in this accumulator's dtype, on the inputs' device.
+
+        Raises:
+            CalibrationError: no token was seen, or the Gram holds NaN/inf.
+        """
+        if self.mean is None:
+            raise CalibrationError(
+                f"Gram of {self.name!r} saw no tokens: run the model through this layer while recording"
+            )
+        check_gram(self.mean, self.name)
+        return self.mean
+
+
+def check_gram(gram: torch.Tensor, name: str = "layer") -> None:
+    """Raise a clear error for a Gram that is not square or holds NaN/inf."""
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"Gram of {name!r} must be square (in, in), got shape {tuple(gram.shape)}")
+    if not bool(torch.isfinite(gram).all()):
+        raise CalibrationError(
+            f"Gram of {name!r} holds NaN or inf: its calibration inputs overflowed (fp16?) or were "
+            "corrupted; recalibrate this layer"
+        )
 
 
 @dataclass(frozen=True)
