@@ -186,6 +186,10 @@ class Calibrator:
             raise KeyError(f"no Gram was recorded for {name!r}; pass it in Calibrator(..., grams=[...])")
         return self._grams[name].finalize()
 
+    def tokens(self, name: str) -> int:
+        """Tokens layer ``name`` has seen so far."""
+        return self._accumulators[name].tokens
+
     def free_gram(self, name: str) -> None:
         """Drop the Gram of ``name`` (its memory is released once no one else holds it)."""
         self._grams.pop(name, None)

@@ -16,10 +16,69 @@ from .cluster import ClusterParams
 from .layers import DEFAULT_FAMILIES, FAMILIES, LayerFilter
 from .score import MetricParams, check_metric, needs_calibration
 
-__all__ = ["GRANULARITIES", "PATTERNS", "ProgressFn", "PruneConfig", "parse_pattern"]
+__all__ = [
+    "GRANULARITIES",
+    "PATTERNS",
+    "REFITS",
+    "UPDATES",
+    "ProgressFn",
+    "PruneConfig",
+    "ReconstructParams",
+    "parse_pattern",
+]
 
 GRANULARITIES = ("layer", "row", "column", "cluster")
 PATTERNS = ("unstructured", "2:4", "4:8")
+#: ``none``: mask only (the kept weights stay as they are); ``obs``: reconstruction (OBS update + refit)
+UPDATES = ("none", "obs")
+#: how the kept weights are refit for the fixed mask after the OBS update
+REFITS = ("none", "auto", "exact", "pcg")
+#: where the mask of update="obs" comes from
+OBS_MASKS = ("metric", "in-update")
+
+
+@dataclass(frozen=True)
+class ReconstructParams:
+    """How ``update="obs"`` reconstructs a layer; the defaults are what the reconstruction
+    benchmark measured best (``python -m ditprune_core.bench.reconstruction_lab``).
+
+    Attributes:
+        mask: ``"metric"``: the config's own mask (metric, granularity, pattern: DiT-Pruning energy by
+            default), chosen on the layer's weights and calibration before the update, then kept
+            fixed; ``"in-update"``: chosen inside the OBS update, SparseGPT-style, by
+            ``(w²)^(1-β) · (1/[H⁻¹]_jj²)^β`` a block of columns at a time.
+        balance: β of the in-update saliency (0.5 is SparseGPT's ``w² / [H⁻¹]²_jj``).
+        blocksize: columns per lazy OBS block.
+        damp: dampening of the Gram, relative to its mean diagonal (dead input channels are handled
+            by it: never a crash on a singular Gram).
+        refit: ``"none"``, ``"exact"`` (per-row masked least squares), ``"pcg"`` (preconditioned
+            conjugate gradient warm-started from the OBS result) or ``"auto"`` (exact up to
+            ``exact_max_in`` inputs, PCG above).
+        refit_iters: PCG iterations at most.
+        refit_tol: PCG stops when every row's relative residual is below this.
+        exact_max_in: the largest input size ``"auto"`` solves exactly.
+    """
+
+    mask: str = "metric"
+    balance: float = 0.5
+    blocksize: int = 128
+    damp: float = 0.01
+    refit: str = "auto"
+    refit_iters: int = 20
+    refit_tol: float = 1e-4
+    exact_max_in: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.mask not in OBS_MASKS:
+            raise ValueError(f"unknown OBS mask source {self.mask!r}; choose from {list(OBS_MASKS)}")
+        if self.refit not in REFITS:
+            raise ValueError(f"unknown refit {self.refit!r}; choose from {list(REFITS)}")
+        if not 0.0 <= self.balance <= 1.0:
+            raise ValueError(f"balance must be in [0, 1], got {self.balance}")
+        if self.blocksize < 1 or self.damp < 0 or self.refit_iters < 0 or self.refit_tol < 0:
+            raise ValueError("blocksize must be >= 1 and damp, refit_iters, refit_tol >= 0")
+
+
 #: ``progress(done, total, layer_name)``
 ProgressFn = Callable[[int, int, str], None]
 
@@ -49,6 +108,9 @@ class PruneConfig:
         cluster_params: parameters of the cluster granularity.
         families: layer families to prune (default :data:`~ditprune_core.layers.DEFAULT_FAMILIES`).
         layer_regex: only layers whose name matches this regular expression (``re.search``).
+        update: ``"none"`` (mask only) or ``"obs"``: reconstruction, which also updates the kept
+            weights from each layer's input Gram (:func:`~ditprune_core.prune.prune_sequential_`).
+        reconstruct: how ``update="obs"`` reconstructs.
         filter_fn: optional ``filter_fn(module, name) -> bool``, applied last; not serialised.
     """
 
@@ -60,12 +122,16 @@ class PruneConfig:
     cluster_params: ClusterParams = field(default_factory=ClusterParams)
     families: tuple[str, ...] = DEFAULT_FAMILIES
     layer_regex: str | None = None
+    update: str = "none"
+    reconstruct: ReconstructParams = field(default_factory=ReconstructParams)
     filter_fn: LayerFilter | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
         check_metric(self.metric)
+        if self.update not in UPDATES:
+            raise ValueError(f"unknown update {self.update!r}; choose from {list(UPDATES)}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose from {list(GRANULARITIES)}")
         nm = parse_pattern(self.pattern)
@@ -103,6 +169,7 @@ class PruneConfig:
         data = dict(data)
         data["metric_params"] = MetricParams(**data.get("metric_params", {}))
         data["cluster_params"] = ClusterParams(**data.get("cluster_params", {}))
+        data["reconstruct"] = ReconstructParams(**data.get("reconstruct", {}))
         if "families" in data:
             data["families"] = tuple(data["families"])
         return cls(**data)

@@ -9,29 +9,38 @@ At any moment only one layer's scores and mask exist beside the model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .calibrate import Calibrator, TimestepWeighting
 from .config import ProgressFn, PruneConfig
 from .layers import ArchTemplate, detect_architecture, find_prunable_layers, unwrap_diffusion_model
 from .mask import layer_keep_mask
+from .reconstruct import LayerReconstruction, plan_groups, reconstruct_layer, relative_output_error
 from .report import LayerSparsity, SparsityReport, count_kept
 from .score import missing_calibration
-from .stats import CalibrationStats, WeightFn, module_weight
+from .stats import CalibrationError, CalibrationStats, GramAccumulator, WeightFn, module_weight
 from .util.dtypes import zero_where_
 from .util.packing import PackedMask
 
 __all__ = [
+    "PassReport",
     "PruneTarget",
+    "SequentialReport",
     "apply_masks_",
     "compute_masks",
+    "default_memory_budget",
     "iter_masks",
     "prune_model_",
+    "prune_sequential_",
     "select_layers",
 ]
 
@@ -102,6 +111,12 @@ def iter_masks(
     Raises:
         CalibrationError: the metric needs statistics and ``stats`` is None or does not match.
     """
+    if config.update != "none":
+        raise ValueError(
+            f"update={config.update!r} updates the kept weights from each layer's input Gram, which "
+            "only sequential calibration passes provide: use prune_sequential_(model, run_calibration, "
+            "config) (in ComfyUI: the Prune and Reconstruct node)"
+        )
     target = PruneTarget.of(model, config)
     if config.needs_calibration:
         if stats is None:
@@ -196,3 +211,158 @@ def prune_model_(
             rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
             del keep
     return SparsityReport(tuple(rows))
+
+
+#: ``run_calibration(calibrator)``: runs the user's sampler or forward passes through the model
+RunCalibration = Callable[[Calibrator], object]
+#: ``write(name, layer, new_weight, keep_mask)``: where a reconstructed weight goes (default: into
+#: ``layer.weight`` in place; a host that must not change shared weights, like ComfyUI, patches)
+WriteFn = Callable[[str, nn.Linear, torch.Tensor, torch.Tensor], None]
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """One sequential pass: its layers, the bytes of their Grams, and its seconds."""
+
+    layers: tuple[str, ...]
+    gram_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SequentialReport:
+    """What :func:`prune_sequential_` did, per layer and per pass, and the sparsity report."""
+
+    layers: tuple[LayerReconstruction, ...]
+    passes: tuple[PassReport, ...]
+    sparsity: SparsityReport
+    memory_budget_bytes: int
+
+    def to_text(self) -> str:
+        lines = [
+            f"{len(self.passes)} pass(es), {len(self.layers)} layers, Gram budget "
+            f"{self.memory_budget_bytes / _GIB:.2f} GiB; sparsity {self.sparsity.sparsity:.2%}",
+        ]
+        for p in self.passes:
+            lines.append(
+                f"  pass of {len(p.layers)} layers: {p.gram_bytes / _GIB:.2f} GiB of Grams, {p.seconds:.1f} s"
+            )
+        for r in self.layers:
+            lines.append(
+                f"  {r.name}: sparsity {r.sparsity:.2%}, output error {r.output_error:.4g} "
+                f"(mask only {r.mask_only_error:.4g}), {r.seconds:.2f} s"
+            )
+        return "\n".join(lines)
+
+
+def default_memory_budget(layers: Mapping[str, nn.Linear]) -> int:
+    """The Gram budget when none is given: a quarter of the memory available now (RAM, or free
+    memory of the layers' CUDA device), at most 8 GiB, and never less than the largest single
+    layer's Gram (which must fit either way)."""
+    largest = max(GramAccumulator.nbytes(layer.in_features) for layer in layers.values())
+    device = next(iter(layers.values())).weight.device
+    available = 4 * _GIB
+    if device.type == "cuda" and torch.cuda.is_available():
+        available = int(torch.cuda.mem_get_info(device)[0])
+    else:
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # no sysconf: keep 4 GiB
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(largest, min(8 * _GIB, available // 4))
+
+
+def _write_in_place(_name: str, layer: nn.Linear, new_weight: torch.Tensor, _keep: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(new_weight.to(layer.weight.dtype))
+
+
+def prune_sequential_(
+    model: nn.Module | object,
+    run_calibration: RunCalibration,
+    config: PruneConfig,
+    *,
+    memory_budget_bytes: int | None = None,
+    weighting: str | TimestepWeighting = "uniform",
+    progress: ProgressFn | None = None,
+    weight_fn: WeightFn = module_weight,
+    write_fn: WriteFn = _write_in_place,
+) -> SequentialReport:
+    """Prune with reconstruction, in sequential passes whose Grams fit a memory budget.
+
+    The selected layers, in forward (module) order, are split into consecutive groups whose input
+    Grams (``in_features² × 4`` bytes each) fit ``memory_budget_bytes``. For each group in turn:
+    a :class:`~ditprune_core.calibrate.Calibrator` records the group's Grams (and ``E[x²]``) while
+    ``run_calibration(cal)`` runs the model (it may call ``cal.on_step(sigma)`` for timestep
+    weighting); then every layer of the group is pruned and its kept weights updated
+    (:func:`~ditprune_core.reconstruct.reconstruct_layer`), one at a time, and its Gram freed.
+    Earlier groups are already pruned and updated when later ones calibrate, so each layer
+    compensates the error upstream of it (SparseGPT's sequential mode, OBS-Diff's module packages).
+
+    With ``config.update == "none"`` the passes still run (each layer then gets the config's mask on
+    the calibrated model upstream of it) but no weight is updated.
+
+    State after an exception or interrupt: hooks are always removed. Layers of the groups finished
+    before it, and the layers of the current group already written, are pruned and updated in
+    place (by ``write_fn``); all other layers are untouched. Callers that need all-or-nothing (the
+    ComfyUI node) write into patches on a clone instead.
+
+    Args:
+        model: a DiT ``nn.Module`` or a ComfyUI MODEL (its diffusion model is changed in place).
+        run_calibration: runs the model once over the calibration inputs, given the Calibrator.
+        config: what to prune; ``update="obs"`` gives reconstruction.
+        memory_budget_bytes: bytes of Grams alive at once; default :func:`default_memory_budget`.
+        weighting: timestep weighting of the calibration (``"uniform"``, ``"log"`` or a function).
+        progress: ``progress(done, total, layer)`` after every layer.
+        weight_fn: the weight of a layer as the model will compute with it (see ``iter_masks``).
+        write_fn: where a reconstructed weight goes (default: in place).
+    Returns:
+        a :class:`SequentialReport`.
+    Raises:
+        ValueError: the budget is smaller than one layer's Gram (naming it and the bytes it needs).
+        CalibrationError: ``run_calibration`` ran no forward pass through a group's layers, or NaN/inf
+            reached a Gram.
+    """
+    target = PruneTarget.of(model, config)
+    budget = memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(target.layers)
+    groups = plan_groups([(n, layer.in_features) for n, layer in target.layers.items()], budget)
+    rows: list[LayerSparsity] = []
+    done: list[LayerReconstruction] = []
+    passes: list[PassReport] = []
+    for index, group in enumerate(groups):
+        start = time.perf_counter()
+        layers = {name: target.layers[name] for name in group}
+        with Calibrator(target.module, layers, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
+            run_calibration(cal)
+        gram_bytes = cal.gram_bytes
+        silent = [name for name in group if cal.tokens(name) == 0]
+        if silent:
+            raise CalibrationError(
+                f"pass {index + 1} of {len(groups)}: run_calibration ran no forward pass through "
+                f"{len(silent)} of its layers (e.g. {silent[0]!r}); it must run the model on the "
+                "calibration inputs every time it is called"
+            )
+        for name in group:
+            layer = target.layers[name]
+            weight = weight_fn(name, layer).detach()
+            gram = cal.gram(name)
+            if config.update == "obs":
+                new, keep, report = reconstruct_layer(name, weight, gram, config)
+            else:
+                a = gram.diagonal().to(torch.float64).clamp_min(0.0)
+                keep = layer_keep_mask(name, weight, a if config.needs_calibration else None, config)
+                new = weight * keep
+                w32 = weight.float()
+                error = relative_output_error(new.float(), w32, gram)
+                report = LayerReconstruction(
+                    name, 1 - int(keep.sum()) / keep.numel(), error, error, 0.0, None
+                )
+            cal.free_gram(name)
+            del gram
+            write_fn(name, layer, new, keep)
+            rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
+            done.append(report)
+            del new, keep, weight
+            if progress is not None:
+                progress(len(done), len(target.layers), name)
+        passes.append(PassReport(tuple(group), gram_bytes, time.perf_counter() - start))
+    return SequentialReport(tuple(done), tuple(passes), SparsityReport(tuple(rows)), budget)

@@ -49,6 +49,8 @@ import torch
 from torch import nn
 
 from .calibrate import TIMESTEP_WEIGHTINGS, TimestepWeighting
+from .config import PruneConfig, parse_pattern
+from .mask import layer_keep_mask
 from .stats import CalibrationError, GramAccumulator, check_gram
 from .util.selection import prune_lowest
 
@@ -56,6 +58,7 @@ __all__ = [
     "REFIT_METHODS",
     "GramAccumulator",
     "GramRecorder",
+    "LayerReconstruction",
     "ObsResult",
     "PairedGramAccumulator",
     "RefitInfo",
@@ -63,6 +66,7 @@ __all__ = [
     "dampened",
     "obs_prune",
     "plan_groups",
+    "reconstruct_layer",
     "refit_masked",
     "relative_output_error",
     "sparsegpt_prune",
@@ -627,3 +631,76 @@ def recording_grams(layers: Mapping[str, nn.Linear], **kwargs: Any) -> Iterator[
     """Functional spelling of ``with GramRecorder(...) as rec``."""
     with GramRecorder(layers, **kwargs) as rec:
         yield rec
+
+
+@dataclass(frozen=True)
+class LayerReconstruction:
+    """One reconstructed layer: its sparsity, relative output error on its own Gram, and time."""
+
+    name: str
+    sparsity: float
+    output_error: float
+    mask_only_error: float
+    seconds: float
+    refit: RefitInfo | None
+
+
+def reconstruct_layer(
+    name: str, weight: torch.Tensor, gram: torch.Tensor, config: PruneConfig
+) -> tuple[torch.Tensor, torch.Tensor, LayerReconstruction]:
+    """Prune one layer and update its kept weights as ``config`` (``update="obs"``) says.
+
+    The mask comes from the config's own metric and group (``reconstruct.mask="metric"``: chosen
+    on the original weight and ``diag(H)``, the calibrated mean square of each input, then fixed) or
+    from inside the OBS update (``"in-update"``); the OBS update compensates the pruned weights, and
+    the refit then solves the masked least-squares problem for the kept weights.
+
+    Args:
+        name: the layer's name, for messages.
+        weight: (out, in) original weight.
+        gram: (in, in) input Gram of the layer, recorded on the model as it is upstream.
+        config: the prune config.
+    Returns:
+        ``(new weight (out, in) in weight's dtype, keep-mask (out, in) bool, report)``.
+    """
+    start = time.perf_counter()
+    params = config.reconstruct
+    w32 = weight.detach().to(torch.float32)
+    nm = parse_pattern(config.pattern)
+    if params.mask == "metric":
+        a = gram.diagonal().to(torch.float64).clamp_min(0.0)
+        keep = layer_keep_mask(name, weight, a if config.needs_calibration else None, config)
+        result = obs_prune(w32, gram, keep_mask=keep, blocksize=params.blocksize, damp=params.damp, name=name)
+    else:
+        granularity = "row" if config.granularity == "row" else "layer"
+        result = obs_prune(
+            w32,
+            gram,
+            sparsity=None if nm is not None else float(config.sparsity),
+            pattern=nm,
+            balance=params.balance,
+            granularity=granularity,
+            blocksize=params.blocksize,
+            damp=params.damp,
+            name=name,
+        )
+    new, keep = result
+    info = None
+    if params.refit != "none":
+        new, info = refit_masked(
+            w32,
+            gram,
+            keep,
+            init=new,
+            method=params.refit,
+            damp=params.damp,
+            iters=params.refit_iters,
+            tol=params.refit_tol,
+            exact_max_in=params.exact_max_in,
+            name=name,
+        )
+    error = relative_output_error(new, w32, gram)
+    mask_only = relative_output_error(w32 * keep, w32, gram)
+    sparsity = 1.0 - int(keep.sum()) / keep.numel()
+    report = LayerReconstruction(name, sparsity, error, mask_only, time.perf_counter() - start, info)
+    return new.to(weight.dtype), keep, report
