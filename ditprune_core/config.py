@@ -59,8 +59,8 @@ class ReconstructParams:
         exact_max_in: the largest input size ``"auto"`` solves exactly.
     """
 
-    mask: str = "metric"
-    balance: float = 0.5
+    mask: str = "in-update"
+    balance: float = 0.4
     blocksize: int = 128
     damp: float = 0.01
     refit: str = "auto"

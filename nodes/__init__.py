@@ -8,6 +8,7 @@ from .calibrate import DitPruneCalibrate, DitPruneLoadCalibration
 from .compare import DitPruneCompare
 from .load import DitPruneLoadPrunedModel
 from .prune import DitPruneApplyPruning, DitPruneClusterWeights, DitPruneScoreSaliency
+from .reconstruct import DitPrunePruneAndReconstruct
 from .save import DitPruneSavePrunedModel
 
 NODES: list[type[io.ComfyNode]] = [
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     DitPruneScoreSaliency,
     DitPruneClusterWeights,
     DitPruneApplyPruning,
+    DitPrunePruneAndReconstruct,
     DitPruneSavePrunedModel,
     DitPruneLoadPrunedModel,
     DitPruneCompare,

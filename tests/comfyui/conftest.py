@@ -23,6 +23,7 @@ NODE_IDS = (
     "DitPruneScoreSaliency",
     "DitPruneClusterWeights",
     "DitPruneApplyPruning",
+    "DitPrunePruneAndReconstruct",
     "DitPruneSavePrunedModel",
     "DitPruneCompare",
     "DitPruneLoadCalibration",

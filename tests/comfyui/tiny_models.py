@@ -112,6 +112,15 @@ def _axes_dim(head_dim: int) -> list[int]:
     return [a0, a1, head_dim - a0 - a1]
 
 
+def _rows(state_dict: dict, key: str) -> int:
+    """Rows of a weight, also when a ditprune compressed file holds it as an empty placeholder
+    (its true shape is the ``.shape`` piece)."""
+    weight = state_dict[key]
+    if weight.numel() == 0 and f"{key}.shape" in state_dict:
+        return int(state_dict[f"{key}.shape"][0])
+    return int(weight.shape[0])
+
+
 @contextlib.contextmanager
 def flux_detection_from_shapes() -> Iterator[None]:
     """ComfyUI hard-codes FLUX's width, heads and text width; read them from the shapes instead."""
@@ -129,7 +138,7 @@ def flux_detection_from_shapes() -> Iterator[None]:
                 hidden_size=hidden,
                 num_heads=hidden // head_dim,
                 context_in_dim=state_dict[f"{p}txt_in.weight"].shape[1],
-                mlp_ratio=state_dict[f"{p}double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+                mlp_ratio=_rows(state_dict, f"{p}double_blocks.0.img_mlp.0.weight") / hidden,
                 axes_dim=_axes_dim(head_dim),
             )
         return cfg

@@ -1,0 +1,118 @@
+"""Prune and Reconstruct in the real ComfyUI: passes, save, stock reload, compressed load, bit for bit."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import Comfy
+from test_nodes import APPLY, SAMPLE, load, sample
+from tiny_models import (
+    empty_latent,
+    flux_cond,
+    flux_detection_from_shapes,
+    flux_shapes,
+    random_state_dict,
+    sd3_cond,
+    sd3_shapes,
+)
+
+
+def reconstruct(comfy: Comfy, model: Any, cond_fn: Any, **kw: Any) -> Any:
+    args = {
+        "seed": 0,
+        **SAMPLE,
+        "timestep_weighting": "log",
+        "metric": "energy",
+        "sparsity": 0.5,
+        **APPLY,
+        "layer_regex": "",
+        "memory_budget_gb": 0.0,
+        **kw,
+    }
+    return (
+        comfy.node("DitPrunePruneAndReconstruct")
+        .execute(
+            model=model,
+            positive=cond_fn(batch=2),
+            negative=cond_fn(batch=2, seed=3),
+            latent_image=empty_latent(batch=2),
+            **args,
+        )
+        .args
+    )
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(comfy: Comfy, arch: str) -> None:
+    shapes, cond_fn = (flux_shapes(), flux_cond) if arch == "flux" else (sd3_shapes(), sd3_cond)
+    model = load(random_state_dict(shapes, seed=11))
+    cond = cond_fn()
+    dense = sample(comfy, model, cond)
+    # a budget of the largest block layer's Gram: several passes
+    widest = max(
+        m.in_features
+        for n, m in model.model.diffusion_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "blocks." in n and "mod" not in n and "adaLN" not in n
+    )
+    budget_gb = widest * widest * 4 * 1.0001 / (1 << 30)
+    pruned, report = reconstruct(comfy, model, cond_fn, memory_budget_gb=budget_gb)
+    first = report.splitlines()[0]
+    assert "pass(es)" in first and int(first.split()[0]) > 1 and "sparsity 50.00%" in first
+    out = sample(comfy, pruned, cond)
+    assert torch.equal(sample(comfy, model, cond), dense)  # the incoming model still draws dense
+    # every layer's output error on its calibration is below its mask's alone
+    layer_lines = [line for line in report.splitlines() if "output error" in line]
+    assert len(layer_lines) == int(first.split()[2]) > 0
+    for line in layer_lines:
+        found = re.findall(r"output error ([\d.e+-]+) \(mask only ([\d.e+-]+)\)", line)
+        error, mask_only = (float(x) for x in found[0])
+        assert error < mask_only, line
+    assert not torch.equal(out, dense)
+    folder = comfy.base / "models" / "diffusion_models"
+    for fmt in ("dense", "compressed"):
+        (path,) = (
+            comfy.node("DitPruneSavePrunedModel")
+            .execute(model=pruned, filename_prefix=f"recon/{arch}-{fmt}", format=fmt, values="keep dtype")
+            .args
+        )
+        name = str(Path(path).relative_to(folder))
+        if fmt == "dense":
+            with flux_detection_from_shapes():
+                (reloaded,) = comfy.nodes.UNETLoader().load_unet(name, "default")
+            assert torch.equal(sample(comfy, reloaded, cond), out)
+        else:
+            for mode in ("compressed on device", "densify at load"):
+                with flux_detection_from_shapes():
+                    (loaded,) = (
+                        comfy.node("DitPruneLoadPrunedModel")
+                        .execute(model_name=name, mode=mode, sparse_kernels=False)
+                        .args
+                    )
+                assert torch.equal(sample(comfy, loaded, cond), out), mode
+
+
+def test_reconstruct_interrupted_leaves_the_model_and_hooks_clean(comfy: Comfy) -> None:
+    import comfy.model_management as mm
+
+    model = load(random_state_dict(sd3_shapes(), seed=12))
+    cond = sd3_cond()
+    dense = sample(comfy, model, cond)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            reconstruct(comfy, model, sd3_cond)
+    finally:
+        mm.interrupt_current_processing(False)
+    dm = model.model.diffusion_model
+    assert sum(len(m._forward_hooks) for m in dm.modules()) == 0
+    assert torch.equal(sample(comfy, model, cond), dense)
+
+
+def test_reconstruct_refuses_a_budget_below_one_gram(comfy: Comfy) -> None:
+    model = load(random_state_dict(sd3_shapes(), seed=13))
+    with pytest.raises(ValueError, match="smaller than the Gram of layer"):
+        reconstruct(comfy, model, sd3_cond, memory_budget_gb=1e-7)
