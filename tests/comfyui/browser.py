@@ -1,7 +1,7 @@
 """A real ComfyUI server and a headless Chromium driven over the DevTools protocol, for the browser
-tests (test_browser.py) and for rendering the README screenshots and template thumbnails.
+tests (test_browser.py), which also render the README screenshots and template thumbnails:
 
-    python tests/comfyui/browser.py render     # docs/*.png and workflows/*.jpg from the current JSON
+    DITPRUNE_WRITE_SCREENSHOTS=1 python -m pytest -q tests/comfyui/test_browser.py
 
 Chromium is Debian's ``chromium`` package (``apt-get install chromium``); the DevTools websocket
 client is aiohttp's, which ComfyUI itself requires. Nothing here imports ComfyUI: the server is a
