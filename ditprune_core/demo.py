@@ -3,7 +3,9 @@
     python -m ditprune_core.demo [--out DIR] [--sparsity 0.5] [--model miniflux-a]
 
 Prints the comparison against the dense model (same seeds) and writes a sample grid PNG: the
-first row dense, then DiT-Pruning, then Wanda (two samples of every digit each).
+first row dense, then DiT-Pruning, then Wanda (two samples of every digit each), each row labelled.
+The figures are from one evaluation seed (0); the README's quality table is the mean over three
+(``python -m ditprune_core.bench quality``), so they differ a little.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .config import PruneConfig
 from .miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled
 from .prune import apply_masks_, compute_masks
 from .report import sparsity_report
+from .util.glyphs import label_rows
 from .util.imaging import image_grid, write_png
 from .util.io import next_free_path
 from .util.metrics import psnr, relative_error
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, sparsity, err, db, acc in rows:
         err_text, db_text = ("-", "-") if name == "dense" else (f"{err:.4f}", f"{db:.2f}")
         print(f"{name:<24} {sparsity:>8.2%} {err_text:>8} {db_text:>8} {acc:>8.3f}")
-    path = write_png(image_grid(torch.cat(grids), rows=len(grids)), next_free_path(args.out, "demo", ".png"))
+    grid = label_rows(image_grid(torch.cat(grids), rows=len(grids)), [name for name, *_ in rows])
+    path = write_png(grid, next_free_path(args.out, "demo", ".png"))
     print(f"\nsample grid (rows: dense, DiT-Pruning, Wanda): {path}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0

@@ -7,7 +7,7 @@ weights are changed so that the output on the calibration inputs moves as little
 
 Everything needed is the layer's input Gram matrix ``H = Σ_t w_t x_t x_tᵀ / Σ_t w_t`` (in, in)
 (:class:`GramAccumulator`, with the same timestep weighting and token counting as
-:class:`~ditprune_core.calibration.ChannelSquareMean`, whose mean of x² is ``diag(H)``). The
+:class:`~ditprune_core.stats.ChannelSquareMean`, whose mean of x² is ``diag(H)``). The
 relative output error of a candidate ``W'`` is ``tr(Δ H Δᵀ) / tr(W H Wᵀ)`` with ``Δ = W' - W``
 (:func:`relative_output_error`).
 
@@ -574,7 +574,7 @@ def plan_groups(
 class GramRecorder:
     """Context manager: forward hooks that accumulate the input Gram of each given layer.
 
-    Timestep weighting as in :class:`~ditprune_core.calibration.Calibrator`: call
+    Timestep weighting as in :class:`~ditprune_core.calibrate.Calibrator`: call
     :meth:`on_step` (``(step_index, sigma)``) or :meth:`set_sigma` before each model call. Hooks are
     removed on exit, also after an exception.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .calibrate import DitPruneCalibrate, DitPruneLoadCalibration
+from .choices import ensure_calibration_folder
 from .compare import DitPruneCompare
 from .load import DitPruneLoadPrunedModel
 from .prune import DitPruneApplyPruning, DitPruneClusterWeights, DitPruneScoreSaliency
@@ -26,6 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
 
 class DitPruneExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        ensure_calibration_folder()  # ComfyUI (0.3.64) calls this once, at pack load
         return list(NODES)
 
 

@@ -15,6 +15,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a pa
 
 from ..ditprune_core.calibrate import TIMESTEP_WEIGHTINGS, Calibrator
 from ..ditprune_core.stats import CalibrationStats
+from .choices import NO_CALIBRATIONS, calibration_options, refuse_placeholder
 from .common import (
     CALIBRATION_FOLDER,
     CATEGORY,
@@ -90,11 +91,17 @@ class DitPruneCalibrate(io.ComfyNode):
                 ),
             ],
             outputs=[
-                CalibrationType.Output(display_name="calibration"),
+                CalibrationType.Output(
+                    display_name="calibration",
+                    tooltip="Per-layer input statistics; feed Score Saliency (or merge into another Calibrate).",
+                ),
                 io.Latent.Output(
                     display_name="LATENT", tooltip="What the model drew while being calibrated."
                 ),
-                io.String.Output(display_name="summary"),
+                io.String.Output(
+                    display_name="summary",
+                    tooltip="Layers and tokens recorded, and the model fingerprint; connect Preview Any to read it.",
+                ),
             ],
         )
 
@@ -152,23 +159,30 @@ class DitPruneCalibrate(io.ComfyNode):
 class DitPruneLoadCalibration(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        calibration_dir()
         return io.Schema(
             node_id="DitPruneLoadCalibration",
             display_name="DiT-Pruning Load Calibration",
             category=CATEGORY,
+            description="Loads a calibration that DiT-Pruning Calibrate saved (its save_name) from "
+            "models/ditprune_calibrations, so a model can be pruned again without sampling. It only fits "
+            "the model it was recorded on; Apply Pruning refuses another.",
             inputs=[
                 io.Combo.Input(
                     "calibration_name",
-                    options=folder_paths.get_filename_list(CALIBRATION_FOLDER),
-                    tooltip="A file saved by Calibrate in models/ditprune_calibrations.",
+                    options=calibration_options(),
+                    tooltip="A file saved by Calibrate in models/ditprune_calibrations (press R to refresh the list).",
                 )
             ],
-            outputs=[CalibrationType.Output(display_name="calibration")],
+            outputs=[
+                CalibrationType.Output(
+                    display_name="calibration", tooltip="The saved statistics; feed Score Saliency."
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, calibration_name: str) -> io.NodeOutput:
+        refuse_placeholder(calibration_name, NO_CALIBRATIONS, CALIBRATION_FOLDER)
         path = folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration_name)
         return io.NodeOutput(CalibrationStats.load(path))
 

@@ -29,7 +29,13 @@ class DitPruneCompare(io.ComfyNode):
                     tooltip="Multiply the difference image by this.",
                 ),
             ],
-            outputs=[io.String.Output(display_name="metrics"), io.Image.Output(display_name="difference")],
+            outputs=[
+                io.String.Output(
+                    display_name="metrics",
+                    tooltip="PSNR, relative error and max difference of pruned vs dense; connect Preview Any to read it.",
+                ),
+                io.Image.Output(display_name="difference", tooltip="|pruned - dense| times amplify."),
+            ],
         )
 
     @classmethod

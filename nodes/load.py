@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info, validate_compressed_state
+from .choices import NO_DIFFUSION_MODELS, options, refuse_placeholder
 from .packed import PackedOps, make_packed
 
 MODES = ("compressed on device", "densify at load")
@@ -27,7 +28,7 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "model_name",
-                    options=folder_paths.get_filename_list("diffusion_models"),
+                    options=options("diffusion_models", NO_DIFFUSION_MODELS),
                     tooltip="A ditprune checkpoint in models/diffusion_models.",
                 ),
                 io.Combo.Input(
@@ -44,11 +45,16 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
                     "(CUDA, fp16/bf16, Ampere or newer); elsewhere this falls back to dense.",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL", tooltip="The pruned model, ready for KSampler (LoRAs still apply)."
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, model_name: str, mode: str = MODES[0], sparse_kernels: bool = False) -> io.NodeOutput:
+        refuse_placeholder(model_name, NO_DIFFUSION_MODELS, "diffusion_models")
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         info = read_checkpoint_info(path)
         layouts = info.layouts

@@ -88,7 +88,12 @@ class DitPruneScoreSaliency(io.ComfyNode):
                     tooltip="From Calibrate; every metric but magnitude needs it.",
                 ),
             ],
-            outputs=[SaliencyType.Output(display_name="saliency")],
+            outputs=[
+                SaliencyType.Output(
+                    display_name="saliency",
+                    tooltip="How to score weights (no scores yet); feed Cluster Weights and Apply Pruning.",
+                )
+            ],
         )
 
     @classmethod
@@ -176,9 +181,17 @@ class DitPruneClusterWeights(io.ComfyNode):
                 ),
             ],
             outputs=[
-                ClustersType.Output(display_name="clusters"),
-                io.Image.Output(display_name="plot"),
-                io.String.Output(display_name="summary"),
+                ClustersType.Output(
+                    display_name="clusters", tooltip="The comparison groups; feed Apply Pruning."
+                ),
+                io.Image.Output(
+                    display_name="plot",
+                    tooltip="plot_layer's output rows in 2-D weight space, coloured by cluster.",
+                ),
+                io.String.Output(
+                    display_name="summary",
+                    tooltip="plot_layer's k, rows per cluster and silhouette; connect Preview Any to read it.",
+                ),
             ],
         )
 
@@ -266,9 +279,17 @@ class DitPruneApplyPruning(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.String.Output(display_name="report"),
-                io.Image.Output(display_name="sparsity per block"),
+                io.Model.Output(
+                    display_name="MODEL",
+                    tooltip="A pruned copy (masks as weight patches); the input is unchanged.",
+                ),
+                io.String.Output(
+                    display_name="report",
+                    tooltip="Sparsity per layer and overall; connect Preview Any to read it.",
+                ),
+                io.Image.Output(
+                    display_name="sparsity per block", tooltip="Bar chart of the sparsity of every block."
+                ),
             ],
         )
 

@@ -45,8 +45,9 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                     "format",
                     options=["dense", "compressed"],
                     default="dense",
-                    tooltip="dense: same size as the original, any loader; compressed: bitmask or 2:4 "
-                    "packing of pruned weights (DiT-Pruning Load Pruned Model).",
+                    tooltip="dense: same size as the original, opens in the stock Load Diffusion Model; "
+                    "compressed: bitmask or 2:4 packing of pruned weights, opens only in DiT-Pruning Load "
+                    "Pruned Model.",
                 ),
                 io.Combo.Input(
                     "values",
@@ -56,7 +57,12 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                     "(lossy, bounded error) or keep their dtype (bit-exact).",
                 ),
             ],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[
+                io.String.Output(
+                    display_name="path",
+                    tooltip="The file written, and which loader opens it; connect Preview Any to read it.",
+                )
+            ],
             is_output_node=True,
         )
 
@@ -90,7 +96,9 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             value_dtype=torch.float8_e4m3fn if values == "fp8_e4m3fn" else None,
             progress=Progress(),
         )
+        loader = "DiT-Pruning Load Pruned Model" if format == "compressed" else "Load Diffusion Model"
         text = (
-            f"saved {target} ({report.ratio:.1%} of the dense size, {len(report.layouts)} tensors compressed)"
+            f"saved {target} ({report.ratio:.1%} of the dense size, {len(report.layouts)} tensors compressed); "
+            f"open it with {loader}"
         )
         return io.NodeOutput(str(target), ui={"text": [text]})

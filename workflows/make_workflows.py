@@ -2,9 +2,13 @@
 
     python workflows/make_workflows.py          # refuses to overwrite; --force to regenerate
 
-load -> calibrate -> score -> cluster -> apply -> KSampler (pruned) beside KSampler (dense) ->
-decode -> compare -> save, for FLUX.1-dev and SD3.5. tests/comfyui/test_workflows.py checks every
-node type, link and widget count against the live node schemas.
+load -> calibrate -> score & cluster -> prune -> sample dense vs pruned -> compare -> save, for
+FLUX.1-dev and SD3.5, laid out in titled groups that read at 1600x1000. Every text output goes to
+ComfyUI's own Preview Any node, so it shows in the graph after a run; the loaders carry the model
+download metadata (``properties.models``) that the frontend's missing-models dialog reads.
+tests/comfyui/test_workflows.py checks the files against the live node schemas and the layout (no
+overlaps, groups hold their nodes, links clear of nodes); tests/comfyui/test_browser.py loads them
+in the real frontend.
 """
 
 from __future__ import annotations
@@ -14,11 +18,88 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# litegraph's geometry (ComfyUI frontend 1.27): a node's title bar sits above its ``pos``
+TITLE = 30
+SLOT = 20
+CANVAS_1600x1000 = (1536, 922)  # measured: the canvas element in a 1600x1000 window
+GROUP_HEAD = 40  # a group's title band
+PAD = 15  # group border around its nodes
+# smallest heights the frontend gives these nodes (measured in the browser, computeSize()); a
+# serialised size below them would be enlarged on load and could overlap its neighbour
+MIN_HEIGHT = {
+    "UNETLoader": 82,
+    "DualCLIPLoader": 130,
+    "TripleCLIPLoader": 106,
+    "CheckpointLoaderSimple": 98,
+    "VAELoader": 58,
+    "CLIPTextEncode": 88,
+    "FluxGuidance": 58,
+    "EmptySD3LatentImage": 106,
+    "DitPruneCalibrate": 306,
+    "DitPruneScoreSaliency": 130,
+    "DitPruneClusterWeights": 290,
+    "DitPruneApplyPruning": 242,
+    "KSampler": 262,
+    "VAEDecode": 46,
+    "PreviewImage": 26,
+    "DitPruneCompare": 78,
+    "DitPruneSavePrunedModel": 106,
+    "PreviewAny": 88,
+    "Note": 88,
+}
+# the frontend draws these; the backend has no such node
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+
+# group colours from the frontend's palette (LGraphCanvas.node_colors ... groupcolor)
+COLOURS = {
+    "load": "#3f789e",
+    "calibrate": "#8A8",
+    "score": "#88A",
+    "prune": "#b58b2a",
+    "sample": "#a1309b",
+    "compare": "#b06634",
+    "save": "#8AA",
+}
+
+# where each model file comes from and which models/ folder it goes in (the frontend offers the
+# download when the file is missing; README "Model files" lists the same)
+MODELS = {
+    "flux1-dev.safetensors": (
+        "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors",
+        "diffusion_models",
+    ),
+    "clip_l.safetensors": (
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+        "text_encoders",
+    ),
+    "t5xxl_fp16.safetensors": (
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+        "text_encoders",
+    ),
+    "ae.safetensors": (
+        "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
+        "vae",
+    ),
+    "sd3.5_large.safetensors": (
+        "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors",
+        "checkpoints",
+    ),
+    "clip_g.safetensors": (
+        "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/text_encoders/clip_g.safetensors",
+        "text_encoders",
+    ),
+}
+
 
 class Graph:
     def __init__(self) -> None:
         self.nodes: list[dict[str, Any]] = []
         self.links: list[list[Any]] = []
+        self.groups: list[dict[str, Any]] = []
+        self.reroutes: list[dict[str, Any]] = []
+        self.link_parents: dict[int, int] = {}
+        self.view: dict[str, Any] | None = None
+        self.placed = False  # set by place(): the layout is by hand, arrange() is not used
 
     def add(
         self,
@@ -28,13 +109,15 @@ class Graph:
         inputs: list[tuple[str, str]],
         outputs: list[tuple[str, str]],
         title: str | None = None,
+        *,
+        size: tuple[int, int] | None = None,
     ) -> int:
         node_id = len(self.nodes) + 1
         node: dict[str, Any] = {
             "id": node_id,
             "type": node_type,
             "pos": list(pos),
-            "size": [320, 60 + 24 * (len(widgets) + len(inputs))],
+            "size": list(size) if size else [320, 60 + 24 * (len(widgets) + len(inputs))],
             "flags": {},
             "order": node_id - 1,
             "mode": 0,
@@ -47,10 +130,32 @@ class Graph:
         }
         if title:
             node["title"] = title
+        models = [
+            {"name": w, "url": MODELS[w][0], "directory": MODELS[w][1]}
+            for w in widgets
+            if isinstance(w, str) and w in MODELS
+        ]
+        if models:
+            node["properties"]["models"] = models
         self.nodes.append(node)
         return node_id
 
-    def link(self, src: int, src_slot: int, dst: int, input_name: str) -> None:
+    def note(self, pos: tuple[int, int], width: int, height: int, text: str, title: str) -> int:
+        node = self.add("Note", pos, [text], [], [], title=title, size=(width, height))
+        self.nodes[node - 1]["properties"] = {}
+        return node
+
+    def reroute(self, pos: tuple[int, int], parent: int | None = None) -> int:
+        """A native reroute (frontend 1.27, workflow version 0.4); ``parent`` is the one before it."""
+        rid = len(self.reroutes) + 1
+        entry: dict[str, Any] = {"id": rid, "pos": list(pos), "linkIds": []}
+        if parent is not None:
+            entry["parentId"] = parent
+        self.reroutes.append(entry)
+        return rid
+
+    def link(self, src: int, src_slot: int, dst: int, input_name: str, *, via: int | None = None) -> None:
+        """Connect; ``via`` is the last reroute of the chain the link runs through."""
         link_id = len(self.links) + 1
         source, target = self.nodes[src - 1], self.nodes[dst - 1]
         slot = next(i for i, inp in enumerate(target["inputs"]) if inp["name"] == input_name)
@@ -58,6 +163,78 @@ class Graph:
         target["inputs"][slot]["link"] = link_id
         source["outputs"][src_slot]["links"].append(link_id)
         self.links.append([link_id, src, src_slot, dst, slot, link_type])
+        if via is not None:
+            self.link_parents[link_id] = via
+            rid: int | None = via
+            while rid is not None:
+                reroute = self.reroutes[rid - 1]
+                reroute["linkIds"].append(link_id)
+                rid = reroute.get("parentId")
+
+    def wrap(self, src: int, src_slot: int, dst: int, input_name: str, *, via: int | None = None) -> int:
+        """Link to a node below in the same column without crossing either: the link returns under
+        the source, through the gap, and runs down the column's left margin. Returns the margin
+        reroute, which later links of ``src`` can continue from (``via``)."""
+        x, y, w, h = self.box(src)
+        if via is None:
+            right = self.reroute((x + w + 12, y + h + 10))
+            via = self.reroute((x - 8, y + h + 10), right)
+        target = self.box(dst)
+        slot = next(i for i, inp in enumerate(self.nodes[dst - 1]["inputs"]) if inp["name"] == input_name)
+        drop = self.reroute((x - 8, target[1] + TITLE + int((slot + 0.7) * SLOT)), via)
+        self.link(src, src_slot, dst, input_name, via=drop)
+        return via
+
+    def place(self, node: int, x: int, y: int, width: int, height: int | None = None) -> tuple[int, int]:
+        """Put a node's title bar top-left at (x, y); returns its bottom-left corner."""
+        entry = self.nodes[node - 1]
+        self.placed = True
+        h = max(height or 0, MIN_HEIGHT.get(entry["type"], 26))
+        entry["pos"] = [x, y + TITLE]
+        entry["size"] = [width, h]
+        return x, y + TITLE + h
+
+    def group(self, title: str, colour: str, members: list[int]) -> None:
+        """A titled group drawn around ``members`` (title band above, PAD around)."""
+        rects = [self.box(m) for m in members]
+        x0 = min(r[0] for r in rects) - PAD
+        y0 = min(r[1] for r in rects) - GROUP_HEAD
+        x1 = max(r[0] + r[2] for r in rects) + PAD
+        y1 = max(r[1] + r[3] for r in rects) + PAD
+        self.groups.append(
+            {
+                "id": len(self.groups) + 1,
+                "title": title,
+                "bounding": [x0, y0, x1 - x0, y1 - y0],
+                "color": colour,
+                "font_size": 24,
+                "flags": {},
+            }
+        )
+
+    def box(self, node: int) -> tuple[int, int, int, int]:
+        """The rectangle a node covers on the canvas, title bar included: (x, y, w, h)."""
+        n = self.nodes[node - 1]
+        return n["pos"][0], n["pos"][1] - TITLE, n["size"][0], n["size"][1] + TITLE
+
+    def fit_view(
+        self, canvas: tuple[int, int] = CANVAS_1600x1000, margin: tuple[int, int, int, int] = (12, 12, 12, 12)
+    ) -> None:
+        """Open the workflow zoomed so that every group shows on the ``canvas`` (the frontend's
+        canvas at a 1600x1000 window: the side bar and menu take the rest), ``margin`` (left, top,
+        right, bottom) around it."""
+        rects = [g["bounding"] for g in self.groups] + [self.box(n["id"]) for n in self.nodes]
+        rects += [[r["pos"][0], r["pos"][1], 0, 0] for r in self.reroutes]
+        x0 = min(r[0] for r in rects)
+        y0 = min(r[1] for r in rects)
+        x1 = max(r[0] + r[2] for r in rects)
+        y1 = max(r[1] + r[3] for r in rects)
+        left, top, right, bottom = margin
+        scale = min((canvas[0] - left - right) / (x1 - x0), (canvas[1] - top - bottom) / (y1 - y0))
+        self.view = {
+            "scale": round(scale, 4),
+            "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)],
+        }
 
     def arrange(self) -> None:
         """Columns by distance from the loaders, nodes stacked in each column: nothing overlaps."""
@@ -76,26 +253,109 @@ class Graph:
             heights[column] = y + height + 80
 
     def to_json(self) -> dict[str, Any]:
-        self.arrange()
+        if not self.placed:  # no hand layout: stack columns automatically
+            self.arrange()
+        extra: dict[str, Any] = {"ditprune": "example"}
+        if self.reroutes:
+            extra["reroutes"] = self.reroutes
+            extra["linkExtensions"] = [{"id": k, "parentId": v} for k, v in sorted(self.link_parents.items())]
+        if self.view:
+            extra["ds"] = self.view
         return {
             "last_node_id": len(self.nodes),
             "last_link_id": len(self.links),
             "nodes": self.nodes,
             "links": self.links,
-            "groups": [],
+            "groups": self.groups,
             "config": {},
-            "extra": {"ditprune": "example"},
+            "extra": extra,
             "version": 0.4,
         }
 
 
+# --- the FLUX / SD3.5 layout ---------------------------------------------------------------------
+#
+# Two rows right of a tall Load column. Row A: Calibrate | Score & cluster | Prune. Row B: Sample
+# dense vs pruned | Compare | Save. Links that would cross a column run through reroutes in lanes
+# no node occupies: the MODEL bus above row A, the pruned-MODEL and VAE lanes between the rows.
+W = 270  # ordinary node width
+WP = 230  # preview width
+ROW_A = 0  # top of row A's groups
+ROW_B = 650  # top of row B's groups
+LANE_TOP = ROW_A - 40  # the MODEL bus
+LANE_MID = ROW_B - 25  # between the rows
+X = {  # left edge of each column
+    "load": 0,
+    "cal": 340,
+    "cal_out": 660,
+    "score": 960,
+    "cluster": 1240,
+    "cluster_out": 1560,
+    "apply": 1860,
+    "apply_out": 2180,
+    "ksampler": 340,
+    "decode": 700,
+    "images": 980,
+    "metrics": 1260,
+    "save": 1570,
+    "save_out": 1890,
+}
+TOP_A = ROW_A + GROUP_HEAD + 10  # title-bar top of a group's first node
+TOP_B = ROW_B + GROUP_HEAD + 10
+
+NOTES = {
+    "load": "Loads the model to prune, its text encoders and VAE, and the prompt.\n\n"
+    "Files: see properties / the README's 'Model files'. The same prompt and latent feed "
+    "calibration and both samplers.",
+    "calibrate": "Samples once and records each layer's input energy.\n\n"
+    "Matters: steps (every step is recorded), the prompt and latent size. Set save_name to keep "
+    "the calibration (Load Calibration reads it back).",
+    "score": "Score: how weights are ranked (energy = DiT-Pruning; balance 0.4).\n\n"
+    "Cluster: the comparison groups; 'layer' is the default. The plot shows one layer's rows "
+    "in 2-D weight space.",
+    "prune": "Masks the weights of a copy of the model (the input is unchanged).\n\n"
+    "Matters: sparsity, pattern (2:4 for sparse kernels), which layer families.",
+    "sample": "Same seed, steps and prompt for both samplers, so the two images differ only by the pruning.",
+    "compare": "PSNR and relative error of pruned vs dense; the difference image is amplified.",
+    "save": "Writes models/diffusion_models/<prefix>_00001.safetensors.\n\n"
+    "format dense: opens in the stock Load Diffusion Model.\n"
+    "format compressed: smaller (about 56% at 50%); open it with DiT-Pruning Load Pruned Model.",
+}
+
+
+def _text_out(g: Graph, src: int, slot: int, x: int, y: int, title: str, height: int = 100) -> int:
+    """A Preview Any showing a STRING output after a run."""
+    node = g.add("PreviewAny", (x, y), [], [("source", "*")], [], title=title)
+    g.place(node, x, y, WP, height)
+    g.link(src, slot, node, "source")
+    return node
+
+
+def _image_out(g: Graph, src: int, slot: int, x: int, y: int, title: str, height: int = 200) -> int:
+    node = g.add("PreviewImage", (x, y), [], [("images", "IMAGE")], [], title=title)
+    g.place(node, x, y, WP, height)
+    g.link(src, slot, node, "images")
+    return node
+
+
 def pruning_chain(
-    g: Graph, model: int, pos: int, neg: int, latent: int, *, steps: int, cfg: float, plot_layer: str, x: int
-) -> int:
-    """Calibrate -> Score -> Cluster -> Apply; returns the Apply node id."""
+    g: Graph,
+    model: int,
+    pos: int,
+    neg: int,
+    latent: int,
+    load_members: list[int],
+    *,
+    cfg: float,
+    plot_layer: str,
+) -> tuple[int, int]:
+    """Calibrate -> Score -> Cluster -> Apply (row A); returns (Apply node, its MODEL reroute)."""
+    # Calibrate: UNET's model output sits level with Calibrate's model input
+    note = g.note((0, 0), W, 120, NOTES["calibrate"], "About: calibrate")
+    g.place(note, X["cal"], TOP_A, W, 120)
     cal = g.add(
         "DitPruneCalibrate",
-        (x, 40),
+        (0, 0),
         [0, "fixed", 8, cfg, "euler", "simple", "log", ""],
         [
             ("model", "MODEL"),
@@ -106,61 +366,94 @@ def pruning_chain(
         ],
         [("calibration", "DITPRUNE_CALIBRATION"), ("LATENT", "LATENT"), ("summary", "STRING")],
     )
+    g.place(cal, X["cal"], TOP_A + 160, W)
     for src, name in ((model, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
         g.link(src, 0, cal, name)
+    cal_y = g.nodes[cal - 1]["pos"][1]
+    cal_summary = _text_out(g, cal, 2, X["cal_out"], cal_y + 40, "calibration summary", 140)
+    g.group("2 · Calibrate", COLOURS["calibrate"], [note, cal, cal_summary])
+
+    # Score level with Calibrate's calibration output; its saliency runs straight to Apply
+    note3 = g.note((0, 0), WP, 120, NOTES["score"], "About: score & cluster")
+    g.place(note3, X["score"], TOP_A, WP, 120)
     score = g.add(
         "DitPruneScoreSaliency",
-        (x, 360),
+        (0, 0),
         ["energy", 0.4, "none", 0.5],
         [("calibration", "DITPRUNE_CALIBRATION")],
         [("saliency", "DITPRUNE_SALIENCY")],
     )
+    g.place(score, X["score"], cal_y - TITLE, WP)
     g.link(cal, 0, score, "calibration")
+    saliency_y = cal_y + 0.7 * SLOT
+    # MODEL bus above row A, dropping into Cluster and Apply
+    bus0 = g.reroute((X["cal"] - 35, LANE_TOP))
+    bus1 = g.reroute((X["cluster"] - 25, LANE_TOP), bus0)
+    bus2 = g.reroute((X["apply"] - 30, LANE_TOP), bus1)
     cluster = g.add(
         "DitPruneClusterWeights",
-        (x + 360, 40),
+        (0, 0),
         ["layer", 0, 4, 0.5, 1.0, "row", 0, "fixed", plot_layer],
         [("model", "MODEL"), ("saliency", "DITPRUNE_SALIENCY")],
         [("clusters", "DITPRUNE_CLUSTERS"), ("plot", "IMAGE"), ("summary", "STRING")],
     )
-    g.link(model, 0, cluster, "model")
+    g.place(cluster, X["cluster"], int(saliency_y) + 30, W)
+    g.link(model, 0, cluster, "model", via=bus1)
     g.link(score, 0, cluster, "saliency")
-    plot = g.add("PreviewImage", (x + 360, 420), [], [("images", "IMAGE")], [], title="2-D weight space")
-    g.link(cluster, 1, plot, "images")
+    cluster_y = g.nodes[cluster - 1]["pos"][1]
+    plot = _image_out(
+        g, cluster, 1, X["cluster_out"], TOP_A, "2-D weight space", int(saliency_y) - TOP_A - 60
+    )
+    cluster_summary = _text_out(g, cluster, 2, X["cluster_out"], cluster_y + 50, "cluster summary", 110)
+    g.group("3 · Score & cluster", COLOURS["score"], [note3, score, cluster, plot, cluster_summary])
+
     apply = g.add(
         "DitPruneApplyPruning",
-        (x + 720, 40),
+        (0, 0),
         [0.5, "unstructured", True, True, True, False, ""],
         [("model", "MODEL"), ("saliency", "DITPRUNE_SALIENCY"), ("clusters", "DITPRUNE_CLUSTERS")],
         [("MODEL", "MODEL"), ("report", "STRING"), ("sparsity per block", "IMAGE")],
     )
-    g.link(model, 0, apply, "model")
+    g.place(apply, X["apply"], int(saliency_y - 1.7 * SLOT) - TITLE, W)
+    g.link(model, 0, apply, "model", via=bus2)
     g.link(score, 0, apply, "saliency")
     g.link(cluster, 0, apply, "clusters")
-    chart = g.add("PreviewImage", (x + 720, 420), [], [("images", "IMAGE")], [], title="sparsity per block")
-    g.link(apply, 2, chart, "images")
-    return apply
+    apply_y = g.nodes[apply - 1]["pos"][1]
+    note4 = g.note((0, 0), W, 100, NOTES["prune"], "About: prune")
+    g.place(note4, X["apply"], apply_y + 242 + 20, W, 110)
+    chart = _image_out(g, apply, 2, X["apply_out"], TOP_A, "sparsity per block", 200)
+    report = _text_out(g, apply, 1, X["apply_out"], TOP_A + 260, "pruning report", 200)
+    g.group("4 · Prune", COLOURS["prune"], [apply, note4, chart, report])
+    pruned_bus = g.reroute((X["apply_out"] - 25, LANE_MID))
+    return apply, pruned_bus
 
 
 def sample_compare_save(
     g: Graph,
     dense_model: int,
     pruned_model: int,
+    pruned_bus: int,
     pos: int,
     neg: int,
     latent: int,
     vae: int,
+    vae_slot: int,
     *,
     steps: int,
     cfg: float,
     prefix: str,
-    x: int,
 ) -> None:
-    decoded = {}
-    for row, (label, model) in enumerate((("pruned", pruned_model), ("dense", dense_model))):
+    """Row B: KSampler (pruned) above KSampler (dense), decode, images and Compare, Save."""
+    save_bus = g.reroute((X["save"] - 30, LANE_MID), pruned_bus)
+    ks_bus = g.reroute((X["ksampler"] - 35, LANE_MID), save_bus)
+    vae_bus0 = g.reroute((X["load"] + W + 30, LANE_MID + 12))
+    vae_bus1 = g.reroute((X["decode"] - 40, LANE_MID + 12), vae_bus0)
+    decoded, samplers, decoders, images = {}, [], [], []
+    y = TOP_B
+    for label, model in (("pruned", pruned_model), ("dense", dense_model)):
         ks = g.add(
             "KSampler",
-            (x, 40 + 300 * row),
+            (0, 0),
             [42, "fixed", steps, cfg, "euler", "simple", 1.0],
             [
                 ("model", "MODEL"),
@@ -171,85 +464,126 @@ def sample_compare_save(
             [("LATENT", "LATENT")],
             title=f"KSampler ({label})",
         )
-        for src, name in ((model, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        g.place(ks, X["ksampler"], y, W)
+        g.link(model, 0, ks, "model", via=ks_bus if label == "pruned" else None)
+        for src, name in ((pos, "positive"), (neg, "negative"), (latent, "latent_image")):
             g.link(src, 0, ks, name)
         dec = g.add(
             "VAEDecode",
-            (x + 340, 40 + 300 * row),
+            (0, 0),
             [],
             [("samples", "LATENT"), ("vae", "VAE")],
             [("IMAGE", "IMAGE")],
+            title=f"VAE Decode ({label})",
         )
+        g.place(dec, X["decode"], y, 200)
         g.link(ks, 0, dec, "samples")
-        g.link(vae, 0 if g.nodes[vae - 1]["type"] == "VAELoader" else 2, dec, "vae")
-        preview = g.add("PreviewImage", (x + 600, 40 + 300 * row), [], [("images", "IMAGE")], [], title=label)
-        g.link(dec, 0, preview, "images")
+        g.link(vae, vae_slot, dec, "vae", via=vae_bus1)
+        samplers.append(ks)
+        decoders.append(dec)
         decoded[label] = dec
+        y += TITLE + 262 + 40
+    note5 = g.note((0, 0), 200, 150, NOTES["sample"], "About: sample")
+    g.place(note5, X["decode"], TOP_B + 130, 200, 150)
+    g.group("5 · Sample dense vs pruned", COLOURS["sample"], [*samplers, *decoders, note5])
+
+    ks_ys = [g.nodes[s - 1]["pos"][1] for s in samplers]
+    images.append(_image_out(g, decoded["pruned"], 0, X["images"], ks_ys[0] - TITLE, "pruned", 220))
     compare = g.add(
         "DitPruneCompare",
-        (x + 340, 640),
+        (0, 0),
         [4.0],
         [("dense", "IMAGE"), ("pruned", "IMAGE")],
         [("metrics", "STRING"), ("difference", "IMAGE")],
     )
+    g.place(compare, X["images"], ks_ys[0] + 220 + 10, WP)
     g.link(decoded["dense"], 0, compare, "dense")
     g.link(decoded["pruned"], 0, compare, "pruned")
-    diff = g.add("PreviewImage", (x + 600, 640), [], [("images", "IMAGE")], [], title="difference x4")
-    g.link(compare, 1, diff, "images")
+    images.append(_image_out(g, decoded["dense"], 0, X["images"], ks_ys[1] - TITLE + 60, "dense", 200))
+    compare_y = g.nodes[compare - 1]["pos"][1]
+    metrics = _text_out(g, compare, 0, X["metrics"], TOP_B, "metrics (pruned vs dense)", 120)
+    diff = _image_out(g, compare, 1, X["metrics"], compare_y - TITLE + 20, "difference x4", 200)
+    note6 = g.note((0, 0), WP, 100, NOTES["compare"], "About: compare")
+    g.place(note6, X["metrics"], compare_y + 20 + 200 + 20, WP, 100)
+    g.group("6 · Compare", COLOURS["compare"], [*images, compare, metrics, diff, note6])
+
     save = g.add(
         "DitPruneSavePrunedModel",
-        (x, 640),
-        [prefix, "compressed", "keep dtype"],
+        (0, 0),
+        [prefix, "dense", "keep dtype"],
         [("model", "MODEL")],
         [("path", "STRING")],
     )
-    g.link(pruned_model, 0, save, "model")
+    g.place(save, X["save"], TOP_B, W)
+    g.link(pruned_model, 0, save, "model", via=save_bus)
+    path = _text_out(g, save, 0, X["save_out"], TOP_B, "saved file", 120)
+    note7 = g.note((0, 0), W, 170, NOTES["save"], "About: save")
+    g.place(note7, X["save"], TOP_B + 180, W, 170)
+    g.group("7 · Save", COLOURS["save"], [save, path, note7])
+
+
+def _load_column(g: Graph, nodes: list[tuple[int, int]]) -> list[int]:
+    """Stack (node, height) in the Load column under its note; returns the members."""
+    note = g.note((0, 0), W, 100, NOTES["load"], "About: load")
+    g.place(note, X["load"], TOP_A, W, 100)
+    members = [note]
+    y = TOP_A + TITLE + 100 + 24
+    for node, height in nodes:
+        _x, bottom = g.place(node, X["load"], y, W, height)
+        y = bottom + 24
+        members.append(node)
+    return members
 
 
 def flux_dev() -> dict[str, Any]:
     g = Graph()
-    unet = g.add("UNETLoader", (0, 40), ["flux1-dev.safetensors", "default"], [], [("MODEL", "MODEL")])
+    unet = g.add("UNETLoader", (0, 0), ["flux1-dev.safetensors", "default"], [], [("MODEL", "MODEL")])
     clip = g.add(
         "DualCLIPLoader",
-        (0, 200),
+        (0, 0),
         ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"],
         [],
         [("CLIP", "CLIP")],
     )
-    vae = g.add("VAELoader", (0, 380), ["ae.safetensors"], [], [("VAE", "VAE")])
     text = g.add(
         "CLIPTextEncode",
-        (0, 500),
+        (0, 0),
         ["a red fox in fresh snow, golden hour, detailed fur"],
         [("clip", "CLIP")],
         [("CONDITIONING", "CONDITIONING")],
         title="positive",
     )
-    g.link(clip, 0, text, "clip")
     pos = g.add(
         "FluxGuidance",
-        (0, 720),
+        (0, 0),
         [3.5],
         [("conditioning", "CONDITIONING")],
         [("CONDITIONING", "CONDITIONING")],
     )
-    g.link(text, 0, pos, "conditioning")
     neg = g.add(
         "CLIPTextEncode",
-        (0, 840),
+        (0, 0),
         [""],
         [("clip", "CLIP")],
         [("CONDITIONING", "CONDITIONING")],
         title="negative (unused at cfg 1)",
     )
-    g.link(clip, 0, neg, "clip")
-    latent = g.add("EmptySD3LatentImage", (0, 980), [512, 512, 1], [], [("LATENT", "LATENT")])
-    apply = pruning_chain(
-        g, unet, pos, neg, latent, steps=8, cfg=1.0, plot_layer="single_blocks.0.linear1", x=400
+    latent = g.add("EmptySD3LatentImage", (0, 0), [512, 512, 1], [], [("LATENT", "LATENT")])
+    vae = g.add("VAELoader", (0, 0), ["ae.safetensors"], [], [("VAE", "VAE")])
+    members = _load_column(
+        g, [(unet, 82), (clip, 130), (text, 110), (pos, 58), (neg, 88), (latent, 106), (vae, 58)]
+    )
+    margin = g.wrap(clip, 0, text, "clip")
+    g.wrap(clip, 0, neg, "clip", via=margin)
+    g.wrap(text, 0, pos, "conditioning")
+    g.group("1 · Load", COLOURS["load"], members)
+    apply, pruned_bus = pruning_chain(
+        g, unet, pos, neg, latent, members, cfg=1.0, plot_layer="single_blocks.0.linear1"
     )
     sample_compare_save(
-        g, unet, apply, pos, neg, latent, vae, steps=20, cfg=1.0, prefix="ditprune/flux1-dev", x=1500
+        g, unet, apply, pruned_bus, pos, neg, latent, vae, 0, steps=20, cfg=1.0, prefix="ditprune/flux1-dev"
     )
+    g.fit_view()
     return g.to_json()
 
 
@@ -257,43 +591,57 @@ def sd35() -> dict[str, Any]:
     g = Graph()
     ckpt = g.add(
         "CheckpointLoaderSimple",
-        (0, 40),
+        (0, 0),
         ["sd3.5_large.safetensors"],
         [],
         [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     )
     clip = g.add(
         "TripleCLIPLoader",
-        (0, 220),
+        (0, 0),
         ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"],
         [],
         [("CLIP", "CLIP")],
     )
     pos = g.add(
         "CLIPTextEncode",
-        (0, 420),
+        (0, 0),
         ["a lighthouse on a cliff at dusk, oil painting"],
         [("clip", "CLIP")],
         [("CONDITIONING", "CONDITIONING")],
         title="positive",
     )
-    g.link(clip, 0, pos, "clip")
     neg = g.add(
         "CLIPTextEncode",
-        (0, 640),
+        (0, 0),
         ["blurry, low quality"],
         [("clip", "CLIP")],
         [("CONDITIONING", "CONDITIONING")],
         title="negative",
     )
-    g.link(clip, 0, neg, "clip")
-    latent = g.add("EmptySD3LatentImage", (0, 860), [1024, 1024, 1], [], [("LATENT", "LATENT")])
-    apply = pruning_chain(
-        g, ckpt, pos, neg, latent, steps=8, cfg=4.5, plot_layer="joint_blocks.0.x_block.attn.qkv", x=400
+    latent = g.add("EmptySD3LatentImage", (0, 0), [1024, 1024, 1], [], [("LATENT", "LATENT")])
+    members = _load_column(g, [(ckpt, 98), (clip, 106), (pos, 120), (neg, 100), (latent, 106)])
+    margin = g.wrap(clip, 0, pos, "clip")
+    g.wrap(clip, 0, neg, "clip", via=margin)
+    g.group("1 · Load", COLOURS["load"], members)
+    apply, pruned_bus = pruning_chain(
+        g, ckpt, pos, neg, latent, members, cfg=4.5, plot_layer="joint_blocks.0.x_block.attn.qkv"
     )
     sample_compare_save(
-        g, ckpt, apply, pos, neg, latent, ckpt, steps=28, cfg=4.5, prefix="ditprune/sd3.5-large", x=1500
+        g,
+        ckpt,
+        apply,
+        pruned_bus,
+        pos,
+        neg,
+        latent,
+        ckpt,
+        2,
+        steps=28,
+        cfg=4.5,
+        prefix="ditprune/sd3.5-large",
     )
+    g.fit_view()
     return g.to_json()
 
 

@@ -166,7 +166,7 @@ class Lab:
         self.pipe = self.ctx.pipe
         self.layers = PruneConfig(0.5)
         self.correction_damp = 0.01
-        from ..masks import select_layers
+        from ..prune import select_layers
 
         self._select = select_layers
         layers = select_layers(self.pipe.model, self.layers)
@@ -223,7 +223,7 @@ class Lab:
         The sampler follows the pruned model; at every step the dense model also runs on the same
         latent, so that each layer sees (pruned input, dense input) pairs.
         """
-        from ..calibration import log_timestep_weight
+        from ..calibrate import log_timestep_weight
 
         dense_layers = self._select(self.pipe.model, self.layers)
         accs = {n: PairedGramAccumulator(layers[n].in_features, name=n) for n in layers}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from conftest import REPO, Comfy
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, no backend node
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 
 
@@ -38,7 +41,7 @@ def test_there_are_workflows_for_flux_and_sd35() -> None:
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_fits_live_schemas(path: Path, all_nodes: dict[str, Any]) -> None:
     workflow = json.loads(path.read_text())
-    nodes = {n["id"]: n for n in workflow["nodes"]}
+    nodes = {n["id"]: n for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY}
     for node in nodes.values():
         assert node["type"] in all_nodes, f"{path.name}: unknown node type {node['type']}"
         live = _inputs(all_nodes[node["type"]])
@@ -66,7 +69,7 @@ def test_workflow_fits_live_schemas(path: Path, all_nodes: dict[str, Any]) -> No
             f"link {link_id}: {source['type']} output {src_slot} is {returns[src_slot]}"
         )
         target_input = target["inputs"][dst_slot]
-        assert target_input["type"] == kind and target_input["link"] == link_id, (
+        assert target_input["type"] in (kind, "*") and target_input["link"] == link_id, (
             f"link {link_id} into {target['type']}"
         )
     # every required socket is connected
@@ -79,3 +82,164 @@ def test_workflow_fits_live_schemas(path: Path, all_nodes: dict[str, Any]) -> No
         }
         connected = {inp["name"] for inp in node["inputs"] if inp["link"] is not None}
         assert sockets <= connected, f"{path.name}: {node['type']} leaves {sockets - connected} unconnected"
+
+
+# --- what a user sees: text results, model files, layout ------------------------------------------
+
+TITLE, SLOT = 30, 20  # litegraph: title bar above a node's pos; slot pitch
+# the image workflows share one graph; checks of its exact contents apply to them, the rest to all
+IMAGE_WORKFLOWS = {"ditprune_flux1_dev.json", "ditprune_sd35.json"}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _box(node: dict[str, Any]) -> tuple[float, float, float, float]:
+    """x0, y0, x1, y1 of a node on the canvas, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE, x + w, y + h
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_text_output_is_shown_by_preview_any(path: Path, all_nodes: dict[str, Any]) -> None:
+    workflow = _load(path)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {lk[0]: lk for lk in workflow["links"]}
+    shown = []
+    for node in nodes.values():
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        for out in node["outputs"]:
+            if out["type"] != "STRING":
+                continue
+            targets = [nodes[links[lid][3]]["type"] for lid in out["links"]]
+            assert "PreviewAny" in targets, f"{path.name}: {node['type']}.{out['name']} is not shown"
+            shown.append(f"{node['type']}.{out['name']}")
+    assert path.name not in IMAGE_WORKFLOWS or sorted(shown) == [
+        "DitPruneApplyPruning.report",
+        "DitPruneCalibrate.summary",
+        "DitPruneClusterWeights.summary",
+        "DitPruneCompare.metrics",
+        "DitPruneSavePrunedModel.path",
+    ]
+    assert "PreviewAny" in all_nodes  # ComfyUI's own display node (comfy_extras/nodes_preview_any.py)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_loaders_say_where_their_files_come_from(path: Path, comfy: Comfy) -> None:
+    import folder_paths
+
+    workflow = _load(path)
+    named = 0
+    for node in workflow["nodes"]:
+        files = [w for w in node["widgets_values"] if isinstance(w, str) and w.endswith(".safetensors")]
+        if node["type"].startswith("DitPrune") or not files:
+            continue
+        models = {m["name"]: m for m in node["properties"].get("models", [])}
+        assert set(files) <= set(models), f"{node['type']} names {files} without download metadata"
+        for name in files:
+            model = models[name]
+            # the missing-models dialog offers only huggingface/civitai .safetensors downloads
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + name)
+            assert model["directory"] in folder_paths.folder_names_and_paths, model
+            named += 1
+    if path.name in IMAGE_WORKFLOWS:
+        assert named == 4  # flux: unet, clip_l, t5xxl, ae; sd35: checkpoint, clip_l, clip_g, t5xxl
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_save_default_opens_in_the_stock_loader(path: Path) -> None:
+    (save,) = [n for n in _load(path)["nodes"] if n["type"] == "DitPruneSavePrunedModel"]
+    assert save["widgets_values"][1] == "dense"  # stock Load Diffusion Model opens only dense files
+    notes = " ".join(n["widgets_values"][0] for n in _load(path)["nodes"] if n["type"] == "Note")
+    assert "Load Diffusion Model" in notes and "Load Pruned Model" in notes
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_layout_nodes_apart_and_inside_their_groups(path: Path) -> None:
+    workflow = _load(path)
+    boxes = {n["id"]: _box(n) for n in workflow["nodes"]}
+    for (i, a), (j, b) in itertools.combinations(boxes.items(), 2):
+        assert not _overlap(a, b), f"{path.name}: node {i} overlaps node {j}"
+    groups = workflow["groups"]
+    titles = [g["title"] for g in groups]
+    assert groups, f"{path.name} has no groups"
+    assert path.name not in IMAGE_WORKFLOWS or titles == [
+        "1 · Load",
+        "2 · Calibrate",
+        "3 · Score & cluster",
+        "4 · Prune",
+        "5 · Sample dense vs pruned",
+        "6 · Compare",
+        "7 · Save",
+    ]
+    rects = [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in groups)]
+    for a, b in itertools.combinations(range(len(rects)), 2):
+        assert not _overlap(rects[a], rects[b]), f"groups {titles[a]} and {titles[b]} overlap"
+    for node_id, (x0, y0, x1, y1) in boxes.items():
+        inside = [
+            t
+            for t, (gx0, gy0, gx1, gy1) in zip(titles, rects, strict=True)
+            if gx0 <= x0 and gy0 + 30 <= y0 and x1 <= gx1 and y1 <= gy1
+        ]  # below the title band
+        assert len(inside) == 1, f"{path.name}: node {node_id} is in groups {inside}"
+    for title, (gx0, gy0, gx1, gy1) in zip(titles, rects, strict=True):
+        notes = [
+            n
+            for n in workflow["nodes"]
+            if n["type"] == "Note" and _overlap(boxes[n["id"]], (gx0, gy0, gx1, gy1))
+        ]
+        assert len(notes) == 1, f"{title} has {len(notes)} notes"
+    # the whole graph at a readable zoom on a 1600x1000 window (the frontend's canvas is 1536x922)
+    ds = workflow["extra"]["ds"]
+    assert ds["scale"] >= 0.6  # below ~0.57 the frontend stops drawing text (low-detail mode)
+    left, top = (-ds["offset"][0]), (-ds["offset"][1])
+    right, bottom = left + 1536 / ds["scale"], top + 922 / ds["scale"]
+    for gx0, gy0, gx1, gy1 in rects:
+        assert left <= gx0 and top <= gy0 and gx1 <= right and gy1 <= bottom
+
+
+def _bezier(a: tuple[float, float], b: tuple[float, float], steps: int = 60) -> list[tuple[float, float]]:
+    """litegraph's spline between an output (a) and an input (b): horizontal tangents, d/4 long."""
+    d = math.dist(a, b) * 0.25
+    c1, c2 = (a[0] + d, a[1]), (b[0] - d, b[1])
+    pts = []
+    for k in range(steps + 1):
+        t = k / steps
+        u = 1 - t
+        pts.append(
+            (
+                u**3 * a[0] + 3 * u * u * t * c1[0] + 3 * u * t * t * c2[0] + t**3 * b[0],
+                u**3 * a[1] + 3 * u * u * t * c1[1] + 3 * u * t * t * c2[1] + t**3 * b[1],
+            )
+        )
+    return pts
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_direct_links_run_clear_of_other_nodes(path: Path) -> None:
+    """Links without reroutes, drawn as the frontend draws them, cross no node they don't end at.
+    (tests/comfyui/test_browser.py checks every link, rerouted ones too, on the rendered canvas.)"""
+    workflow = _load(path)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    routed = {e["id"] for e in workflow["extra"].get("linkExtensions", [])}
+    for link_id, src, src_slot, dst, dst_slot, _kind in workflow["links"]:
+        if link_id in routed:
+            continue
+        s, t = nodes[src], nodes[dst]
+        start = (s["pos"][0] + s["size"][0] - 9, s["pos"][1] + (src_slot + 0.7) * SLOT)
+        end = (t["pos"][0] + 10, t["pos"][1] + (dst_slot + 0.7) * SLOT)
+        points = _bezier(start, end)
+        for other_id, other in nodes.items():
+            if other_id in (src, dst):
+                continue
+            x0, y0, x1, y1 = _box(other)
+            hits = [p for p in points if x0 + 3 < p[0] < x1 - 3 and y0 + 3 < p[1] < y1 - 3]
+            assert not hits, (
+                f"{path.name}: link {link_id} ({s['type']} -> {t['type']}) runs behind node {other_id}"
+            )

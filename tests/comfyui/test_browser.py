@@ -1,0 +1,225 @@
+"""The example workflows in the real ComfyUI frontend: a local server on 127.0.0.1 and headless
+Chromium (Debian's ``chromium`` package) driven over the DevTools protocol.
+
+Skips, with the reason, where Chromium is not installed. ``DITPRUNE_WRITE_SCREENSHOTS=1`` writes
+the README's screenshots (docs/) and the template thumbnails (workflows/*.jpg) from this run;
+otherwise they go to pytest's tmp folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import APP_READY, SETTINGS, chromium_page, comfy_server, find_chromium, geometry_js
+from conftest import REPO, Comfy
+from safetensors.torch import save_file
+from tiny_models import random_state_dict, sd3_shapes
+
+CHROMIUM = find_chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium: `apt-get install chromium` (Debian) or set $DITPRUNE_CHROMIUM to run "
+    "the browser checks",
+)
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+
+def _generator() -> Any:
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "workflows" / "make_workflows.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_workflow() -> dict[str, Any]:
+    """A graph that runs on the tiny random SD3 with no text encoder: its text outputs are what
+    must appear in the page (Compare gets two flat images of different grey)."""
+    mw = _generator()
+    g = mw.Graph()
+    unet = g.add("UNETLoader", (0, 0), ["tiny_sd3.safetensors", "default"], [], [("MODEL", "MODEL")])
+    score = g.add(
+        "DitPruneScoreSaliency",
+        (0, 0),
+        ["magnitude", 0.4, "none", 0.5],
+        [("calibration", "DITPRUNE_CALIBRATION")],
+        [("saliency", "DITPRUNE_SALIENCY")],
+    )
+    cluster = g.add(
+        "DitPruneClusterWeights",
+        (0, 0),
+        ["layer", 0, 4, 0.5, 1.0, "row", 0, "fixed", "joint_blocks.0.x_block.attn.qkv"],
+        [("model", "MODEL"), ("saliency", "DITPRUNE_SALIENCY")],
+        [("clusters", "DITPRUNE_CLUSTERS"), ("plot", "IMAGE"), ("summary", "STRING")],
+    )
+    g.link(unet, 0, cluster, "model")
+    g.link(score, 0, cluster, "saliency")
+    apply = g.add(
+        "DitPruneApplyPruning",
+        (0, 0),
+        [0.5, "2:4", True, True, True, False, ""],
+        [("model", "MODEL"), ("saliency", "DITPRUNE_SALIENCY"), ("clusters", "DITPRUNE_CLUSTERS")],
+        [("MODEL", "MODEL"), ("report", "STRING"), ("sparsity per block", "IMAGE")],
+    )
+    g.link(unet, 0, apply, "model")
+    g.link(score, 0, apply, "saliency")
+    g.link(cluster, 0, apply, "clusters")
+    save = g.add(
+        "DitPruneSavePrunedModel",
+        (0, 0),
+        ["browser", "dense", "keep dtype"],
+        [("model", "MODEL")],
+        [("path", "STRING")],
+    )
+    g.link(apply, 0, save, "model")
+    images = [
+        g.add("EmptyImage", (0, 0), [64, 64, 1, colour], [], [("IMAGE", "IMAGE")])
+        for colour in (0x808080, 0x848484)
+    ]
+    compare = g.add(
+        "DitPruneCompare",
+        (0, 0),
+        [4.0],
+        [("dense", "IMAGE"), ("pruned", "IMAGE")],
+        [("metrics", "STRING"), ("difference", "IMAGE")],
+    )
+    g.link(images[0], 0, compare, "dense")
+    g.link(images[1], 0, compare, "pruned")
+    shown = {}
+    for src, slot in ((cluster, 2), (apply, 1), (save, 0), (compare, 0)):
+        shown[src] = g.add("PreviewAny", (0, 0), [], [("source", "*")], [])
+        g.link(src, slot, shown[src], "source")
+    # by hand, so that every text box is large enough to read
+    for node, x, y, w, h in (
+        (unet, 0, 0, 300, 82),
+        (score, 0, 140, 300, 130),
+        (images[0], 0, 330, 300, 106),
+        (images[1], 0, 500, 300, 106),
+        (cluster, 350, 0, 300, 290),
+        (compare, 350, 380, 300, 78),
+        (apply, 700, 0, 300, 242),
+        (shown[cluster], 700, 330, 300, 110),
+        (shown[compare], 700, 490, 300, 120),
+        (save, 1050, 0, 300, 106),
+        (shown[apply], 1050, 170, 460, 220),
+        (shown[save], 1050, 440, 460, 120),
+    ):
+        g.place(node, x, y, w, h)
+    g.fit_view()
+    workflow = g.to_json()
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def results(comfy: Comfy, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One server and one browser for the module: each workflow loaded, then a small run."""
+    base = tmp_path_factory.mktemp("browserbase")
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    save_file(
+        random_state_dict(sd3_shapes(), seed=9), str(base / "models/diffusion_models/tiny_sd3.safetensors")
+    )
+    write = os.environ.get("DITPRUNE_WRITE_SCREENSHOTS") == "1"
+    shots = REPO / "docs" if write else tmp_path_factory.mktemp("screenshots")
+    thumbs = REPO / "workflows" if write else shots
+    assert CHROMIUM is not None
+    return asyncio.run(_drive(CHROMIUM, comfy.root, base, shots, thumbs))
+
+
+async def _drive(chromium: str, root: Path, base: Path, shots: Path, thumbs: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"workflows": {}, "shots": shots, "thumbs": thumbs}
+    with comfy_server(root, base) as url:
+        async with chromium_page(chromium, url) as page:
+            await page.wait_js(APP_READY, 120)
+            settings = json.dumps(SETTINGS)
+            await page.js(
+                f"(async () => {{ for (const [k, v] of Object.entries({settings})) "
+                "await app.extensionManager.setting.set(k, v); })()"
+            )
+            await page.wait_js("document.readyState === 'complete'")
+            await asyncio.sleep(1)
+            await page.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
+            out["canvas"] = await page.js(
+                "(() => { const r = app.canvas.canvas.getBoundingClientRect(); "
+                "return [r.width, r.height]; })()"
+            )
+            for path in WORKFLOWS:
+                await page.js(f"app.loadGraphData({path.read_text()})")
+                await asyncio.sleep(1.5)
+                dialogs = await page.js(
+                    "Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText)"
+                )
+                await page.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
+                await asyncio.sleep(0.6)
+                geometry = await page.js(geometry_js())
+                stem = path.stem
+                await page.screenshot(shots / f"workflow_{stem.removeprefix('ditprune_')}.png")
+                await page.screenshot(thumbs / f"{stem}.jpg", quality=80, scale=0.5)
+                out["workflows"][path.name] = {"dialogs": dialogs, **geometry}
+            await page.js(f"app.loadGraphData({json.dumps(_run_workflow())})")
+            await asyncio.sleep(1)
+            await page.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
+            await page.js("app.queuePrompt(0, 1)")
+            texts = await page.wait_js(
+                """(() => {
+                  const areas = Array.from(document.querySelectorAll('textarea'))
+                    .filter(t => t.readOnly && t.value && t.getBoundingClientRect().width > 0);
+                  return areas.length >= 4 ? areas.map(t => t.value) : null;
+                })()""",
+                180,
+            )
+            await asyncio.sleep(0.5)
+            out["run_texts"] = texts
+            out["run_shot"] = await page.screenshot(shots / "browser_run_results.png")
+            out["console"] = page.console
+    return out
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_loads_cleanly(path: Path, results: dict[str, Any]) -> None:
+    loaded = results["workflows"][path.name]
+    assert [n for n in loaded["nodes"] if not n["registered"]] == []
+    # the only dialog is the missing-models one (no weights here), offering every file's download
+    assert len(loaded["dialogs"]) <= 1, loaded["dialogs"]
+    for text in loaded["dialogs"]:
+        assert text.startswith("Missing Models"), text
+        assert "not allowed" not in text and "Invalid directory" not in text, text
+        workflow = json.loads(path.read_text())
+        for node in workflow["nodes"]:
+            for model in node["properties"].get("models", []):
+                assert f"{model['directory']} / {model['name']}" in text
+    assert "Missing Node" not in " ".join(loaded["dialogs"])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_reads_at_a_glance(path: Path, results: dict[str, Any]) -> None:
+    """As rendered: no node overlaps another, no link is drawn behind a node, readable zoom."""
+    loaded = results["workflows"][path.name]
+    rects = [(n["id"], n["rect"]) for n in loaded["nodes"]]
+    for i, (a_id, (ax, ay, aw, ah)) in enumerate(rects):
+        for b_id, (bx, by, bw, bh) in rects[i + 1 :]:
+            assert not (ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah), (a_id, b_id)
+    assert loaded["behind"] == []
+    assert loaded["scale"] >= 0.6
+    titles = [g["title"] for g in loaded["groups"]]
+    assert titles and [t.split(" ")[0] for t in titles] == [str(i) for i in range(1, len(titles) + 1)]
+    # what make_workflows.CANVAS_1600x1000 assumes (the workflows' saved view fits this canvas)
+    assert abs(results["canvas"][0] - 1536) <= 4 and abs(results["canvas"][1] - 922) <= 4
+
+
+def test_text_results_are_visible_after_a_run(results: dict[str, Any]) -> None:
+    texts = "\n".join(results["run_texts"])
+    assert "PSNR" in texts and "relative error" in texts  # Compare
+    assert "k=1" in texts  # Cluster summary (layer granularity)
+    assert re.search(r"pruned [\d,]+ of [\d,]+ weights in \d+ layers: 50\.00%", texts)  # Apply, 2:4
+    assert "models/diffusion_models/browser_00001.safetensors" in texts  # Save path
+    assert results["run_shot"].stat().st_size > 10_000
+    for path in WORKFLOWS:
+        thumb = results["thumbs"] / f"{path.stem}.jpg"
+        assert thumb.read_bytes()[:2] == b"\xff\xd8"  # a JPEG
