@@ -205,7 +205,8 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The pruned, reconstructed model."),
                 io.String.Output(
-                    display_name="report", tooltip="Passes, per-layer sparsity and output error."
+                    display_name="report",
+                    tooltip="Passes, per-layer sparsity and output error; connect Preview Any to read it.",
                 ),
             ],
         )
