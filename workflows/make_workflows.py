@@ -199,7 +199,7 @@ def sample_compare_save(
     save = g.add(
         "DitPruneSavePrunedModel",
         (x, 640),
-        [prefix, "compressed", "keep dtype"],
+        [prefix, "compressed", "keep dtype", "auto"],
         [("model", "MODEL")],
         [("path", "STRING")],
     )
