@@ -68,6 +68,9 @@ class Calibrator:
             pipe.sample(labels, seed=0, on_step=cal.on_step)
         stats = cal.stats
 
+    A Calibrator records one run: it can be entered once (a second ``with`` is refused, because it
+    would add to the first run's statistics). Combine runs with :meth:`CalibrationStats.merge`.
+
     Args:
         model: a DiT or ComfyUI MODEL; hooks go on its Linear layers.
         layers: ``{name: nn.Linear}`` to hook; default every block layer
@@ -125,6 +128,7 @@ class Calibrator:
         }
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stats: CalibrationStats | None = None
+        self._entered = False
 
     def set_sigma(self, sigma: float) -> None:
         """Tell the calibrator the noise level of the next model calls."""
@@ -158,6 +162,13 @@ class Calibrator:
     def __enter__(self) -> Calibrator:
         if self._handles:
             raise RuntimeError("this Calibrator is already active")
+        if self._entered:
+            raise CalibrationError(
+                "this Calibrator has recorded a run already; entering it again would add to those "
+                "statistics. Make a new Calibrator for each run, and combine runs with "
+                "CalibrationStats.merge"
+            )
+        self._entered = True
         try:
             for name, layer in self.layers.items():
                 self._handles.append(layer.register_forward_hook(self._hook(name)))

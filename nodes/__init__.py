@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from ..ditprune_core.util.io import install_cleanup_handlers
 from .calibrate import DitPruneCalibrate, DitPruneLoadCalibration
 from .choices import ensure_calibration_folder
 from .compare import DitPruneCompare
@@ -11,6 +12,10 @@ from .load import DitPruneLoadPrunedModel
 from .prune import DitPruneApplyPruning, DitPruneClusterWeights, DitPruneScoreSaliency
 from .reconstruct import DitPrunePruneAndReconstruct
 from .save import DitPruneSavePrunedModel
+
+# SIGTERM / SIGHUP remove a save's temporary file. Handlers can only be installed from the main thread,
+# and ComfyUI executes prompts in a worker thread; it imports the pack in the main thread, so do it now.
+install_cleanup_handlers()
 
 NODES: list[type[io.ComfyNode]] = [
     DitPruneCalibrate,

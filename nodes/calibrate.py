@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import comfy.samplers
@@ -15,6 +16,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a pa
 
 from ..ditprune_core.calibrate import TIMESTEP_WEIGHTINGS, Calibrator
 from ..ditprune_core.stats import CalibrationStats
+from ..ditprune_core.util.io import FileExistsRefusal, check_name_fits
 from .choices import NO_CALIBRATIONS, calibration_options, refuse_placeholder
 from .common import (
     CALIBRATION_FOLDER,
@@ -25,6 +27,26 @@ from .common import (
     safe_child,
     weight_fn_for,
 )
+
+
+def calibration_target(save_name: str) -> Path | None:
+    """Where Calibrate saves ``save_name`` (None for no name), checked the way the save will check it.
+
+    Raises:
+        ValueError: the name would leave the calibration folder, names no file, or is too long.
+        FileExistsRefusal: the file exists (calibrations are never overwritten).
+    """
+    name = save_name.strip().removesuffix(".safetensors")
+    if not save_name.strip():
+        return None
+    stem = safe_child(calibration_dir(), name)
+    target = stem.with_name(stem.name + ".safetensors")
+    check_name_fits(target)
+    if target.exists():
+        raise FileExistsRefusal(
+            f"{target} already exists; choose another save_name or delete the file (nothing was sampled)"
+        )
+    return target
 
 
 class DitPruneCalibrate(io.ComfyNode):
@@ -121,7 +143,8 @@ class DitPruneCalibrate(io.ComfyNode):
         save_name: str = "",
         calibration: CalibrationStats | None = None,
     ) -> io.NodeOutput:
-        dm = diffusion_model(model)
+        target = calibration_target(save_name)  # before sampling: a bad name must not cost the run
+        dm = diffusion_model(model, action="calibrate it")
         patched = model.clone()
         settings = {"seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler}
         with Calibrator(
@@ -142,10 +165,7 @@ class DitPruneCalibrate(io.ComfyNode):
         stats = cal.stats
         if calibration is not None:
             stats = calibration.merge(stats)
-        if save_name.strip():
-            target = safe_child(
-                calibration_dir(), save_name.strip().removesuffix(".safetensors") + ".safetensors"
-            )
+        if target is not None:
             stats.save(target)
         s = stats.summary()
         text = (

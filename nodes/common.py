@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from comfy_api.latest import io
 from torch import nn
 
 from ..ditprune_core.layers import detect_architecture, unwrap_diffusion_model
+from ..ditprune_core.util.io import check_name_fits
 from ..ditprune_core.util.packing import PackedMask
+from .packed import PackedLinear
 
 log = logging.getLogger("ditprune")
 
@@ -48,11 +51,31 @@ def calibration_dir() -> Path:
     return Path(folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0])
 
 
-def diffusion_model(model: comfy.model_patcher.ModelPatcher) -> nn.Module:
-    """The DiT inside a MODEL, refusing models ditprune cannot prune (names what is supported)."""
+def diffusion_model(model: comfy.model_patcher.ModelPatcher, *, action: str) -> nn.Module:
+    """The DiT inside a MODEL, refusing models ditprune cannot prune (names what is supported) and
+    models loaded compressed (see :func:`refuse_compressed`; ``action`` says what the node would do)."""
     module = unwrap_diffusion_model(model)
     detect_architecture(module)  # raises UnsupportedModelError with the list of supported models
+    refuse_compressed(module, action)
     return module
+
+
+def refuse_compressed(module: nn.Module, action: str) -> None:
+    """Refuse a model loaded by Load Pruned Model in mode 'compressed on device'.
+
+    Its pruned layers hold their compressed pieces and an empty placeholder instead of a weight, so
+    nothing that reads weights (calibration fingerprints, clustering, masks, saving) can use them.
+
+    Raises:
+        ValueError: naming a compressed layer, what could not be done and how to load the model instead.
+    """
+    packed = [name for name, m in module.named_modules() if isinstance(m, PackedLinear) and m.is_packed]
+    if packed:
+        raise ValueError(
+            f"cannot {action}: this model was loaded compressed (Load Pruned Model, mode 'compressed on "
+            f"device'), so {len(packed)} pruned layer(s), e.g. {packed[0]!r}, hold no dense weight. "
+            "Load it with mode 'densify at load' instead"
+        )
 
 
 def original_weight(model: comfy.model_patcher.ModelPatcher, key: str) -> torch.Tensor:
@@ -152,11 +175,23 @@ class Progress:
 
 
 def safe_child(folder: str | Path, relative: str) -> Path:
-    """``folder / relative`` resolved, refusing anything that would leave ``folder``."""
+    """``folder / relative`` resolved: a name inside ``folder`` or one of its subfolders.
+
+    Raises:
+        ValueError: ``relative`` would leave ``folder``, resolve to ``folder`` itself, or does not end
+            in a name (``.``, ``sub/..``, ``sub/``), or a name in it is too long for the filesystem.
+    """
     base = Path(folder).resolve()
+    last = re.split(r"[\\/]", relative)[-1].strip()
+    if last in ("", ".", ".."):
+        raise ValueError(
+            f"{relative!r} does not end in a file name (it names a folder); end it with a name, "
+            "e.g. 'ditprune/pruned'"
+        )
     target = (base / relative).resolve()
-    if target != base and base not in target.parents:
+    if base not in target.parents:
         raise ValueError(f"{relative!r} would write outside {base}; use a plain name or a subfolder")
+    check_name_fits(target)
     return target
 
 

@@ -218,7 +218,7 @@ class DitPruneClusterWeights(io.ComfyNode):
             seed=seed,
         )
         layers = find_prunable_layers(
-            diffusion_model(model),
+            diffusion_model(model, action="cluster its weights"),
             families=CALIBRATED_FAMILIES,
         )
         if plot_layer not in layers:
@@ -315,7 +315,8 @@ class DitPruneApplyPruning(io.ComfyNode):
         config = (clusters or GroupingSpec()).to_config(
             saliency, sparsity, pattern=pattern, families=families, layer_regex=layer_regex
         )
-        target = PruneTarget.of(diffusion_model(model), config)  # resolved once for masks and report
+        # resolved once for masks and report
+        target = PruneTarget.of(diffusion_model(model, action="prune it"), config)
         pruned = model.clone()
         masks: dict[str, PackedMask] = {}
         for name, keep in iter_masks(

@@ -253,7 +253,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             layer_regex=layer_regex or None,
             update="obs",
         )
-        dm = diffusion_model(model)
+        dm = diffusion_model(model, action="prune and reconstruct it")
         pruned = model.clone()
         comfy.model_management.load_models_gpu([pruned])  # the clone's backup holds the originals from now on
 

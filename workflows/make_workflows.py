@@ -510,7 +510,7 @@ def sample_compare_save(
     save = g.add(
         "DitPruneSavePrunedModel",
         (0, 0),
-        [prefix, "dense", "keep dtype"],
+        [prefix, "dense", "keep dtype", "auto"],
         [("model", "MODEL")],
         [("path", "STRING")],
     )
