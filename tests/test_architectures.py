@@ -263,3 +263,34 @@ def test_full_size_models_detect_and_prune_most_weights(label: str, arch: str, c
     prunable = [n for n in shapes.linears if template.family_of(n) in DEFAULT_FAMILIES]
     share = shapes.linear_numel(prunable) / shapes.numel()
     assert 0.5 < share < 0.99, f"{label}: prunable share {share:.1%}"
+
+
+def test_projected_sizes_arithmetic() -> None:
+    from ditprune_core.bench.supported_models import ModelRow
+    from ditprune_core.layers import WAN
+
+    row = ModelRow(
+        "x", WAN, params=10**9, prunable=6 * 10**8, families={}, packed_ratio=0.5, packed_fp8_ratio=0.25
+    )
+    sizes = row.sizes()
+    assert sizes["bf16"] == pytest.approx(2.0)
+    assert sizes["fp8"] == pytest.approx(1.0)
+    assert sizes["Q8_0"] == pytest.approx(1.0625) and sizes["Q4_0"] == pytest.approx(0.5625)
+    assert sizes["50%"] == pytest.approx(0.6 * 2 * 0.5 + 0.4 * 2)  # pruned layers packed, the rest bf16
+    assert sizes["50% fp8"] == pytest.approx(0.6 * 2 * 0.25 + 0.4 * 2)
+
+
+def test_video_bench_model_is_a_wan_and_gram_memory_is_in_squared() -> None:
+    from ditprune_core.bench.video_calibration import TinyWan, mask_agreement, memory_rows, sample_calibrated
+
+    model = TinyWan(dim=32, ffn=64, heads=2, layers=1, seed=0).eval()
+    assert detect_architecture(model).name == "wan"
+    stats = sample_calibrated(model, frames=2, steps=2, seed=0, size=4, prompts=1)
+    assert stats["blocks.0.self_attn.q"].tokens == 2 * 2 * 2 * 2  # steps x frames x (4/2)^2
+    assert stats["blocks.0.cross_attn.k"].tokens == 2 * 12  # text tokens do not grow with frames
+    assert mask_agreement(model, stats, stats) == 1.0
+    other = sample_calibrated(model, frames=2, steps=2, seed=1, size=4, prompts=1)
+    assert mask_agreement(model, stats, other) < 1.0
+    rows = dict((name, (i, d, g)) for name, i, d, g in memory_rows())
+    assert rows["blocks.N.ffn.2"] == (13824, 13824 * 8, 13824 * 13824 * 4)
+    assert rows["blocks.N.self_attn.q"][2] == 5120 * 5120 * 4
