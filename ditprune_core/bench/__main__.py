@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m ditprune_core.bench {quality,sweep,speed,checkpoint} [--out DIR]``."""
+"""Benchmarks: ``python -m ditprune_core.bench {quality,sweep,speed,checkpoint,video,models} [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ DEFAULT_OUT = Path("docs/bench")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench", description=__doc__)
-    parser.add_argument("which", choices=("quality", "sweep", "speed", "checkpoint"))
+    parser.add_argument("which", choices=("quality", "sweep", "speed", "checkpoint", "video", "models"))
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
@@ -31,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint_size import write_checkpoint_bench
 
         path = write_checkpoint_bench(args.out)
+        print(path.read_text())
+        return 0
+    if args.which == "video":
+        from .video_calibration import write_video_bench
+
+        path = write_video_bench(args.out)
+        print(path.read_text())
+        return 0
+    if args.which == "models":
+        from .supported_models import write_supported_models
+
+        path = write_supported_models(Path("docs"))
         print(path.read_text())
         return 0
     if args.which == "speed":

@@ -75,7 +75,7 @@ def test_server_queues_an_api_workflow(comfy: Comfy, tmp_path: Path) -> None:
                 time.sleep(0.5)
         assert info["DitPruneApplyPruning"]["category"] == "DiT-Pruning"
         templates = _get(f"{url}/workflow_templates")
-        assert sorted(templates["ditprune"]) == ["ditprune_flux1_dev", "ditprune_sd35"]
+        assert sorted(templates["ditprune"]) == ["ditprune_flux1_dev", "ditprune_sd35", "ditprune_wan21_t2v"]
 
         prompt = {
             "1": {

@@ -35,7 +35,11 @@ def _inputs(cls: Any) -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def test_there_are_workflows_for_flux_and_sd35() -> None:
-    assert {p.name for p in WORKFLOWS} == {"ditprune_flux1_dev.json", "ditprune_sd35.json"}
+    assert {p.name for p in WORKFLOWS} == {
+        "ditprune_flux1_dev.json",
+        "ditprune_sd35.json",
+        "ditprune_wan21_t2v.json",
+    }
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
