@@ -65,6 +65,12 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
             state = comfy.utils.load_torch_file(path)
             # every piece, count, code range and checksum is checked before anything is built from it
             validate_compressed_state(state, path, info)
+            # ComfyUI's detection reads widths off weight shapes (Wan's ffn, Qwen-Image, ...): show it
+            # each compressed weight's true shape and dtype, as a meta tensor that holds no memory;
+            # PackedLinear then takes the pieces and drops the placeholder
+            for name, entry in layouts.items():
+                shape = tuple(int(x) for x in state[f"{name}.shape"].tolist())
+                state[name] = torch.empty(shape, dtype=getattr(torch, entry["dtype"]), device="meta")
             dtypes = [getattr(torch, v["dtype"]) for v in layouts.values()]
             options = {"custom_operations": PackedOps, "dtype": max(set(dtypes), key=dtypes.count)}
             model = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)

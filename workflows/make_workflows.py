@@ -84,6 +84,18 @@ MODELS = {
         "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors",
         "checkpoints",
     ),
+    "wan2.1_t2v_14B_bf16.safetensors": (
+        "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/diffusion_models/wan2.1_t2v_14B_bf16.safetensors",
+        "diffusion_models",
+    ),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": (
+        "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+        "text_encoders",
+    ),
+    "wan_2.1_vae.safetensors": (
+        "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/wan_2.1_vae.safetensors",
+        "vae",
+    ),
     "clip_g.safetensors": (
         "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/text_encoders/clip_g.safetensors",
         "text_encoders",
@@ -645,7 +657,78 @@ def sd35() -> dict[str, Any]:
     return g.to_json()
 
 
-WORKFLOWS = {"ditprune_flux1_dev.json": flux_dev, "ditprune_sd35.json": sd35}
+def wan21_t2v() -> dict[str, Any]:
+    """Wan 2.1 T2V 14B: the same flow on video. Calibration runs on the same 33-frame latent the
+    samplers use (9 latent frames; docs/bench/video_calibration.md says how many frames and steps are
+    enough); the decoded frames are compared as an image batch."""
+    g = Graph()
+    unet = g.add(
+        "UNETLoader", (0, 0), ["wan2.1_t2v_14B_bf16.safetensors", "default"], [], [("MODEL", "MODEL")]
+    )
+    shifted = g.add(
+        "ModelSamplingSD3", (0, 0), [8.0], [("model", "MODEL")], [("MODEL", "MODEL")], title="shift 8"
+    )
+    clip = g.add(
+        "CLIPLoader",
+        (0, 0),
+        ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"],
+        [],
+        [("CLIP", "CLIP")],
+    )
+    pos = g.add(
+        "CLIPTextEncode",
+        (0, 0),
+        ["a red fox trotting through fresh snow at golden hour, the camera tracking beside it"],
+        [("clip", "CLIP")],
+        [("CONDITIONING", "CONDITIONING")],
+        title="positive",
+    )
+    neg = g.add(
+        "CLIPTextEncode",
+        (0, 0),
+        ["blurry, static, low quality, worst quality, jpeg artifacts, deformed, extra limbs"],
+        [("clip", "CLIP")],
+        [("CONDITIONING", "CONDITIONING")],
+        title="negative",
+    )
+    latent = g.add(
+        "EmptyHunyuanLatentVideo", (0, 0), [832, 480, 33, 1], [], [("LATENT", "LATENT")], title="33 frames"
+    )
+    vae = g.add("VAELoader", (0, 0), ["wan_2.1_vae.safetensors"], [], [("VAE", "VAE")])
+    members = _load_column(
+        g,
+        [(unet, 82), (shifted, 58), (clip, 106), (pos, 120), (neg, 120), (latent, 130), (vae, 58)],
+    )
+    g.wrap(unet, 0, shifted, "model")
+    margin = g.wrap(clip, 0, pos, "clip")
+    g.wrap(clip, 0, neg, "clip", via=margin)
+    g.group("1 · Load", COLOURS["load"], members)
+    apply, pruned_bus = pruning_chain(
+        g, shifted, pos, neg, latent, members, cfg=6.0, plot_layer="blocks.0.ffn.0"
+    )
+    sample_compare_save(
+        g,
+        shifted,
+        apply,
+        pruned_bus,
+        pos,
+        neg,
+        latent,
+        vae,
+        0,
+        steps=30,
+        cfg=6.0,
+        prefix="ditprune/wan2.1-t2v-14b",
+    )
+    g.fit_view()
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "ditprune_flux1_dev.json": flux_dev,
+    "ditprune_sd35.json": sd35,
+    "ditprune_wan21_t2v.json": wan21_t2v,
+}
 
 
 def main(argv: list[str]) -> int:

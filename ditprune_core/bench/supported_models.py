@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import save_pruned_checkpoint
+from ..config import PruneConfig
 from ..layers import (
     COMFY_REFUSED,
     DEFAULT_FAMILIES,
@@ -29,7 +29,8 @@ from ..layers import (
     ArchTemplate,
     detect_architecture,
 )
-from ..masks import PruneConfig, layer_keep_mask
+from ..mask import layer_keep_mask
+from ..save import save_pruned_checkpoint
 from . import write_report
 from .dit_shapes import FULL_CONFIGS, SHAPES, DitShapes, module_tree
 

@@ -5,7 +5,7 @@ and steps a calibration needs before the masks stop changing.
     python -m ditprune_core.bench.video_calibration [--tokens 1560 3120] [--device cuda]
 
 1. Overhead: one Wan 2.1/2.2 14B block (hidden 5120, FFN 13824, 40 heads; random weights) run on a
-   video-sized token sequence, plain and with the :class:`~ditprune_core.calibration.Calibrator`
+   video-sized token sequence, plain and with the :class:`~ditprune_core.calibrate.Calibrator`
    hooks on its ten Linear layers, interleaved in one run, and also with a Gram (X^T X) hook per
    layer as second-order methods (OBS reconstruction) need. Ratios to the plain forward.
 2. Memory, by arithmetic: per-channel statistics (in_features x 8 bytes, float64) and Gram
@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import CalibrationStats, Calibrator
+from ..calibrate import Calibrator
+from ..config import PruneConfig
 from ..layers import find_prunable_layers
-from ..masks import PruneConfig, compute_masks
+from ..prune import compute_masks
+from ..stats import CalibrationStats
 from . import write_report
 
 log = logging.getLogger("ditprune")

@@ -338,20 +338,27 @@ def test_full_size_shapes_are_comfyuis(comfy: Comfy, label: str, arch: str, conf
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == SHAPES[arch](**config).shapes
 
 
-def test_wan_workflow_is_generated_and_calibrates_a_short_clip() -> None:
-    """The committed JSON is what workflows/make_wan_workflow.py writes (schemas: test_workflows.py)."""
+def test_wan_workflow_is_generated_and_calibrates_on_the_sampled_clip() -> None:
+    """The committed JSON is what workflows/make_workflows.py writes (schemas: test_workflows.py)."""
     import json
     import runpy
 
     from conftest import REPO
 
-    generator = runpy.run_path(str(REPO / "workflows" / "make_wan_workflow.py"), run_name="ditprune_wan")
+    generator = runpy.run_path(str(REPO / "workflows" / "make_workflows.py"), run_name="ditprune_wan")
     built = generator["wan21_t2v"]()
     assert json.loads((REPO / "workflows" / "ditprune_wan21_t2v.json").read_text()) == built
     nodes = {n["id"]: n for n in built["nodes"]}
     into = {(link[3], nodes[link[3]]["inputs"][link[4]]["name"]): nodes[link[1]] for link in built["links"]}
+
+    def source(node_id: int, name: str) -> dict:
+        node = into[(node_id, name)]
+        while node["type"] == "Reroute":  # follow the layout's reroutes back to the real source
+            node = into[(node["id"], node["inputs"][0]["name"])]
+        return node
+
     (cal,) = (n for n in nodes.values() if n["type"] == "DitPruneCalibrate")
     samplers = [n for n in nodes.values() if n["type"] == "KSampler"]
-    assert into[(cal["id"], "latent_image")]["widgets_values"][2] == 17  # frames of the calibration clip
-    assert all(into[(k["id"], "latent_image")]["widgets_values"][2] == 81 for k in samplers)
-    assert into[(cal["id"], "model")]["type"] == "ModelSamplingSD3"  # calibrated with the sampling shift
+    assert source(cal["id"], "latent_image")["widgets_values"][2] == 33  # frames of the clip
+    assert all(source(k["id"], "latent_image")["widgets_values"][2] == 33 for k in samplers)
+    assert source(cal["id"], "model")["type"] == "ModelSamplingSD3"  # calibrated with the sampling shift
