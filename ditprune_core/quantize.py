@@ -53,12 +53,14 @@ __all__ = [
     "bits_per_weight",
     "dequantize_weight",
     "fake_quantize",
+    "fit_groups",
     "gptq_quantize",
     "kept_per_row",
     "pack_codes",
     "packed_nbytes",
     "quantize_weight",
     "relative_output_error",
+    "round_to_grid",
     "storage_cost",
     "unpack_codes",
 ]
@@ -300,6 +302,36 @@ def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | int) 
     """float32 ``scale * (codes - zero)``; codes (n_groups, G) or (n,) with per-value scale."""
     z = zero if isinstance(zero, int) else zero.float()
     return scale.float() * (codes.float() - z) + 0.0  # + 0.0: a zero code decodes to +0.0, never -0.0
+
+
+def fit_groups(
+    groups: torch.Tensor, spec: QuantSpec, *, valid: torch.Tensor | None = None, where: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of every group, by the rule of :func:`quantize_weight`.
+
+    For column-wise quantisers (GPTQ, joint OBS pruning + quantisation) that fit a group's grid on
+    its current, updated values when they reach its first column.
+
+    Args:
+        groups: (n_groups, G) float values (any G; a ragged group is a shorter ``valid`` row).
+        spec: bits and symmetry (group size and grouping are the caller's business here).
+        valid: optional bool (n_groups, G): which entries belong to their group (kept values).
+    Returns:
+        ``(scale, zero)``: float16 (n_groups,) and int64 (n_groups,) (``2**(bits-1)`` if symmetric).
+    """
+    return _fit_groups(groups.float(), valid, spec, where)
+
+
+def round_to_grid(
+    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round (n_groups, k) values to their group's grid: ``(codes uint8, dequantised float32)``.
+
+    ``scale`` and ``zero`` are (n_groups,) from :func:`fit_groups`; the dequantised values are
+    exactly what :func:`dequantize_weight` decodes from the codes.
+    """
+    codes = _encode(values.float(), scale, zero, spec)
+    return codes.to(torch.uint8), _decode(codes, scale[:, None], zero[:, None])
 
 
 def _check_weight(weight: torch.Tensor, keep: torch.Tensor | None, where: str) -> None:

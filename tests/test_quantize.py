@@ -16,11 +16,13 @@ from ditprune_core.quantize import (
     bits_per_weight,
     dequantize_weight,
     fake_quantize,
+    fit_groups,
     gptq_quantize,
     pack_codes,
     packed_nbytes,
     quantize_weight,
     relative_output_error,
+    round_to_grid,
     storage_cost,
     unpack_codes,
 )
@@ -84,6 +86,21 @@ def test_sparse_row_grouped_over_columns_by_hand() -> None:
     assert q.scales.tolist() == [-0.07501220703125, -0.2249755859375, -0.25]
     s0, s1 = 0.07501220703125, 0.2249755859375
     assert dequantize_weight(q).tolist() == [[4 * s0, 0.0, 3 * s0, 4 * s1, 0.0, -2 * s1, 0.0, 1.0]]
+
+
+def test_column_helpers_agree_with_the_row_quantiser() -> None:
+    # what a column-wise quantiser (GPTQ, joint OBS) does one column at a time, the row quantiser does
+    # at once: same scales, zero points, codes and values
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 16, generator=gen)
+    spec = QuantSpec(3, 8, sym=False)
+    q = quantize_weight(w, spec)
+    scale, zero = fit_groups(w[:, 8:], spec)  # the second group of every row
+    assert torch.equal(scale, q.scales.reshape(6, 2)[:, 1])
+    assert q.zeros is not None and torch.equal(zero.to(torch.uint8), q.zeros.reshape(6, 2)[:, 1])
+    codes, values = round_to_grid(w[:, 11:12], scale, zero, spec)
+    assert torch.equal(codes[:, 0], q.codes[:, 11])
+    assert torch.equal(values[:, 0], dequantize_weight(q)[:, 11])
 
 
 def test_an_empty_window_gets_scale_zero_and_decodes_to_zeros() -> None:
