@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "DEFAULT_DENSE_SPECS",
+    "DEFAULT_VALUE_SPECS",
     "GROUPINGS",
     "LAYOUTS",
     "SUPPORTED_BITS",
@@ -122,6 +124,23 @@ class QuantSpec:
     def sym_zero(self) -> int:
         """The fixed zero point of symmetric codes, ``2**(bits-1)``."""
         return 1 << (self.bits - 1)
+
+
+#: Measured defaults for the kept values of a pruned layer (``value_bits``): groups of 128 kept
+#: values; asymmetric at 8 and 4 bits, symmetric at 3 (docs/bench/quant_groups.md: lowest
+#: error x 4^(bits/weight) on both MiniFlux models, at 50 % and 2:4).
+DEFAULT_VALUE_SPECS = {
+    8: QuantSpec(8, 128, sym=False),
+    4: QuantSpec(4, 128, sym=False),
+    3: QuantSpec(3, 128, sym=True),
+}
+#: Measured defaults for dense weights (round to nearest, GPTQ), same rule.
+DEFAULT_DENSE_SPECS = {
+    8: QuantSpec(8, 128, sym=False),
+    4: QuantSpec(4, 128, sym=False),
+    3: QuantSpec(3, 128, sym=True),
+    2: QuantSpec(2, 128, sym=True),
+}
 
 
 @dataclass(frozen=True)

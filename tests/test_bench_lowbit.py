@@ -30,11 +30,13 @@ def test_frontier_and_defaults_rule() -> None:
     a, b, c, d = _p(4, 32, 4.5, 0.010), _p(4, 128, 4.1, 0.012), _p(3, 16, 4.0, 0.020), _p(3, 64, 3.2, 0.030)
     e = _p(4, 16, 5.0, 0.011)  # beaten by a: more bits, more error
     assert frontier([a, b, c, d, e]) == [d, c, b, a]
-    chosen = choose_defaults([a, b, c, d, e], (4, 3))
-    assert chosen[4] is a and chosen[3] is c
-    # a 3-bit point beaten by a 4-bit one is not chosen while another 3-bit point is on the frontier
-    f = _p(3, 8, 4.6, 0.019)
-    assert choose_defaults([a, b, c, d, f], (3,))[3] is c
+    # error x 4^bpw: a 0.010 x 4^4.5 = 5.12, b 0.012 x 4^4.1 = 0.012 x 294.1 = 3.53 -> b;
+    # c 0.020 x 256 = 5.12, d 0.030 x 4^3.2 = 0.030 x 84.4 = 2.53 -> d
+    chosen = choose_defaults([a, b, c, d, e], (4, 3, 2))
+    assert chosen == {4: b, 3: d}
+    # halving the error for half a bit pays (a quarter per bit would be the break-even)
+    f = _p(3, 16, 3.7, 0.014)
+    assert choose_defaults([d, f], (3,))[3] is f
 
 
 def test_flux_projection_matches_the_known_files() -> None:

@@ -41,6 +41,8 @@ from ..imaging import PALETTE, write_png
 from ..masks import PruneConfig, compute_masks, select_layers
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..quantize import (
+    DEFAULT_DENSE_SPECS,
+    DEFAULT_VALUE_SPECS,
     QuantSpec,
     StorageCost,
     dequantize_weight,
@@ -56,10 +58,9 @@ from .quality import SETTINGS, BenchContext, _fmt
 
 log = logging.getLogger("ditprune")
 
-#: Dense round-to-nearest / GPTQ settings per bit width (measured: docs/bench/quant_groups.md).
-DENSE_SPECS = {4: QuantSpec(4, 32, sym=False), 3: QuantSpec(3, 32, sym=False), 2: QuantSpec(2, 32, sym=False)}
-#: Kept-value settings per bit width (measured: docs/bench/quant_groups.md).
-VALUE_SPECS = {4: QuantSpec(4, 32, sym=False), 3: QuantSpec(3, 32, sym=False)}
+#: Dense round-to-nearest / GPTQ and kept-value settings (measured: docs/bench/quant_groups.md).
+DENSE_SPECS = {b: DEFAULT_DENSE_SPECS[b] for b in (4, 3, 2)}
+VALUE_SPECS = {b: DEFAULT_VALUE_SPECS[b] for b in (4, 3)}
 H, MLP = 3072, 12288
 #: FLUX.1-dev's prunable layers: (out, in) -> how many (19 double blocks x img/txt, 38 single blocks)
 FLUX_SHAPES = {
