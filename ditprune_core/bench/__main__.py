@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
     parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
+    parser.add_argument("--per-class", type=int, default=10, help="pareto: samples of each digit per seed")
+    parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m ditprune_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "pareto":
         from .pareto import run_pareto, write_pareto
 
-        pareto = [run_pareto(m, seeds=tuple(args.seeds)) for m in args.models]
+        pareto = [
+            run_pareto(m, seeds=tuple(args.seeds), per_class=args.per_class, velocity=not args.no_velocity)
+            for m in args.models
+        ]
         path = write_pareto(pareto, args.out, command)
         print(path.read_text())
         return 0
