@@ -193,6 +193,10 @@ def run_quant_groups(models: Sequence[str]) -> str:
         "fewer bits). Sparse rows quantise only the kept values of the DiT-Pruning mask and measure",
         "the error against the masked weight (the quantisation's own error).",
         "",
+        "Caveat: MiniFlux's rows are 48 to 320 values wide, so a group of 128 is often a whole row;",
+        "finer groups may pay more on FLUX.1-dev's 3072- to 15360-wide rows (outliers): re-measure",
+        "there when real weights can be used.",
+        "",
     ]
     summary: dict[str, dict[str, dict[int, Point]]] = {}
     verdicts = []
