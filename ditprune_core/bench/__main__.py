@@ -1,4 +1,7 @@
-"""Benchmarks: ``python -m ditprune_core.bench {quality,sweep,speed,checkpoint,video,models} [--out DIR]``."""
+"""Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
+
+WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +15,16 @@ DEFAULT_OUT = Path("docs/bench")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench", description=__doc__)
-    parser.add_argument("which", choices=("quality", "sweep", "speed", "checkpoint", "video", "models"))
+    parser.add_argument(
+        "which",
+        choices=("quality", "sweep", "speed", "checkpoint", "video", "models", "quantgroups", "pareto"),
+    )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
     parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
+    parser.add_argument("--per-class", type=int, default=10, help="pareto: samples of each digit per seed")
+    parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m ditprune_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -27,6 +35,22 @@ def main(argv: list[str] | None = None) -> int:
         path = write_quality(results, args.out, command)
         print(path.read_text())
         return 0 if all(ok for r in results for _, ok in r.checks()) else 1
+    if args.which == "quantgroups":
+        from .quant_groups import write_quant_groups
+
+        path = write_quant_groups(args.out, args.models)
+        print(path.read_text())
+        return 0
+    if args.which == "pareto":
+        from .pareto import run_pareto, write_pareto
+
+        pareto = [
+            run_pareto(m, seeds=tuple(args.seeds), per_class=args.per_class, velocity=not args.no_velocity)
+            for m in args.models
+        ]
+        path = write_pareto(pareto, args.out, command)
+        print(path.read_text())
+        return 0
     if args.which == "checkpoint":
         from .checkpoint_size import write_checkpoint_bench
 

@@ -1,0 +1,735 @@
+"""Low-bit weights: group-wise quantisation of weight rows, bit-packed codes, storage cost, GPTQ.
+
+Conventions (a weight is ``(rows, cols) = (out_features, in_features)``):
+
+- **Codes.** ``bits`` b is 2, 3, 4 or 8 (:data:`SUPPORTED_BITS`; kept values of a pruned layer use
+  8, 4 or 3, :data:`VALUE_BITS`). A code c is an unsigned integer in ``[0, 2**b - 1]``.
+- **Groups** run along the input dimension, ``group_size`` G values each. Every group has a float16
+  scale s and an integer zero point z in ``[0, 2**b - 1]``; a code decodes to ``s * (c - z)``,
+  computed in float32 (then cast to the weight's dtype).
+- **Symmetric** (``sym=True``): z is fixed at ``2**(b-1)`` and not stored; ``s = m / -2**(b-1)``
+  where m is the group's value of largest magnitude, so m decodes exactly (code 0) and all ``2**b``
+  levels are used (ggml's Q4_0 rule). **Asymmetric**: the range ``[min(x_min, 0), max(x_max, 0)]``
+  is cut into ``2**b - 1`` steps, ``s = range / (2**b - 1)``, ``z = round(-min / s)``, stored in b
+  bits (GPTQ's convention).
+- **Rounding** is ``torch.round`` (half to even). The scale is rounded to float16 *before* the codes
+  are chosen, so the dequantised values are exactly what a file holds.
+- **Ragged rows.** A row whose length is not a multiple of G ends with one shorter group (its own
+  scale); nothing is padded or stored for the missing values. Any G >= 1 fits any row.
+- **With a keep mask** (pruned weights), only kept values get codes, stored compacted in row-major
+  order (the order of the bitmask layout's ``compressed`` values). ``grouping="kept"`` (default,
+  measured better per bit: docs/bench/quant_groups.md): a group is G consecutive *kept* values of a
+  row, the row's last group possibly shorter, so every scale serves G values whatever the sparsity.
+  ``grouping="columns"``: a group is the dense column window ``[g G, (g+1) G)`` and its scale is fit
+  on the kept values inside; every window has a scale, used or not.
+- **Packing.** Codes (and stored zero points) are packed as a little-endian bit stream: code k
+  occupies bits ``[k b, (k+1) b)``, bit j being bit ``j % 8`` of byte ``j // 8``. Codes go in words
+  of ``L`` codes (2 bits: 4 codes in 1 byte, 3 bits: 8 in 3 bytes, 4 bits: 2 in 1 byte, 8 bits:
+  1 in 1 byte); the last word is padded with zero codes.
+
+:func:`storage_cost` / :func:`bits_per_weight` count exactly the tensor bytes of each layout (see
+:class:`StorageCost`). :func:`gptq_quantize` is the column-by-column OBS quantiser (GPTQ) that
+compensates each column's rounding error on the columns still to be quantised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DEFAULT_DENSE_SPECS",
+    "DEFAULT_VALUE_SPECS",
+    "GROUPINGS",
+    "LAYOUTS",
+    "SUPPORTED_BITS",
+    "VALUE_BITS",
+    "QuantSpec",
+    "QuantizationError",
+    "QuantizedWeight",
+    "StorageCost",
+    "bits_per_weight",
+    "dequantize_weight",
+    "fake_quantize",
+    "fit_groups",
+    "gptq_quantize",
+    "kept_per_row",
+    "pack_codes",
+    "packed_nbytes",
+    "quantize_weight",
+    "relative_output_error",
+    "round_to_grid",
+    "storage_cost",
+    "unpack_codes",
+]
+
+log = logging.getLogger("ditprune")
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+#: Bit widths for the kept values of a pruned layer (2 bits is offered for dense baselines only).
+VALUE_BITS = (3, 4, 8)
+GROUPINGS = ("kept", "columns")
+LAYOUTS = ("dense", "bitmask", "2:4")
+#: bits -> (codes per word, bytes per word) of the packed stream
+_WORDS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
+_PACK_CHUNK = 1 << 20  # words per packing step (bounded temporary memory)
+_SCALE_BYTES = 2  # float16
+_SHAPE_BYTES = 16  # the int64 [rows, cols] piece every compressed layout stores
+_ROW_OFFSET_BYTES = 8  # int64 per row (bitmask layout)
+_FP8_ROW_SCALE_BYTES = 4  # float32 per row (fp8 values)
+
+
+class QuantizationError(ValueError):
+    """Codes, scales or zero points that disagree with their shape, spec or each other."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How weight values are quantised.
+
+    Attributes:
+        bits: code width, one of :data:`SUPPORTED_BITS`.
+        group_size: values per scale along the input dimension (any positive size: a row's last
+            group may be shorter).
+        sym: symmetric (no stored zero point) or asymmetric (a ``bits``-bit zero point per group).
+        grouping: with a keep mask, ``"kept"`` (groups of kept values) or ``"columns"`` (groups of
+            dense column positions); see the module docstring. Ignored for dense weights.
+    """
+
+    bits: int
+    group_size: int = 64
+    sym: bool = True
+    grouping: str = "kept"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"bits must be one of {list(SUPPORTED_BITS)} (got {self.bits!r}); kept values of a "
+                f"pruned layer use {list(VALUE_BITS)}"
+            )
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"unknown grouping {self.grouping!r}; choose from {list(GROUPINGS)}")
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def sym_zero(self) -> int:
+        """The fixed zero point of symmetric codes, ``2**(bits-1)``."""
+        return 1 << (self.bits - 1)
+
+
+#: Measured defaults for the kept values of a pruned layer (``value_bits``): groups of 128 kept
+#: values; asymmetric at 8 and 4 bits, symmetric at 3 (docs/bench/quant_groups.md: lowest
+#: error x 4^(bits/weight) on both MiniFlux models, at 50 % and 2:4).
+DEFAULT_VALUE_SPECS = {
+    8: QuantSpec(8, 128, sym=False),
+    4: QuantSpec(4, 128, sym=False),
+    3: QuantSpec(3, 128, sym=True),
+}
+#: Measured defaults for dense weights (round to nearest, GPTQ), same rule.
+DEFAULT_DENSE_SPECS = {
+    8: QuantSpec(8, 128, sym=False),
+    4: QuantSpec(4, 128, sym=False),
+    3: QuantSpec(3, 128, sym=True),
+    2: QuantSpec(2, 128, sym=True),
+}
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One quantised ``(rows, cols)`` weight (all tensors on one device).
+
+    Attributes:
+        codes: uint8 codes, ``(rows, cols)`` for a dense weight, ``(kept,)`` (the kept values in
+            row-major order) with a keep mask.
+        scales: float16 ``(n_groups,)``, groups in row-major order (a row's groups in order).
+        zeros: uint8 ``(n_groups,)`` zero points, or None for symmetric codes.
+        shape: ``(rows, cols)`` of the weight.
+        spec: the :class:`QuantSpec` it was made with.
+        keep: bool ``(rows, cols)`` keep mask, or None for a dense weight.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: tuple[int, int]
+    spec: QuantSpec
+    keep: torch.Tensor | None = None
+
+    def validate(self, where: str = "weight") -> None:
+        """Check that the pieces fit each other; raises :class:`QuantizationError` naming ``where``."""
+        rows, cols = self.shape
+        spec = self.spec
+        if self.keep is not None:
+            if self.keep.dtype != torch.bool or tuple(self.keep.shape) != (rows, cols):
+                raise QuantizationError(
+                    f"{where}: keep mask of shape {tuple(self.keep.shape)} and dtype {self.keep.dtype} does "
+                    f"not fit the weight's shape ({rows}, {cols}); expected a bool ({rows}, {cols}) mask"
+                )
+            expected_codes: tuple[int, ...] = (int(self.keep.sum()),)
+        else:
+            expected_codes = (rows, cols)
+        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != expected_codes:
+            raise QuantizationError(
+                f"{where}: codes of shape {tuple(self.codes.shape)} and dtype {self.codes.dtype} do not fit "
+                f"a ({rows}, {cols}) weight (expected uint8 {expected_codes})"
+            )
+        if self.codes.numel() and int(self.codes.max()) > spec.max_code:
+            raise QuantizationError(
+                f"{where}: a code is {int(self.codes.max())}, above the {spec.bits}-bit maximum "
+                f"{spec.max_code} (corrupted codes or wrong bits)"
+            )
+        n_groups = _n_groups(self.shape, spec, self.keep)
+        if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != (n_groups,):
+            raise QuantizationError(
+                f"{where}: scales of shape {tuple(self.scales.shape)} and dtype {self.scales.dtype} do not "
+                f"fit: {n_groups} groups of {spec.group_size} (grouping {spec.grouping!r}) need float16 "
+                f"({n_groups},)"
+            )
+        if not bool(torch.isfinite(self.scales).all()):
+            raise QuantizationError(f"{where}: scales hold inf or NaN (corrupted file?)")
+        if spec.sym:
+            if self.zeros is not None:
+                raise QuantizationError(f"{where}: symmetric codes store no zero points, but some are given")
+        else:
+            zeros = self.zeros
+            if zeros is None or zeros.dtype != torch.uint8 or tuple(zeros.shape) != (n_groups,):
+                got = "none" if zeros is None else f"{tuple(zeros.shape)} {zeros.dtype}"
+                raise QuantizationError(
+                    f"{where}: asymmetric codes need uint8 zero points ({n_groups},), got {got}"
+                )
+            if zeros.numel() and int(zeros.max()) > spec.max_code:
+                raise QuantizationError(
+                    f"{where}: a zero point is {int(zeros.max())}, above the {spec.bits}-bit maximum"
+                )
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.numel())
+
+
+# ---------------------------------------------------------------------------------------------------
+# group layout
+
+
+def kept_per_row(keep: torch.Tensor) -> torch.Tensor:
+    """Kept values of each row: bool (rows, cols) -> int64 (rows,)."""
+    return keep.sum(dim=1, dtype=torch.int64)
+
+
+def _groups_per_row(shape: tuple[int, int], spec: QuantSpec, counts: torch.Tensor | None) -> torch.Tensor:
+    rows, cols = shape
+    g = spec.group_size
+    if counts is None or spec.grouping == "columns":
+        return torch.full((rows,), -(-cols // g), dtype=torch.int64)
+    return (counts + g - 1) // g
+
+
+def _n_groups(shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None) -> int:
+    rows, cols = shape
+    if keep is None or spec.grouping == "columns":
+        return rows * -(-cols // spec.group_size)
+    return int(_groups_per_row(shape, spec, kept_per_row(keep)).sum())
+
+
+def _group_slots(
+    shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Which slots of the (n_groups, G) group grid hold a value; None when all of them do.
+
+    The grid's valid slots, read row-major, are the stored values in storage order.
+    """
+    rows, cols = shape
+    g = spec.group_size
+    per_row = -(-cols // g)
+    if keep is None or spec.grouping == "columns":
+        if keep is None and cols % g == 0:
+            return None
+        valid = torch.ones(rows, cols, dtype=torch.bool, device=device) if keep is None else keep
+        valid = torch.nn.functional.pad(valid, (0, per_row * g - cols), value=False)
+        return valid.reshape(rows * per_row, g)
+    counts = kept_per_row(keep).to(device)
+    groups = _groups_per_row(shape, spec, counts)
+    total = int(groups.sum())
+    row_of_group = torch.repeat_interleave(torch.arange(rows, device=device), groups)
+    first = torch.cumsum(groups, 0) - groups
+    index_in_row = torch.arange(total, device=device) - first[row_of_group]
+    filled = (counts[row_of_group] - index_in_row * g).clamp(max=g)
+    return torch.arange(g, device=device)[None, :] < filled[:, None]
+
+
+def _to_grid(values: torch.Tensor, slots: torch.Tensor | None, n_groups: int, g: int) -> torch.Tensor:
+    """Stored-order values (n,) -> (n_groups, G) grid (zeros in empty slots)."""
+    if slots is None:
+        return values.reshape(n_groups, g)
+    grid = torch.zeros(n_groups, g, dtype=values.dtype, device=values.device)
+    return grid.masked_scatter_(slots, values)
+
+
+def _from_grid(grid: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    return grid.reshape(-1) if slots is None else grid[slots]
+
+
+# ---------------------------------------------------------------------------------------------------
+# round to nearest
+
+
+def _fit_groups(
+    grid: torch.Tensor, slots: torch.Tensor | None, spec: QuantSpec, where: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16) and zero point (int64) of every row of a (n_groups, G) float32 grid."""
+    if slots is None:
+        hi, lo = grid.amax(dim=1), grid.amin(dim=1)
+    else:
+        hi = torch.where(slots, grid, -torch.inf).amax(dim=1)
+        lo = torch.where(slots, grid, torch.inf).amin(dim=1)
+        empty = ~slots.any(dim=1)
+        hi, lo = hi.masked_fill(empty, 0.0), lo.masked_fill(empty, 0.0)
+    if spec.sym:
+        peak = torch.where(-lo > hi, lo, hi)  # the value of largest magnitude (the larger on a tie)
+        scale = (peak / -spec.sym_zero).to(torch.float16)
+        zero = torch.full_like(peak, spec.sym_zero, dtype=torch.int64)
+    else:
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = ((hi - lo) / spec.max_code).to(torch.float16)
+        safe = torch.where(scale == 0, 1.0, scale.float())
+        zero = torch.round(-lo / safe).clamp(0, spec.max_code).to(torch.int64)
+    if not bool(torch.isfinite(scale).all()):
+        raise QuantizationError(
+            f"{where}: weights beyond float16 range ({float(grid.abs().max()):.3g}); group scales are "
+            "float16: rescale the layer or keep it unquantised"
+        )
+    return scale, zero
+
+
+def _encode(grid: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """int64 codes of a (n_groups, G) grid for the given scales and zero points."""
+    s = scale.float()
+    safe = torch.where(s == 0, 1.0, s)[:, None]
+    return (torch.round(grid / safe) + zero[:, None]).clamp_(0, spec.max_code).to(torch.int64)
+
+
+def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | int) -> torch.Tensor:
+    """float32 ``scale * (codes - zero)``; codes (n_groups, G) or (n,) with per-value scale."""
+    z = zero if isinstance(zero, int) else zero.float()
+    return scale.float() * (codes.float() - z) + 0.0  # + 0.0: a zero code decodes to +0.0, never -0.0
+
+
+def fit_groups(
+    groups: torch.Tensor, spec: QuantSpec, *, valid: torch.Tensor | None = None, where: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of every group, by the rule of :func:`quantize_weight`.
+
+    For column-wise quantisers (GPTQ, joint OBS pruning + quantisation) that fit a group's grid on
+    its current, updated values when they reach its first column.
+
+    Args:
+        groups: (n_groups, G) float values (any G; a ragged group is a shorter ``valid`` row).
+        spec: bits and symmetry (group size and grouping are the caller's business here).
+        valid: optional bool (n_groups, G): which entries belong to their group (kept values).
+    Returns:
+        ``(scale, zero)``: float16 (n_groups,) and int64 (n_groups,) (``2**(bits-1)`` if symmetric).
+    """
+    return _fit_groups(groups.float(), valid, spec, where)
+
+
+def round_to_grid(
+    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round (n_groups, k) values to their group's grid: ``(codes uint8, dequantised float32)``.
+
+    ``scale`` and ``zero`` are (n_groups,) from :func:`fit_groups`; the dequantised values are
+    exactly what :func:`dequantize_weight` decodes from the codes.
+    """
+    codes = _encode(values.float(), scale, zero, spec)
+    return codes.to(torch.uint8), _decode(codes, scale[:, None], zero[:, None])
+
+
+def _check_weight(weight: torch.Tensor, keep: torch.Tensor | None, where: str) -> None:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"{where}: expected a 2-D floating-point weight (out_features, in_features), got shape "
+            f"{tuple(weight.shape)} and dtype {weight.dtype}"
+        )
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != weight.shape):
+        raise ValueError(
+            f"{where}: keep mask of shape {tuple(keep.shape)} and dtype {keep.dtype} does not fit the "
+            f"weight's shape {tuple(weight.shape)}; pass a bool mask of the weight's shape"
+        )
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{where}: the weight holds inf or NaN; it cannot be quantised")
+
+
+def quantize_weight(
+    weight: torch.Tensor, spec: QuantSpec, *, keep: torch.Tensor | None = None, where: str = "weight"
+) -> QuantizedWeight:
+    """Round-to-nearest group quantisation of a weight (only its kept values, with ``keep``).
+
+    Args:
+        weight: (rows, cols) floating-point weight, any device.
+        spec: bits, group size, symmetry and (with ``keep``) grouping.
+        keep: optional bool (rows, cols) keep mask; pruned positions get no code.
+        where: the layer's name, for error messages.
+    Returns:
+        a :class:`QuantizedWeight`; :func:`dequantize_weight` gives the values a file would hold.
+    """
+    _check_weight(weight, keep, where)
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    w = weight.detach().float()
+    slots = _group_slots(shape, spec, keep, w.device)
+    n_groups = _n_groups(shape, spec, keep)
+    values = w.reshape(-1) if keep is None else w[keep]
+    grid = _to_grid(values, slots, n_groups, spec.group_size)
+    scale, zero = _fit_groups(grid, slots, spec, where)
+    codes = _from_grid(_encode(grid, scale, zero, spec), slots).to(torch.uint8)
+    if keep is None:
+        codes = codes.reshape(shape)
+    zeros = None if spec.sym else zero.to(torch.uint8)
+    return QuantizedWeight(codes, scale, zeros, shape, spec, None if keep is None else keep.clone())
+
+
+def dequantize_weight(
+    q: QuantizedWeight, dtype: torch.dtype = torch.float32, *, check: bool = True, where: str = "weight"
+) -> torch.Tensor:
+    """(rows, cols) weight decoded from codes (zeros at pruned positions), on the codes' device.
+
+    Raises:
+        QuantizationError: (with ``check``) pieces that disagree with the shape or spec.
+    """
+    if check:
+        q.validate(where)
+    rows, cols = q.shape
+    spec = q.spec
+    device = q.codes.device
+    slots = _group_slots(q.shape, spec, q.keep, device)
+    zero: torch.Tensor | int = spec.sym_zero if q.zeros is None else q.zeros
+    flat = q.codes.reshape(-1)
+    if q.keep is None and slots is None:
+        grid = flat.reshape(q.n_groups, spec.group_size)
+    else:
+        grid = torch.zeros(q.n_groups, spec.group_size, dtype=torch.uint8, device=device)
+        grid.masked_scatter_(slots, flat)  # type: ignore[arg-type]
+    z = zero if isinstance(zero, int) else zero[:, None]
+    values = _from_grid(_decode(grid, q.scales[:, None], z), slots)
+    if q.keep is None:
+        return values.reshape(rows, cols).to(dtype)
+    out = torch.zeros(rows, cols, dtype=dtype, device=device)
+    return out.masked_scatter_(q.keep.to(device), values.to(dtype))
+
+
+def fake_quantize(
+    weight: torch.Tensor, spec: QuantSpec, *, keep: torch.Tensor | None = None, where: str = "weight"
+) -> torch.Tensor:
+    """The weight a file quantised with ``spec`` holds, in the weight's dtype (pruned positions 0)."""
+    return dequantize_weight(quantize_weight(weight, spec, keep=keep, where=where), weight.dtype, check=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# packing
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` packed ``bits``-bit codes (whole words, see the module docstring)."""
+    if bits not in _WORDS:
+        raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
+    per_word, word_bytes = _WORDS[bits]
+    return -(-count // per_word) * word_bytes
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (any shape, read row-major) into a uint8 stream of :func:`packed_nbytes` bytes."""
+    if bits not in _WORDS:
+        raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
+    flat = codes.reshape(-1)
+    if flat.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {flat.dtype}")
+    if flat.numel() and int(flat.max()) >= 1 << bits:
+        raise ValueError(f"a code is {int(flat.max())}, which does not fit in {bits} bits")
+    if bits == 8:
+        return flat.clone()
+    per_word, word_bytes = _WORDS[bits]
+    n = flat.numel()
+    flat = torch.nn.functional.pad(flat, (0, (-n) % per_word))
+    words = flat.reshape(-1, per_word)
+    out = torch.empty(words.shape[0], word_bytes, dtype=torch.uint8, device=flat.device)
+    shifts = torch.arange(per_word, device=flat.device, dtype=torch.int32) * bits
+    byte_shifts = torch.arange(word_bytes, device=flat.device, dtype=torch.int32) * 8
+    for start in range(0, words.shape[0], _PACK_CHUNK):
+        chunk = words[start : start + _PACK_CHUNK].to(torch.int32)
+        word = (chunk << shifts).sum(dim=1, dtype=torch.int32)
+        out[start : start + _PACK_CHUNK] = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8)
+    return out.reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int, *, where: str = "codes") -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 stream -> ``count`` uint8 codes.
+
+    Raises:
+        QuantizationError: a stream of the wrong size or dtype for ``count`` codes, or with set
+            padding bits (a corrupted file).
+    """
+    if bits not in _WORDS:
+        raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
+    expected = packed_nbytes(count, bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise QuantizationError(
+            f"{where}: packed codes of shape {tuple(packed.shape)} and dtype {packed.dtype} do not hold "
+            f"{count} {bits}-bit codes (expected uint8 ({expected},))"
+        )
+    if bits == 8:
+        return packed.clone()
+    per_word, word_bytes = _WORDS[bits]
+    words = packed.reshape(-1, word_bytes)
+    out = torch.empty(words.shape[0], per_word, dtype=torch.uint8, device=packed.device)
+    shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
+    byte_shifts = torch.arange(word_bytes, device=packed.device, dtype=torch.int32) * 8
+    mask = (1 << bits) - 1
+    for start in range(0, words.shape[0], _PACK_CHUNK):
+        chunk = words[start : start + _PACK_CHUNK].to(torch.int32)
+        word = (chunk << byte_shifts).sum(dim=1, dtype=torch.int32)
+        out[start : start + _PACK_CHUNK] = ((word[:, None] >> shifts) & mask).to(torch.uint8)
+    flat = out.reshape(-1)
+    if bool(flat[count:].any()):
+        raise QuantizationError(f"{where}: padding bits after the last of {count} codes are set (corrupted)")
+    return flat[:count]
+
+
+# ---------------------------------------------------------------------------------------------------
+# storage cost
+
+
+@dataclass(frozen=True)
+class StorageCost:
+    """Bytes of one weight as the compressed writer stores it (tensor data; the file's header aside).
+
+    Attributes:
+        weights: rows * cols of the original weight.
+        mask_bytes: the bitmask (rows * ceil(cols / 8)) or the 2:4 position codes
+            (rows * ceil(cols / 12)).
+        value_bytes: the values: packed codes, or plain values (bf16, fp8, ...).
+        scale_bytes: float16 group scales (or float32 per-row fp8 scales).
+        zero_bytes: packed zero points (asymmetric codes).
+        row_bytes: per-row data: int64 row offsets of the bitmask layout.
+        tensor_bytes: the int64 ``[rows, cols]`` shape piece of a compressed layout.
+    """
+
+    weights: int
+    mask_bytes: int = 0
+    value_bytes: int = 0
+    scale_bytes: int = 0
+    zero_bytes: int = 0
+    row_bytes: int = 0
+    tensor_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.mask_bytes
+            + self.value_bytes
+            + self.scale_bytes
+            + self.zero_bytes
+            + self.row_bytes
+            + self.tensor_bytes
+        )
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per original weight."""
+        return 8.0 * self.total_bytes / self.weights if self.weights else 0.0
+
+
+def storage_cost(
+    shape: tuple[int, int] | torch.Size,
+    values: QuantSpec | torch.dtype,
+    *,
+    layout: str = "dense",
+    kept: torch.Tensor | Sequence[int] | None = None,
+) -> StorageCost:
+    """Exact tensor bytes of one (rows, cols) weight in a layout.
+
+    Args:
+        shape: (rows, cols) of the weight.
+        values: a :class:`QuantSpec` (packed codes with float16 group scales, packed zero points when
+            asymmetric), or a dtype for unquantised values (``torch.float8_e4m3fn`` adds a float32
+            scale per row, as :func:`~ditprune_core.save.save_pruned_checkpoint` writes).
+        layout: ``"dense"`` (every weight has a value; with a dtype: the plain tensor), ``"bitmask"``
+            (kept values compacted, a bitmask, int64 row offsets) or ``"2:4"`` (2 values of every
+            4 inputs, a 6-pattern position code per group of 4, three per byte).
+        kept: for ``"bitmask"``, the kept values of each row, (rows,) ints, or the bool keep mask.
+    Returns:
+        a :class:`StorageCost`; ``.bits_per_weight`` is bytes * 8 / (rows * cols).
+
+    The bitmask layout with dtype values is exactly ``save_pruned_checkpoint``'s ``bitmask`` layout;
+    the 2:4 one its ``2:4`` layout.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
+    counts: torch.Tensor | None = None
+    if layout == "bitmask":
+        if kept is None:
+            raise ValueError("the bitmask layout needs `kept` (kept values per row, or the keep mask)")
+        counts = torch.as_tensor(kept)
+        if counts.dtype == torch.bool:
+            if tuple(counts.shape) != (rows, cols):
+                raise ValueError(f"keep mask of shape {tuple(counts.shape)} does not fit ({rows}, {cols})")
+            counts = kept_per_row(counts)
+        counts = counts.to(torch.int64).reshape(-1)
+        if counts.numel() != rows or bool((counts < 0).any()) or bool((counts > cols).any()):
+            raise ValueError(f"kept counts must be {rows} integers in [0, {cols}]")
+    elif layout == "2:4":
+        if cols % 4:
+            raise ValueError(f"the 2:4 layout needs in_features divisible by 4, got {cols}")
+        counts = torch.full((rows,), cols // 2, dtype=torch.int64)
+    n_values = rows * cols if counts is None else int(counts.sum())
+    cost: dict[str, int] = {}
+    if layout == "bitmask":
+        cost["mask_bytes"] = rows * -(-cols // 8)
+        cost["row_bytes"] = rows * _ROW_OFFSET_BYTES
+    elif layout == "2:4":
+        cost["mask_bytes"] = rows * -(-(cols // 4) // 3)
+    if isinstance(values, QuantSpec):
+        groups = int(_groups_per_row((rows, cols), values, counts).sum())
+        cost["value_bytes"] = packed_nbytes(n_values, values.bits)
+        cost["scale_bytes"] = groups * _SCALE_BYTES
+        cost["zero_bytes"] = 0 if values.sym else packed_nbytes(groups, values.bits)
+        cost["tensor_bytes"] = _SHAPE_BYTES
+    else:
+        itemsize = torch.empty((), dtype=values).element_size()
+        cost["value_bytes"] = n_values * itemsize
+        if layout != "dense":
+            cost["tensor_bytes"] = _SHAPE_BYTES
+            if values in (torch.float8_e4m3fn, torch.float8_e5m2):
+                cost["scale_bytes"] = rows * _FP8_ROW_SCALE_BYTES
+    return StorageCost(rows * cols, **cost)
+
+
+def bits_per_weight(
+    shape: tuple[int, int] | torch.Size,
+    values: QuantSpec | torch.dtype,
+    *,
+    layout: str = "dense",
+    kept: torch.Tensor | Sequence[int] | None = None,
+) -> float:
+    """Stored bits per original weight of one layer; see :func:`storage_cost`."""
+    return storage_cost(shape, values, layout=layout, kept=kept).bits_per_weight
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPTQ (column-by-column OBS quantisation)
+
+
+def _inverse_cholesky(gram: torch.Tensor, damp: float, where: str) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp mean(diag H) I)^-1 (H^-1 = U^T U), float32."""
+    h = gram.clone()
+    mean_diag = float(torch.diagonal(h).mean())
+    scale = damp * (mean_diag if mean_diag > 0 else 1.0)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(4):
+        chol, info = torch.linalg.cholesky_ex(h + scale * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.info("%s: GPTQ needed dampening %.3g x mean diagonal", where, scale / mean_diag)
+                return upper.float()
+        scale *= 10.0
+    raise ValueError(
+        f"{where}: the input Gram matrix is not positive definite even with dampening "
+        f"{scale / 10:.3g}; calibrate on more samples or raise `damp`"
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    where: str = "weight",
+) -> QuantizedWeight:
+    """GPTQ: quantise a dense weight column by column, compensating each column's rounding error.
+
+    Minimises ``tr((W - Q) H (W - Q)^T)`` greedily (Frantar et al., 2022): column j is rounded to
+    its group's grid, and its error, divided by the j-th diagonal of the Cholesky factor of
+    ``H^-1``, is spread over the columns not yet quantised. Columns are processed in lazy blocks of
+    ``block_size`` (rounded up to a multiple of ``group_size``); each group's scale and zero point
+    are fit, by the same rule as :func:`quantize_weight`, on the group's columns as updated when the
+    group is reached. Inputs that never fire (zero diagonal) get weight 0.
+
+    Args:
+        weight: (rows, cols) dense weight, any device.
+        gram: (cols, cols) input Gram matrix ``X^T X / n`` of the layer's calibration inputs.
+        bits, group_size, sym: as in :class:`QuantSpec`.
+        block_size: columns per lazy update block.
+        damp: dampening, as a fraction of the mean diagonal of H, added before inverting.
+        where: the layer's name, for error messages.
+    Returns:
+        a dense :class:`QuantizedWeight` (``dequantize_weight`` gives the compensated weight).
+    """
+    spec = QuantSpec(bits, group_size, sym)
+    _check_weight(weight, None, where)
+    rows, cols = (int(s) for s in weight.shape)
+    if gram.shape != (cols, cols):
+        raise ValueError(
+            f"{where}: Gram matrix of shape {tuple(gram.shape)} does not fit a weight with {cols} inputs "
+            f"(expected ({cols}, {cols}))"
+        )
+    if not damp >= 0.0:  # also refuses NaN
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    device = weight.device
+    w = weight.detach().float().clone()
+    h = gram.detach().to(device=device, dtype=torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    upper = _inverse_cholesky(h, damp, where)
+    g = group_size
+    per_row = -(-cols // g)
+    block = max(g, -(-block_size // g) * g)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=device)
+    scales = torch.empty(rows, per_row, dtype=torch.float16, device=device)
+    zeros = torch.empty(rows, per_row, dtype=torch.int64, device=device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        scale = zero = torch.empty(0)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:  # a new group starts: fit it on its (updated) columns
+                window = w1[:, i : i + g]
+                scale, zero = _fit_groups(window, None, spec, where)
+                scales[:, col // g], zeros[:, col // g] = scale, zero
+            column = w1[:, i]
+            code = _encode(column[:, None], scale, zero, spec)[:, 0]
+            codes[:, col] = code.to(torch.uint8)
+            err = (column - _decode(code, scale, zero)) / u1[i, i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    return QuantizedWeight(
+        codes, scales.reshape(-1), None if sym else zeros.reshape(-1).to(torch.uint8), (rows, cols), spec
+    )
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """``tr(E H E^T) / tr(W H W^T)`` with ``E = approx - weight``: the layer's relative output error
+    (squared) on inputs whose Gram matrix is ``H`` (cols, cols)."""
+    w, e = weight.double(), approx.double() - weight.double()
+    h = gram.double()
+    denom = float(((w @ h) * w).sum())
+    return float(((e @ h) * e).sum()) / denom if denom > 0 else math.inf

@@ -1,0 +1,54 @@
+"""Pieces of the low-bit benchmarks that can be checked by hand (the benchmarks themselves are commands)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ditprune_core.bench.grams import recording_grams
+from ditprune_core.bench.pareto import FLUX_REST, FLUX_SHAPES, _flux_bytes, _flux_gb
+from ditprune_core.bench.quant_groups import Point, choose_defaults, frontier
+from ditprune_core.quantize import QuantSpec
+
+
+def test_recording_grams_is_the_mean_outer_product_and_unhooks() -> None:
+    layer = nn.Linear(2, 1)
+    with recording_grams({"l": layer}) as acc, torch.no_grad():
+        layer(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+        layer(torch.tensor([[[0.0, 1.0]]]))  # (batch, tokens, channels) inputs flatten
+    # (x x^T summed: [1 2; 2 4] + [9 0; 0 0] + [0 0; 0 1]) / 3 tokens
+    assert acc["l"].finalize().tolist() == [[10 / 3, 2 / 3], [2 / 3, 5 / 3]]
+    assert not layer._forward_hooks
+
+
+def _p(bits: int, g: int, bpw: float, err: float) -> Point:
+    return Point("m", "dense", bits, g, True, "-", bpw, err)
+
+
+def test_frontier_and_defaults_rule() -> None:
+    a, b, c, d = _p(4, 32, 4.5, 0.010), _p(4, 128, 4.1, 0.012), _p(3, 16, 4.0, 0.020), _p(3, 64, 3.2, 0.030)
+    e = _p(4, 16, 5.0, 0.011)  # beaten by a: more bits, more error
+    assert frontier([a, b, c, d, e]) == [d, c, b, a]
+    # error x 4^bpw: a 0.010 x 4^4.5 = 5.12, b 0.012 x 4^4.1 = 0.012 x 294.1 = 3.53 -> b;
+    # c 0.020 x 256 = 5.12, d 0.030 x 4^3.2 = 0.030 x 84.4 = 2.53 -> d
+    chosen = choose_defaults([a, b, c, d, e], (4, 3, 2))
+    assert chosen == {4: b, 3: d}
+    # halving the error for half a bit pays (a quarter per bit would be the break-even)
+    f = _p(3, 16, 3.7, 0.014)
+    assert choose_defaults([d, f], (3,))[3] is f
+
+
+def test_flux_projection_matches_the_known_files() -> None:
+    # ComfyUI's fp8 FLUX.1-dev is 11.9 GB: every parameter in one byte
+    assert _flux_gb(_flux_bytes(None, None, 8))[1] == pytest.approx(11.9, abs=0.05)
+    # bf16: 23.8 GB
+    assert _flux_gb(_flux_bytes(None, None, 16))[0] == pytest.approx(23.8, abs=0.05)
+    # dense 4-bit groups of 64, symmetric: 4.25 bits + one 16-byte shape piece per layer
+    # 19 double blocks x (img, txt) x (qkv, proj, mlp.0, mlp.2) + 38 single blocks x 2:
+    # 2 x 38 x 4 x 3072^2 (qkv + proj) + 2 x 38 x 8 x 3072^2 (mlp) ... = 8.607B parameters
+    assert sum(r * c * n for (r, c), n in FLUX_SHAPES.items()) == 8_606_711_808
+    layers = 19 * 2 * 4 + 38 * 2
+    assert sum(FLUX_SHAPES.values()) == layers
+    assert _flux_bytes(QuantSpec(4, 64), None) == 8_606_711_808 * 4.25 / 8 + 16 * layers
+    assert FLUX_REST == 11_901_408_320 - 8_606_711_808
