@@ -66,7 +66,12 @@ class ModelRow:
         }
 
 
-def _packed_ratios(shape: tuple[int, int], folder: Path) -> tuple[float, float]:
+def _packed_ratios(shape: tuple[int, int]) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return _packed_ratios_in(shape, Path(tmp))
+
+
+def _packed_ratios_in(shape: tuple[int, int], folder: Path) -> tuple[float, float]:
     rows, cols = shape
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
     keep = layer_keep_mask("w", w, None, PruneConfig(0.5, metric="magnitude", granularity="row"))
@@ -82,23 +87,22 @@ def _packed_ratios(shape: tuple[int, int], folder: Path) -> tuple[float, float]:
 
 def model_rows() -> list[ModelRow]:
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, arch, config in FULL_CONFIGS:
-            shapes: DitShapes = SHAPES[arch](**config)
-            template = detect_architecture(module_tree(shapes))
-            families: dict[str, int] = {}
-            for name in shapes.linears:
-                family = template.family_of(name) or "other"
-                families[family] = families.get(family, 0) + shapes.linear_numel([name])
-            prunable = sum(n for f, n in families.items() if f in DEFAULT_FAMILIES)
-            biggest = max(
-                (n for n in shapes.linears if template.family_of(n) in DEFAULT_FAMILIES),
-                key=lambda n: shapes.linear_numel([n]),
-            )
-            out_f, in_f = shapes.shapes[biggest + ".weight"]
-            # a slice of rows: the ratio is per row, and a whole 13824-wide layer takes long on CPU
-            ratio, fp8 = _packed_ratios((min(out_f, 2048), in_f), Path(tmp))
-            rows.append(ModelRow(label, template, shapes.numel(), prunable, families, ratio, fp8))
+    for label, arch, config in FULL_CONFIGS:
+        shapes: DitShapes = SHAPES[arch](**config)
+        template = detect_architecture(module_tree(shapes))
+        families: dict[str, int] = {}
+        for name in shapes.linears:
+            family = template.family_of(name) or "other"
+            families[family] = families.get(family, 0) + shapes.linear_numel([name])
+        prunable = sum(n for f, n in families.items() if f in DEFAULT_FAMILIES)
+        biggest = max(
+            (n for n in shapes.linears if template.family_of(n) in DEFAULT_FAMILIES),
+            key=lambda n: shapes.linear_numel([n]),
+        )
+        out_f, in_f = shapes.shapes[biggest + ".weight"]
+        # a slice of rows: the ratio is per row, and a whole 13824-wide layer takes long on CPU
+        ratio, fp8 = _packed_ratios((min(out_f, 2048), in_f))
+        rows.append(ModelRow(label, template, shapes.numel(), prunable, families, ratio, fp8))
     return rows
 
 

@@ -362,3 +362,33 @@ def test_wan_workflow_is_generated_and_calibrates_on_the_sampled_clip() -> None:
     assert source(cal["id"], "latent_image")["widgets_values"][2] == 33  # frames of the clip
     assert all(source(k["id"], "latent_image")["widgets_values"][2] == 33 for k in samplers)
     assert source(cal["id"], "model")["type"] == "ModelSamplingSD3"  # calibrated with the sampling shift
+
+
+def test_calibration_of_one_architecture_is_refused_on_another(comfy: Comfy) -> None:
+    wan, chroma = TINY_DITS["wan"], TINY_DITS["chroma"]
+    wan_model = load(random_weights(wan.shapes(), seed=5))
+    stats, _, _summary = (
+        comfy.node("DitPruneCalibrate")
+        .execute(
+            model=wan_model,
+            positive=wan.cond(),
+            negative=wan.cond(seed=3),
+            latent_image=wan.latent(1),
+            seed=0,
+            steps=1,
+            cfg=1.0,
+            sampler_name="euler",
+            scheduler="simple",
+            timestep_weighting="log",
+        )
+        .args
+    )
+    assert stats.architecture == "wan"
+    sal = comfy.node("DitPruneScoreSaliency").execute(
+        metric="energy", balance=0.4, normalize="none", ria_power=0.5, calibration=stats
+    )
+    other = load(random_weights(chroma.shapes(), seed=6))
+    with pytest.raises(
+        ValueError, match=r"calibration has no statistics for .*'double_blocks\.0\.img_attn\.qkv'"
+    ):
+        comfy.node("DitPruneApplyPruning").execute(model=other, saliency=sal.args[0], sparsity=0.5, **APPLY)
