@@ -195,14 +195,14 @@ def write_supported_models(out_dir: Path) -> Path:
         "",
         "## Example workflow: Wan 2.1 T2V 14B",
         "",
-        "`workflows/ditprune_wan21_t2v.json` (written by `workflows/make_wan_workflow.py`): the stock Wan "
-        "loaders (UNETLoader, CLIPLoader `wan`, VAELoader), `ModelSamplingSD3` shift 8, then DiT-Pruning "
-        "Calibrate on a **17-frame** clip (5 latent frames) for 8 steps at cfg 6 — "
-        "`docs/bench/video_calibration.md` measures that a few latent frames and steps are enough — "
-        "Score Saliency (energy), Apply Pruning 50 %, the pruned and the dense model sampled side by side "
-        "on the full 81 frames (30 steps, uni_pc), decoded, compared (DiT-Pruning Compare) and saved as "
-        "videos, and the pruned model saved compressed. Wan 2.2 A14B is two such 14B models (high- and "
-        "low-noise experts), each pruned by the `wan` template; this example does not cover its two-stage "
-        "sampling.",
+        "`workflows/ditprune_wan21_t2v.json` (written by `workflows/make_workflows.py`, laid out like the "
+        "FLUX one in seven titled groups with Notes): the stock Wan loaders (UNETLoader, CLIPLoader `wan`, "
+        "VAELoader), `ModelSamplingSD3` shift 8, then DiT-Pruning Calibrate on the same 33-frame clip "
+        "(9 latent frames) for 8 steps at cfg 6 — `docs/bench/video_calibration.md` measures that a few "
+        "latent frames and steps are enough — Score Saliency (energy), Cluster Weights, Apply Pruning 50 %, "
+        "the pruned and the dense model sampled side by side (30 steps), decoded, compared frame by frame "
+        "(DiT-Pruning Compare), every text result shown in Preview Any, and the pruned model saved dense. "
+        "Wan 2.2 A14B is two such 14B models (high- and low-noise experts), each pruned by the `wan` "
+        "template; this example does not cover its two-stage sampling.",
     ]
     return write_report(out_dir, "SUPPORTED_MODELS.md", "\n".join(lines))

@@ -324,9 +324,9 @@ def enough_text(table: dict[tuple[int, int], float], floor: float) -> list[str]:
         f"In tokens: {f} latent frames of {TINY_TOKENS_PER_FRAME} tokens for {TINY_PROMPTS} prompts are "
         f"{f * TINY_TOKENS_PER_FRAME * TINY_PROMPTS:,} video tokens per step over {s} steps. One 480x832 "
         f"latent frame of Wan has {TOKENS_480P_FRAME:,} tokens, so what a user needs is a short clip and "
-        f"at least {s} steps, not the full video: the example workflow calibrates 17 frames (5 latent "
-        f"frames, {5 * TOKENS_480P_FRAME:,} tokens per step) for 8 steps. (A random-weight model shows how "
-        "fast the statistics settle, not how different prompts or motion shift them: calibrate on the kind "
+        f"at least {s} steps, not the full video: the example workflow calibrates on its 33-frame clip "
+        f"(9 latent frames, {9 * TOKENS_480P_FRAME:,} tokens per step) for 8 steps. "
+        "(A random-weight model shows how fast the statistics settle, not how different prompts or motion shift them: calibrate on the kind "
         "of prompts you will render.)",
     ]
 
