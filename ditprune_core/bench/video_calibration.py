@@ -326,7 +326,8 @@ def enough_text(table: dict[tuple[int, int], float], floor: float) -> list[str]:
         f"latent frame of Wan has {TOKENS_480P_FRAME:,} tokens, so what a user needs is a short clip and "
         f"at least {s} steps, not the full video: the example workflow calibrates on its 33-frame clip "
         f"(9 latent frames, {9 * TOKENS_480P_FRAME:,} tokens per step) for 8 steps. "
-        "(A random-weight model shows how fast the statistics settle, not how different prompts or motion shift them: calibrate on the kind "
+        "(A random-weight model shows how fast the statistics settle, not how different prompts or "
+        "motion shift them: calibrate on the kind "
         "of prompts you will render.)",
     ]
 
