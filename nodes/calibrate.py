@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import comfy.samplers
 import folder_paths
-import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
-import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
-
-from ..ditprune_core.calibrate import TIMESTEP_WEIGHTINGS, Calibrator
+from ..ditprune_core.calibrate import Calibrator
 from ..ditprune_core.stats import CalibrationStats
 from ..ditprune_core.util.io import FileExistsRefusal, check_name_fits
 from .choices import NO_CALIBRATIONS, calibration_options, refuse_placeholder
@@ -25,6 +20,8 @@ from .common import (
     calibration_dir,
     diffusion_model,
     safe_child,
+    sample_calibrating,
+    sampling_inputs,
     weight_fn_for,
 )
 
@@ -59,47 +56,7 @@ class DitPruneCalibrate(io.ComfyNode):
             description="Runs ComfyUI's sampler on the model and records, for every block layer, the mean "
             "square of its inputs per channel (both CFG halves, every step).",
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX / SD3 model to calibrate. It is not changed."),
-                io.Conditioning.Input(
-                    "positive", tooltip="Prompts to calibrate on; batch them for many prompts."
-                ),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (its pass is skipped at cfg 1)."),
-                io.Latent.Input(
-                    "latent_image", tooltip="Empty latent: its size and batch set the calibration shape."
-                ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Sampling seed.",
-                ),
-                io.Int.Input(
-                    "steps", default=8, min=1, max=200, tooltip="Sampling steps; every step is recorded."
-                ),
-                io.Float.Input(
-                    "cfg",
-                    default=1.0,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="CFG scale; 1.0 for FLUX.1-dev (guidance is in the conditioning).",
-                ),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
-                io.Combo.Input(
-                    "scheduler",
-                    options=comfy.samplers.KSampler.SCHEDULERS,
-                    default="simple",
-                    tooltip="Scheduler.",
-                ),
-                io.Combo.Input(
-                    "timestep_weighting",
-                    options=sorted(TIMESTEP_WEIGHTINGS),
-                    default="log",
-                    tooltip="log: early (noisy) steps weigh 1.2, the last 0.8; uniform: all equal.",
-                ),
+                *sampling_inputs("The FLUX / SD3 model to calibrate. It is not changed."),
                 io.String.Input(
                     "save_name",
                     default="",
@@ -145,22 +102,12 @@ class DitPruneCalibrate(io.ComfyNode):
     ) -> io.NodeOutput:
         target = calibration_target(save_name)  # before sampling: a bad name must not cost the run
         dm = diffusion_model(model, action="calibrate it")
-        patched = model.clone()
         settings = {"seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler}
         with Calibrator(
             dm, weighting=timestep_weighting, settings=settings, weight_fn=weight_fn_for(model)
         ) as cal:
-            inner = patched.model_options.get("model_function_wrapper")
-
-            def record_sigma(apply_model: Callable[..., torch.Tensor], args: dict) -> torch.Tensor:
-                cal.set_sigma(float(args["timestep"].flatten()[0]))
-                if inner is not None:
-                    return inner(apply_model, args)
-                return apply_model(args["input"], args["timestep"], **args["c"])
-
-            patched.set_model_unet_function_wrapper(record_sigma)
-            (samples,) = comfy_nodes.common_ksampler(
-                patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image
+            samples = sample_calibrating(
+                cal, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler
             )
         stats = cal.stats
         if calibration is not None:

@@ -11,6 +11,7 @@ import comfy.float
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
+import comfy.samplers
 import comfy.utils
 import folder_paths
 import torch
@@ -18,6 +19,10 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.latest import io
 from torch import nn
 
+import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
+
+from ..ditprune_core import PATTERNS, TIMESTEP_WEIGHTINGS, parse_pattern
+from ..ditprune_core.calibrate import Calibrator
 from ..ditprune_core.layers import detect_architecture, unwrap_diffusion_model
 from ..ditprune_core.util.io import check_name_fits
 from ..ditprune_core.util.packing import PackedMask
@@ -141,6 +146,16 @@ class MaskPatch(WeightAdapterBase):
         self.mask = mask
         self.layer = layer
 
+    #: the node whose output holds this patch, for the message when the model changed under it
+    made_by = "Apply Pruning"
+
+    def check_shape(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != self.mask.shape:
+            raise ValueError(
+                f"ditprune mask for {self.layer!r} has shape {self.mask.shape} but the weight is "
+                f"{tuple(weight.shape)}: the model changed after {self.made_by}; run it again"
+            )
+
     def calculate_weight(
         self,
         weight: torch.Tensor,
@@ -152,11 +167,7 @@ class MaskPatch(WeightAdapterBase):
         intermediate_dtype: torch.dtype = torch.float32,
         original_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if tuple(weight.shape) != self.mask.shape:
-            raise ValueError(
-                f"ditprune mask for {self.layer!r} has shape {self.mask.shape} but the weight is "
-                f"{tuple(weight.shape)}: the model changed after Apply Pruning; apply it again"
-            )
+        self.check_shape(weight)
         with torch.no_grad():
             return weight.masked_fill_(~self.mask.to_bool(weight.device), 0)
 
@@ -206,3 +217,113 @@ def stored_weight(model: comfy.model_patcher.ModelPatcher, key: str) -> torch.Te
     return comfy.float.stochastic_rounding(
         patched, original.dtype, seed=comfy.model_patcher.string_to_seed(key)
     )
+
+
+def sampling_inputs(model_tooltip: str) -> list[io.Input]:
+    """The inputs of a node that runs ComfyUI's sampler to calibrate (Calibrate, Prune and Reconstruct),
+    in the order the workflows store their widgets."""
+    return [
+        io.Model.Input("model", tooltip=model_tooltip),
+        io.Conditioning.Input("positive", tooltip="Prompts to calibrate on; batch them for many prompts."),
+        io.Conditioning.Input("negative", tooltip="Negative prompt (its pass is skipped at cfg 1)."),
+        io.Latent.Input(
+            "latent_image", tooltip="Empty latent: its size and batch set the calibration shape."
+        ),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=0xFFFFFFFFFFFFFFFF,
+            control_after_generate=True,
+            tooltip="Sampling seed.",
+        ),
+        io.Int.Input("steps", default=8, min=1, max=200, tooltip="Sampling steps; every step is recorded."),
+        io.Float.Input(
+            "cfg",
+            default=1.0,
+            min=0.0,
+            max=100.0,
+            step=0.1,
+            round=0.01,
+            tooltip="CFG scale; 1.0 for FLUX.1-dev (guidance is in the conditioning).",
+        ),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
+        io.Combo.Input(
+            "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple", tooltip="Scheduler."
+        ),
+        io.Combo.Input(
+            "timestep_weighting",
+            options=sorted(TIMESTEP_WEIGHTINGS),
+            default="log",
+            tooltip="log: early (noisy) steps weigh 1.2, the last 0.8; uniform: all equal.",
+        ),
+    ]
+
+
+def pruning_inputs() -> list[io.Input]:
+    """Sparsity, pattern and layer families, as Apply Pruning and Prune and Reconstruct take them."""
+    return [
+        io.Float.Input(
+            "sparsity",
+            default=0.5,
+            min=0.01,
+            max=0.99,
+            step=0.01,
+            tooltip="Fraction of weights removed in every selected layer (0.5 for 2:4 and 4:8).",
+        ),
+        io.Combo.Input(
+            "pattern",
+            options=list(PATTERNS),
+            default="unstructured",
+            tooltip="2:4 / 4:8 keep N of every M inputs (GPU sparse kernels need 2:4).",
+        ),
+        io.Boolean.Input("attention", default=True, tooltip="Prune attention qkv / proj layers."),
+        io.Boolean.Input("mlp", default=True, tooltip="Prune MLP layers."),
+        io.Boolean.Input("single_fused", default=True, tooltip="Prune FLUX single-block linear1/linear2."),
+        io.Boolean.Input(
+            "modulation",
+            default=False,
+            tooltip="Prune adaLN modulation layers (off by default: measured to hurt).",
+        ),
+        io.String.Input("layer_regex", default="", tooltip="Optional: only layers whose name matches."),
+    ]
+
+
+def pruning_choice(
+    sparsity: float, pattern: str, attention: bool, mlp: bool, single_fused: bool, modulation: bool
+) -> tuple[float, tuple[str, ...]]:
+    """``(sparsity, families)`` from :func:`pruning_inputs`' values (an N:M pattern fixes the sparsity)."""
+    chosen = {"attention": attention, "mlp": mlp, "single_fused": single_fused, "modulation": modulation}
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        sparsity = 1 - nm[0] / nm[1]
+    return sparsity, (*[f for f, on in chosen.items() if on], "block_linear")
+
+
+def sample_calibrating(
+    cal: Calibrator,
+    model: comfy.model_patcher.ModelPatcher,
+    positive: object,
+    negative: object,
+    latent_image: dict,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+) -> dict:
+    """Run ComfyUI's KSampler on ``model`` once, telling ``cal`` the sigma of every model call."""
+    patched = model.clone()
+    inner = patched.model_options.get("model_function_wrapper")
+
+    def record_sigma(apply_model: Callable[..., torch.Tensor], args: dict) -> torch.Tensor:
+        cal.set_sigma(float(args["timestep"].flatten()[0]))
+        if inner is not None:
+            return inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    patched.set_model_unet_function_wrapper(record_sigma)
+    (samples,) = comfy_nodes.common_ksampler(
+        patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image
+    )
+    return samples

@@ -11,7 +11,6 @@ from ..ditprune_core import (
     GRANULARITIES,
     METRICS,
     NORMALIZATIONS,
-    PATTERNS,
     WITHIN,
     CalibrationError,
     CalibrationStats,
@@ -21,7 +20,6 @@ from ..ditprune_core import (
     cluster_rows,
     find_prunable_layers,
     iter_masks,
-    parse_pattern,
     sparsity_report,
 )
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
@@ -37,6 +35,8 @@ from .common import (
     SaliencyType,
     diffusion_model,
     effective_weight,
+    pruning_choice,
+    pruning_inputs,
     weight_fn_for,
 )
 
@@ -245,33 +245,7 @@ class DitPruneApplyPruning(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to prune. It is cloned, never changed."),
                 SaliencyType.Input("saliency", tooltip="From Score Saliency."),
-                io.Float.Input(
-                    "sparsity",
-                    default=0.5,
-                    min=0.01,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="Fraction of weights removed in every selected layer (0.5 for 2:4 and 4:8).",
-                ),
-                io.Combo.Input(
-                    "pattern",
-                    options=list(PATTERNS),
-                    default="unstructured",
-                    tooltip="2:4 / 4:8 keep N of every M inputs (GPU sparse kernels need 2:4).",
-                ),
-                io.Boolean.Input("attention", default=True, tooltip="Prune attention qkv / proj layers."),
-                io.Boolean.Input("mlp", default=True, tooltip="Prune MLP layers."),
-                io.Boolean.Input(
-                    "single_fused", default=True, tooltip="Prune FLUX single-block linear1/linear2."
-                ),
-                io.Boolean.Input(
-                    "modulation",
-                    default=False,
-                    tooltip="Prune adaLN modulation layers (off by default: measured to hurt).",
-                ),
-                io.String.Input(
-                    "layer_regex", default="", tooltip="Optional: only layers whose name matches."
-                ),
+                *pruning_inputs(),
                 ClustersType.Input(
                     "clusters",
                     optional=True,
@@ -307,11 +281,7 @@ class DitPruneApplyPruning(io.ComfyNode):
         layer_regex: str = "",
         clusters: GroupingSpec | None = None,
     ) -> io.NodeOutput:
-        chosen = {"attention": attention, "mlp": mlp, "single_fused": single_fused, "modulation": modulation}
-        families = [f for f, on in chosen.items() if on] + ["block_linear"]
-        nm = parse_pattern(pattern)
-        if nm is not None:
-            sparsity = 1 - nm[0] / nm[1]
+        sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = (clusters or GroupingSpec()).to_config(
             saliency, sparsity, pattern=pattern, families=families, layer_regex=layer_regex
         )

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import comfy.model_management
-import comfy.samplers
 import torch
 from comfy.model_patcher import ModelPatcher
-from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.latest import io
 
-import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
-
-from ..ditprune_core import METRICS, PATTERNS, TIMESTEP_WEIGHTINGS, MetricParams, PruneConfig, parse_pattern
+from ..ditprune_core import METRICS, MetricParams, PruneConfig
 from ..ditprune_core.calibrate import Calibrator
 from ..ditprune_core.prune import prune_sequential_
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
@@ -22,17 +16,22 @@ from .common import (
     CATEGORY,
     PREFIX,
     ClustersType,
+    MaskPatch,
     Progress,
     SaliencyType,
     _patched_fp32,
     diffusion_model,
     original_weight,
+    pruning_choice,
+    pruning_inputs,
+    sample_calibrating,
+    sampling_inputs,
 )
 
 _GIB = 1 << 30
 
 
-class ReconstructedPatch(WeightAdapterBase):
+class ReconstructedPatch(MaskPatch):
     """A reconstructed weight held compactly: 1 bit per weight plus the kept values.
 
     ComfyUI calls :meth:`calculate_weight` when it loads the weight (every forward in lowvram mode);
@@ -40,11 +39,11 @@ class ReconstructedPatch(WeightAdapterBase):
     """
 
     name = "ditprune_reconstructed"
+    made_by = "Prune and Reconstruct"
 
     def __init__(self, mask: PackedMask, values: torch.Tensor, layer: str) -> None:
-        self.loaded_keys: set[str] = set()
-        self.weights: list[torch.Tensor] = []
-        self.mask, self.values, self.layer = mask, values, layer
+        super().__init__(mask, layer)
+        self.values = values
 
     def calculate_weight(
         self,
@@ -57,43 +56,11 @@ class ReconstructedPatch(WeightAdapterBase):
         intermediate_dtype: torch.dtype = torch.float32,
         original_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if tuple(weight.shape) != self.mask.shape:
-            raise ValueError(
-                f"ditprune reconstruction of {self.layer!r} has shape {self.mask.shape} but the weight is "
-                f"{tuple(weight.shape)}: the model changed after Prune and Reconstruct; run it again"
-            )
-        keep = self.mask.to_bool(weight.device)
+        self.check_shape(weight)
         out = torch.zeros_like(weight)
-        return out.masked_scatter_(keep, self.values.to(weight.device, weight.dtype))
-
-
-def sample_calibrating(
-    cal: Calibrator,
-    model: ModelPatcher,
-    positive: object,
-    negative: object,
-    latent_image: dict,
-    seed: int,
-    steps: int,
-    cfg: float,
-    sampler_name: str,
-    scheduler: str,
-) -> dict:
-    """Run ComfyUI's KSampler on ``model`` once, telling ``cal`` the sigma of every model call."""
-    patched = model.clone()
-    inner = patched.model_options.get("model_function_wrapper")
-
-    def record_sigma(apply_model: Callable[..., torch.Tensor], args: dict) -> torch.Tensor:
-        cal.set_sigma(float(args["timestep"].flatten()[0]))
-        if inner is not None:
-            return inner(apply_model, args)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    patched.set_model_unet_function_wrapper(record_sigma)
-    (samples,) = comfy_nodes.common_ksampler(
-        patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image
-    )
-    return samples
+        return out.masked_scatter_(
+            self.mask.to_bool(weight.device), self.values.to(weight.device, weight.dtype)
+        )
 
 
 class DitPrunePruneAndReconstruct(io.ComfyNode):
@@ -110,78 +77,14 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             "never changed; the output holds the reconstructed weights compactly (1 bit per weight plus the "
             "kept values).",
             inputs=[
-                io.Model.Input(
-                    "model", tooltip="The FLUX / SD3 model to prune. It is cloned, never changed."
-                ),
-                io.Conditioning.Input(
-                    "positive", tooltip="Prompts to calibrate on; batch them for many prompts."
-                ),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (its pass is skipped at cfg 1)."),
-                io.Latent.Input(
-                    "latent_image", tooltip="Empty latent: its size and batch set the calibration."
-                ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Sampling seed of the calibration passes (the same in every pass).",
-                ),
-                io.Int.Input("steps", default=8, min=1, max=200, tooltip="Sampling steps per pass."),
-                io.Float.Input(
-                    "cfg",
-                    default=1.0,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="CFG scale; 1.0 for FLUX.1-dev (guidance is in the conditioning).",
-                ),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
-                io.Combo.Input(
-                    "scheduler",
-                    options=comfy.samplers.KSampler.SCHEDULERS,
-                    default="simple",
-                    tooltip="Scheduler.",
-                ),
-                io.Combo.Input(
-                    "timestep_weighting",
-                    options=sorted(TIMESTEP_WEIGHTINGS),
-                    default="log",
-                    tooltip="log: early (noisy) steps weigh 1.2, the last 0.8; uniform: all equal.",
-                ),
+                *sampling_inputs("The model to prune. It is cloned, never changed."),
                 io.Combo.Input(
                     "metric",
                     options=list(METRICS),
                     default="energy",
                     tooltip="The mask's metric (energy = DiT-Pruning); its statistics come from each pass.",
                 ),
-                io.Float.Input(
-                    "sparsity",
-                    default=0.5,
-                    min=0.01,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="Fraction of weights removed in every selected layer (0.5 for 2:4 and 4:8).",
-                ),
-                io.Combo.Input(
-                    "pattern",
-                    options=list(PATTERNS),
-                    default="unstructured",
-                    tooltip="2:4 / 4:8 keep N of every M inputs (GPU sparse kernels need 2:4).",
-                ),
-                io.Boolean.Input("attention", default=True, tooltip="Prune attention qkv / proj layers."),
-                io.Boolean.Input("mlp", default=True, tooltip="Prune MLP layers."),
-                io.Boolean.Input(
-                    "single_fused", default=True, tooltip="Prune FLUX single-block linear1/linear2."
-                ),
-                io.Boolean.Input(
-                    "modulation", default=False, tooltip="Prune adaLN modulation layers (off by default)."
-                ),
-                io.String.Input(
-                    "layer_regex", default="", tooltip="Optional: only layers whose name matches."
-                ),
+                *pruning_inputs(),
                 io.Float.Input(
                     "memory_budget_gb",
                     default=0.0,
@@ -236,11 +139,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         saliency: SaliencySpec | None = None,
         clusters: GroupingSpec | None = None,
     ) -> io.NodeOutput:
-        chosen = {"attention": attention, "mlp": mlp, "single_fused": single_fused, "modulation": modulation}
-        families = (*[f for f, on in chosen.items() if on], "block_linear")
-        nm = parse_pattern(pattern)
-        if nm is not None:
-            sparsity = 1 - nm[0] / nm[1]
+        sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         grouping = clusters or GroupingSpec()
         config = PruneConfig(
             sparsity,
