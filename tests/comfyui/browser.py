@@ -74,10 +74,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def comfy_server(comfy_root: Path, base: Path) -> Iterator[str]:
+def comfy_server(comfy_root: Path, base: Path, start_seconds: float = 180) -> Iterator[str]:
     """ComfyUI on 127.0.0.1 with ``base`` as its base directory and this pack in custom_nodes.
 
-    Yields the server URL once ``/object_info`` answers."""
+    Yields the server URL once ``/object_info`` answers (within ``start_seconds``)."""
     for sub in ("custom_nodes", "user", "input", "output", "models/diffusion_models"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "ditprune"
@@ -109,7 +109,7 @@ def comfy_server(comfy_root: Path, base: Path) -> Iterator[str]:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_for(f"{url}/object_info/DitPruneApplyPruning", server, log_path, 180)
+            _wait_for(f"{url}/object_info/DitPruneApplyPruning", server, log_path, start_seconds)
             yield url
         finally:
             _stop(server)
