@@ -17,6 +17,7 @@ from .layers import DEFAULT_FAMILIES, FAMILIES, LayerFilter
 from .score import MetricParams, check_metric, needs_calibration
 
 __all__ = [
+    "ALLOCATIONS",
     "GRANULARITIES",
     "PATTERNS",
     "REFITS",
@@ -35,6 +36,8 @@ UPDATES = ("none", "obs")
 REFITS = ("none", "auto", "exact", "pcg")
 #: where the mask of update="obs" comes from
 OBS_MASKS = ("metric", "in-update")
+#: how update="obs" shares a transformer block's prune count among its layers
+ALLOCATIONS = ("uniform", "block")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class ReconstructParams:
         refit_iters: PCG iterations at most.
         refit_tol: PCG stops when every row's relative residual is below this.
         exact_max_in: the largest input size ``"auto"`` solves exactly.
+        allocation: ``"uniform"``: every layer is pruned to the config's sparsity; ``"block"``: the
+            layers of one transformer block (within one pass) share the block's prune count, which
+            stays exact, and each layer's share follows its estimated relative output error
+            (:func:`~ditprune_core.reconstruct.allocate_block_counts`). Unstructured only: N:M
+            patterns fix every layer's sparsity.
+        allocation_spread: how far a layer's sparsity may move from the config's, either way.
     """
 
     mask: str = "in-update"
@@ -67,8 +76,14 @@ class ReconstructParams:
     refit_iters: int = 20
     refit_tol: float = 1e-4
     exact_max_in: int = 1024
+    allocation: str = "block"
+    allocation_spread: float = 0.3
 
     def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose from {list(ALLOCATIONS)}")
+        if not 0.0 <= self.allocation_spread < 1.0:
+            raise ValueError(f"allocation_spread must be in [0, 1), got {self.allocation_spread}")
         if self.mask not in OBS_MASKS:
             raise ValueError(f"unknown OBS mask source {self.mask!r}; choose from {list(OBS_MASKS)}")
         if self.refit not in REFITS:

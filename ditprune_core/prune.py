@@ -15,16 +15,28 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .calibrate import Calibrator, TimestepWeighting
-from .config import ProgressFn, PruneConfig
-from .layers import ArchTemplate, detect_architecture, find_prunable_layers, unwrap_diffusion_model
+from .config import ProgressFn, PruneConfig, parse_pattern
+from .layers import (
+    ArchTemplate,
+    detect_architecture,
+    find_prunable_layers,
+    layer_block,
+    unwrap_diffusion_model,
+)
 from .mask import layer_keep_mask
-from .reconstruct import LayerReconstruction, plan_groups, reconstruct_layer, relative_output_error
+from .reconstruct import (
+    LayerReconstruction,
+    allocate_block_counts,
+    plan_groups,
+    reconstruct_layer,
+    relative_output_error,
+)
 from .report import LayerSparsity, SparsityReport, count_kept
 from .score import missing_calibration
 from .stats import CalibrationError, CalibrationStats, GramAccumulator, WeightFn, module_weight
@@ -276,6 +288,25 @@ def _write_in_place(_name: str, layer: nn.Linear, new_weight: torch.Tensor, _kee
         layer.weight.copy_(new_weight.to(layer.weight.dtype))
 
 
+def _block_counts(
+    target: PruneTarget, group: list[str], cal: Calibrator, config: PruneConfig, weight_fn: WeightFn
+) -> dict[str, int]:
+    """Prune counts of the group's layers under ``reconstruct.allocation="block"`` (else empty)."""
+    params = config.reconstruct
+    if config.update != "obs" or params.allocation != "block" or parse_pattern(config.pattern) is not None:
+        return {}
+    blocks: dict[str, list[str]] = {}
+    for name in group:
+        blocks.setdefault(layer_block(name, target.template), []).append(name)
+    counts: dict[str, int] = {}
+    for names in blocks.values():
+        if len(names) < 2:
+            continue
+        layers = {n: (weight_fn(n, target.layers[n]).detach(), cal.gram(n)) for n in names}
+        counts.update(allocate_block_counts(layers, float(config.sparsity), spread=params.allocation_spread))
+    return counts
+
+
 def prune_sequential_(
     model: nn.Module | object,
     run_calibration: RunCalibration,
@@ -295,6 +326,10 @@ def prune_sequential_(
     ``run_calibration(cal)`` runs the model (it may call ``cal.on_step(sigma)`` for timestep
     weighting); then every layer of the group is pruned and its kept weights updated
     (:func:`~ditprune_core.reconstruct.reconstruct_layer`), one at a time, and its Gram freed.
+    With ``reconstruct.allocation="block"`` (the default of ``update="obs"``, unstructured only), the
+    layers of one transformer block within a pass first share the block's prune count
+    (:func:`~ditprune_core.reconstruct.allocate_block_counts`): the block's sparsity is exact, its
+    layers' sparsities differ.
     Earlier groups are already pruned and updated when later ones calibrate, so each layer
     compensates the error upstream of it (SparseGPT's sequential mode, OBS-Diff's module packages).
 
@@ -341,12 +376,16 @@ def prune_sequential_(
                 f"{len(silent)} of its layers (e.g. {silent[0]!r}); it must run the model on the "
                 "calibration inputs every time it is called"
             )
+        counts = _block_counts(target, group, cal, config, weight_fn)
         for name in group:
             layer = target.layers[name]
             weight = weight_fn(name, layer).detach()
             gram = cal.gram(name)
             if config.update == "obs":
-                new, keep, report = reconstruct_layer(name, weight, gram, config)
+                layer_config = config
+                if name in counts:
+                    layer_config = replace(config, sparsity=counts[name] / weight.numel())
+                new, keep, report = reconstruct_layer(name, weight, gram, layer_config)
             else:
                 a = gram.diagonal().to(torch.float64).clamp_min(0.0)
                 keep = layer_keep_mask(name, weight, a if config.needs_calibration else None, config)

@@ -62,6 +62,7 @@ __all__ = [
     "ObsResult",
     "PairedGramAccumulator",
     "RefitInfo",
+    "allocate_block_counts",
     "corrected_weight",
     "dampened",
     "obs_prune",
@@ -539,6 +540,80 @@ def relative_output_error(new_weight: torch.Tensor, weight: torch.Tensor, gram: 
     num = float(((delta @ h) * delta).sum())
     den = float(((w @ h) * w).sum())
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def allocate_block_counts(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    sparsity: float,
+    *,
+    spread: float = 0.3,
+    max_sparsity: float = 0.95,
+    sample: int = 1 << 20,
+) -> dict[str, int]:
+    """Share a block's prune count among its layers by their estimated relative output error.
+
+    Every weight ``w_ij`` of layer ``l`` costs ``e_ij = w_ij² H_jj / tr(W H Wᵀ)`` if pruned alone:
+    the share of the layer's output energy it carries (the diagonal OBS error without update,
+    relative to the layer's output). The block prunes the ``K = round(sparsity · Σ n_l)`` weights
+    of lowest ``e`` over all its layers, with every layer's sparsity kept within
+    ``[sparsity - spread, sparsity + spread]`` (and ``(0, max_sparsity]``): layers whose output
+    rests on few weights give up fewer. The counts sum to ``K`` exactly (largest-remainder
+    rounding of the water level). Layers above ``sample`` weights are estimated from an evenly
+    strided sample of their costs.
+
+    Args:
+        layers: ``{name: (weight (out, in), Gram (in, in))}``, the layers of one block.
+        sparsity: the block's target sparsity, in (0, 1).
+        spread: how far one layer's sparsity may move from ``sparsity``.
+        max_sparsity: upper bound of any layer's sparsity (raised to ``sparsity`` if below it).
+        sample: costs per layer used at most.
+    Returns:
+        ``{name: weights to prune}``.
+    """
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    names = list(layers)
+    sizes, costs, lows, highs = [], [], [], []
+    for name in names:
+        weight, gram = layers[name]
+        w = weight.detach().to(torch.float32)
+        h = gram.to(w.device, torch.float32)
+        n = w.numel()
+        energy = float(((w @ h) * w).sum())
+        cost = (w.square() * h.diagonal().clamp_min(0.0)).flatten()
+        cost = cost / energy if energy > 0 else torch.zeros_like(cost)
+        step = max(1, n // sample)
+        costs.append(cost[::step].sort().values.double().cpu())
+        sizes.append(n)
+        upper = max(min(max_sparsity, sparsity + spread), sparsity)
+        # the bounds always admit the uniform counts, so the total is reachable
+        lows.append(float(min(max(1, math.ceil(max(0.0, sparsity - spread) * n)), math.floor(sparsity * n))))
+        highs.append(float(min(n - 1, max(math.floor(upper * n), math.ceil(sparsity * n)))))
+    total = round(sparsity * sum(sizes))
+
+    def counts(level: float) -> list[float]:
+        out = []
+        for c, n, lo, hi in zip(costs, sizes, lows, highs, strict=True):
+            below = int(torch.searchsorted(c, torch.tensor([level], dtype=c.dtype), right=True))
+            out.append(min(max(n * below / c.numel(), lo), hi))
+        return out
+
+    lo_level, hi_level = -1.0, max(float(c[-1]) for c in costs) + 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo_level + hi_level)
+        if sum(counts(mid)) >= total:
+            hi_level = mid
+        else:
+            lo_level = mid
+    under, over = counts(lo_level), counts(hi_level)
+    gap = sum(over) - sum(under)
+    alpha = (total - sum(under)) / gap if gap > 0 else 0.0
+    real = [a + alpha * (b - a) for a, b in zip(under, over, strict=True)]
+    whole = [math.floor(r) for r in real]
+    order = sorted(range(len(names)), key=lambda i: real[i] - whole[i], reverse=True)
+    for i in order[: total - sum(whole)]:
+        whole[i] += 1
+    return dict(zip(names, whole, strict=True))
 
 
 def plan_groups(

@@ -12,7 +12,7 @@ from ditprune_core.prune import prune_sequential_
 from ditprune_core.reconstruct import relative_output_error
 from ditprune_core.stats import GramAccumulator
 
-OBS = PruneConfig(0.5, update="obs")
+OBS = PruneConfig(0.5, update="obs", reconstruct=ReconstructParams(allocation="uniform"))
 
 
 def _calibration(model):

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,10 @@ METHODS: dict[str, ConfigFactory] = {
     "energy-cluster": lambda s, p: PruneConfig(s, granularity="cluster", pattern=p),
     "wanda-cluster": lambda s, p: PruneConfig(s, metric="wanda", granularity="cluster", pattern=p),
 }
+#: Methods that update the kept weights (reconstruction): name -> ``(lab, sparsity, pattern) -> pipe``.
+#: They share the calibration of the mask-only rows (same seeds, steps, cfg, log weighting), with
+#: its Grams (``bench/reconstruction_lab.py``).
+RECONSTRUCTING = ("sparsegpt-1s", "sparsegpt-seq", "dit-pruning-obs")
 SETTINGS: dict[str, tuple[float, str]] = {
     "50%": (0.5, "unstructured"),
     "60%": (0.6, "unstructured"),
@@ -76,6 +81,7 @@ class BenchContext:
     steps: int
     cfg: float
     dense: dict[int, DenseRun] = field(default_factory=dict)
+    _lab: Any = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -100,6 +106,21 @@ class BenchContext:
             velocities.append(v)
             x = x + float(sigmas[i + 1] - sigmas[i]) * v
         return DenseRun(labels, noise, pipe.to_images(x), states, velocities)
+
+    def reconstructed(self, method: str, sparsity: float, pattern: str) -> MiniFluxPipeline:
+        """A :data:`RECONSTRUCTING` method's model, from this context's calibration."""
+        from .reconstruction_lab import Lab, sparsegpt_layer
+
+        if self._lab is None:
+            self._lab = Lab(self.name, seeds=(), per_class=0, ctx=self)
+        lab = self._lab
+        if method == "sparsegpt-1s":
+            return lab.oneshot(sparsegpt_layer, sparsity, pattern)[0]
+        if method == "sparsegpt-seq":
+            return lab.sequential(sparsegpt_layer, sparsity, pattern)[0]
+        if method == "dit-pruning-obs":
+            return lab.product(PruneConfig(sparsity, pattern=pattern, update="obs"))[0]
+        raise ValueError(f"unknown reconstructing method {method!r}; choose from {list(RECONSTRUCTING)}")
 
     def pruned(self, config: PruneConfig) -> MiniFluxPipeline:
         model = copy.deepcopy(self.pipe.model)
@@ -175,6 +196,38 @@ class QualityResult:
                 out.append(
                     (f"{self.model} {setting}: dit-pruning {ours:.4f} {word} {rival} {theirs:.4f}", ok)
                 )
+        methods = {m for m, _s, _x in self.rows}
+        if not {"dit-pruning-obs", "sparsegpt-1s"} <= methods:
+            return out
+        for setting in ("50%", "60%", "70%", "2:4"):
+            obs = self.mean("dit-pruning-obs", setting)
+            for rival in ("sparsegpt-1s", "sparsegpt-seq"):
+                if rival not in methods:
+                    continue
+                theirs = self.mean(rival, setting)
+                if setting == "2:4":
+                    out.append(
+                        (
+                            f"{self.model} 2:4: dit-pruning-obs {obs:.4f} no worse than {rival} {theirs:.4f}",
+                            obs <= theirs,
+                        )
+                    )
+                else:
+                    out.append(
+                        (
+                            f"{self.model} {setting}: dit-pruning-obs {obs:.4f} at least 20% below {rival} "
+                            f"{theirs:.4f} ({1 - obs / theirs:.0%} below)",
+                            obs <= 0.8 * theirs,
+                        )
+                    )
+            mask_only = self.mean("dit-pruning", setting)
+            out.append(
+                (
+                    f"{self.model} {setting}: dit-pruning-obs {obs:.4f} at least 3x below mask-only "
+                    f"dit-pruning {mask_only:.4f} ({mask_only / obs:.2f}x)",
+                    3 * obs <= mask_only,
+                )
+            )
         return out
 
 
@@ -183,7 +236,7 @@ def run_quality(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     per_class: int = 10,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] = (*METHODS, *RECONSTRUCTING),
     settings: Sequence[str] = tuple(SETTINGS),
 ) -> QualityResult:
     ctx = BenchContext.build(model, seeds=seeds, per_class=per_class)
@@ -200,7 +253,10 @@ def run_quality(
         sparsity, pattern = SETTINGS[setting]
         for method in methods:
             start = time.perf_counter()
-            pipe = ctx.pruned(METHODS[method](sparsity, pattern))
+            if method in RECONSTRUCTING:
+                pipe = ctx.reconstructed(method, sparsity, pattern)
+            else:
+                pipe = ctx.pruned(METHODS[method](sparsity, pattern))
             metrics = ctx.evaluate(pipe)
             rows.append((method, setting, metrics))
             images[f"{method} {setting}"] = pipe.sample(

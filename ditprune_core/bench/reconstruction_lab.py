@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import PruneConfig
+from ..calibrate import Calibrator
+from ..config import PruneConfig, ReconstructParams
 from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
 from ..reconstruct import (
@@ -106,15 +107,28 @@ class Recipe:
         return new
 
 
-def _sparsegpt(name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str) -> torch.Tensor:
+def sparsegpt_layer(
+    name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str
+) -> torch.Tensor:
     return sparsegpt_prune(
         weight, gram, sparsity=s, pattern=None if pattern == "unstructured" else pattern, name=name
     ).weight
 
 
+#: ``prune_sequential_`` rows: name -> PruneConfig keywords besides sparsity, pattern, update="obs"
+PRODUCT: dict[str, dict[str, ReconstructParams]] = {
+    "dit-obs": {},
+    "dit-obs-uniform": {"reconstruct": ReconstructParams(allocation="uniform")},
+    "dit-obs-spread0.2": {"reconstruct": ReconstructParams(allocation_spread=0.2)},
+    "dit-obs-spread0.45": {"reconstruct": ReconstructParams(allocation_spread=0.45)},
+    "dit-obs-b0.3": {"reconstruct": ReconstructParams(balance=0.3)},
+    "dit-obs-b0.5": {"reconstruct": ReconstructParams(balance=0.5)},
+}
+
+
 def variants() -> dict[str, LayerFn]:
     """The layer recipes the lab can run; ``-1s`` / ``-seq`` suffixes choose one-shot or sequential."""
-    out: dict[str, LayerFn] = {"sparsegpt": _sparsegpt}
+    out: dict[str, LayerFn] = {"sparsegpt": sparsegpt_layer}
     for b in (0.3, 0.4, 0.5, 0.6):
         out[f"obs-b{b}"] = Recipe(balance=b)
         out[f"obs-b{b}-refit"] = Recipe(balance=b, refit="exact")
@@ -161,8 +175,10 @@ def block_groups(order: Sequence[str]) -> list[list[str]]:
 class Lab:
     """One model: calibration, dense runs, one-shot Grams; runs variants."""
 
-    def __init__(self, model: str, *, seeds: Sequence[int], per_class: int) -> None:
-        self.ctx = BenchContext.build(model, seeds=seeds, per_class=per_class)
+    def __init__(
+        self, model: str, *, seeds: Sequence[int], per_class: int, ctx: BenchContext | None = None
+    ) -> None:
+        self.ctx = ctx if ctx is not None else BenchContext.build(model, seeds=seeds, per_class=per_class)
         self.pipe = self.ctx.pipe
         self.layers = PruneConfig(0.5)
         self.correction_damp = 0.01
@@ -176,7 +192,7 @@ class Lab:
         self.grams = self._gather(self.pipe, layers)
         self.gram_seconds = time.perf_counter() - start
 
-    def run_calibration(self, pipe: MiniFluxPipeline, rec: GramRecorder) -> None:
+    def run_calibration(self, pipe: MiniFluxPipeline, rec: GramRecorder | Calibrator) -> None:
         """The calibration of ``bench/quality.py``: both CFG halves, log weighting."""
         labels = torch.arange(pipe.config.num_classes).repeat_interleave(CAL_PER_CLASS)
         for seed in CAL_SEEDS:
@@ -274,6 +290,21 @@ class Lab:
             del paired
         return pipe, float(np.mean(err))
 
+    def product(self, config: PruneConfig) -> tuple[MiniFluxPipeline, float]:
+        """``prune_sequential_`` itself, one pass (every Gram fits), the lab's calibration."""
+        from ..prune import prune_sequential_
+
+        model = copy.deepcopy(self.pipe.model)
+        pipe = MiniFluxPipeline(model, self.pipe.conditioner)
+        report = prune_sequential_(
+            model,
+            lambda cal: self.run_calibration(pipe, cal),
+            config,
+            memory_budget_bytes=1 << 34,
+            weighting="log",
+        )
+        return pipe, float(np.mean([r.output_error for r in report.layers]))
+
     def mask_only_defaults(self, s: float, pattern: str) -> MiniFluxPipeline:
         return self.ctx.pruned(PruneConfig(s, pattern=pattern))
 
@@ -307,6 +338,8 @@ def run_lab(
             layer_err = float("nan")
             if name == "dit-pruning":
                 pipe = lab.mask_only_defaults(s, pattern)
+            elif name in PRODUCT:
+                pipe, layer_err = lab.product(PruneConfig(s, pattern=pattern, update="obs", **PRODUCT[name]))
             else:
                 base, mode = name.rsplit("-", 1)
                 if mode not in ("1s", "seq", "twin") or base not in table:
