@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     parser.add_argument("--quick", action="store_true", help="obsspeed: FLUX widths / 4 (a smoke run)")
     parser.add_argument("--device", default="cpu", help="obsspeed: cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="obsspeed: torch CPU threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m ditprune_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "obsspeed":
         from .obs_speed import write_obs_speed
 
-        path = write_obs_speed(args.out, command=command, quick=args.quick, device=args.device)
+        path = write_obs_speed(
+            args.out, command=command, quick=args.quick, device=args.device, threads=args.threads
+        )
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

@@ -33,6 +33,7 @@ is an ``in``-only part plus a part linear in ``out`` for a fixed ``in``).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import time
@@ -156,6 +157,8 @@ class ObsSpeedResult:
     tokens: int
     device: str
     wall_seconds: float
+    threads: int
+    load_average: tuple[float, float] = (0.0, 0.0)
     config: PruneConfig = field(default_factory=lambda: PruneConfig(0.5, update="obs"))
     pcg_limit_s: float = 60.0
 
@@ -425,6 +428,7 @@ def run_obs_speed(
     pcg_limit_s: float = 60.0,
     exact_flop_budget: float = EXACT_FLOP_BUDGET,
     seed: int = 0,
+    threads: int | None = None,
 ) -> ObsSpeedResult:
     """Measure :data:`MEASURED_LAYERS` at FLUX.1-dev width / ``width_divisor`` and extrapolate.
 
@@ -436,10 +440,32 @@ def run_obs_speed(
         device: where the tensors live (``"cpu"`` or ``"cuda"``).
         pcg_limit_s: PCG counts after the first two whose predicted time exceeds this are
             extrapolated instead of run.
+        threads: torch CPU threads for the run (restored after it); None keeps torch's default.
     Raises:
         ValueError: a width that does not divide FLUX's, too few PCG counts, or no CUDA device.
     """
-    dev = torch.device(device)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(
+            width_divisor, tokens, pcg_iters, torch.device(device), pcg_limit_s, exact_flop_budget, seed
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(
+    width_divisor: int,
+    tokens: int,
+    pcg_iters: Sequence[int],
+    dev: torch.device,
+    pcg_limit_s: float,
+    exact_flop_budget: float,
+    seed: int,
+) -> ObsSpeedResult:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here; run on cpu or on a GPU machine")
     if width_divisor < 1 or HIDDEN % width_divisor:
@@ -448,7 +474,7 @@ def run_obs_speed(
     iters = sorted(set(pcg_iters) | {config.reconstruct.refit_iters})
     if len(iters) < 2 or iters[0] < 1:
         raise ValueError(f"pcg_iters needs at least two counts >= 1, got {list(pcg_iters)}")
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), _load_average()
     if dev.type == "cpu":
         log.info("obsspeed: %s", _limit_malloc_caching())
     hidden = HIDDEN // width_divisor
@@ -490,9 +516,19 @@ def run_obs_speed(
         tokens,
         str(dev),
         time.perf_counter() - start,
+        torch.get_num_threads(),
+        (load_start, _load_average()),
         config,
         pcg_limit_s,
     )
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0 where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def _mark(m: Measurement) -> str:
@@ -522,8 +558,10 @@ def format_obs_speed(result: ObsSpeedResult, command: str) -> str:
         "",
         f"Command: `{command}`. Written by `ditprune_core/bench/obs_speed.py` in "
         f"{_duration(result.wall_seconds)}.",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"device {result.device}" + (" (shared with other jobs)." if result.device == "cpu" else "."),
+        f"Machine: {platform.machine()}, {result.threads} torch thread(s), torch {torch.__version__}, "
+        f"device {result.device}, {os.cpu_count()} cores; 1-minute load average "
+        f"{result.load_average[0]:.1f} at the start, {result.load_average[1]:.1f} at the end (other jobs "
+        "share the machine: absolute seconds and, less so, the ratios move with the load).",
         "",
         f"Layers at {scope} (hidden {width}, MLP {4 * width}), weights N(0, 0.02²) in bf16. Each Gram "
         f"(float32) is accumulated by `GramAccumulator` from {result.tokens} synthetic tokens "
@@ -643,9 +681,12 @@ def report_filename(*, quick: bool, device: torch.device | str) -> str:
     return "obs_speed" + ("_quick" if quick else "") + ("" if dev.type == "cpu" else f"_{dev.type}") + ".md"
 
 
-def write_obs_speed(out_dir: Path, *, command: str, quick: bool = False, device: str = "cpu") -> Path:
+def write_obs_speed(
+    out_dir: Path, *, command: str, quick: bool = False, device: str = "cpu", threads: int | None = None
+) -> Path:
     """Run the benchmark (``quick``: widths / 4, 1024 tokens) and write its report under ``out_dir``."""
-    result = run_obs_speed(width_divisor=4 if quick else 1, tokens=1024 if quick else 4096, device=device)
-    return write_report(
-        out_dir, report_filename(quick=quick, device=device), format_obs_speed(result, command)
+    result = run_obs_speed(
+        width_divisor=4 if quick else 1, tokens=1024 if quick else 4096, device=device, threads=threads
     )
+    text = format_obs_speed(result, command)
+    return write_report(out_dir, report_filename(quick=quick, device=device), text)
