@@ -4,6 +4,10 @@
     python -m ditprune_core.bench obsspeed --quick         # widths / 4 -> docs/bench/obs_speed_quick.md
     python -m ditprune_core.bench obsspeed --device cuda   # -> docs/bench/obs_speed_cuda.md
 
+``--threads N`` sets torch's CPU threads for the run. The committed figures use ``--threads 1``: on
+a 2-core machine shared with other jobs, two threads spent most of the small-tensor operations of
+the mask-only pass waiting on each other (4x slower than one thread), which would skew the ratios.
+
 Four layers at FLUX.1-dev width (hidden 3072, MLP 12288), shapes from
 :func:`~ditprune_core.bench.dit_shapes.flux_shapes`: ``single_blocks.0.linear1`` (21504 x 3072),
 ``single_blocks.0.linear2`` (3072 x 15360), ``double_blocks.0.img_attn.qkv`` (9216 x 3072) and
