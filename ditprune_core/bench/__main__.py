@@ -1,6 +1,6 @@
 """Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
 
-WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto.
+WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench", description=__doc__)
     parser.add_argument(
         "which",
-        choices=("quality", "sweep", "speed", "checkpoint", "video", "models", "quantgroups", "pareto"),
+        choices=(
+            "quality",
+            "sweep",
+            "speed",
+            "checkpoint",
+            "video",
+            "models",
+            "quantgroups",
+            "pareto",
+            "obsspeed",
+        ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
@@ -25,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
     parser.add_argument("--per-class", type=int, default=10, help="pareto: samples of each digit per seed")
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
+    parser.add_argument("--quick", action="store_true", help="obsspeed: FLUX widths / 4 (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="obsspeed: cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="obsspeed: torch CPU threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m ditprune_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -49,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             for m in args.models
         ]
         path = write_pareto(pareto, args.out, command)
+        print(path.read_text())
+        return 0
+    if args.which == "obsspeed":
+        from .obs_speed import write_obs_speed
+
+        path = write_obs_speed(
+            args.out, command=command, quick=args.quick, device=args.device, threads=args.threads
+        )
         print(path.read_text())
         return 0
     if args.which == "checkpoint":
