@@ -123,6 +123,7 @@ PRODUCT: dict[str, dict[str, ReconstructParams]] = {
     "dit-obs-spread0.45": {"reconstruct": ReconstructParams(allocation_spread=0.45)},
     "dit-obs-b0.3": {"reconstruct": ReconstructParams(balance=0.3)},
     "dit-obs-b0.5": {"reconstruct": ReconstructParams(balance=0.5)},
+    "dit-obs-norefit": {"reconstruct": ReconstructParams(refit="none")},
 }
 
 
@@ -140,6 +141,10 @@ def variants() -> dict[str, LayerFn]:
         out[f"obs-b0.5-refit-d{d}"] = Recipe(balance=0.5, refit="exact", refit_damp=d)
     for it in (1, 3, 5, 10, 20):
         out[f"energy-obs-pcg{it}"] = Recipe(mask="energy", refit="pcg", refit_iters=it, refit_tol=0.0)
+    for it in (1, 3, 5, 10, 20, 40):
+        out[f"obs-b0.4-pcg{it}"] = Recipe(balance=0.4, refit="pcg", refit_iters=it, refit_tol=0.0)
+    for tol in (1e-2, 1e-3, 1e-4):
+        out[f"obs-b0.4-pcg-tol{tol}"] = Recipe(balance=0.4, refit="pcg", refit_iters=500, refit_tol=tol)
     return out
 
 
