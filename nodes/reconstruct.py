@@ -126,13 +126,6 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     tooltip="The mask's metric (energy = DiT-Pruning); its statistics come from each pass.",
                 ),
                 *pruning_inputs(),
-                io.Combo.Input(
-                    "value_bits",
-                    options=list(VALUE_BITS_CHOICES),
-                    default="none",
-                    tooltip="Quantise the kept values to 8, 4 or 3 bits (groups of 128 kept values, scale "
-                    "per group), the rounding compensated inside the OBS update. none: keep the model's dtype.",
-                ),
                 io.Float.Input(
                     "memory_budget_gb",
                     default=0.0,
@@ -141,6 +134,14 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     step=0.5,
                     tooltip="GiB of Gram matrices alive at once (fewer passes with more). 0: a quarter of the "
                     "free memory, at most 8 GiB. FLUX.1-dev's largest layer needs 0.92 GiB.",
+                ),
+                io.Combo.Input(
+                    "value_bits",
+                    options=list(VALUE_BITS_CHOICES),
+                    default="none",
+                    optional=True,  # prompts and workflows saved before it still run (unquantised)
+                    tooltip="Quantise the kept values to 8, 4 or 3 bits (groups of 128 kept values, scale "
+                    "per group), the rounding compensated inside the OBS update. none: keep the model's dtype.",
                 ),
                 SaliencyType.Input(
                     "saliency",
@@ -183,8 +184,8 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         single_fused: bool,
         modulation: bool,
         layer_regex: str = "",
-        value_bits: str = "none",
         memory_budget_gb: float = 0.0,
+        value_bits: str = "none",
         saliency: SaliencySpec | None = None,
         clusters: GroupingSpec | None = None,
     ) -> io.NodeOutput:
