@@ -14,6 +14,7 @@ from typing import Any
 
 from .cluster import ClusterParams
 from .layers import DEFAULT_FAMILIES, FAMILIES, LayerFilter
+from .quantize import DEFAULT_VALUE_SPECS, VALUE_BITS, QuantSpec
 from .score import MetricParams, check_metric, needs_calibration
 
 __all__ = [
@@ -126,6 +127,16 @@ class PruneConfig:
         update: ``"none"`` (mask only) or ``"obs"``: reconstruction, which also updates the kept
             weights from each layer's input Gram (:func:`~ditprune_core.prune.prune_sequential_`).
         reconstruct: how ``update="obs"`` reconstructs.
+        value_bits: None (kept values stay in the model's dtype) or 8, 4, 3
+            (:data:`~ditprune_core.quantize.VALUE_BITS`): the kept values of every pruned layer are
+            quantised to that many bits, in groups, with the measured defaults
+            :data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS` (groups of 128 kept values,
+            asymmetric at 8 and 4 bits, symmetric at 3). With ``update="obs"`` the rounding is
+            chosen inside an OBS pass that compensates it (:func:`~ditprune_core.reconstruct.obs_quantize`);
+            without, round to nearest. Only :func:`~ditprune_core.prune.prune_sequential_` quantises.
+        value_spec: an explicit :class:`~ditprune_core.quantize.QuantSpec` (group size, symmetry,
+            grouping) instead of the default of ``value_bits``; its bits must be ``value_bits``
+            (``value_bits`` may be left None: it is taken from the spec).
         filter_fn: optional ``filter_fn(module, name) -> bool``, applied last; not serialised.
     """
 
@@ -139,6 +150,8 @@ class PruneConfig:
     layer_regex: str | None = None
     update: str = "none"
     reconstruct: ReconstructParams = field(default_factory=ReconstructParams)
+    value_bits: int | None = None
+    value_spec: QuantSpec | None = None
     filter_fn: LayerFilter | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -169,9 +182,39 @@ class PruneConfig:
                     f"layer_regex {self.layer_regex!r} is not a valid regular expression: {exc}"
                 ) from exc
 
+        self._check_values()
+
+    def _check_values(self) -> None:
+        bits, spec = self.value_bits, self.value_spec
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise ValueError(f"value_spec must be a QuantSpec or None, got {type(spec).__name__}")
+        if bits is None and spec is not None:
+            bits = spec.bits
+            object.__setattr__(self, "value_bits", bits)
+        if bits is None:
+            return
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALUE_BITS:
+            raise ValueError(
+                f"value_bits must be None or one of {list(VALUE_BITS)} (got {bits!r}): the kept values of a "
+                "pruned layer are quantised to 8, 4 or 3 bits; 2 bits is only offered for dense baselines "
+                "(quantize.gptq_quantize)"
+            )
+        if spec is not None and spec.bits != bits:
+            raise ValueError(
+                f"value_spec has {spec.bits} bits but value_bits is {bits}: give one of them, or make them "
+                "agree"
+            )
+
     @property
     def needs_calibration(self) -> bool:
         return needs_calibration(self.metric)
+
+    @property
+    def value_quant(self) -> QuantSpec | None:
+        """The :class:`~ditprune_core.quantize.QuantSpec` of the kept values, or None (unquantised)."""
+        if self.value_bits is None:
+            return None
+        return self.value_spec if self.value_spec is not None else DEFAULT_VALUE_SPECS[self.value_bits]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``filter_fn`` excluded)."""
@@ -185,6 +228,8 @@ class PruneConfig:
         data["metric_params"] = MetricParams(**data.get("metric_params", {}))
         data["cluster_params"] = ClusterParams(**data.get("cluster_params", {}))
         data["reconstruct"] = ReconstructParams(**data.get("reconstruct", {}))
+        if data.get("value_spec") is not None:
+            data["value_spec"] = QuantSpec(**data["value_spec"])
         if "families" in data:
             data["families"] = tuple(data["families"])
         return cls(**data)

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -29,18 +29,29 @@ from .layers import (
     layer_block,
     unwrap_diffusion_model,
 )
+from .layouts import choose_layout
 from .mask import layer_keep_mask
+from .quantize import (
+    QuantizedWeight,
+    QuantSpec,
+    StorageCost,
+    dequantize_weight,
+    quantize_weight,
+    quantized_storage_cost,
+    storage_cost,
+)
 from .reconstruct import (
     LayerReconstruction,
     allocate_block_counts,
     plan_groups,
+    quantize_layer,
     reconstruct_layer,
     relative_output_error,
 )
 from .report import LayerSparsity, SparsityReport, count_kept
 from .score import missing_calibration
 from .stats import CalibrationError, CalibrationStats, GramAccumulator, WeightFn, module_weight
-from .util.dtypes import zero_where_
+from .util.dtypes import storage_view, zero_where_
 from .util.packing import PackedMask
 
 __all__ = [
@@ -53,7 +64,9 @@ __all__ = [
     "iter_masks",
     "prune_model_",
     "prune_sequential_",
+    "quantize_kept_",
     "select_layers",
+    "unquantized_storage_cost",
 ]
 
 log = logging.getLogger("ditprune")
@@ -212,7 +225,18 @@ def prune_model_(
 
     At any moment only one layer's scores and mask exist beside the model, so this is how a
     FLUX.1-dev-sized model is pruned in bounded memory. Returns the sparsity report.
+
+    Raises:
+        ValueError: ``config.value_bits`` is set: the codes must be kept beside the model, which
+            this function cannot return; use :func:`prune_sequential_` (its report holds them) or
+            :func:`compute_masks`, :func:`apply_masks_` and :func:`quantize_kept_`.
     """
+    if config.value_bits is not None:
+        raise ValueError(
+            f"value_bits={config.value_bits} quantises the kept values, whose codes prune_model_ cannot "
+            "return: use prune_sequential_(model, run_calibration, config) (report.quantized holds them), "
+            "or compute_masks + apply_masks_ + quantize_kept_"
+        )
     target = PruneTarget.of(model, config)
     if config.needs_calibration and stats is not None:
         stats.validate_for(target.layers)  # every fingerprint before anything changes in place
@@ -225,11 +249,61 @@ def prune_model_(
     return SparsityReport(tuple(rows))
 
 
+def quantize_kept_(
+    model: nn.Module | object, masks: Mapping[str, MaskLike], spec: QuantSpec
+) -> dict[str, QuantizedWeight]:
+    """Round the kept values of each masked layer to nearest, in place (the mask-only path).
+
+    After :func:`apply_masks_`: each layer's weight becomes exactly its dequantised kept values in
+    the weight's dtype (``dequantize_weight(q, weight.dtype)``), zeros elsewhere.
+
+    Args:
+        model: a DiT or ComfyUI MODEL.
+        masks: ``{layer name: keep-mask (out, in)}`` (bool or packed), as :func:`compute_masks` gives.
+        spec: the codes' :class:`~ditprune_core.quantize.QuantSpec` (e.g. ``config.value_quant``).
+    Returns:
+        ``{layer name: QuantizedWeight}`` (on the weights' devices).
+    Raises:
+        KeyError / ValueError: as :func:`apply_masks_`.
+    """
+    module = unwrap_diffusion_model(model)
+    named = dict(module.named_modules())
+    for name, mask in masks.items():  # every mask checked before any weight changes
+        layer = named.get(name)
+        if not isinstance(layer, nn.Linear):
+            raise KeyError(f"mask for {name!r}, but the model has no Linear layer of that name")
+        if tuple(mask.shape) != tuple(layer.weight.shape):
+            raise ValueError(
+                f"mask for {name!r} has shape {tuple(mask.shape)}, the weight {tuple(layer.weight.shape)}"
+            )
+    out: dict[str, QuantizedWeight] = {}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = named[name].weight
+            keep = _as_bool(mask, weight.device)
+            q = quantize_weight(weight.float() * keep, spec, keep=keep, where=name)
+            weight.copy_(dequantize_weight(q, weight.dtype, check=False))
+            out[name] = q
+    return out
+
+
+def unquantized_storage_cost(weight: torch.Tensor) -> StorageCost:
+    """Bytes of a pruned weight (zeros where pruned) in the default compressed save, values in its
+    own dtype: the layout :func:`~ditprune_core.layouts.choose_layout` picks, or dense if none."""
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    layout = choose_layout(weight, None)
+    if layout is None:
+        return storage_cost(shape, weight.dtype)
+    return storage_cost(shape, weight.dtype, layout=layout.name, kept=storage_view(weight) != 0)
+
+
 #: ``run_calibration(calibrator)``: runs the user's sampler or forward passes through the model
 RunCalibration = Callable[[Calibrator], object]
-#: ``write(name, layer, new_weight, keep_mask)``: where a reconstructed weight goes (default: into
-#: ``layer.weight`` in place; a host that must not change shared weights, like ComfyUI, patches)
-WriteFn = Callable[[str, nn.Linear, torch.Tensor, torch.Tensor], None]
+#: ``write(name, layer, new_weight, keep_mask, quantized)``: where a reconstructed weight goes
+#: (default: into ``layer.weight`` in place; a host that must not change shared weights, like
+#: ComfyUI, patches). ``quantized`` is the layer's QuantizedWeight (``value_bits``) or None;
+#: ``new_weight`` is then exactly its dequantisation in the layer's dtype.
+WriteFn = Callable[[str, nn.Linear, torch.Tensor, torch.Tensor, QuantizedWeight | None], None]
 _GIB = 1 << 30
 
 
@@ -244,26 +318,39 @@ class PassReport:
 
 @dataclass(frozen=True)
 class SequentialReport:
-    """What :func:`prune_sequential_` did, per layer and per pass, and the sparsity report."""
+    """What :func:`prune_sequential_` did, per layer and per pass, and the sparsity report.
+
+    Attributes:
+        bits_per_weight: storage of the pruned layers per original weight, as the compressed writer
+            stores them (mask, values, scales, zero points, per-row data, shapes): quantised kept values
+            in their :func:`~ditprune_core.quantize.value_layout`, else the kept values in the model's
+            dtype in the layout the default compressed save picks (:func:`unquantized_storage_cost`).
+        quantized: ``{layer name: QuantizedWeight}`` (on the CPU) of every pruned layer with
+            ``value_bits``; empty without, or when ``prune_sequential_(collect_quantized=False)``.
+    """
 
     layers: tuple[LayerReconstruction, ...]
     passes: tuple[PassReport, ...]
     sparsity: SparsityReport
     memory_budget_bytes: int
+    bits_per_weight: float = 0.0
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
     def to_text(self) -> str:
         lines = [
             f"{len(self.passes)} pass(es), {len(self.layers)} layers, Gram budget "
-            f"{self.memory_budget_bytes / _GIB:.2f} GiB; sparsity {self.sparsity.sparsity:.2%}",
+            f"{self.memory_budget_bytes / _GIB:.2f} GiB; sparsity {self.sparsity.sparsity:.2%}, "
+            f"{self.bits_per_weight:.3f} bits per weight stored",
         ]
         for p in self.passes:
             lines.append(
                 f"  pass of {len(p.layers)} layers: {p.gram_bytes / _GIB:.2f} GiB of Grams, {p.seconds:.1f} s"
             )
         for r in self.layers:
+            quantised = "" if r.unquantized_error is None else f", unquantised {r.unquantized_error:.4g}"
             lines.append(
                 f"  {r.name}: sparsity {r.sparsity:.2%}, output error {r.output_error:.4g} "
-                f"(mask only {r.mask_only_error:.4g}), {r.seconds:.2f} s"
+                f"(mask only {r.mask_only_error:.4g}{quantised}), {r.seconds:.2f} s"
             )
         return "\n".join(lines)
 
@@ -283,7 +370,13 @@ def default_memory_budget(layers: Mapping[str, nn.Linear]) -> int:
     return max(largest, min(8 * _GIB, available // 4))
 
 
-def _write_in_place(_name: str, layer: nn.Linear, new_weight: torch.Tensor, _keep: torch.Tensor) -> None:
+def _write_in_place(
+    _name: str,
+    layer: nn.Linear,
+    new_weight: torch.Tensor,
+    _keep: torch.Tensor,
+    _quantized: QuantizedWeight | None,
+) -> None:
     with torch.no_grad():
         layer.weight.copy_(new_weight.to(layer.weight.dtype))
 
@@ -317,6 +410,7 @@ def prune_sequential_(
     progress: ProgressFn | None = None,
     weight_fn: WeightFn = module_weight,
     write_fn: WriteFn = _write_in_place,
+    collect_quantized: bool = True,
 ) -> SequentialReport:
     """Prune with reconstruction, in sequential passes whose Grams fit a memory budget.
 
@@ -336,6 +430,13 @@ def prune_sequential_(
     With ``config.update == "none"`` the passes still run (each layer then gets the config's mask on
     the calibrated model upstream of it) but no weight is updated.
 
+    With ``config.value_bits`` every pruned layer's kept values are quantised
+    (:func:`~ditprune_core.reconstruct.quantize_layer`: with ``update="obs"`` inside an OBS pass
+    that compensates the rounding error, else round to nearest), and the model holds exactly the
+    dequantised values in the layer's dtype, ``dequantize_weight(report.quantized[name],
+    layer.weight.dtype)``: the float32 decode cast to that dtype, which is what a file's decode
+    must produce too. Later passes calibrate on the quantised layers.
+
     State after an exception or interrupt: hooks are always removed. Layers of the groups finished
     before it, and the layers of the current group already written, are pruned and updated in
     place (by ``write_fn``); all other layers are untouched. Callers that need all-or-nothing (the
@@ -350,6 +451,8 @@ def prune_sequential_(
         progress: ``progress(done, total, layer)`` after every layer.
         weight_fn: the weight of a layer as the model will compute with it (see ``iter_masks``).
         write_fn: where a reconstructed weight goes (default: in place).
+        collect_quantized: keep every layer's QuantizedWeight (on the CPU) in ``report.quantized``;
+            a host that keeps them itself (from ``write_fn``) passes False to hold them only once.
     Returns:
         a :class:`SequentialReport`.
     Raises:
@@ -363,6 +466,9 @@ def prune_sequential_(
     rows: list[LayerSparsity] = []
     done: list[LayerReconstruction] = []
     passes: list[PassReport] = []
+    spec = config.value_quant
+    quantized: dict[str, QuantizedWeight] = {}
+    stored_bytes = stored_weights = 0
     for index, group in enumerate(groups):
         start = time.perf_counter()
         layers = {name: target.layers[name] for name in group}
@@ -381,11 +487,15 @@ def prune_sequential_(
             layer = target.layers[name]
             weight = weight_fn(name, layer).detach()
             gram = cal.gram(name)
+            held = layer.weight.dtype
             if config.update == "obs":
                 layer_config = config
                 if name in counts:
                     layer_config = replace(config, sparsity=counts[name] / weight.numel())
-                new, keep, report = reconstruct_layer(name, weight, gram, layer_config)
+                # quantising starts from the float32 reconstruction, not its cast to the model's dtype
+                new, keep, report = reconstruct_layer(
+                    name, weight if spec is None else weight.float(), gram, layer_config
+                )
             else:
                 a = gram.diagonal().to(torch.float64).clamp_min(0.0)
                 keep = layer_keep_mask(name, weight, a if config.needs_calibration else None, config)
@@ -395,13 +505,43 @@ def prune_sequential_(
                 report = LayerReconstruction(
                     name, 1 - int(keep.sum()) / keep.numel(), error, error, 0.0, None
                 )
+            q = None
+            if spec is not None:
+                began = time.perf_counter()
+                q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held)
+                new = dequantize_weight(q, held, check=False)
+                error = relative_output_error(new.float(), weight.float(), gram)
+                seconds = report.seconds + time.perf_counter() - began
+                report = replace(
+                    report, output_error=error, unquantized_error=report.output_error, seconds=seconds
+                )
+                cost = quantized_storage_cost(q)
+                if collect_quantized:
+                    quantized[name] = _to_cpu(q)
+            else:
+                new = new.to(held)
+                cost = unquantized_storage_cost(new)
+            stored_bytes += cost.total_bytes
+            stored_weights += cost.weights
             cal.free_gram(name)
             del gram
-            write_fn(name, layer, new, keep)
+            write_fn(name, layer, new, keep, q)
             rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
             done.append(report)
-            del new, keep, weight
+            del new, keep, weight, q
             if progress is not None:
                 progress(len(done), len(target.layers), name)
         passes.append(PassReport(tuple(group), gram_bytes, time.perf_counter() - start))
-    return SequentialReport(tuple(done), tuple(passes), SparsityReport(tuple(rows)), budget)
+    bits = 8.0 * stored_bytes / stored_weights if stored_weights else 0.0
+    return SequentialReport(tuple(done), tuple(passes), SparsityReport(tuple(rows)), budget, bits, quantized)
+
+
+def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(
+        q.codes.cpu(),
+        q.scales.cpu(),
+        None if q.zeros is None else q.zeros.cpu(),
+        q.shape,
+        q.spec,
+        None if q.keep is None else q.keep.cpu(),
+    )

@@ -61,10 +61,12 @@ __all__ = [
     "pack_codes",
     "packed_nbytes",
     "quantize_weight",
+    "quantized_storage_cost",
     "relative_output_error",
     "round_to_grid",
     "storage_cost",
     "unpack_codes",
+    "value_layout",
 ]
 
 log = logging.getLogger("ditprune")
@@ -733,3 +735,31 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torc
     h = gram.double()
     denom = float(((w @ h) * w).sum())
     return float(((e @ h) * e).sum()) / denom if denom > 0 else math.inf
+
+
+# ---------------------------------------------------------------------------------------------------
+# the layout of a quantised pruned weight
+
+
+def value_layout(keep: torch.Tensor) -> str:
+    """The compressed layout a pruned weight's quantised kept values are stored in.
+
+    ``"2:4"`` when every group of 4 inputs of every row keeps exactly 2 values (the smaller layout
+    then), else ``"bitmask"``.
+
+    Args:
+        keep: bool (rows, cols) keep mask.
+    """
+    rows, cols = keep.shape
+    if cols % 4 == 0 and cols:
+        per_group = keep.reshape(rows, cols // 4, 4).sum(dim=2)
+        if bool((per_group == 2).all()):
+            return "2:4"
+    return "bitmask"
+
+
+def quantized_storage_cost(q: QuantizedWeight) -> StorageCost:
+    """:func:`storage_cost` of a quantised weight in its layout (:func:`value_layout` when pruned)."""
+    if q.keep is None:
+        return storage_cost(q.shape, q.spec)
+    return storage_cost(q.shape, q.spec, layout=value_layout(q.keep), kept=q.keep)

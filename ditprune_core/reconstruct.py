@@ -51,10 +51,12 @@ from torch import nn
 from .calibrate import TIMESTEP_WEIGHTINGS, TimestepWeighting
 from .config import PruneConfig, parse_pattern
 from .mask import layer_keep_mask
+from .quantize import QuantizedWeight, QuantSpec, fit_groups, kept_per_row, quantize_weight
 from .stats import CalibrationError, GramAccumulator, check_gram
 from .util.selection import prune_lowest
 
 __all__ = [
+    "QUANT_GRIDS",
     "REFIT_METHODS",
     "GramAccumulator",
     "GramRecorder",
@@ -66,7 +68,9 @@ __all__ = [
     "corrected_weight",
     "dampened",
     "obs_prune",
+    "obs_quantize",
     "plan_groups",
+    "quantize_layer",
     "reconstruct_layer",
     "refit_masked",
     "relative_output_error",
@@ -710,7 +714,11 @@ def recording_grams(layers: Mapping[str, nn.Linear], **kwargs: Any) -> Iterator[
 
 @dataclass(frozen=True)
 class LayerReconstruction:
-    """One reconstructed layer: its sparsity, relative output error on its own Gram, and time."""
+    """One reconstructed layer: its sparsity, relative output error on its own Gram, and time.
+
+    With quantised kept values (``value_bits``), ``output_error`` is the error of the weight the model
+    holds (quantised) and ``unquantized_error`` that of the reconstruction before quantising.
+    """
 
     name: str
     sparsity: float
@@ -718,6 +726,7 @@ class LayerReconstruction:
     mask_only_error: float
     seconds: float
     refit: RefitInfo | None
+    unquantized_error: float | None = None
 
 
 def reconstruct_layer(
@@ -779,3 +788,264 @@ def reconstruct_layer(
     sparsity = 1.0 - int(keep.sum()) / keep.numel()
     report = LayerReconstruction(name, sparsity, error, mask_only, time.perf_counter() - start, info)
     return new.to(weight.dtype), keep, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantised kept values: the joint OBS pass (pruning and rounding errors compensated together)
+
+#: how :func:`obs_quantize` fits each group's scale and zero point: ``"lazy"`` when the pass reaches
+#: the group's first kept value, on the values as updated so far (GPTQ's rule); ``"static"`` once,
+#: before the pass, on the starting weight's kept values
+QUANT_GRIDS = ("lazy", "static")
+
+
+def _group_index(keep: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+    """Each row's first group index (out,), and the total number of groups.
+
+    Groups run in storage order (a row's groups in order, rows in order), as
+    :func:`~ditprune_core.quantize.quantize_weight` lays them out.
+    """
+    out_f, in_f = keep.shape
+    g = spec.group_size
+    if spec.grouping == "kept":
+        per_row = (kept_per_row(keep) + g - 1) // g
+    else:
+        per_row = torch.full((out_f,), -(-in_f // g), dtype=torch.int64, device=keep.device)
+    return torch.cumsum(per_row, 0) - per_row, int(per_row.sum())
+
+
+@torch.no_grad()
+def obs_quantize(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    keep_mask: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    held_dtype: torch.dtype | None = None,
+    grids: str = "lazy",
+    blocksize: int = 128,
+    damp: float = 0.01,
+    name: str = "layer",
+) -> QuantizedWeight:
+    """Quantise the kept values of a layer on a fixed mask, compensating every column's error (OBS).
+
+    One left-to-right pass over the columns, as :func:`obs_prune` with a fixed mask (same dampened
+    ``H``, same upper Cholesky factor ``U`` of ``H⁻¹``, same lazy blocks): column j's pruned entries
+    are set to zero and its kept entries rounded to their group's grid, and the column's error,
+    divided by ``U_jj``, is spread over the columns to its right (``err / U_jj × U_j,j:``). So the
+    rounding error of each column is compensated exactly like the pruning error (SparseGPT's joint
+    mode, GPTQ's update), and the pruned entries stay exactly zero.
+
+    Groups are those of :func:`~ditprune_core.quantize.quantize_weight` with ``keep_mask``: for
+    ``grouping="kept"``, G consecutive kept values of a row, so groups begin at different columns in
+    different rows. With ``grids="lazy"`` a group's scale and zero point are fit (by
+    :func:`~ditprune_core.quantize.fit_groups`) when the pass reaches its first kept value, on its
+    values as updated so far (the pending updates of the current block included); with
+    ``"static"``, once, on ``weight``'s kept values.
+
+    The value compensated is the one the model will hold: the dequantised float32 value cast to
+    ``held_dtype`` (the model's weight dtype; None: float32).
+
+    Args:
+        weight: (out, in) starting weight: the reconstructed (refit) weight, or the original weight
+            (pruned entries need not be zero: forcing them to zero is compensated too).
+        gram: (in, in) input Gram of the layer.
+        keep_mask: (out, in) bool keep mask.
+        spec: bits, group size, symmetry and grouping of the codes.
+        held_dtype: dtype the dequantised weight is held in.
+        grids: ``"lazy"`` or ``"static"`` (:data:`QUANT_GRIDS`).
+        blocksize: columns per lazy-update block.
+        damp: dampening relative to the mean diagonal of ``H``.
+        name: layer name for error messages.
+    Returns:
+        a :class:`~ditprune_core.quantize.QuantizedWeight` with ``keep = keep_mask``;
+        ``dequantize_weight(q, held_dtype)`` is the compensated weight.
+    Raises:
+        ValueError: shapes that do not fit, unknown ``grids``, a non-finite weight.
+        CalibrationError: NaN/inf in the Gram.
+    """
+    out_f, in_f = weight.shape
+    check_gram(gram, name)
+    if gram.shape[0] != in_f:
+        raise ValueError(f"Gram of {name!r} is {gram.shape[0]}x{gram.shape[0]}, the layer has {in_f} inputs")
+    if tuple(keep_mask.shape) != (out_f, in_f) or keep_mask.dtype != torch.bool:
+        raise ValueError(
+            f"keep_mask of {name!r} has shape {tuple(keep_mask.shape)} and dtype {keep_mask.dtype}; "
+            f"expected a bool {(out_f, in_f)} mask"
+        )
+    if grids not in QUANT_GRIDS:
+        raise ValueError(f"unknown grids {grids!r}; choose from {list(QUANT_GRIDS)}")
+    if blocksize < 1 or damp < 0:
+        raise ValueError(f"blocksize must be >= 1 and damp >= 0, got {blocksize} and {damp}")
+    device = weight.device
+    keep = keep_mask.to(device)
+    w = weight.detach().to(torch.float32, copy=True)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}: the weight holds inf or NaN; it cannot be quantised")
+    h = dampened(gram.to(device), damp)
+    u = _cholesky_inverse_upper(h, name, damp)
+    del h
+    g = spec.group_size
+    first, n_groups = _group_index(keep, spec)
+    if grids == "static":
+        start = quantize_weight(w, spec, keep=keep, where=name)
+        scales = start.scales.clone()
+        zeros = (
+            torch.full((n_groups,), spec.sym_zero, dtype=torch.int64, device=device)
+            if start.zeros is None
+            else start.zeros.to(torch.int64)
+        )
+    else:
+        scales = torch.zeros(n_groups, dtype=torch.float16, device=device)
+        zeros = torch.full((n_groups,), spec.sym_zero if spec.sym else 0, dtype=torch.int64, device=device)
+    last_group = max(n_groups - 1, 0)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=device)
+    before = torch.zeros(out_f, dtype=torch.int64, device=device)  # kept values left of the block
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        w1 = w[:, i1:i2].clone()
+        u1 = u[i1:i2, i1:i2]
+        d = u1.diagonal()
+        err1 = torch.zeros_like(w1)
+        keep1 = keep[:, i1:i2]
+        rank1 = before[:, None] + keep1.cumsum(dim=1) - 1  # each kept value's index in its row
+        if spec.grouping == "kept":
+            slot1 = rank1.div(g, rounding_mode="floor")
+        else:
+            slot1 = (torch.arange(i1, i2, device=device) // g).expand(out_f, -1)
+        gid1 = (first[:, None] + slot1).clamp_(0, last_group)
+        starts1: torch.Tensor | None = None  # (out, b): a group begins here (lazy grids)
+        fit_at: set[int] = set()
+        if grids == "lazy" and n_groups:
+            if spec.grouping == "kept":
+                starts1 = keep1 & (rank1 % g == 0)
+            else:  # a window begins in every row
+                starts1 = (torch.arange(i1, i2, device=device) % g == 0).expand(out_f, -1)
+            fit_at = set(starts1.any(dim=0).nonzero().squeeze(1).tolist())  # one sync per block
+        # each entry's grid, gathered once per block (refreshed where a group is fit in the block)
+        s1, z1 = scales[gid1].float(), zeros[gid1].float()
+        codes1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            if starts1 is not None and i in fit_at:
+                rows = starts1[:, i].nonzero().squeeze(1)
+                ids = gid1[rows, i]
+                scale, zero = _fit_starting_groups(w, w1, err1, u, keep, rows, i1, i, spec, name)
+                scales[ids], zeros[ids] = scale, zero
+                same = gid1[rows, i:] == ids[:, None]
+                s1[rows, i:] = torch.where(same, scale.float()[:, None], s1[rows, i:])
+                z1[rows, i:] = torch.where(same, zero.float()[:, None], z1[rows, i:])
+            col = w1[:, i]
+            if n_groups:  # round_to_grid's arithmetic, so that dequantize_weight decodes the same
+                s, z = s1[:, i], z1[:, i]
+                code = torch.round(col / torch.where(s == 0, 1.0, s)).add_(z).clamp_(0, spec.max_code)
+                value = s * (code - z) + 0.0
+                if held_dtype is not None and held_dtype != torch.float32:
+                    value = value.to(held_dtype).float()
+                q = torch.where(keep1[:, i], value, 0.0)
+                codes1[:, i] = code
+            else:
+                q = torch.zeros_like(col)
+            e = (col - q) / d[i]
+            w1[:, i:].sub_(e.unsqueeze(1) * u1[i, i:].unsqueeze(0))
+            w1[:, i] = q
+            err1[:, i] = e
+        codes[:, i1:i2] = codes1.masked_fill_(~keep1, 0.0).to(torch.uint8)
+        w[:, i1:i2] = w1
+        if i2 < in_f:
+            w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
+        before += keep1.sum(dim=1)
+    return QuantizedWeight(
+        codes[keep],
+        scales,
+        None if spec.sym else zeros.to(torch.uint8),
+        (int(out_f), int(in_f)),
+        spec,
+        keep.clone(),
+    )
+
+
+def _fit_starting_groups(
+    w: torch.Tensor,
+    w1: torch.Tensor,
+    err1: torch.Tensor,
+    u: torch.Tensor,
+    keep: torch.Tensor,
+    rows: torch.Tensor,
+    i1: int,
+    i: int,
+    spec: QuantSpec,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the groups that begin at column ``i1 + i`` in ``rows``, fit on their
+    current values.
+
+    A row's current values from the column on are the block's (``w1``, up to date) and, right of
+    the block, ``w`` less the block's pending update ``err1[:, :i] @ U[i1:i1+i, i2:]``.
+    """
+    i2 = i1 + w1.shape[1]
+    col = i1 + i
+    g = spec.group_size
+    kept = keep[rows, col:]
+    if spec.grouping == "kept":
+        seen = kept.cumsum(dim=1)
+        member = kept & (seen <= g)  # the row's next G kept values: its group
+        span = min(int((seen < g).sum(dim=1).max()) + 1, kept.shape[1])  # columns the groups cover
+    else:
+        member, span = kept[:, :g], min(g, kept.shape[1])
+    current = w1[rows, i : i + span]
+    if col + span > i2:  # right of the block: w less the block's pending update
+        right = w[rows, i2 : col + span]
+        if i:
+            right = right - err1[rows, :i] @ u[i1 : i1 + i, i2 : col + span]
+        current = torch.cat([current, right], dim=1)
+    if spec.grouping == "kept":
+        count = member.sum(dim=1)
+        valid = torch.arange(g, device=w.device)[None, :] < count[:, None]
+        grid = torch.zeros(rows.numel(), g, dtype=torch.float32, device=w.device)
+        grid.masked_scatter_(valid, current[member[:, :span]])
+    else:
+        grid, valid = current, member
+    return fit_groups(grid, spec, valid=valid, where=name)
+
+
+def quantize_layer(
+    name: str,
+    reconstructed: torch.Tensor,
+    keep: torch.Tensor,
+    gram: torch.Tensor,
+    config: PruneConfig,
+    *,
+    held_dtype: torch.dtype,
+) -> QuantizedWeight:
+    """The kept values of one pruned layer quantised as ``config.value_bits`` says.
+
+    ``update="obs"``: :func:`obs_quantize` from the reconstructed weight on its mask (grids fit
+    lazily), so the rounding error is compensated like the pruning error; ``update="none"``: round
+    to nearest (:func:`~ditprune_core.quantize.quantize_weight` with the keep mask).
+
+    Args:
+        name: the layer's name, for messages.
+        reconstructed: (out, in) pruned weight (zeros off the mask), float32 preferably.
+        keep: (out, in) bool keep mask.
+        gram: (in, in) input Gram (used by ``update="obs"``).
+        config: a config with ``value_bits`` set.
+        held_dtype: the dtype the model holds the layer's weight in.
+    Returns:
+        the layer's :class:`~ditprune_core.quantize.QuantizedWeight`.
+    """
+    spec = config.value_quant
+    if spec is None:
+        raise ValueError(f"quantize_layer of {name!r}: the config has no value_bits")
+    if config.update == "obs":
+        params = config.reconstruct
+        return obs_quantize(
+            reconstructed,
+            gram,
+            keep,
+            spec,
+            held_dtype=held_dtype,
+            blocksize=params.blocksize,
+            damp=params.damp,
+            name=name,
+        )
+    return quantize_weight(reconstructed, spec, keep=keep, where=name)

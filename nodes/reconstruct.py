@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
 from ..ditprune_core.calibrate import Calibrator
 from ..ditprune_core.prune import prune_sequential_
+from ..ditprune_core.quantize import QuantizedWeight, QuantSpec, dequantize_weight
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
 from ..ditprune_core.util.packing import PackedMask
 from .common import (
@@ -29,21 +30,56 @@ from .common import (
 )
 
 _GIB = 1 << 30
+VALUE_BITS_CHOICES = ("none", "8", "4", "3")
 
 
 class ReconstructedPatch(MaskPatch):
     """A reconstructed weight held compactly: 1 bit per weight plus the kept values.
 
     ComfyUI calls :meth:`calculate_weight` when it loads the weight (every forward in lowvram mode);
-    it returns the reconstructed weight, whatever the original was: no dense copy is kept.
+    it returns the reconstructed weight, whatever the original was: no dense copy is kept. With
+    quantised kept values (``value_bits``) the patch holds their codes (one byte each), group scales
+    and zero points instead of the values, and decodes them as the file's reader does
+    (``dequantize_weight(quantized, dtype)``): bit for bit what ``prune_sequential_`` computed.
     """
 
     name = "ditprune_reconstructed"
     made_by = "Prune and Reconstruct"
 
-    def __init__(self, mask: PackedMask, values: torch.Tensor, layer: str) -> None:
+    def __init__(
+        self,
+        mask: PackedMask,
+        values: torch.Tensor | None,
+        layer: str,
+        *,
+        quantized: QuantizedWeight | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(mask, layer)
         self.values = values
+        self.dtype = dtype  # the dtype the quantised values are decoded to (the model's)
+        self._codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, QuantSpec] | None = None
+        if quantized is not None:
+            zeros = None if quantized.zeros is None else quantized.zeros.cpu()
+            self._codes = (quantized.codes.cpu(), quantized.scales.cpu(), zeros, quantized.spec)
+
+    @property
+    def quantized(self) -> QuantizedWeight | None:
+        """The layer's QuantizedWeight (on the CPU), or None for unquantised kept values."""
+        return self._quantized(torch.device("cpu"))
+
+    def _quantized(self, device: torch.device) -> QuantizedWeight | None:
+        if self._codes is None:
+            return None
+        codes, scales, zeros, spec = self._codes
+        return QuantizedWeight(
+            codes.to(device),
+            scales.to(device),
+            None if zeros is None else zeros.to(device),
+            self.mask.shape,
+            spec,
+            self.mask.to_bool(device),
+        )
 
     def calculate_weight(
         self,
@@ -57,6 +93,11 @@ class ReconstructedPatch(MaskPatch):
         original_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.check_shape(weight)
+        quantized = self._quantized(weight.device)
+        if quantized is not None:
+            held = dequantize_weight(quantized, self.dtype or weight.dtype, check=False)
+            return held.to(weight.dtype)
+        assert self.values is not None  # one of values / quantized is set at construction
         out = torch.zeros_like(weight)
         return out.masked_scatter_(
             self.mask.to_bool(weight.device), self.values.to(weight.device, weight.dtype)
@@ -93,6 +134,14 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     step=0.5,
                     tooltip="GiB of Gram matrices alive at once (fewer passes with more). 0: a quarter of the "
                     "free memory, at most 8 GiB. FLUX.1-dev's largest layer needs 0.92 GiB.",
+                ),
+                io.Combo.Input(
+                    "value_bits",
+                    options=list(VALUE_BITS_CHOICES),
+                    default="none",
+                    optional=True,  # prompts and workflows saved before it still run (unquantised)
+                    tooltip="Quantise the kept values to 8, 4 or 3 bits (groups of 128 kept values, scale "
+                    "per group), the rounding compensated inside the OBS update. none: keep the model's dtype.",
                 ),
                 SaliencyType.Input(
                     "saliency",
@@ -136,6 +185,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         modulation: bool,
         layer_regex: str = "",
         memory_budget_gb: float = 0.0,
+        value_bits: str = "none",
         saliency: SaliencySpec | None = None,
         clusters: GroupingSpec | None = None,
     ) -> io.NodeOutput:
@@ -151,6 +201,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             families=families,
             layer_regex=layer_regex or None,
             update="obs",
+            value_bits=None if value_bits == "none" else int(value_bits),
         )
         dm = diffusion_model(model, action="prune and reconstruct it")
         pruned = model.clone()
@@ -164,11 +215,20 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             patched = _patched_fp32(model, key, original)
             return original if patched is None else patched
 
-        def write(name: str, _layer: torch.nn.Linear, new: torch.Tensor, keep: torch.Tensor) -> None:
+        def write(
+            name: str,
+            _layer: torch.nn.Linear,
+            new: torch.Tensor,
+            keep: torch.Tensor,
+            quantized: QuantizedWeight | None,
+        ) -> None:
             keep = keep.cpu()
-            stored_dtype = original_weight(model, f"{PREFIX}{name}.weight").dtype
-            values = new.detach().cpu()[keep].to(stored_dtype)
-            patch = ReconstructedPatch(PackedMask.from_bool(keep), values, name)
+            mask = PackedMask.from_bool(keep)
+            if quantized is not None:  # new is its decode in the model's dtype
+                patch = ReconstructedPatch(mask, None, name, quantized=quantized, dtype=new.dtype)
+            else:
+                stored_dtype = original_weight(model, f"{PREFIX}{name}.weight").dtype
+                patch = ReconstructedPatch(mask, new.detach().cpu()[keep].to(stored_dtype), name)
             pruned.add_patches({f"{PREFIX}{name}.weight": patch}, 1.0)
 
         def run(cal: Calibrator) -> None:
@@ -186,10 +246,12 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             progress=Progress(),
             weight_fn=target_weight,
             write_fn=write,
+            collect_quantized=False,
         )
         pruned.model_options["ditprune"] = {
             "config": config.to_dict(),
             "sparsity": report.sparsity.sparsity,
             "passes": len(report.passes),
+            "bits_per_weight": report.bits_per_weight,
         }
         return io.NodeOutput(pruned, report.to_text())
