@@ -250,3 +250,46 @@ def test_fp8_model_in_lowvram_computes_with_the_exact_reconstruction(
     error = float((low_latent - full_latent).norm() / full_latent.norm())
     effect = float((full_latent - dense).norm() / full_latent.norm())
     assert 0 < error < 0.1 * effect, (error, effect)
+
+
+def test_default_budget_is_a_quarter_of_the_compute_devices_free_memory(
+    comfy: Comfy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """memory_budget_gb 0: a quarter of what ComfyUI reports free on the device the model computes
+    on (where the Grams accumulate), never below the largest Gram. Not the device the weights are
+    stored on, which under lowvram is RAM. The free memory is set here; the passes must be those of
+    that budget given explicitly."""
+    import sys
+
+    import comfy.model_management as mm
+
+    model = load(random_state_dict(sd3_shapes(), seed=23))
+    gram = 512 * 512 * 4  # the widest layer's (mlp.fc2, 512 inputs)
+    free_bytes = {"now": 10 * gram}
+    asked = []
+    real = mm.get_free_memory
+
+    def free(dev: Any = None, torch_free_too: bool = False) -> Any:
+        if torch_free_too:
+            return real(dev, torch_free_too)
+        asked.append(dev)
+        return free_bytes["now"]
+
+    monkeypatch.setattr(mm, "get_free_memory", free)
+    _pruned, auto = reconstruct(comfy, model, sd3_cond)
+    assert model.load_device in asked
+    # no free memory at all: the floor, one Gram of the widest layer
+    node_module = sys.modules[comfy.node("DitPrunePruneAndReconstruct").__module__]
+    config = node_module.PruneConfig(0.5, update="obs")
+    free_bytes["now"] = 0
+    assert node_module.default_gram_budget(model, model.model.diffusion_model, config) == gram
+    free_bytes["now"] = 1 << 40
+    assert node_module.default_gram_budget(model, model.model.diffusion_model, config) == 8 << 30
+    monkeypatch.undo()
+    _pruned, explicit = reconstruct(comfy, model, sd3_cond, memory_budget_gb=(10 * gram // 4) / (1 << 30))
+
+    def passes(report: str) -> list[str]:
+        return [line.rsplit(",", 1)[0] for line in report.splitlines() if line.startswith("  pass of")]
+
+    assert len(passes(auto)) > 1 and passes(auto) == passes(explicit)
+    assert auto.splitlines()[0] == explicit.splitlines()[0]
