@@ -6,12 +6,14 @@ import comfy.model_management
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
+from torch import nn
 
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
 from ..ditprune_core.calibrate import Calibrator
-from ..ditprune_core.prune import prune_sequential_
+from ..ditprune_core.prune import prune_sequential_, select_layers
 from ..ditprune_core.quantize import QuantizedWeight, QuantSpec, dequantize_weight
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
+from ..ditprune_core.stats import GramAccumulator
 from ..ditprune_core.util.packing import PackedMask
 from .common import (
     CATEGORY,
@@ -104,6 +106,21 @@ class ReconstructedPatch(MaskPatch):
         )
 
 
+def default_gram_budget(model: ModelPatcher, module: nn.Module, config: PruneConfig) -> int:
+    """Bytes of Grams per pass for ``memory_budget_gb = 0``: a quarter of the free memory, at most
+    8 GiB, never below the largest selected layer's Gram.
+
+    The free memory is ComfyUI's reading of the device the MODEL computes on, where the Grams
+    accumulate (the layers' inputs are there). The core's own default reads the device of the layers'
+    weights instead, which under partial (lowvram) loading is the RAM the weights are kept in: it
+    would size Grams that fill the GPU by the size of the RAM. Call it after the model is loaded.
+    """
+    free = int(comfy.model_management.get_free_memory(model.load_device))
+    layers = select_layers(module, config).values()
+    largest = max((GramAccumulator.nbytes(layer.in_features) for layer in layers), default=0)
+    return max(largest, min(8 * _GIB, free // 4))
+
+
 class DitPrunePruneAndReconstruct(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -133,7 +150,8 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     max=1024.0,
                     step=0.5,
                     tooltip="GiB of Gram matrices alive at once (fewer passes with more). 0: a quarter of the "
-                    "free memory, at most 8 GiB. FLUX.1-dev's largest layer needs 0.92 GiB.",
+                    "free memory of the device the model runs on (lowvram included), at most 8 GiB. "
+                    "FLUX.1-dev's largest layer needs 0.88 GiB.",
                 ),
                 io.Combo.Input(
                     "value_bits",
@@ -236,7 +254,10 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                 cal, pruned, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler
             )
 
-        budget = int(memory_budget_gb * _GIB) if memory_budget_gb > 0 else None
+        if memory_budget_gb > 0:
+            budget = int(memory_budget_gb * _GIB)
+        else:
+            budget = default_gram_budget(pruned, dm, config)
         report = prune_sequential_(
             dm,
             run,

@@ -43,7 +43,8 @@ MIN_HEIGHT = {
     "VAEDecode": 46,
     "PreviewImage": 26,
     "DitPruneCompare": 78,
-    "DitPruneSavePrunedModel": 106,
+    "DitPruneSavePrunedModel": 130,
+    "DitPrunePruneAndReconstruct": 518,
     "PreviewAny": 88,
     "Note": 88,
 }
@@ -59,6 +60,7 @@ COLOURS = {
     "sample": "#a1309b",
     "compare": "#b06634",
     "save": "#8AA",
+    "reconstruct": "#b58b2a",
 }
 
 # where each model file comes from and which models/ folder it goes in (the frontend offers the
@@ -356,7 +358,6 @@ def pruning_chain(
     pos: int,
     neg: int,
     latent: int,
-    load_members: list[int],
     *,
     cfg: float,
     plot_layer: str,
@@ -534,9 +535,9 @@ def sample_compare_save(
     g.group("7 · Save", COLOURS["save"], [save, path, note7])
 
 
-def _load_column(g: Graph, nodes: list[tuple[int, int]]) -> list[int]:
+def _load_column(g: Graph, nodes: list[tuple[int, int]], text: str = NOTES["load"]) -> list[int]:
     """Stack (node, height) in the Load column under its note; returns the members."""
-    note = g.note((0, 0), W, 100, NOTES["load"], "About: load")
+    note = g.note((0, 0), W, 100, text, "About: load")
     g.place(note, X["load"], TOP_A, W, 100)
     members = [note]
     y = TOP_A + TITLE + 100 + 24
@@ -547,8 +548,8 @@ def _load_column(g: Graph, nodes: list[tuple[int, int]]) -> list[int]:
     return members
 
 
-def flux_dev() -> dict[str, Any]:
-    g = Graph()
+def _flux_loaders(g: Graph, note: str = NOTES["load"]) -> tuple[int, int, int, int, int]:
+    """FLUX.1-dev's loaders and prompt in the Load column: (model, positive, negative, latent, vae)."""
     unet = g.add("UNETLoader", (0, 0), ["flux1-dev.safetensors", "default"], [], [("MODEL", "MODEL")])
     clip = g.add(
         "DualCLIPLoader",
@@ -583,14 +584,20 @@ def flux_dev() -> dict[str, Any]:
     latent = g.add("EmptySD3LatentImage", (0, 0), [512, 512, 1], [], [("LATENT", "LATENT")])
     vae = g.add("VAELoader", (0, 0), ["ae.safetensors"], [], [("VAE", "VAE")])
     members = _load_column(
-        g, [(unet, 82), (clip, 130), (text, 110), (pos, 58), (neg, 88), (latent, 106), (vae, 58)]
+        g, [(unet, 82), (clip, 130), (text, 110), (pos, 58), (neg, 88), (latent, 106), (vae, 58)], note
     )
     margin = g.wrap(clip, 0, text, "clip")
     g.wrap(clip, 0, neg, "clip", via=margin)
     g.wrap(text, 0, pos, "conditioning")
     g.group("1 · Load", COLOURS["load"], members)
+    return unet, pos, neg, latent, vae
+
+
+def flux_dev() -> dict[str, Any]:
+    g = Graph()
+    unet, pos, neg, latent, vae = _flux_loaders(g)
     apply, pruned_bus = pruning_chain(
-        g, unet, pos, neg, latent, members, cfg=1.0, plot_layer="single_blocks.0.linear1"
+        g, unet, pos, neg, latent, cfg=1.0, plot_layer="single_blocks.0.linear1"
     )
     sample_compare_save(
         g, unet, apply, pruned_bus, pos, neg, latent, vae, 0, steps=20, cfg=1.0, prefix="ditprune/flux1-dev"
@@ -599,8 +606,9 @@ def flux_dev() -> dict[str, Any]:
     return g.to_json()
 
 
-def sd35() -> dict[str, Any]:
-    g = Graph()
+def _sd35_loaders(g: Graph, note: str = NOTES["load"]) -> tuple[int, int, int, int]:
+    """SD3.5 Large's checkpoint, text encoders and prompt: (checkpoint, positive, negative, latent);
+    the checkpoint's slot 0 is the MODEL, slot 2 the VAE."""
     ckpt = g.add(
         "CheckpointLoaderSimple",
         (0, 0),
@@ -632,12 +640,18 @@ def sd35() -> dict[str, Any]:
         title="negative",
     )
     latent = g.add("EmptySD3LatentImage", (0, 0), [1024, 1024, 1], [], [("LATENT", "LATENT")])
-    members = _load_column(g, [(ckpt, 98), (clip, 106), (pos, 120), (neg, 100), (latent, 106)])
+    members = _load_column(g, [(ckpt, 98), (clip, 106), (pos, 120), (neg, 100), (latent, 106)], note)
     margin = g.wrap(clip, 0, pos, "clip")
     g.wrap(clip, 0, neg, "clip", via=margin)
     g.group("1 · Load", COLOURS["load"], members)
+    return ckpt, pos, neg, latent
+
+
+def sd35() -> dict[str, Any]:
+    g = Graph()
+    ckpt, pos, neg, latent = _sd35_loaders(g)
     apply, pruned_bus = pruning_chain(
-        g, ckpt, pos, neg, latent, members, cfg=4.5, plot_layer="joint_blocks.0.x_block.attn.qkv"
+        g, ckpt, pos, neg, latent, cfg=4.5, plot_layer="joint_blocks.0.x_block.attn.qkv"
     )
     sample_compare_save(
         g,
@@ -703,9 +717,7 @@ def wan21_t2v() -> dict[str, Any]:
     margin = g.wrap(clip, 0, pos, "clip")
     g.wrap(clip, 0, neg, "clip", via=margin)
     g.group("1 · Load", COLOURS["load"], members)
-    apply, pruned_bus = pruning_chain(
-        g, shifted, pos, neg, latent, members, cfg=6.0, plot_layer="blocks.0.ffn.0"
-    )
+    apply, pruned_bus = pruning_chain(g, shifted, pos, neg, latent, cfg=6.0, plot_layer="blocks.0.ffn.0")
     sample_compare_save(
         g,
         shifted,
@@ -724,10 +736,210 @@ def wan21_t2v() -> dict[str, Any]:
     return g.to_json()
 
 
+# --- the reconstruction variants (FLUX.1-dev, SD3.5) ---------------------------------------------
+#
+# Load column, then Prune and Reconstruct (row A, its report beside it) with the sampler of its
+# result below it (row B) and Save on the right. The pruned MODEL reaches the sampler along the
+# column's left margin (Graph.wrap) and Save over the MODEL bus above row A; the VAE runs in the lane
+# between the rows.
+WR = 300  # Prune and Reconstruct's width
+RECON_STEPS = 8  # its sampler steps per pass: the plain workflows' calibration steps
+NOTE_H = 210  # its note: what a run costs
+XR = {"recon": 340, "report": 700, "decode": 640, "image": 870, "save": 1110, "save_out": 1410}
+
+RECONSTRUCT_NOTES = {
+    "load": "Loads the model, its text encoders and VAE, and the prompt.\n\nFiles: see properties / "
+    "the README's 'Model files'. The same prompt and latent feed the reconstruction's sampler runs "
+    "and the sampler below.",
+    "reconstruct": "Prunes a copy of the model (the input is unchanged) and updates the weights it keeps, "
+    "so that each layer's output on these prompts changes as little as possible.\n\n"
+    "Cost: the sampler runs once per pass ({steps} steps at this latent size{cfg_note}), plus the "
+    "maths per layer. A pass holds the layers whose Gram matrices fit memory_budget_gb (0: a quarter "
+    "of the free memory, at most 8 GiB). {model} needs {total} GiB of them: {passes_8} passes at "
+    "8 GiB, {passes_4} at 4 GiB. The report says how many it took and each layer's error.",
+    "sample": "Draws with the reconstructed model (seed 42, {steps} steps). The picture only shows "
+    "here: add Save Image to keep it in output/.\n\nFor the dense picture beside it and PSNR: "
+    "{plain} (mask only).",
+    "save": "Writes models/diffusion_models/<prefix>_00001.safetensors (never over a file).\n\n"
+    "format compressed (here): 1 bit per weight plus the kept values{size}; open it with "
+    "DiT-Pruning Load Pruned Model.\nformat dense: opens in the stock Load Diffusion Model.",
+}
+
+
+def reconstruct_chain(
+    g: Graph,
+    model: int,
+    pos: int,
+    neg: int,
+    latent: int,
+    vae: int,
+    vae_slot: int,
+    *,
+    cfg: float,
+    steps: int,
+    notes: dict[str, str],
+    prefix: str,
+) -> None:
+    """Groups 2-4: Prune and Reconstruct -> sample its result / save it compressed."""
+    note = g.note((0, 0), WR, NOTE_H, notes["reconstruct"], "About: prune and reconstruct")
+    g.place(note, XR["recon"], TOP_A, WR, NOTE_H)
+    recon = g.add(
+        "DitPrunePruneAndReconstruct",
+        (0, 0),
+        # the calibration settings of the plain workflow's Calibrate; sparsity 0.5, budget 0 (auto)
+        [
+            *(0, "fixed", RECON_STEPS, cfg, "euler", "simple", "log"),  # seed .. timestep_weighting
+            *("energy", 0.5, "unstructured", True, True, True, False, ""),  # metric .. layer_regex
+            0.0,  # memory_budget_gb
+        ],
+        [
+            ("model", "MODEL"),
+            ("positive", "CONDITIONING"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+            ("saliency", "DITPRUNE_SALIENCY"),
+            ("clusters", "DITPRUNE_CLUSTERS"),
+        ],
+        [("MODEL", "MODEL"), ("report", "STRING")],
+    )
+    _x, recon_bottom = g.place(recon, XR["recon"], TOP_A + TITLE + NOTE_H + 20, WR)
+    for src, name in ((model, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        g.link(src, 0, recon, name)
+    report = _text_out(
+        g, recon, 1, XR["report"], TOP_A, "reconstruction report", recon_bottom - TOP_A - TITLE
+    )
+    g.group("2 · Prune and reconstruct", COLOURS["reconstruct"], [note, recon, report])
+    row_b = recon_bottom + PAD + 40
+    top_b = row_b + GROUP_HEAD + 10
+
+    ks = g.add(
+        "KSampler",
+        (0, 0),
+        [42, "fixed", steps, cfg, "euler", "simple", 1.0],
+        [
+            ("model", "MODEL"),
+            ("positive", "CONDITIONING"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+        ],
+        [("LATENT", "LATENT")],
+        title="KSampler (reconstructed)",
+    )
+    g.place(ks, XR["recon"], top_b, W)
+    g.wrap(recon, 0, ks, "model")
+    for src, name in ((pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        g.link(src, 0, ks, name)
+    dec = g.add("VAEDecode", (0, 0), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")])
+    g.place(dec, XR["decode"], top_b, 200)
+    g.link(ks, 0, dec, "samples")
+    lane = row_b - 20  # between the rows
+    vae_bus = g.reroute((XR["decode"] - 30, lane), g.reroute((X["load"] + W + 30, lane)))
+    g.link(vae, vae_slot, dec, "vae", via=vae_bus)
+    note3 = g.note((0, 0), 200, 190, notes["sample"], "About: sample")
+    g.place(note3, XR["decode"], top_b + TITLE + 46 + 30, 200, 190)
+    image = _image_out(g, dec, 0, XR["image"], top_b, "reconstructed", 330)
+    g.group("3 · Sample the result", COLOURS["sample"], [ks, dec, note3, image])
+
+    save = g.add(
+        "DitPruneSavePrunedModel",
+        (0, 0),
+        [prefix, "compressed", "keep dtype", "auto"],
+        [("model", "MODEL")],
+        [("path", "STRING")],
+    )
+    g.place(save, XR["save"], TOP_A, W)
+    bus = g.reroute((XR["report"] - 35, LANE_TOP))
+    g.link(recon, 0, save, "model", via=g.reroute((XR["save"] - 30, LANE_TOP), bus))
+    path = _text_out(g, save, 0, XR["save_out"], TOP_A, "saved file", 130)
+    note4 = g.note((0, 0), W, 200, notes["save"], "About: save")
+    g.place(note4, XR["save"], TOP_A + TITLE + 130 + 30, W, 200)
+    g.group("4 · Save", COLOURS["save"], [save, path, note4])
+
+
+def _reconstruct_notes(
+    model: str, plain: str, *, steps: int, cfg: float, gram_gib: tuple[float, int, int], size: str
+) -> dict[str, str]:
+    """The notes of a reconstruction variant; ``gram_gib`` = (total GiB of Grams, passes at 8, at 4)."""
+    total, passes_8, passes_4 = gram_gib
+    cfg_note = "" if cfg == 1.0 else f"; cfg {cfg} evaluates the model twice a step"
+    return {
+        **RECONSTRUCT_NOTES,
+        "reconstruct": RECONSTRUCT_NOTES["reconstruct"].format(
+            steps=RECON_STEPS,
+            cfg_note=cfg_note,
+            model=model,
+            total=total,
+            passes_8=passes_8,
+            passes_4=passes_4,
+        ),
+        "sample": RECONSTRUCT_NOTES["sample"].format(steps=steps, plain=plain),
+        "save": RECONSTRUCT_NOTES["save"].format(size=size),
+    }
+
+
+# Grams of the layers pruned by default (attention, MLP, FLUX's fused single-block layers), in GiB,
+# and the passes they take at 8 and 4 GiB: ditprune_core.reconstruct.plan_groups over the full-size
+# layers (tests/comfyui/test_workflows.py recomputes them)
+GRAM_GIB: dict[str, tuple[float, int, int]] = {"flux1-dev": (60.1, 8, 17), "sd3.5-large": (31.4, 4, 9)}
+
+
+def flux_dev_reconstruct() -> dict[str, Any]:
+    notes = _reconstruct_notes(
+        "FLUX.1-dev",
+        "ditprune_flux1_dev.json",
+        steps=20,
+        cfg=1.0,
+        gram_gib=GRAM_GIB["flux1-dev"],
+        size=", about 16.3 GB for FLUX.1-dev at 50 % instead of 23.8 GB",
+    )
+    g = Graph()
+    unet, pos, neg, latent, vae = _flux_loaders(g, notes["load"])
+    reconstruct_chain(
+        g,
+        unet,
+        pos,
+        neg,
+        latent,
+        vae,
+        0,
+        cfg=1.0,
+        steps=20,
+        notes=notes,
+        prefix="ditprune/flux1-dev-reconstructed",
+    )
+    g.fit_view()
+    return g.to_json()
+
+
+def sd35_reconstruct() -> dict[str, Any]:
+    notes = _reconstruct_notes(
+        "SD3.5 Large", "ditprune_sd35.json", steps=28, cfg=4.5, gram_gib=GRAM_GIB["sd3.5-large"], size=""
+    )
+    g = Graph()
+    ckpt, pos, neg, latent = _sd35_loaders(g, notes["load"])
+    reconstruct_chain(
+        g,
+        ckpt,
+        pos,
+        neg,
+        latent,
+        ckpt,
+        2,
+        cfg=4.5,
+        steps=28,
+        notes=notes,
+        prefix="ditprune/sd3.5-large-reconstructed",
+    )
+    g.fit_view()
+    return g.to_json()
+
+
 WORKFLOWS = {
     "ditprune_flux1_dev.json": flux_dev,
     "ditprune_sd35.json": sd35,
     "ditprune_wan21_t2v.json": wan21_t2v,
+    "ditprune_flux1_dev_reconstruct.json": flux_dev_reconstruct,
+    "ditprune_sd35_reconstruct.json": sd35_reconstruct,
 }
 
 

@@ -112,6 +112,53 @@ def test_reconstruct_interrupted_leaves_the_model_and_hooks_clean(comfy: Comfy) 
     assert torch.equal(sample(comfy, model, cond), dense)
 
 
+def test_reconstruct_interrupted_mid_run_returns_nothing_and_leaves_the_model_clean(comfy: Comfy) -> None:
+    """Cancel in the second pass, while the sampler runs with the Gram hooks on and the first pass's
+    layers are already patched on the node's clone: the node raises (no MODEL comes out), the hooks
+    are gone, and the incoming MODEL draws and stores exactly what it did."""
+    import comfy.model_management as mm
+    import comfy.utils as cu
+
+    model = load(random_state_dict(sd3_shapes(), seed=14))
+    cond = sd3_cond()
+    dense = sample(comfy, model, cond)
+    stored = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    budget_gb = 512 * 512 * 4 * 1.0001 / (1 << 30)  # one Gram of the widest layer (fc2): passes
+    calls = {"model": 0, "at_cancel": None}
+
+    def count(apply_model: Any, args: dict) -> torch.Tensor:
+        calls["model"] += 1
+        if calls["model"] == SAMPLE["steps"] + 1:  # the first model call of the second pass
+            calls["at_cancel"] = sum(len(m._forward_hooks) for m in dm.modules())
+            mm.interrupt_current_processing(True)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def server_like_hook(value: int, total: int, preview: Any = None, node_id: Any = None) -> None:
+        mm.throw_exception_if_processing_interrupted()  # the server's progress hook does this
+
+    dm = model.model.diffusion_model
+    counted = model.clone()
+    counted.set_model_unet_function_wrapper(count)
+    cu.set_progress_bar_global_hook(server_like_hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            reconstruct(comfy, counted, sd3_cond, memory_budget_gb=budget_gb)
+    finally:
+        mm.interrupt_current_processing(False)
+        cu.set_progress_bar_global_hook(None)
+    assert calls["model"] == SAMPLE["steps"] + 1 and calls["at_cancel"]  # cancelled with hooks on
+    assert sum(len(m._forward_hooks) for m in dm.modules()) == 0
+    assert not any(
+        getattr(e[1], "name", "") == "ditprune_reconstructed" for v in counted.patches.values() for e in v
+    )
+    assert torch.equal(sample(comfy, model, cond), dense)
+    after = model.model.diffusion_model.state_dict()
+    assert after.keys() == stored.keys() and all(torch.equal(after[k], stored[k]) for k in stored)
+    # and the node runs to the end afterwards
+    _pruned, report = reconstruct(comfy, model, sd3_cond, memory_budget_gb=budget_gb)
+    assert int(report.split()[0]) > 1 and "sparsity 50.00%" in report.splitlines()[0]
+
+
 def test_reconstruct_refuses_a_budget_below_one_gram(comfy: Comfy) -> None:
     model = load(random_state_dict(sd3_shapes(), seed=13))
     with pytest.raises(ValueError, match="smaller than the Gram of layer"):

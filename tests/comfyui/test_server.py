@@ -25,7 +25,13 @@ def test_server_queues_an_api_workflow(comfy: Comfy, tmp_path: Path) -> None:
         info = get_json(f"{url}/object_info/DitPruneApplyPruning")
         assert info["DitPruneApplyPruning"]["category"] == "DiT-Pruning"
         templates = get_json(f"{url}/workflow_templates")
-        assert sorted(templates["ditprune"]) == ["ditprune_flux1_dev", "ditprune_sd35", "ditprune_wan21_t2v"]
+        assert sorted(templates["ditprune"]) == [
+            "ditprune_flux1_dev",
+            "ditprune_flux1_dev_reconstruct",
+            "ditprune_sd35",
+            "ditprune_sd35_reconstruct",
+            "ditprune_wan21_t2v",
+        ]
 
         prompt = {
             "1": {

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import math
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,26 @@ def _inputs(cls: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     return out
 
 
+def _generator() -> dict[str, Any]:
+    return runpy.run_path(str(REPO / "workflows" / "make_workflows.py"), run_name="ditprune_workflows")
+
+
 def test_there_are_workflows_for_flux_and_sd35() -> None:
     assert {p.name for p in WORKFLOWS} == {
         "ditprune_flux1_dev.json",
         "ditprune_sd35.json",
         "ditprune_wan21_t2v.json",
+        "ditprune_flux1_dev_reconstruct.json",
+        "ditprune_sd35_reconstruct.json",
     }
+
+
+def test_committed_workflows_are_what_the_generator_writes() -> None:
+    """Every JSON in workflows/ is make_workflows.py's output (regenerate: --force)."""
+    built = _generator()["WORKFLOWS"]
+    assert set(built) == {p.name for p in WORKFLOWS}
+    for path in WORKFLOWS:
+        assert json.loads(path.read_text()) == built[path.name](), f"{path.name}: rerun make_workflows.py"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -93,6 +108,8 @@ def test_workflow_fits_live_schemas(path: Path, all_nodes: dict[str, Any]) -> No
 TITLE, SLOT = 30, 20  # litegraph: title bar above a node's pos; slot pitch
 # the image workflows share one graph; checks of its exact contents apply to them, the rest to all
 IMAGE_WORKFLOWS = {"ditprune_flux1_dev.json", "ditprune_sd35.json"}
+# their reconstruction variants: the same loaders, then Prune and Reconstruct
+RECONSTRUCT_WORKFLOWS = {"ditprune_flux1_dev_reconstruct.json", "ditprune_sd35_reconstruct.json"}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -127,6 +144,10 @@ def test_every_text_output_is_shown_by_preview_any(path: Path, all_nodes: dict[s
         "DitPruneCompare.metrics",
         "DitPruneSavePrunedModel.path",
     ]
+    assert path.name not in RECONSTRUCT_WORKFLOWS or sorted(shown) == [
+        "DitPrunePruneAndReconstruct.report",
+        "DitPruneSavePrunedModel.path",
+    ]
     assert "PreviewAny" in all_nodes  # ComfyUI's own display node (comfy_extras/nodes_preview_any.py)
 
 
@@ -148,16 +169,96 @@ def test_loaders_say_where_their_files_come_from(path: Path, comfy: Comfy) -> No
             assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + name)
             assert model["directory"] in folder_paths.folder_names_and_paths, model
             named += 1
-    if path.name in IMAGE_WORKFLOWS:
+    if path.name in IMAGE_WORKFLOWS | RECONSTRUCT_WORKFLOWS:
         assert named == 4  # flux: unet, clip_l, t5xxl, ae; sd35: checkpoint, clip_l, clip_g, t5xxl
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_save_default_opens_in_the_stock_loader(path: Path) -> None:
+def test_save_format_and_the_loader_that_opens_it(path: Path) -> None:
+    """The plain workflows save dense, which the stock Load Diffusion Model opens; the reconstruction
+    variants save compressed, and their note says it opens in Load Pruned Model. Either way the
+    notes name both loaders."""
     (save,) = [n for n in _load(path)["nodes"] if n["type"] == "DitPruneSavePrunedModel"]
-    assert save["widgets_values"][1] == "dense"  # stock Load Diffusion Model opens only dense files
+    expected = "compressed" if path.name in RECONSTRUCT_WORKFLOWS else "dense"
+    assert save["widgets_values"][1] == expected
     notes = " ".join(n["widgets_values"][0] for n in _load(path)["nodes"] if n["type"] == "Note")
     assert "Load Diffusion Model" in notes and "Load Pruned Model" in notes
+    assert "format compressed (here)" in notes if expected == "compressed" else "format dense:" in notes
+
+
+@pytest.mark.parametrize("name", sorted(RECONSTRUCT_WORKFLOWS))
+def test_reconstruction_variant_matches_its_plain_workflow(name: str, all_nodes: dict[str, Any]) -> None:
+    """Prune and Reconstruct gets the plain workflow's model, prompt and latent and its Calibrate's
+    sampler settings, at sparsity 0.5 with the automatic memory budget; its MODEL goes to a sampler
+    (decoded and previewed) and to Save; its note says what a run costs."""
+    variant = _load(REPO / "workflows" / name)
+    plain = _load(REPO / "workflows" / name.replace("_reconstruct", ""))
+
+    def by_type(workflow: dict[str, Any], node_type: str) -> list[dict[str, Any]]:
+        return [n for n in workflow["nodes"] if n["type"] == node_type]
+
+    def sources(workflow: dict[str, Any], node: dict[str, Any]) -> dict[str, tuple[str, int]]:
+        """input name -> (type of the node it comes from, that node's slot)."""
+        nodes = {n["id"]: n for n in workflow["nodes"]}
+        return {
+            node["inputs"][dst_slot]["name"]: (nodes[src]["type"], src_slot)
+            for _lid, src, src_slot, dst, dst_slot, _t in workflow["links"]
+            if dst == node["id"]
+        }
+
+    (recon,) = by_type(variant, "DitPrunePruneAndReconstruct")
+    (calibrate,) = by_type(plain, "DitPruneCalibrate")
+    schema = _inputs(all_nodes["DitPrunePruneAndReconstruct"])
+    widgets = [k for k, (kind, _) in schema.items() if kind in WIDGET_TYPES]
+    values = dict(zip(["seed", "control", *widgets[1:]], recon["widgets_values"], strict=True))
+    assert values["sparsity"] == 0.5 and values["memory_budget_gb"] == 0.0 and values["metric"] == "energy"
+    # seed, control, steps, cfg, sampler, scheduler, weighting: as the plain workflow calibrates
+    assert recon["widgets_values"][:7] == calibrate["widgets_values"][:7]
+    assert sources(variant, recon) == {
+        k: v for k, v in sources(plain, calibrate).items() if k != "calibration"
+    }
+    (sampler,) = by_type(variant, "KSampler")
+    assert sources(variant, sampler)["model"] == ("DitPrunePruneAndReconstruct", 0)
+    (save,) = by_type(variant, "DitPruneSavePrunedModel")
+    assert sources(variant, save)["model"] == ("DitPrunePruneAndReconstruct", 0)
+    (decode,) = by_type(variant, "VAEDecode")
+    assert sources(variant, decode)["samples"] == ("KSampler", 0)
+    assert [sources(variant, p)["images"] for p in by_type(variant, "PreviewImage")] == [("VAEDecode", 0)]
+    titles = [g["title"] for g in variant["groups"]]
+    assert titles == ["1 · Load", "2 · Prune and reconstruct", "3 · Sample the result", "4 · Save"]
+    notes = " ".join(n["widgets_values"][0] for n in by_type(variant, "Note"))
+    assert "the sampler runs once per pass" in notes and "models/diffusion_models/" in notes
+
+
+def test_reconstruction_notes_quote_the_passes_the_planner_makes(comfy: Comfy) -> None:
+    """make_workflows.GRAM_GIB, quoted in the notes: the Gram GiB of the layers Prune and Reconstruct
+    prunes with the workflows' widgets, on full-size FLUX.1-dev and SD3.5 Large (meta tensors), and
+    the passes ditprune's planner makes of them at 8 and 4 GiB."""
+    import sys
+
+    from tiny_models import sd3_shapes
+
+    from ditprune_core.bench.dit_shapes import SHAPES, DitShapes, module_tree
+    from ditprune_core.config import PruneConfig
+    from ditprune_core.prune import select_layers
+    from ditprune_core.reconstruct import plan_groups
+
+    node_module = sys.modules[comfy.node("DitPrunePruneAndReconstruct").__module__]
+    _sparsity, families = node_module.pruning_choice(0.5, "unstructured", True, True, True, False)
+    sd35 = sd3_shapes(38, ctx=4096, adm=2048)  # SD3.5 Large: 38 blocks of 2432 (its q/k norms aside)
+    linears = [k.removesuffix(".weight") for k, v in sd35.items() if k.endswith(".weight") and len(v) == 2]
+    full = {
+        "flux1-dev": module_tree(SHAPES["flux"]()),
+        "sd3.5-large": module_tree(DitShapes(shapes=sd35, linears=linears)),
+    }
+    gib = 1 << 30
+    quoted = _generator()["GRAM_GIB"]
+    assert set(quoted) == set(full)
+    for name, module in full.items():
+        layers = select_layers(module, PruneConfig(0.5, families=families))
+        ins = [(n, layer.in_features) for n, layer in layers.items()]
+        total = round(sum(4 * f * f for _n, f in ins) / gib, 1)
+        assert quoted[name] == (total, len(plan_groups(ins, 8 * gib)), len(plan_groups(ins, 4 * gib))), name
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
@@ -247,3 +348,9 @@ def test_direct_links_run_clear_of_other_nodes(path: Path) -> None:
             assert not hits, (
                 f"{path.name}: link {link_id} ({s['type']} -> {t['type']}) runs behind node {other_id}"
             )
+
+
+def test_readme_names_every_workflow() -> None:
+    readme = (REPO / "README.md").read_text()
+    for path in WORKFLOWS:
+        assert f"workflows/{path.name}" in readme, f"README.md does not mention workflows/{path.name}"
