@@ -791,6 +791,7 @@ def reconstruct_chain(
             *(0, "fixed", RECON_STEPS, cfg, "euler", "simple", "log"),  # seed .. timestep_weighting
             *("energy", 0.5, "unstructured", True, True, True, False, ""),  # metric .. layer_regex
             0.0,  # memory_budget_gb
+            "none",  # value_bits: keep the model's dtype (Save Pruned Model can still store low-bit values)
         ],
         [
             ("model", "MODEL"),

@@ -66,16 +66,19 @@ def test_fp8_weights_hold_the_reconstruction_of_their_fp32_twin(comfy: Comfy, ar
     assert strip(report8) == strip(report32)
     patches8, patches32 = _patches(pruned8), _patches(pruned32)
     assert patches8 and set(patches8) == set(patches32)
-    changed = 0
+    changed = kept_total = weights_total = 0
     for key, p8 in patches8.items():
         p32 = patches32[key]
         keep = p8.mask.to_bool()
         assert torch.equal(keep, p32.mask.to_bool()), key
-        assert p8.mask.kept() == keep.numel() // 2, key  # exactly half of every layer kept
+        # block allocation: layers of a block share its count, so only the total is exactly half
+        kept_total += p8.mask.kept()
+        weights_total += keep.numel()
         assert p8.values.dtype == torch.float8_e4m3fn and p8.values.numel() == p8.mask.kept()
         assert torch.equal(_bits(p8.values), _bits(p32.values.to(torch.float8_e4m3fn))), key
         original = before[key.removeprefix(PREFIX)].view(torch.float8_e4m3fn).reshape(keep.shape)
         changed += int((p8.values.float() != original[keep].float()).sum())
+    assert abs(kept_total - weights_total / 2) <= len(patches8)  # exact per block, rounded per block
     # the update changed most kept weights by at least an fp8 step: not the mask alone
     assert changed > 0.3 * sum(p.values.numel() for p in patches8.values())
 
@@ -237,15 +240,18 @@ def test_fp8_model_in_lowvram_computes_with_the_exact_reconstruction(
         assert torch.equal(_bits(patches[key].values), _bits(full_patches[key].values)), key
     mm.load_models_gpu([low])  # as the sampler loads it (lowvram here)
     dm = low.model.diffusion_model
+    kept_total = weights_total = 0
     for key, patch in patches.items():
         layer = dm.get_submodule(key.removeprefix(PREFIX).removesuffix(".weight"))
         assert layer.weight.dtype == torch.float8_e4m3fn and patch.values.dtype == torch.float8_e4m3fn
-        assert patch.mask.kept() == patch.mask.numel() // 2, key
+        kept_total += patch.mask.kept()
+        weights_total += patch.mask.numel()
         (per_forward,) = [f for f in layer.weight_function if isinstance(f, mp.LowVramPatch)]
         # what the layer computes with: ComfyUI's LowVramPatch on the stored weight in fp32
         used = per_forward(layer.weight.to(torch.float32))
         exact = torch.zeros(patch.mask.shape).masked_scatter_(patch.mask.to_bool(), patch.values.float())
         assert torch.equal(used, exact), key
+    assert abs(kept_total - weights_total / 2) <= len(patches)  # block allocation: exact per block
     # lowvram against the full load: measured 2.0e-4, 2.8% of the pruning's own effect (7.0e-3)
     error = float((low_latent - full_latent).norm() / full_latent.norm())
     effect = float((full_latent - dense).norm() / full_latent.norm())
