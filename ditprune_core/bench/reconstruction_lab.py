@@ -384,6 +384,15 @@ def to_markdown(rows: Sequence[Row], command: str) -> str:
         "relative output error on each layer's own calibration Gram. `-1s`: one-shot; `-seq`: sequential,",
         "one calibration pass per transformer block. Seconds: pruning incl. calibration passes.",
         "",
+        "Variants: `dit-pruning`: the mask-only defaults (`PruneConfig(s)`); `sparsegpt`: SparseGPT's",
+        "own algorithm (mask chosen in the update, β = 0.5, no refit); `dit-obs`: `prune_sequential_`",
+        'with `PruneConfig(s, update="obs")`, the shipped defaults (mask in the update with β = 0.4,',
+        "block allocation, exact refit up to 1024 inputs, so everywhere on MiniFlux), one pass;",
+        '`dit-obs-uniform`: the same with `allocation="uniform"`; `obs-b0.4`: the OBS update alone,',
+        "β = 0.4, no refit, uniform; `energy-refit`: the mask-only DiT-Pruning mask, then the exact",
+        "refit; `obs-b0.4-pcgK`: OBS β = 0.4 then K PCG iterations instead of the exact refit (what",
+        "FLUX.1-dev's wide layers get), `pcg-tolT`: PCG until every row's residual is below T.",
+        "",
         "| model | variant | sparsity | rel. error ↓ | layer err | seconds |",
         "|---|---|---|---|---|---|",
     ]
@@ -432,9 +441,14 @@ DEFAULT_VARIANTS = (
     "dit-pruning",
     "sparsegpt-1s",
     "sparsegpt-seq",
-    "energy-obs-seq",
-    "energy-refit-seq",
-    "obs-b0.4-seq",
+    "dit-obs",
+    "dit-obs-uniform",
+    "obs-b0.4-1s",
+    "energy-refit-1s",
+    "obs-b0.4-pcg1-1s",
+    "obs-b0.4-pcg5-1s",
+    "obs-b0.4-pcg20-1s",
+    "obs-b0.4-pcg-tol0.001-1s",
 )
 
 if __name__ == "__main__":
