@@ -440,9 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 DEFAULT_VARIANTS = (
     "dit-pruning",
     "sparsegpt-1s",
-    "sparsegpt-seq",
     "dit-obs",
-    "dit-obs-uniform",
+    "obs-b0.4-refit-1s",
     "obs-b0.4-1s",
     "energy-refit-1s",
     "obs-b0.4-pcg1-1s",
