@@ -388,7 +388,7 @@ def to_markdown(rows: Sequence[Row], command: str) -> str:
         "own algorithm (mask chosen in the update, β = 0.5, no refit); `dit-obs`: `prune_sequential_`",
         'with `PruneConfig(s, update="obs")`, the shipped defaults (mask in the update with β = 0.4,',
         "block allocation, exact refit up to 1024 inputs, so everywhere on MiniFlux), one pass;",
-        '`dit-obs-uniform`: the same with `allocation="uniform"`; `obs-b0.4`: the OBS update alone,',
+        '`obs-b0.4-refit`: the same with `allocation="uniform"`, one-shot; `obs-b0.4`: the OBS update alone,',
         "β = 0.4, no refit, uniform; `energy-refit`: the mask-only DiT-Pruning mask, then the exact",
         "refit; `obs-b0.4-pcgK`: OBS β = 0.4 then K PCG iterations instead of the exact refit (what",
         "FLUX.1-dev's wide layers get), `pcg-tolT`: PCG until every row's residual is below T.",
