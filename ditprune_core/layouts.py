@@ -51,7 +51,7 @@ from .quantize import (
     packed_nbytes,
     unpack_codes,
 )
-from .util.dtypes import first_non_finite, storage_view
+from .util.dtypes import first_non_finite, storage_view, to_float32
 from .util.packing import pack_bits, unpack_bits
 from .util.selection import count_true
 
@@ -465,7 +465,9 @@ class Layout:
         values = pieces[self.values_piece]
         scale = pieces.get("scale")
         values = (
-            values.to(dtype) if scale is None else (values.float() * self._row_scale(pieces, scale)).to(dtype)
+            values.to(dtype)
+            if scale is None
+            else (to_float32(values) * self._row_scale(pieces, scale)).to(dtype)
         )
         return self._decode(pieces, rows, cols, values, dtype)
 
@@ -611,6 +613,27 @@ class BitmaskLayout(Layout):
                 "(mask size does not match its tensor)"
             )
 
+    def decode(
+        self,
+        pieces: Mapping[str, torch.Tensor],
+        dtype: torch.dtype,
+        *,
+        check: bool = True,
+        where: str = "weight",
+    ) -> torch.Tensor:
+        values, scale = pieces.get("compressed"), pieces.get("scale")
+        if values is None or scale is None or is_quantized(pieces):
+            return super().decode(pieces, dtype, check=check, where=where)
+        # fp8 values: their bytes placed (1 byte a weight), then scaled row by row on the dense grid,
+        # instead of spreading each row's scale over its values: the same value * scale per weight
+        if check:
+            rows, cols = self.validate(pieces, where)
+        else:
+            rows, cols = (int(x) for x in pieces["shape"].tolist())
+        placed = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+        storage_view(placed).masked_scatter_(unpack_bits(pieces["bitmask"], cols), storage_view(values))
+        return (to_float32(placed) * scale[:, None]).to(dtype)
+
     def _row_scale(self, pieces: Mapping[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
         offsets, values = pieces["row_offsets"], pieces["compressed"]
         counts = torch.diff(offsets, append=torch.tensor([values.numel()], device=offsets.device))
@@ -692,8 +715,15 @@ _PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 _PAIR_CODE = torch.full((4, 4), -1, dtype=torch.int64)
 for _code, (_a, _b) in enumerate(_PAIRS):
     _PAIR_CODE[_a, _b] = _code
-_CODE_PAIRS = torch.tensor(_PAIRS, dtype=torch.int64)
 _MAX_TRIPLE_CODE = 6**3 - 1
+#: an ``nm_codes`` byte (three groups of 4) -> its 12 kept positions as bools, padded to 16 bytes
+#: (two int64 words: a gather moves a byte's 12 bools at once)
+_TRIPLE_KEEP = torch.zeros(256, 16, dtype=torch.uint8)
+for _byte in range(_MAX_TRIPLE_CODE + 1):
+    for _group, _code in enumerate((_byte % 6, (_byte // 6) % 6, _byte // 36)):
+        for _pos in _PAIRS[_code]:
+            _TRIPLE_KEEP[_byte, 4 * _group + _pos] = 1
+_TRIPLE_KEEP_WORDS = _TRIPLE_KEEP.view(torch.int64)  # (256, 2)
 
 
 def _pair_index(marked: torch.Tensor) -> torch.Tensor:
@@ -709,13 +739,6 @@ def _pack_pairs(idx: torch.Tensor) -> torch.Tensor:
     pad = (-codes.shape[1]) % 3
     codes = torch.nn.functional.pad(codes, (0, pad)).reshape(codes.shape[0], -1, 3)
     return (codes[..., 0] + 6 * codes[..., 1] + 36 * codes[..., 2]).to(torch.uint8)
-
-
-def _unpack_pairs(nm_codes: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
-    """(rows, groups, 2) int64 positions from ``nm_codes``."""
-    codes = nm_codes.long()
-    unpacked = torch.stack([codes % 6, (codes // 6) % 6, codes // 36], dim=2).reshape(rows, -1)[:, :groups]
-    return _CODE_PAIRS.to(nm_codes.device)[unpacked]
 
 
 class TwoFourLayout(Layout):
@@ -775,11 +798,11 @@ class TwoFourLayout(Layout):
         values: torch.Tensor,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        groups = cols // 4
-        idx = _unpack_pairs(pieces["nm_codes"], rows, groups)
-        out = torch.zeros(rows, groups, 4, dtype=dtype, device=values.device)
-        storage_view(out).scatter_(2, idx, storage_view(values).reshape(rows, groups, 2))
-        return out.reshape(rows, cols)
+        keep = self._keep_of_mask(pieces, rows, cols)
+        out = torch.zeros(rows, cols, dtype=dtype, device=values.device)
+        # the two kept positions of a group are stored in ascending order: row-major, as placed here
+        storage_view(out).masked_scatter_(keep, storage_view(values))
+        return out
 
     def _mask_specs(self, rows: int, cols: int) -> dict[str, PieceSpec]:
         return {"nm_codes": ((rows, -(-(cols // 4) // 3)), torch.uint8)}
@@ -789,11 +812,10 @@ class TwoFourLayout(Layout):
             raise CheckpointError("the 2:4 layout needs exactly 2 kept weights in every group of 4")
         return {"nm_codes": _pack_pairs(_pair_index(keep.reshape(rows, -1, 4)))}
 
-    def _keep_of_mask(self, pieces: Mapping[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor | None:
-        groups = cols // 4
-        idx = _unpack_pairs(pieces["nm_codes"], rows, groups)
-        keep = torch.zeros(rows, groups, 4, dtype=torch.bool, device=idx.device)
-        return keep.scatter_(2, idx, True).reshape(rows, cols)
+    def _keep_of_mask(self, pieces: Mapping[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+        codes = pieces["nm_codes"]
+        words = _TRIPLE_KEEP_WORDS.to(codes.device).index_select(0, codes.reshape(-1).to(torch.int32))
+        return words.view(torch.bool).reshape(rows, -1, 16)[:, :, :12].reshape(rows, -1)[:, :cols]
 
     def _per_row(self, cols: int) -> int | None:
         return cols // 2

@@ -1,6 +1,6 @@
 """Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
 
-WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto.
+WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, lowbit.
 """
 
 from __future__ import annotations
@@ -17,13 +17,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench", description=__doc__)
     parser.add_argument(
         "which",
-        choices=("quality", "sweep", "speed", "checkpoint", "video", "models", "quantgroups", "pareto"),
+        choices=(
+            "quality",
+            "sweep",
+            "speed",
+            "checkpoint",
+            "video",
+            "models",
+            "quantgroups",
+            "pareto",
+            "lowbit",
+        ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
     parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
-    parser.add_argument("--per-class", type=int, default=10, help="pareto: samples of each digit per seed")
+    parser.add_argument(
+        "--per-class", type=int, default=10, help="pareto, lowbit: samples of each digit per seed"
+    )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -49,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             for m in args.models
         ]
         path = write_pareto(pareto, args.out, command)
+        print(path.read_text())
+        return 0
+    if args.which == "lowbit":
+        from .lowbit import write_lowbit
+
+        path = write_lowbit(args.out, command, args.models, seeds=tuple(args.seeds), per_class=args.per_class)
         print(path.read_text())
         return 0
     if args.which == "checkpoint":
