@@ -53,6 +53,7 @@ __all__ = [
     "QuantizedWeight",
     "StorageCost",
     "bits_per_weight",
+    "count_groups",
     "dequantize_weight",
     "fake_quantize",
     "fit_groups",
@@ -81,7 +82,8 @@ _WORDS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
 _PACK_CHUNK = 1 << 20  # words per packing step (bounded temporary memory)
 _SCALE_BYTES = 2  # float16
 _SHAPE_BYTES = 16  # the int64 [rows, cols] piece every compressed layout stores
-_ROW_OFFSET_BYTES = 8  # int64 per row (bitmask layout)
+_SPEC_BYTES = 16  # the int32 [bits, group_size, sym, grouping] piece of quantised values
+_ROW_OFFSET_BYTES = 8  # int64 per row (bitmask layout with unquantised values)
 _FP8_ROW_SCALE_BYTES = 4  # float32 per row (fp8 values)
 
 
@@ -240,6 +242,12 @@ def _n_groups(shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None
     if keep is None or spec.grouping == "columns":
         return rows * -(-cols // spec.group_size)
     return int(_groups_per_row(shape, spec, kept_per_row(keep)).sum())
+
+
+def count_groups(shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None = None) -> int:
+    """Groups (scales) of a (rows, cols) weight quantised with ``spec`` (only its kept values with a
+    bool (rows, cols) ``keep``): the length of :attr:`QuantizedWeight.scales`."""
+    return _n_groups((int(shape[0]), int(shape[1])), spec, keep)
 
 
 def _group_slots(
@@ -519,8 +527,10 @@ class StorageCost:
         value_bytes: the values: packed codes, or plain values (bf16, fp8, ...).
         scale_bytes: float16 group scales (or float32 per-row fp8 scales).
         zero_bytes: packed zero points (asymmetric codes).
-        row_bytes: per-row data: int64 row offsets of the bitmask layout.
-        tensor_bytes: the int64 ``[rows, cols]`` shape piece of a compressed layout.
+        row_bytes: per-row data: int64 row offsets of the bitmask layout with unquantised values
+            (with quantised values they are not stored: each row's count is read off the bitmask).
+        tensor_bytes: the int64 ``[rows, cols]`` shape piece of a compressed layout, and with
+            quantised values the int32 ``[bits, group_size, sym, grouping]`` spec piece.
     """
 
     weights: int
@@ -563,14 +573,16 @@ def storage_cost(
             asymmetric), or a dtype for unquantised values (``torch.float8_e4m3fn`` adds a float32
             scale per row, as :func:`~ditprune_core.save.save_pruned_checkpoint` writes).
         layout: ``"dense"`` (every weight has a value; with a dtype: the plain tensor), ``"bitmask"``
-            (kept values compacted, a bitmask, int64 row offsets) or ``"2:4"`` (2 values of every
-            4 inputs, a 6-pattern position code per group of 4, three per byte).
+            (kept values compacted, a bitmask; int64 row offsets with dtype values) or ``"2:4"``
+            (2 values of every 4 inputs, a 6-pattern position code per group of 4, three per byte).
         kept: for ``"bitmask"``, the kept values of each row, (rows,) ints, or the bool keep mask.
     Returns:
         a :class:`StorageCost`; ``.bits_per_weight`` is bytes * 8 / (rows * cols).
 
-    The bitmask layout with dtype values is exactly ``save_pruned_checkpoint``'s ``bitmask`` layout;
-    the 2:4 one its ``2:4`` layout.
+    Every case is exactly what :func:`~ditprune_core.save.save_pruned_checkpoint` writes in the
+    layout of the same name (:mod:`ditprune_core.layouts`): with a :class:`QuantSpec`, the
+    ``bitmask``, ``2:4`` and ``dense`` layouts with quantised values (codes, scales, zero points,
+    the spec piece and the shape piece); with a dtype, the ``bitmask`` and ``2:4`` layouts.
     """
     rows, cols = int(shape[0]), int(shape[1])
     if layout not in LAYOUTS:
@@ -593,9 +605,10 @@ def storage_cost(
         counts = torch.full((rows,), cols // 2, dtype=torch.int64)
     n_values = rows * cols if counts is None else int(counts.sum())
     cost: dict[str, int] = {}
+    quantised = isinstance(values, QuantSpec)
     if layout == "bitmask":
         cost["mask_bytes"] = rows * -(-cols // 8)
-        cost["row_bytes"] = rows * _ROW_OFFSET_BYTES
+        cost["row_bytes"] = 0 if quantised else rows * _ROW_OFFSET_BYTES
     elif layout == "2:4":
         cost["mask_bytes"] = rows * -(-(cols // 4) // 3)
     if isinstance(values, QuantSpec):
@@ -603,7 +616,7 @@ def storage_cost(
         cost["value_bytes"] = packed_nbytes(n_values, values.bits)
         cost["scale_bytes"] = groups * _SCALE_BYTES
         cost["zero_bytes"] = 0 if values.sym else packed_nbytes(groups, values.bits)
-        cost["tensor_bytes"] = _SHAPE_BYTES
+        cost["tensor_bytes"] = _SHAPE_BYTES + _SPEC_BYTES
     else:
         itemsize = torch.empty((), dtype=values).element_size()
         cost["value_bytes"] = n_values * itemsize

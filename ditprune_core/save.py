@@ -2,16 +2,26 @@
 
 Safetensors only, no pickle. A dense checkpoint is the state dict as it is. A compressed one stores
 each pruned 2-D weight ``k`` in the smallest layout of :mod:`ditprune_core.layouts` that fits it, as
-the pieces ``k.<piece>``, optionally with fp8 values; tensors that are not pruned, or would not get
-smaller, are stored as they are. ``k`` itself is kept as an empty placeholder, so that a loader that
-does not know this format fails loudly (size mismatch) instead of loading zeros. The metadata holds
-``format``, ``format_version``, ``checkpoint`` (dense / compressed) and a JSON ``layouts`` map.
+the pieces ``k.<piece>``, with its values in their dtype, as fp8 or as group-quantised codes; on
+request the dense 2-D weights (modulation, embedders, final layer: the *remainder*) are stored as
+fp8 or 8-bit codes too; other tensors (norms, biases, 1-D and small tensors) are stored as they
+are. ``k`` itself is kept as an empty placeholder, so that a loader that does not know this format
+fails loudly (size mismatch) instead of loading zeros. The metadata holds ``format``,
+``format_version``, ``checkpoint`` (dense / compressed) and a JSON ``layouts`` map, one entry per
+compressed tensor: ``layout``, ``dtype`` (the decoded dtype), ``values`` (a dtype, or ``int8``,
+``int4``, ``int3``, ``int2``), ``scale`` (``none``, ``per-row`` for fp8, ``group`` for codes) and,
+for codes, ``group_size``, ``sym`` (``true``/``false``) and ``grouping`` (``kept``/``columns``).
+
+Format versions: 1 has the bitmask and 2:4 layouts with dtype or fp8 values; 2 adds quantised
+values and the dense layout. A file is written with the lowest version that holds it (so that an
+older ditprune still reads what it can); both are read.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +29,29 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .layouts import LAYOUTS, PIECES, CheckpointError, Fp8Values, Layout, PieceSpec, choose_layout
+from .layouts import (
+    LAYOUTS,
+    PIECES,
+    CheckpointError,
+    Fp8Values,
+    Layout,
+    PieceSpec,
+    choose_layout,
+    choose_quantized_layout,
+    spec_of_piece,
+)
+from .quantize import (
+    DEFAULT_DENSE_SPECS,
+    DEFAULT_VALUE_SPECS,
+    GROUPINGS,
+    SUPPORTED_BITS,
+    VALUE_BITS,
+    QuantizedWeight,
+    QuantSpec,
+    dequantize_weight,
+    quantize_weight,
+)
+from .util.dtypes import storage_view
 from .util.safetensors_io import (
     CHECKSUM_KEY,
     LazyTensor,
@@ -32,7 +64,10 @@ from .util.safetensors_io import (
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
+    "REMAINDER_FORMATS",
     "RESERVED_METADATA",
+    "VALUE_FORMATS",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointReport",
@@ -44,8 +79,19 @@ __all__ = [
     "validate_compressed_state",
 ]
 
+log = logging.getLogger("ditprune")
+
 FORMAT = "ditprune.checkpoint"
-FORMAT_VERSION = 1
+#: the newest format version (quantised values, the dense layout)
+FORMAT_VERSION = 2
+#: the versions this code reads
+READ_VERSIONS = (1, 2)
+#: how the values of pruned layers may be stored: their dtype, fp8 with per-row scales, or codes
+#: (:data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS`: groups of 128 kept values)
+VALUE_FORMATS = ("keep", "fp8", "int8", "int4", "int3")
+#: how the dense 2-D weights of a compressed file may be stored: their dtype, fp8 e4m3fn with a
+#: float32 scale per row, or 8-bit codes in groups of 128 (asymmetric)
+REMAINDER_FORMATS = ("keep", "fp8", "int8")
 #: metadata keys the writer sets itself; a caller's metadata may not use them
 RESERVED_METADATA = ("format", "format_version", "layouts", "checkpoint", CHECKSUM_KEY)
 _DTYPE_NAMES = {
@@ -59,13 +105,27 @@ _DTYPE_NAMES = {
         torch.float8_e5m2,
     )
 }
+#: the ``values`` names of quantised values -> their bits
+_INT_BITS = {f"int{b}": b for b in SUPPORTED_BITS}
+_MIN_REMAINDER_NUMEL = 256
 #: ``progress(done, total)`` over the tensors a save produces
 SaveProgress = Callable[[int, int], None]
 
 
 @dataclass
 class CheckpointReport:
-    """What :func:`save_pruned_checkpoint` wrote."""
+    """What :func:`save_pruned_checkpoint` wrote.
+
+    Attributes:
+        layouts: compressed tensor -> its layout name.
+        max_fp8_relative_error: largest error of fp8 values of pruned layers, over each layer's peak.
+        max_value_relative_error: the same for values rounded to codes at save time.
+        max_remainder_relative_error: the same for the dense weights stored as fp8 or codes.
+        stored_codes: tensors stored with the codes they were given (exactly the model's values).
+        rounded_at_save: pruned tensors whose values were rounded to codes at save time: the file
+            differs from the weights given by at most ``max_value_relative_error`` of their peak.
+        remainder: dense tensors stored as fp8 or codes.
+    """
 
     path: Path
     format: str
@@ -73,6 +133,12 @@ class CheckpointReport:
     file_bytes: int = 0
     layouts: dict[str, str] = field(default_factory=dict)
     max_fp8_relative_error: float = 0.0
+    max_value_relative_error: float = 0.0
+    max_remainder_relative_error: float = 0.0
+    stored_codes: list[str] = field(default_factory=list)
+    rounded_at_save: list[str] = field(default_factory=list)
+    remainder: list[str] = field(default_factory=list)
+    version: int = 1
 
     @property
     def ratio(self) -> float:
@@ -86,8 +152,8 @@ class CheckpointInfo:
 
     Attributes:
         format: ``"dense"`` or ``"compressed"``.
-        version: the checkpoint format version.
-        layouts: for each compressed tensor, ``{"layout", "dtype", "values"}``.
+        version: the checkpoint format version of the file.
+        layouts: for each compressed tensor, ``{"layout", "dtype", "values", "scale", ...}``.
         metadata: every metadata string of the file.
     """
 
@@ -101,23 +167,21 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class _Encoder:
-    """Encodes one weight lazily in one layout; its pieces are produced once, then dropped after writing."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    def __init__(
-        self,
-        name: str,
-        weight: torch.Tensor,
-        layout: Layout,
-        values: Fp8Values | None,
-        produce: Callable[[], torch.Tensor] | None = None,
-    ) -> None:
-        self.name, self.layout, self.values = name, layout, values
-        # with a producer, the weight is made again when it is written instead of being kept
-        self.produce: Callable[[], torch.Tensor] = produce if produce is not None else (lambda: weight)
+
+#: makes one weight's pieces when they are written: ``(pieces, max relative error)``
+_Make = Callable[[], tuple[dict[str, torch.Tensor], float]]
+
+
+class _Encoder:
+    """One compressed weight: its pieces are made once, when the first is written, then dropped."""
+
+    def __init__(self, name: str, kind: str, specs: dict[str, PieceSpec], make: _Make) -> None:
+        self.name, self.kind, self.specs, self.make = name, kind, specs, make
         self._pieces: dict[str, torch.Tensor] | None = None
         self.max_error = 0.0
-        self.specs: dict[str, PieceSpec] = layout.piece_specs(weight, values.dtype if values else None)
 
     def lazy(self) -> dict[str, LazyTensor]:
         return {
@@ -127,12 +191,157 @@ class _Encoder:
 
     def _take(self, piece: str) -> torch.Tensor:
         if self._pieces is None:
-            where = repr(self.name)
-            self._pieces, self.max_error = self.layout.encode(self.produce(), self.values, where)
+            self._pieces, self.max_error = self.make()
         return self._pieces.pop(piece)
 
 
 TensorSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
+class _Progress:
+    """Counts the tensors made (each source twice: to choose its layout, and to write it)."""
+
+    def __init__(self, progress: SaveProgress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def step(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.done = min(self.done + n, self.total)
+            self.progress(self.done, self.total)
+
+    def wrap(self, source: TensorSource) -> TensorSource:
+        if self.progress is None or not callable(source):
+            return source
+
+        def produce() -> torch.Tensor:
+            tensor = source()
+            self.step()
+            return tensor
+
+        return produce
+
+
+def _peak_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
+    """Largest ``|approx - weight|`` over the weight's largest magnitude (0 for an all-zero weight)."""
+    w = weight.float()
+    peak = float(w.abs().max()) if w.numel() else 0.0
+    return float((approx.float() - w).abs().max()) / peak if peak > 0 else 0.0
+
+
+def _value_format(values: str | QuantSpec, value_dtype: torch.dtype | None) -> tuple[str, QuantSpec | None]:
+    """``(name, spec)`` of the values of pruned layers: name one of :data:`VALUE_FORMATS` (or
+    ``int<bits>`` of a given spec), spec None for dtype or fp8 values."""
+    if value_dtype not in (None, torch.float8_e4m3fn):
+        raise ValueError(f"value_dtype must be None or torch.float8_e4m3fn, got {value_dtype}")
+    spec: QuantSpec | None = None
+    if isinstance(values, QuantSpec):
+        if values.bits not in VALUE_BITS:
+            raise ValueError(
+                f"kept values of pruned layers use {list(VALUE_BITS)} bits, not {values.bits} (2 bits is "
+                "for dense baselines only)"
+            )
+        name, spec = f"int{values.bits}", values
+    elif values in VALUE_FORMATS:
+        name = values
+        spec = DEFAULT_VALUE_SPECS[_INT_BITS[values]] if values in _INT_BITS else None
+    else:
+        raise ValueError(f"unknown values {values!r}; choose from {list(VALUE_FORMATS)} or give a QuantSpec")
+    if value_dtype is not None:
+        if name not in ("keep", "fp8"):
+            raise ValueError(f"value_dtype=torch.float8_e4m3fn contradicts values={name!r}: give one of them")
+        name = "fp8"
+    return name, spec
+
+
+def _keys_of(quantized: Mapping[str, QuantizedWeight], keys: Iterable[str]) -> dict[str, QuantizedWeight]:
+    """State-dict key -> codes: a layer name (as :func:`~ditprune_core.prune.select_layers` gives it)
+    is the key of its ``.weight``."""
+    present = set(keys)
+    out: dict[str, QuantizedWeight] = {}
+    for name, q in quantized.items():
+        key = name if name in present else f"{name}.weight"
+        if key not in present:
+            raise ValueError(
+                f"quantised layer {name!r} is not in the state dict (neither {name!r} nor {key!r}): name "
+                "layers as select_layers does, or by their state-dict keys"
+            )
+        out[key] = q
+    return out
+
+
+def _check_given(key: str, tensor: torch.Tensor, q: QuantizedWeight) -> QuantizedWeight:
+    """``q`` on the CPU, after checking that it fits ``tensor`` and decodes to its values.
+
+    Raises:
+        ValueError: codes for another shape, pieces that disagree, or values other than the tensor's.
+    """
+    where = repr(key)
+    if tuple(q.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"{where}: its quantised codes are for a {tuple(q.shape)} weight but the tensor is "
+            f"{tuple(tensor.shape)}; pass the codes made for this model"
+        )
+    q.validate(where)
+    keep = None if q.keep is None else q.keep.cpu()
+    zeros = None if q.zeros is None else q.zeros.cpu()
+    q = QuantizedWeight(q.codes.cpu(), q.scales.cpu(), zeros, q.shape, q.spec, keep)
+    exact = dequantize_weight(q, torch.float32, check=False)
+    held = tensor.detach().cpu().float()
+    decoded = exact.to(tensor.dtype).float()
+    if tensor.element_size() == 1:  # fp8 weights: ComfyUI rounds patched weights stochastically
+        info = torch.finfo(tensor.dtype)
+        same = bool(
+            ((held - exact).abs() <= torch.clamp(exact.abs() * info.eps, min=info.tiny * info.eps)).all()
+        )
+    else:
+        same = torch.equal(decoded, held)
+    if not same:
+        raise ValueError(
+            f"{where}: the tensor does not hold the values its quantised codes decode to (largest "
+            f"difference {float((decoded - held).abs().max()):.3g}): it was patched after quantisation (a "
+            "LoRA?) or saved in another dtype. Pass the codes of the weight you save, or leave this layer "
+            "out of `quantized` to round it at save time"
+        )
+    return q
+
+
+def _int_entry(layout: Layout, dtype: torch.dtype, spec: QuantSpec) -> dict[str, str]:
+    return {
+        "layout": layout.name,
+        "dtype": _dtype_name(dtype),
+        "values": f"int{spec.bits}",
+        "scale": "group",
+        "group_size": str(spec.group_size),
+        "sym": "true" if spec.sym else "false",
+        "grouping": spec.grouping,
+    }
+
+
+def _rounded(
+    layout: Layout, spec: QuantSpec, produce: Callable[[], torch.Tensor], masked: bool, where: str
+) -> _Make:
+    """Quantise the weight when it is written (kept values only, with ``masked``; the mask is where
+    the weight is not zero, before rounding)."""
+
+    def make() -> tuple[dict[str, torch.Tensor], float]:
+        w = produce().detach().cpu()
+        keep = storage_view(w) != 0 if masked else None
+        q = quantize_weight(w.float(), spec, keep=keep, where=where)
+        error = _peak_error(dequantize_weight(q, torch.float32, check=False), w)
+        return layout.encode_quantized(q, where), error
+
+    return make
+
+
+def _is_remainder(name: str, tensor: torch.Tensor, remainder_filter: Callable[[str], bool] | None) -> bool:
+    """A dense 2-D weight the remainder option applies to (never norms, biases, 1-D or fp8 tensors)."""
+    if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.element_size() == 1:
+        return False
+    if tensor.numel() < _MIN_REMAINDER_NUMEL:
+        return False
+    if remainder_filter is not None:
+        return remainder_filter(name)
+    return name == "weight" or name.endswith(".weight")
 
 
 def save_pruned_checkpoint(
@@ -141,6 +350,10 @@ def save_pruned_checkpoint(
     *,
     format: str = "compressed",
     value_dtype: torch.dtype | None = None,
+    values: str | QuantSpec = "keep",
+    quantized: Mapping[str, QuantizedWeight] | None = None,
+    remainder: str = "keep",
+    remainder_filter: Callable[[str], bool] | None = None,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
     progress: SaveProgress | None = None,
@@ -153,58 +366,143 @@ def save_pruned_checkpoint(
             so no more than one of them is alive at a time (how a 12B model is saved).
         path: the ``.safetensors`` file to create; never overwritten unless ``overwrite``.
         format: ``"compressed"`` or ``"dense"``.
-        value_dtype: None keeps the weights' dtype (bit-exact round trip); ``torch.float8_e4m3fn``
-            stores pruned weights' values as fp8 with per-row scales.
+        value_dtype: ``torch.float8_e4m3fn``: the same as ``values="fp8"`` (kept for callers of
+            format version 1).
+        values: how pruned weights' values are stored (compressed only): ``"keep"`` their dtype
+            (bit-exact round trip), ``"fp8"`` e4m3 with per-row scales, ``"int8"`` / ``"int4"`` /
+            ``"int3"`` group codes (:data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS`), or a
+            :class:`~ditprune_core.quantize.QuantSpec`. With codes, a pruned layer that is not in
+            ``quantized`` is rounded to nearest at save time: **the file then differs from the
+            weights given** by the rounding (reported in ``max_value_relative_error`` and
+            ``rounded_at_save``, and logged as a warning). A layer counts as pruned when its dtype
+            values would shrink in the bitmask or 2:4 layout (about 7 % zeros or more).
+        quantized: layer name (as :func:`~ditprune_core.prune.select_layers` names it) or
+            state-dict key -> its :class:`~ditprune_core.quantize.QuantizedWeight`: those layers
+            store exactly these codes, whatever ``values`` says, with the mask of their keep mask
+            (compressed only). The tensor must hold what the codes decode to, in its dtype.
+        remainder: ``"keep"``, ``"fp8"`` or ``"int8"``: how the dense 2-D weights that stay
+            uncompressed (modulation, embedders, final layer; never norms, biases, 1-D or fp8
+            tensors) are stored in a compressed file: fp8 e4m3fn with a float32 scale per row, or
+            8-bit codes in groups of 128 (:data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`).
+            Lossy: the error is reported (``max_remainder_relative_error``); its cost on final
+            samples is measured by ``python -m ditprune_core.bench lowbit``.
+        remainder_filter: which state-dict keys the remainder applies to (default: 2-D ``*.weight``
+            tensors of at least 256 values; a host passes its Linear layers' keys).
         metadata: extra string metadata (the keys in :data:`RESERVED_METADATA` are ours).
         progress: ``progress(done, total)`` after each tensor is produced (each source is called
             twice, to choose its layout and to write it: ``total`` counts both).
     Returns:
-        a :class:`CheckpointReport` with sizes, layouts and the fp8 error.
+        a :class:`CheckpointReport` with sizes, layouts and errors.
+    Raises:
+        ValueError: an unknown option, fp8 / quantised values or remainder asked of a dense save,
+            codes that do not fit or do not decode to their tensor, a key colliding with a piece.
     """
     if format not in ("dense", "compressed"):
         raise ValueError(f"unknown checkpoint format {format!r}; choose 'dense' or 'compressed'")
-    if value_dtype not in (None, torch.float8_e4m3fn):
-        raise ValueError(f"value_dtype must be None or torch.float8_e4m3fn, got {value_dtype}")
-    if value_dtype is not None and format == "dense":
-        raise ValueError("fp8 values need format='compressed'")
+    value_name, value_spec = _value_format(values, value_dtype)
+    if remainder not in REMAINDER_FORMATS:
+        raise ValueError(f"unknown remainder {remainder!r}; choose from {list(REMAINDER_FORMATS)}")
+    if format == "dense":
+        if value_name == "fp8":
+            raise ValueError("fp8 values need format='compressed'")
+        if value_name != "keep":
+            raise ValueError(
+                f"{value_name} values need format='compressed'; a dense file holds the weights as they are"
+            )
+        if remainder != "keep":
+            raise ValueError(
+                f"remainder={remainder!r} needs format='compressed': a dense file holds every weight as it "
+                "is (choose remainder='keep', or save compressed)"
+            )
+        if quantized:
+            raise ValueError(
+                "quantised codes need format='compressed'; a dense file holds the dequantised weights"
+            )
     reserved = set(RESERVED_METADATA) & set(metadata or {})
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved for ditprune")
+    if "__metadata__" in state_dict:
+        raise ValueError("a tensor may not be called '__metadata__' (safetensors keeps its metadata there)")
+    given = _keys_of(quantized or {}, state_dict.keys())
     report = CheckpointReport(Path(path), format)
-    values = Fp8Values(value_dtype) if value_dtype is not None else None
-    total = 2 * len(state_dict)
-    done = 0
-
-    def made(source: TensorSource) -> TensorSource:
-        if progress is None or not callable(source):
-            return source
-
-        def produce() -> torch.Tensor:
-            nonlocal done
-            tensor = source()
-            done = min(done + 1, total)
-            progress(done, total)
-            return tensor
-
-        return produce
+    fp8 = Fp8Values() if value_name == "fp8" else None
+    counter = _Progress(progress, 2 * len(state_dict))
 
     tensors: dict[str, torch.Tensor | LazyTensor] = {}
     layouts: dict[str, dict[str, str]] = {}
-    encoders = []
-    for name, given in state_dict.items():
-        source = made(given)
-        if progress is not None and not callable(given):  # a tensor given as it is: both passes now
-            done = min(done + 2, total)
-            progress(done, total)
+    encoders: list[_Encoder] = []
+    for name, source_given in state_dict.items():
+        source = counter.wrap(source_given)
+        if not callable(source_given):  # a tensor given as it is: both passes now
+            counter.step(2)
         tensor = source() if callable(source) else source
         report.dense_bytes += _nbytes(tensor)
-        layout = choose_layout(tensor, value_dtype) if format == "compressed" else None
-        if layout is None:
+        where = repr(name)
+        produce: Callable[[], torch.Tensor] = source if callable(source) else functools.partial(_same, tensor)
+        encoder: _Encoder | None = None
+        shape = (int(tensor.shape[0]), int(tensor.shape[1])) if tensor.dim() == 2 else (0, 0)
+        if format == "compressed" and name in given:
+            q = _check_given(name, tensor, given[name])
+            qlayout = choose_quantized_layout(shape, q.spec, q.keep)
+
+            def from_codes(
+                layout: Layout = qlayout,
+                q: QuantizedWeight = q,
+                where: str = where,
+                made_twice: bool = callable(source_given),
+            ) -> tuple[dict[str, torch.Tensor], float]:
+                if made_twice:
+                    counter.step()  # its pieces come from the codes: the source is not made again
+                return layout.encode_quantized(q, where), 0.0
+
+            specs = qlayout.quantized_piece_specs(shape, q.spec, q.keep)
+            encoder = _Encoder(name, "codes", specs, from_codes)
+            layouts[name] = _int_entry(qlayout, tensor.dtype, q.spec)
+            report.stored_codes.append(name)
+        elif format == "compressed":
+            fp8_dtype = fp8.dtype if fp8 is not None else None
+            layout = choose_layout(tensor, None if value_spec is not None else fp8_dtype)
+            if layout is not None and value_spec is not None:
+                keep = storage_view(tensor) != 0
+                qlayout = choose_quantized_layout(shape, value_spec, keep)
+                specs = qlayout.quantized_piece_specs(shape, value_spec, keep)
+                del keep
+                make = _rounded(qlayout, value_spec, produce, True, where)
+                encoder = _Encoder(name, "rounded", specs, make)
+                layouts[name] = _int_entry(qlayout, tensor.dtype, value_spec)
+                report.rounded_at_save.append(name)
+            elif layout is not None:
+                specs = layout.piece_specs(tensor, fp8_dtype)
+                encoder = _Encoder(name, "values", specs, _encode_later(layout, produce, fp8, where))
+                layouts[name] = {
+                    "layout": layout.name,
+                    "dtype": _dtype_name(tensor.dtype),
+                    "values": _dtype_name(fp8.dtype if fp8 else tensor.dtype),
+                    "scale": "per-row" if fp8 is not None else "none",
+                }
+            elif remainder != "keep" and _is_remainder(name, tensor, remainder_filter):
+                dense = LAYOUTS["dense"]
+                if remainder == "fp8":
+                    rest = Fp8Values()
+                    specs = dense.piece_specs(tensor, rest.dtype)
+                    encoder = _Encoder(name, "remainder", specs, _encode_later(dense, produce, rest, where))
+                    layouts[name] = {
+                        "layout": dense.name,
+                        "dtype": _dtype_name(tensor.dtype),
+                        "values": _dtype_name(rest.dtype),
+                        "scale": "per-row",
+                    }
+                else:
+                    spec = DEFAULT_DENSE_SPECS[8]
+                    specs = dense.quantized_piece_specs(shape, spec, None)
+                    encoder = _Encoder(name, "remainder", specs, _rounded(dense, spec, produce, False, where))
+                    layouts[name] = _int_entry(dense, tensor.dtype, spec)
+                report.remainder.append(name)
+        if encoder is None:
             tensors[name] = (
                 LazyTensor(tuple(tensor.shape), tensor.dtype, source) if callable(source) else tensor
             )
             continue
-        encoder = _Encoder(name, tensor, layout, values, source if callable(source) else None)
         encoders.append(encoder)
         tensors[name] = torch.zeros(0, dtype=torch.uint8)  # placeholder: unknowing loaders fail loudly
         pieces = encoder.lazy()
@@ -215,27 +513,50 @@ def save_pruned_checkpoint(
                 "rename it, or save with format='dense'"
             )
         tensors.update(pieces)
-        layouts[name] = {
-            "layout": layout.name,
-            "dtype": str(tensor.dtype).removeprefix("torch."),
-            "values": str(value_dtype or tensor.dtype).removeprefix("torch."),
-            "scale": "per-row" if values is not None else "none",
-        }
-        report.layouts[name] = layout.name
+        report.layouts[name] = layouts[name]["layout"]
         del tensor
+    report.version = 2 if any(_needs_v2(e) for e in layouts.values()) else 1
     meta = {
         **(metadata or {}),
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(report.version),
         "layouts": json.dumps(layouts),
         "checkpoint": format,
     }
-    if "__metadata__" in state_dict:
-        raise ValueError("a tensor may not be called '__metadata__' (safetensors keeps its metadata there)")
     write_safetensors(path, tensors, meta, overwrite=overwrite)
     report.file_bytes = Path(path).stat().st_size
-    report.max_fp8_relative_error = max((e.max_error for e in encoders), default=0.0)
+    errors: dict[str, float] = {}
+    for e in encoders:
+        errors[e.kind] = max(errors.get(e.kind, 0.0), e.max_error)
+    report.max_fp8_relative_error = errors.get("values", 0.0)
+    report.max_value_relative_error = errors.get("rounded", 0.0)
+    report.max_remainder_relative_error = errors.get("remainder", 0.0)
+    if report.rounded_at_save:
+        log.warning(
+            "ditprune: %d pruned layer(s) (e.g. %r) were rounded to %s codes at save time: %s differs "
+            "from the model in memory by up to %.3g of each layer's largest weight. Quantise when "
+            "pruning (Prune and Reconstruct's value bits) to save exactly what you sampled",
+            len(report.rounded_at_save),
+            report.rounded_at_save[0],
+            value_name,
+            path,
+            report.max_value_relative_error,
+        )
     return report
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _encode_later(
+    layout: Layout, produce: Callable[[], torch.Tensor], values: Fp8Values | None, where: str
+) -> _Make:
+    return lambda: layout.encode(produce(), values, where)
+
+
+def _needs_v2(entry: Mapping[str, str]) -> bool:
+    return entry["layout"] == "dense" or entry["values"] in _INT_BITS
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
@@ -250,7 +571,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         format=FORMAT,
         what="ditprune checkpoint",
         error=CheckpointError,
-        version=FORMAT_VERSION,
+        version=READ_VERSIONS,
         not_ours_hint="; load it with ComfyUI's Load Diffusion Model node, or save it with ditprune first",
     )
     fmt = meta.get("checkpoint", "compressed")
@@ -264,30 +585,92 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"{path}: its 'layouts' metadata is not valid JSON ({exc})") from exc
     if not isinstance(layouts, dict):
         raise CheckpointError(f"{path}: its 'layouts' metadata is not a map of tensor names")
+    version = int(meta["format_version"])
     for name, entry in layouts.items():
-        where = f"{path}: layouts entry {name!r}"
-        if not isinstance(entry, dict) or not all(
-            isinstance(entry.get(k), str) for k in ("layout", "dtype", "values")
-        ):
-            raise CheckpointError(f"{where} must hold the strings 'layout', 'dtype' and 'values'")
-        if entry["layout"] not in LAYOUTS:
-            raise CheckpointError(f"{where}: unknown layout {entry['layout']!r}; known: {list(LAYOUTS)}")
-        if entry.get("scale", "none") not in ("none", "per-row"):
-            raise CheckpointError(f"{where}: unknown scale {entry.get('scale')!r}; known: 'none', 'per-row'")
-        for key in ("dtype", "values"):
-            if entry[key] not in _DTYPE_NAMES:
-                raise CheckpointError(f"{where}: unknown {key} {entry[key]!r}; known: {list(_DTYPE_NAMES)}")
+        _check_entry(entry, f"{path}: layouts entry {name!r}", version)
     if fmt == "dense" and layouts:
         raise CheckpointError(f"{path}: a dense checkpoint lists compressed tensors")
-    return CheckpointInfo(fmt, FORMAT_VERSION, layouts, meta)
+    return CheckpointInfo(fmt, version, layouts, meta)
+
+
+def _check_entry(entry: object, where: str, version: int) -> None:
+    """One ``layouts`` entry is what the writer of ``version`` stores."""
+    if not isinstance(entry, dict) or not all(
+        isinstance(entry.get(k), str) for k in ("layout", "dtype", "values")
+    ):
+        raise CheckpointError(f"{where} must hold the strings 'layout', 'dtype' and 'values'")
+    if entry["layout"] not in LAYOUTS:
+        raise CheckpointError(f"{where}: unknown layout {entry['layout']!r}; known: {list(LAYOUTS)}")
+    if entry["dtype"] not in _DTYPE_NAMES:
+        raise CheckpointError(f"{where}: unknown dtype {entry['dtype']!r}; known: {list(_DTYPE_NAMES)}")
+    if entry["values"] in _INT_BITS:
+        if version < 2:
+            raise CheckpointError(
+                f"{where}: {entry['values']} values need format version 2, the file says {version}"
+            )
+        if entry.get("scale") != "group":
+            raise CheckpointError(f"{where}: quantised values need scale 'group', not {entry.get('scale')!r}")
+        size = entry.get("group_size")
+        if not isinstance(size, str) or not size.isdigit() or int(size) < 1:
+            raise CheckpointError(f"{where}: its 'group_size' must be a positive integer, got {size!r}")
+        if entry.get("sym") not in ("true", "false"):
+            raise CheckpointError(f"{where}: its 'sym' must be 'true' or 'false', got {entry.get('sym')!r}")
+        if entry.get("grouping") not in GROUPINGS:
+            raise CheckpointError(
+                f"{where}: unknown grouping {entry.get('grouping')!r}; known: {list(GROUPINGS)}"
+            )
+        try:
+            _entry_spec(entry)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from exc
+        return
+    if entry["values"] not in _DTYPE_NAMES:
+        known = [*_DTYPE_NAMES, *_INT_BITS]
+        raise CheckpointError(f"{where}: unknown values {entry['values']!r}; known: {known}")
+    if entry.get("scale", "none") not in ("none", "per-row"):
+        raise CheckpointError(f"{where}: unknown scale {entry.get('scale')!r}; known: 'none', 'per-row'")
+    if entry["layout"] == "dense":
+        if version < 2:
+            raise CheckpointError(
+                f"{where}: the dense layout needs format version 2, the file says {version}"
+            )
+        if entry.get("scale") != "per-row":
+            raise CheckpointError(f"{where}: the dense layout holds fp8 or quantised values, not plain ones")
+
+
+def _entry_spec(entry: Mapping[str, str]) -> QuantSpec:
+    return QuantSpec(
+        _INT_BITS[entry["values"]],
+        int(entry["group_size"]),
+        sym=entry["sym"] == "true",
+        grouping=entry["grouping"],
+    )
 
 
 def _piece_names(info: Mapping[str, str]) -> tuple[str, ...]:
     layout = LAYOUTS[info["layout"]]
+    if info["values"] in _INT_BITS:
+        zeros = () if info["sym"] == "true" else ("qzeros",)
+        return ("shape", *layout.mask_pieces, "qcodes", "qscales", *zeros, "qspec")
     # files from before the "scale" key: scaled exactly when the values dtype differs
     scaled = info.get("scale", "per-row" if info["values"] != info["dtype"] else "none") == "per-row"
     scale = ("scale",) if scaled else ()
     return ("shape", *layout.own_pieces, *scale)
+
+
+def _check_spec(
+    name: str, entry: Mapping[str, str], own: Mapping[str, torch.Tensor], path: Path | str
+) -> None:
+    """The ``qspec`` piece says what the metadata says (a lying file disagrees with itself)."""
+    if entry["values"] not in _INT_BITS:
+        return
+    where = f"{path}: {name!r}"
+    stored, said = spec_of_piece(own["qspec"], where), _entry_spec(entry)
+    if stored != said:
+        raise CheckpointError(
+            f"{where}: its 'qspec' piece says {stored} but the metadata says {said} (crafted or corrupted "
+            "file)"
+        )
 
 
 def check_keys(keys: Iterable[str], info: CheckpointInfo, path: str | Path) -> None:
@@ -323,6 +706,7 @@ def check_keys(keys: Iterable[str], info: CheckpointInfo, path: str | Path) -> N
 
 
 def _decode(name: str, entry: Mapping[str, str], own: Mapping[str, torch.Tensor], path: Path) -> torch.Tensor:
+    _check_spec(name, entry, own, path)
     return LAYOUTS[entry["layout"]].decode(own, _DTYPE_NAMES[entry["dtype"]], where=f"{path}: {name!r}")
 
 
@@ -345,6 +729,7 @@ def validate_compressed_state(
         if state[name].numel() != 0:
             raise CheckpointError(f"{path}: placeholder {name!r} of a compressed tensor is not empty")
         own = {p: state[f"{name}.{p}"] for p in _piece_names(entry)}
+        _check_spec(name, entry, own, path)
         LAYOUTS[entry["layout"]].validate(own, f"{path}: {name!r}")
     if crcs:
         for key, tensor in state.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -10,9 +12,24 @@ from comfy_api.latest import io
 
 from ..ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info, validate_compressed_state
 from .choices import NO_DIFFUSION_MODELS, options, refuse_placeholder
-from .packed import PackedOps, make_packed
+from .packed import PackedLinear, PackedOps, make_packed
 
 MODES = ("compressed on device", "densify at load")
+
+
+def refuse_unpacked(model: Any, expected: int, path: str) -> None:
+    """Every compressed tensor of the file became a compressed Linear layer (a compressed weight of
+    any other module would be left as an empty stand-in).
+
+    Raises:
+        ValueError: naming the file and how to load it instead.
+    """
+    packed = sum(isinstance(m, PackedLinear) and m.is_packed for m in model.model.modules())
+    if packed < expected:
+        raise ValueError(
+            f"{path}: {expected - packed} of its {expected} compressed tensors are not weights of Linear "
+            "layers, which are all that can stay compressed on the device; load it with mode 'densify at load'"
+        )
 
 
 class DitPruneLoadPrunedModel(io.ComfyNode):
@@ -76,6 +93,7 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
             model = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
             if model is not None:
                 model = make_packed(model, sparse_kernels)
+                refuse_unpacked(model, len(layouts), path)
         if model is None:
             raise ValueError(f"{path}: ComfyUI could not detect the model type of this checkpoint")
         return io.NodeOutput(model)

@@ -2,7 +2,11 @@
 
 ``PackedOps`` is a ComfyUI operations class whose Linear keeps a pruned weight as its compressed
 pieces (buffers, so they move with the model and count in its memory size) and decompresses it for
-each forward, on the input's device, in the input's dtype. Patches (LoRA, masks) still apply:
+each forward, on the input's device: in the checkpoint's dtype, then cast to the input's, so that
+it computes with exactly the weight a densified load holds. Quantised layers (int8/int4/int3
+codes, and the fp8 or int8 dense remainder) stay compressed the same way, as ComfyUI-GGUF keeps its
+blocks: each is dequantised right before its matmul (:func:`~ditprune_core.layouts.runtime_pieces`
+lays bitmask codes out for a fast decode). Patches (LoRA, masks) still apply:
 ``PackedModelPatcher`` hands them to the layer instead of baking them into a weight that does not
 exist densely, and lowvram patches arrive through the layer's ``weight_function`` list as usual.
 With ``sparse_kernels``, 2:4 layers run with torch's semi-structured sparse kernels where they
@@ -20,7 +24,7 @@ import comfy.ops
 import torch
 from torch import nn
 
-from ..ditprune_core.layouts import PIECES, unpack_weight
+from ..ditprune_core.layouts import PIECES, runtime_pieces, unpack_weight
 
 log = logging.getLogger("ditprune")
 
@@ -51,12 +55,19 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
                 f"compressed weight {key!r} is {rows}x{cols} but the model's layer is "
                 f"{self.out_features}x{self.in_features}: the checkpoint does not match the detected model"
             )
+        pieces = {p: state_dict.pop(f"{key}.{p}") for p in PIECES if f"{key}.{p}" in state_dict}
+        placeholder = state_dict.pop(key, None)  # empty, or the loader's meta tensor of the true dtype
+        #: the checkpoint's dtype of this weight (None: unknown, decode in the input's dtype)
+        self.packed_dtype = (
+            placeholder.dtype if placeholder is not None and placeholder.is_floating_point() else None
+        )
         names = []
-        for piece in PIECES:
-            if key + "." + piece in state_dict:
-                self.register_buffer(f"packed_{piece}", state_dict.pop(key + "." + piece), persistent=True)
+        # shape and spec are read on the host every forward: kept on the CPU, they cost no device sync
+        self._host_pieces = {p: pieces.pop(p) for p in ("shape", "qspec") if p in pieces}
+        for piece, tensor in runtime_pieces({**pieces, **self._host_pieces}, repr(key)).items():
+            if piece not in self._host_pieces:
+                self.register_buffer(f"packed_{piece}", tensor, persistent=True)
                 names.append(piece)
-        state_dict.pop(key, None)  # the empty placeholder
         self.packed_pieces = tuple(names)
         self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
         self.ditprune_patches: tuple[str, list[Any]] | None = None
@@ -69,8 +80,10 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
         return bool(self.packed_pieces)
 
     def dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) weight in ``dtype`` on ``device``, decoded in the checkpoint's dtype first."""
         pieces = {p: getattr(self, f"packed_{p}").to(device, non_blocking=True) for p in self.packed_pieces}
-        return unpack_weight(pieces, dtype, check=False)
+        weight = unpack_weight({**pieces, **self._host_pieces}, self.packed_dtype or dtype, check=False)
+        return weight.to(dtype)
 
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = input

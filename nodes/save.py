@@ -1,9 +1,12 @@
-"""Save Pruned Model: the diffusion model, pruning baked in, dense or compressed."""
+"""Save Pruned Model: the diffusion model, pruning baked in, dense or compressed (with fp8 or
+quantised values, and an fp8 or int8 remainder)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from comfy.model_patcher import ModelPatcher
@@ -24,7 +27,63 @@ from .common import (
     stored_weight,
 )
 
+log = logging.getLogger("ditprune")
+
 DTYPE_CHOICES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: the node's value choices -> save_pruned_checkpoint's ``values`` ("keep dtype" and "fp8_e4m3fn"
+#: are the names saved prompts already use)
+VALUE_CHOICES = {"keep dtype": "keep", "fp8_e4m3fn": "fp8", "int8": "int8", "int4": "int4", "int3": "int3"}
+REMAINDER_CHOICES = ("keep", "fp8", "int8")
+
+#: figures from docs/bench/pareto.md: projected FLUX.1-dev files (rest of the model in fp8, as
+#: remainder "fp8" stores it) and the relative error of final samples on MiniFlux-A / MiniFlux-B
+VALUES_TOOLTIP = (
+    "compressed only: how pruned layers' values are stored. keep dtype: bit-exact. fp8_e4m3fn: a "
+    "scale per row. int8 / int4 / int3: codes with a scale per 128 kept values, rounded at save time "
+    "(the file then differs from the model by the rounding; the node says by how much). A model from "
+    "Prune and Reconstruct with value bits keeps its own codes, stored exactly, whatever you choose here.\n"
+    "Which to pick for your VRAM (projected FLUX.1-dev weights with remainder fp8, from "
+    "docs/bench/pareto.md; error = relative error of final samples on MiniFlux-A / -B):\n"
+    "- 24 GB or more: do not prune for memory: the bf16 model is 23.8 GB; ComfyUI's own fp8 11.9 GB "
+    "(error 0.020 / 0.028).\n"
+    "- 12-16 GB: ComfyUI's fp8 (11.9 GB) still beats pruning on quality; pruned 50% + fp8_e4m3fn: "
+    "8.7 GB (error 0.18 / 0.23).\n"
+    "- 8-12 GB: 50% + int4: 6.6 GB (error 0.19 / 0.25).\n"
+    "- under 8 GB: 2:4 + int4: 6.3 GB (0.27 / 0.36), 50% + int3: 6.1 GB (0.22 / 0.25), "
+    "70% + int3: 5.4 GB (0.37 / 0.43).\n"
+    "Plainly: at equal size, dense quantisation beats pruning on MiniFlux (GGUF Q4_0 0.064 / 0.072 "
+    "at 8.1 GB projected, dense GPTQ 3-bit 0.088 / 0.117 at 6.7 GB): prune for a smaller, faster "
+    "model, not for the best picture per gigabyte."
+)
+REMAINDER_TOOLTIP = (
+    "compressed only: how the layers that stay dense (adaLN modulation, embedders, final layer: 28% of "
+    "FLUX.1-dev, 6.6 GB in bf16) are stored; norms and biases always keep their dtype. keep: as they "
+    "are. fp8: e4m3fn with a scale per row (3.3 GB). int8: 8-bit codes, a scale per 128 weights "
+    "(3.4 GB). What each costs on final samples: see 'remainder' in docs/bench/lowbit.md."
+)
+
+
+def given_codes(model: ModelPatcher, keys: list[str]) -> dict[str, Any]:
+    """The quantised codes Prune and Reconstruct left on the MODEL's patches, by state-dict key.
+
+    A ditprune patch with a ``quantized`` attribute (a ``QuantizedWeight``) replaces the weight; a
+    layer patched again after it (a LoRA) no longer holds what its codes decode to, so it is left
+    out (its values are then rounded at save time, with a warning)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        patches = model.patches.get(PREFIX + key) or []
+        if not patches:
+            continue
+        codes = getattr(patches[-1][1], "quantized", None)
+        if codes is not None:
+            out[key] = codes
+        elif any(getattr(p[1], "quantized", None) is not None for p in patches[:-1]):
+            log.warning(
+                "ditprune: %r is patched again after Prune and Reconstruct (a LoRA?): its codes are not "
+                "stored, its values are rounded at save time",
+                key,
+            )
+    return out
 
 
 def save_dtype(model: ModelPatcher, keys: list[str], choice: str) -> tuple[torch.dtype | None, str]:
@@ -57,8 +116,9 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             display_name="DiT-Pruning Save Pruned Model",
             category=CATEGORY,
             description="Writes the diffusion model, pruning baked in, to models/diffusion_models/. 'dense' files open "
-            "in the stock Load Diffusion Model node; 'compressed' files (about 56% of bf16 at 50% sparsity, 31% with "
-            "fp8 values) open in DiT-Pruning Load Pruned Model. Never overwrites a file.",
+            "in the stock Load Diffusion Model node; 'compressed' files (pruned layers at 50% sparsity: about 56% "
+            "of bf16, 31% with fp8 values, 19% with int4) open in DiT-Pruning Load Pruned Model. Never overwrites "
+            "a file.",
             inputs=[
                 io.Model.Input("model", tooltip="A model from Apply Pruning (any MODEL can be saved)."),
                 io.String.Input(
@@ -76,10 +136,9 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "values",
-                    options=["keep dtype", "fp8_e4m3fn"],
+                    options=list(VALUE_CHOICES),
                     default="keep dtype",
-                    tooltip="compressed only: store pruned weights' values as fp8 with per-row scales "
-                    "(lossy, bounded error) or keep their dtype (bit-exact).",
+                    tooltip=VALUES_TOOLTIP,
                 ),
                 io.Combo.Input(
                     "dtype",
@@ -89,6 +148,13 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                     tooltip="auto: the dtype of the file the model came from (a bf16 FLUX that ComfyUI "
                     "computes in fp32 is saved as bf16), read from the weights: never larger, never lossy. "
                     "bf16 / fp16 / fp32: that dtype for every float tensor.",
+                ),
+                io.Combo.Input(
+                    "remainder",
+                    options=list(REMAINDER_CHOICES),
+                    default="keep",
+                    optional=True,  # prompts saved before it existed still validate
+                    tooltip=REMAINDER_TOOLTIP,
                 ),
             ],
             outputs=[
@@ -108,10 +174,19 @@ class DitPruneSavePrunedModel(io.ComfyNode):
         format: str = "dense",
         values: str = "keep dtype",
         dtype: str = "auto",
+        remainder: str = "keep",
     ) -> io.NodeOutput:
         dm = diffusion_model(model, action="save it again (it is saved already)")
-        if format == "dense" and values != "keep dtype":
-            raise ValueError("fp8 values need format 'compressed'; choose 'keep dtype' for a dense file")
+        if values not in VALUE_CHOICES or remainder not in REMAINDER_CHOICES:
+            raise ValueError(
+                f"unknown values {values!r} or remainder {remainder!r}; choose values from "
+                f"{list(VALUE_CHOICES)} and remainder from {list(REMAINDER_CHOICES)}"
+            )
+        if format == "dense" and (values != "keep dtype" or remainder != "keep"):
+            raise ValueError(
+                f"values {values!r} and remainder {remainder!r} need format 'compressed': a dense file holds "
+                "every weight as it is; choose 'keep dtype' and remainder 'keep' for a dense file"
+            )
         folder = diffusion_models_dir()
         prefix = safe_child(folder, filename_prefix.strip() or "ditprune/pruned")
         target = next_free_path(prefix.parent, prefix.name, ".safetensors")
@@ -137,12 +212,16 @@ class DitPruneSavePrunedModel(io.ComfyNode):
 
         info = model.model_options.get("ditprune", {})
         metadata = {"ditprune_version": __version__, "ditprune": json.dumps(info, default=str)}
+        linear_keys = {f"{name}.weight" for name, m in dm.named_modules() if isinstance(m, torch.nn.Linear)}
         report = save_pruned_checkpoint(
             {k: source(k) for k in keys},
             target,
             format=format,
             metadata=metadata,
-            value_dtype=torch.float8_e4m3fn if values == "fp8_e4m3fn" else None,
+            values=VALUE_CHOICES[values],
+            quantized=given_codes(model, keys) if format == "compressed" else None,
+            remainder=remainder,
+            remainder_filter=linear_keys.__contains__,
             progress=Progress(),
         )
         loader = "DiT-Pruning Load Pruned Model" if format == "compressed" else "Load Diffusion Model"
@@ -150,4 +229,16 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             f"saved {target} in {how} ({report.ratio:.1%} of the dense size, {len(report.layouts)} "
             f"tensors compressed); open it with {loader}"
         )
+        if report.stored_codes:
+            text += f". {len(report.stored_codes)} layer(s) stored with their own quantised codes (exact)"
+        if report.rounded_at_save:
+            text += (
+                f". {len(report.rounded_at_save)} layer(s) rounded to {values} at save time: the file differs "
+                f"from this model by up to {report.max_value_relative_error:.3g} of each layer's largest weight"
+            )
+        if report.remainder:
+            text += (
+                f". {len(report.remainder)} dense layer(s) stored as {remainder} (largest error "
+                f"{report.max_remainder_relative_error:.3g} of each layer's largest weight)"
+            )
         return io.NodeOutput(str(target), ui={"text": [text]})

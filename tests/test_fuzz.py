@@ -1,9 +1,10 @@
 """Seeded, bounded fuzzing of every file we read: corruption is refused, or changes nothing.
 
 Each case flips bits in the header or in the data of a compressed checkpoint (bitmask, 2:4, fp8
-values) or a calibration file. The outcome must be a clean refusal that names the file, or a
-result identical to the original (a change that does not matter, e.g. inside JSON padding). A
-crash of any other kind, or different values loaded silently, fails the test.
+values, int4 codes, int3 codes with an int8 remainder) or a calibration file. The outcome must be
+a clean refusal that names the file, or a result identical to the original (a change that does not
+matter, e.g. inside JSON padding). A crash of any other kind, or different values loaded silently,
+fails the test.
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ def _checkpoint(tmp_path, kind: str):
     pattern = "2:4" if kind == "2:4" else "unstructured"
     keep = layer_keep_mask("w", w, None, PruneConfig(0.5, metric="magnitude", pattern=pattern))
     path = tmp_path / f"{kind.replace(':', '')}.safetensors"
-    values = torch.float8_e4m3fn if kind == "fp8" else None
-    save_pruned_checkpoint({"w": (w * keep).to(torch.bfloat16), "b": torch.ones(3)}, path, value_dtype=values)
+    values = {"fp8": "fp8", "int4": "int4", "int3+int8": "int3"}.get(kind, "keep")
+    remainder = "int8" if kind == "int3+int8" else "keep"
+    state = {
+        "w": (w * keep).to(torch.bfloat16),
+        "b": torch.ones(3),
+        "m.weight": torch.randn(16, 32, generator=gen),
+    }
+    save_pruned_checkpoint(state, path, values=values, remainder=remainder)
     return path, load_pruned_checkpoint(path), load_pruned_checkpoint, CheckpointError
 
 
@@ -56,7 +63,7 @@ def _same(a: dict, b: dict) -> bool:
     )
 
 
-@pytest.mark.parametrize("kind", ["bitmask", "2:4", "fp8", "calibration"])
+@pytest.mark.parametrize("kind", ["bitmask", "2:4", "fp8", "int4", "int3+int8", "calibration"])
 def test_corruption_is_refused_or_harmless(tmp_path, kind: str) -> None:
     path, original, read, refusal = (
         _calibration(tmp_path) if kind == "calibration" else _checkpoint(tmp_path, kind)

@@ -175,27 +175,28 @@ def test_packed_sizes() -> None:
 
 def test_bits_per_weight_dense_by_hand() -> None:
     # (4, 64), 3-bit, groups of 32: 256 codes = 32 words of 3 bytes (96); 8 float16 scales (16);
-    # the shape piece (16) -> 128 bytes = 4.0 bits per weight
+    # the int64 shape piece (16) and the int32 spec piece (16) -> 144 bytes = 4.5 bits per weight
     cost = storage_cost((4, 64), QuantSpec(3, 32, sym=True))
-    assert (cost.value_bytes, cost.scale_bytes, cost.zero_bytes, cost.tensor_bytes) == (96, 16, 0, 16)
-    assert cost.bits_per_weight == 4.0
+    assert (cost.value_bytes, cost.scale_bytes, cost.zero_bytes, cost.tensor_bytes) == (96, 16, 0, 32)
+    assert cost.bits_per_weight == 4.5
     # asymmetric adds 8 packed 3-bit zero points: one word, 3 bytes
-    assert bits_per_weight((4, 64), QuantSpec(3, 32, sym=False)) == 8 * 131 / 256
-    # FLUX-sized, 4-bit groups of 64: 4 + 16 / 64 bits, plus the 16-byte shape piece
-    assert bits_per_weight((3072, 3072), QuantSpec(4, 64)) == pytest.approx(4.25 + 128 / 3072**2, abs=1e-12)
+    assert bits_per_weight((4, 64), QuantSpec(3, 32, sym=False)) == 8 * 147 / 256
+    # FLUX-sized, 4-bit groups of 64: 4 + 16 / 64 bits, plus the shape and spec pieces (32 bytes)
+    assert bits_per_weight((3072, 3072), QuantSpec(4, 64)) == pytest.approx(4.25 + 256 / 3072**2, abs=1e-12)
 
 
 def test_bits_per_weight_bitmask_by_hand() -> None:
     # (3072, 3072) at 50 %, 3-bit kept values in groups of 32 kept values, symmetric:
-    # mask 1 bit, codes 0.5 * 3 bits, scales 0.5 * 16 / 32 bits, row offsets 64 bits per row
+    # mask 1 bit, codes 0.5 * 3 bits, scales 0.5 * 16 / 32 bits; no row offsets (the bitmask gives
+    # each row's count), the shape and spec pieces (32 bytes)
     rows = cols = 3072
     kept = torch.full((rows,), cols // 2)
     cost = storage_cost((rows, cols), QuantSpec(3, 32), layout="bitmask", kept=kept)
     assert cost.mask_bytes == rows * cols // 8
     assert cost.value_bytes == rows * cols // 2 * 3 // 8
     assert cost.scale_bytes == rows * (cols // 2 // 32) * 2
-    assert cost.row_bytes == rows * 8
-    expected = 1 + 1.5 + 0.25 + 64 / cols + 128 / (rows * cols)
+    assert cost.row_bytes == 0
+    expected = 1 + 1.5 + 0.25 + 256 / (rows * cols)
     assert cost.bits_per_weight == pytest.approx(expected, abs=1e-12)
     # grouped over columns, the same group size costs twice the scales (one per window of 32)
     by_columns = storage_cost((rows, cols), QuantSpec(3, 32, grouping="columns"), layout="bitmask", kept=kept)
@@ -209,15 +210,16 @@ def test_bits_per_weight_ragged_kept_counts() -> None:
     assert cost.zero_bytes == packed_nbytes(4, 4) == 2
     assert cost.value_bytes == packed_nbytes(38, 4) == 19
     assert cost.mask_bytes == 2 * 5
-    assert cost.total_bytes == 10 + 19 + 8 + 2 + 16 + 16
+    assert cost.row_bytes == 0  # no row offsets with quantised values
+    assert cost.total_bytes == 10 + 19 + 8 + 2 + 16 + 16  # mask, codes, scales, zeros, shape, spec
 
 
 def test_bits_per_weight_two_four_by_hand() -> None:
     # (8, 64) 2:4, 4-bit values in groups of 16 kept values: 16 position groups per row, 3 per byte
-    # (6 bytes); 32 codes per row (16 bytes); 2 scales per row (4 bytes); shape 16 -> 224 bytes
+    # (6 bytes); 32 codes per row (16 bytes); 2 scales per row (4 bytes); shape + spec 32 -> 240 bytes
     cost = storage_cost((8, 64), QuantSpec(4, 16), layout="2:4")
     assert (cost.mask_bytes, cost.value_bytes, cost.scale_bytes) == (48, 128, 32)
-    assert cost.bits_per_weight == 8 * 224 / 512
+    assert cost.bits_per_weight == 8 * 240 / 512
 
 
 def test_quantised_storage_matches_the_quantiser_pieces() -> None:

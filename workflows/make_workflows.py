@@ -523,7 +523,7 @@ def sample_compare_save(
     save = g.add(
         "DitPruneSavePrunedModel",
         (0, 0),
-        [prefix, "dense", "keep dtype", "auto"],
+        [prefix, "dense", "keep dtype", "auto", "keep"],
         [("model", "MODEL")],
         [("path", "STRING")],
     )

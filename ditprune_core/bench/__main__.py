@@ -1,6 +1,6 @@
 """Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
 
-WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed.
+WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit.
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ def main(argv: list[str] | None = None) -> int:
             "quantgroups",
             "pareto",
             "obsspeed",
+            "lowbit",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
     parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
-    parser.add_argument("--per-class", type=int, default=10, help="pareto: samples of each digit per seed")
+    parser.add_argument(
+        "--per-class", type=int, default=10, help="pareto, lowbit: samples of each digit per seed"
+    )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     parser.add_argument("--quick", action="store_true", help="obsspeed: FLUX widths / 4 (a smoke run)")
     parser.add_argument("--device", default="cpu", help="obsspeed: cpu or cuda")
@@ -70,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         path = write_obs_speed(
             args.out, command=command, quick=args.quick, device=args.device, threads=args.threads
         )
+        print(path.read_text())
+        return 0
+    if args.which == "lowbit":
+        from .lowbit import write_lowbit
+
+        path = write_lowbit(args.out, command, args.models, seeds=tuple(args.seeds), per_class=args.per_class)
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

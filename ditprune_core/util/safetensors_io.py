@@ -187,7 +187,7 @@ def read_metadata(
     format: str,
     what: str,
     error: type[Exception],
-    version: int | None = None,
+    version: int | tuple[int, ...] | None = None,
     version_key: str = "format_version",
     not_ours_hint: str = "",
     old_version_hint: str = "upgrade ditprune",
@@ -202,7 +202,7 @@ def read_metadata(
         format: the ``format`` metadata value our writer stores.
         what: how a message names the kind of file ("ditprune calibration").
         error: the exception class to raise.
-        version: the version this code reads (None: unversioned).
+        version: the version this code reads, or the versions (None: unversioned).
         version_key: the metadata key holding the version.
         not_ours_hint: appended to the "not a ..." message (how to fix it).
         old_version_hint: appended to the version message (how to fix it).
@@ -219,9 +219,11 @@ def read_metadata(
         raise error(f"{path} is not a readable {what} file (truncated or corrupted?): {exc}") from exc
     if metadata.get("format") != format:
         raise error(f"{path} is not a {what} (format {metadata.get('format')!r}){not_ours_hint}")
-    if version is not None and metadata.get(version_key) != str(version):
+    versions = (version,) if isinstance(version, int) else version
+    if versions is not None and metadata.get(version_key) not in {str(v) for v in versions}:
+        readable = " or ".join(str(v) for v in versions)
         raise error(
             f"{path} has {what} format version {metadata.get(version_key)!r}; this ditprune reads "
-            f"version {version}: {old_version_hint}"
+            f"version {readable}: {old_version_hint}"
         )
     return metadata
