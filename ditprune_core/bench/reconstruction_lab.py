@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ def sparsegpt_layer(
 
 
 #: ``prune_sequential_`` rows: name -> PruneConfig keywords besides sparsity, pattern, update="obs"
-PRODUCT: dict[str, dict[str, ReconstructParams]] = {
+PRODUCT: dict[str, dict[str, Any]] = {
     "dit-obs": {},
     "dit-obs-uniform": {"reconstruct": ReconstructParams(allocation="uniform")},
     "dit-obs-spread0.2": {"reconstruct": ReconstructParams(allocation_spread=0.2)},
