@@ -58,8 +58,11 @@ class ReconstructParams:
         refit: ``"none"``, ``"exact"`` (per-row masked least squares), ``"pcg"`` (preconditioned
             conjugate gradient warm-started from the OBS result) or ``"auto"`` (exact up to
             ``exact_max_in`` inputs, PCG above).
-        refit_iters: PCG iterations at most.
-        refit_tol: PCG stops when every row's relative residual is below this.
+        refit_iters: PCG iterations at most. 5 (measured, docs/bench/reconstruction_lab.md and
+            obs_speed.md): on MiniFlux 5 iterations recover about 90% of the exact refit's gain over
+            the OBS update alone and 20 all of it, while at FLUX.1-dev width each iteration costs
+            about as much as the OBS update (5: 6.9 h for the whole model on a 2-core CPU, 20: 21 h).
+        refit_tol: PCG stops earlier when every row's relative residual is below this.
         exact_max_in: the largest input size ``"auto"`` solves exactly.
         allocation: ``"uniform"``: every layer is pruned to the config's sparsity; ``"block"``: the
             layers of one transformer block (within one pass) share the block's prune count, which
@@ -74,7 +77,7 @@ class ReconstructParams:
     blocksize: int = 128
     damp: float = 0.01
     refit: str = "auto"
-    refit_iters: int = 20
+    refit_iters: int = 5
     refit_tol: float = 1e-4
     exact_max_in: int = 1024
     allocation: str = "block"

@@ -63,7 +63,9 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
         )
         names = []
         # shape and spec are read on the host every forward: kept on the CPU, they cost no device sync
-        self._host_pieces = {p: pieces.pop(p) for p in ("shape", "qspec") if p in pieces}
+        self._host_pieces: dict[str, torch.Tensor] = {
+            p: pieces.pop(p) for p in ("shape", "qspec") if p in pieces
+        }
         for piece, tensor in runtime_pieces({**pieces, **self._host_pieces}, repr(key)).items():
             if piece not in self._host_pieces:
                 self.register_buffer(f"packed_{piece}", tensor, persistent=True)
