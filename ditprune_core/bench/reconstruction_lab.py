@@ -125,6 +125,9 @@ PRODUCT: dict[str, dict[str, Any]] = {
     "dit-obs-b0.3": {"reconstruct": ReconstructParams(balance=0.3)},
     "dit-obs-b0.5": {"reconstruct": ReconstructParams(balance=0.5)},
     "dit-obs-norefit": {"reconstruct": ReconstructParams(refit="none")},
+    "dit-obs-v8": {"value_bits": 8},
+    "dit-obs-v4": {"value_bits": 4},
+    "dit-obs-v3": {"value_bits": 3},
 }
 
 
