@@ -55,7 +55,9 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
                 f"compressed weight {key!r} is {rows}x{cols} but the model's layer is "
                 f"{self.out_features}x{self.in_features}: the checkpoint does not match the detected model"
             )
-        pieces = {p: state_dict.pop(f"{key}.{p}") for p in PIECES if f"{key}.{p}" in state_dict}
+        pieces: dict[str, torch.Tensor] = {
+            p: state_dict.pop(f"{key}.{p}") for p in PIECES if f"{key}.{p}" in state_dict
+        }
         placeholder = state_dict.pop(key, None)  # empty, or the loader's meta tensor of the true dtype
         #: the checkpoint's dtype of this weight (None: unknown, decode in the input's dtype)
         self.packed_dtype = (
@@ -63,7 +65,9 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
         )
         names = []
         # shape and spec are read on the host every forward: kept on the CPU, they cost no device sync
-        self._host_pieces = {p: pieces.pop(p) for p in ("shape", "qspec") if p in pieces}
+        self._host_pieces: dict[str, torch.Tensor] = {
+            p: pieces.pop(p) for p in ("shape", "qspec") if p in pieces
+        }
         for piece, tensor in runtime_pieces({**pieces, **self._host_pieces}, repr(key)).items():
             if piece not in self._host_pieces:
                 self.register_buffer(f"packed_{piece}", tensor, persistent=True)
