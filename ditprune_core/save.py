@@ -437,72 +437,24 @@ def save_pruned_checkpoint(
             counter.step(2)
         tensor = source() if callable(source) else source
         report.dense_bytes += _nbytes(tensor)
-        where = repr(name)
         produce: Callable[[], torch.Tensor] = source if callable(source) else functools.partial(_same, tensor)
-        encoder: _Encoder | None = None
-        shape = (int(tensor.shape[0]), int(tensor.shape[1])) if tensor.dim() == 2 else (0, 0)
+        plan: tuple[_Encoder, dict[str, str]] | None = None
         if format == "compressed" and name in given:
-            q = _check_given(name, tensor, given[name])
-            qlayout = choose_quantized_layout(shape, q.spec, q.keep)
-
-            def from_codes(
-                layout: Layout = qlayout,
-                q: QuantizedWeight = q,
-                where: str = where,
-                made_twice: bool = callable(source_given),
-            ) -> tuple[dict[str, torch.Tensor], float]:
-                if made_twice:
-                    counter.step()  # its pieces come from the codes: the source is not made again
-                return layout.encode_quantized(q, where), 0.0
-
-            specs = qlayout.quantized_piece_specs(shape, q.spec, q.keep)
-            encoder = _Encoder(name, "codes", specs, from_codes)
-            layouts[name] = _int_entry(qlayout, tensor.dtype, q.spec)
+            plan = _codes_plan(name, tensor, given[name], counter if callable(source_given) else None)
             report.stored_codes.append(name)
         elif format == "compressed":
-            fp8_dtype = fp8.dtype if fp8 is not None else None
-            layout = choose_layout(tensor, None if value_spec is not None else fp8_dtype)
-            if layout is not None and value_spec is not None:
-                keep = storage_view(tensor) != 0
-                qlayout = choose_quantized_layout(shape, value_spec, keep)
-                specs = qlayout.quantized_piece_specs(shape, value_spec, keep)
-                del keep
-                make = _rounded(qlayout, value_spec, produce, True, where)
-                encoder = _Encoder(name, "rounded", specs, make)
-                layouts[name] = _int_entry(qlayout, tensor.dtype, value_spec)
+            plan = _values_plan(name, tensor, produce, value_spec, fp8)
+            if plan is not None and value_spec is not None:
                 report.rounded_at_save.append(name)
-            elif layout is not None:
-                specs = layout.piece_specs(tensor, fp8_dtype)
-                encoder = _Encoder(name, "values", specs, _encode_later(layout, produce, fp8, where))
-                layouts[name] = {
-                    "layout": layout.name,
-                    "dtype": _dtype_name(tensor.dtype),
-                    "values": _dtype_name(fp8.dtype if fp8 else tensor.dtype),
-                    "scale": "per-row" if fp8 is not None else "none",
-                }
-            elif remainder != "keep" and _is_remainder(name, tensor, remainder_filter):
-                dense = LAYOUTS["dense"]
-                if remainder == "fp8":
-                    rest = Fp8Values()
-                    specs = dense.piece_specs(tensor, rest.dtype)
-                    encoder = _Encoder(name, "remainder", specs, _encode_later(dense, produce, rest, where))
-                    layouts[name] = {
-                        "layout": dense.name,
-                        "dtype": _dtype_name(tensor.dtype),
-                        "values": _dtype_name(rest.dtype),
-                        "scale": "per-row",
-                    }
-                else:
-                    spec = DEFAULT_DENSE_SPECS[8]
-                    specs = dense.quantized_piece_specs(shape, spec, None)
-                    encoder = _Encoder(name, "remainder", specs, _rounded(dense, spec, produce, False, where))
-                    layouts[name] = _int_entry(dense, tensor.dtype, spec)
+            if plan is None and remainder != "keep" and _is_remainder(name, tensor, remainder_filter):
+                plan = _remainder_plan(name, tensor, produce, remainder)
                 report.remainder.append(name)
-        if encoder is None:
+        if plan is None:
             tensors[name] = (
                 LazyTensor(tuple(tensor.shape), tensor.dtype, source) if callable(source) else tensor
             )
             continue
+        encoder, layouts[name] = plan
         encoders.append(encoder)
         tensors[name] = torch.zeros(0, dtype=torch.uint8)  # placeholder: unknowing loaders fail loudly
         pieces = encoder.lazy()
@@ -543,6 +495,79 @@ def save_pruned_checkpoint(
             report.max_value_relative_error,
         )
     return report
+
+
+def _shape(tensor: torch.Tensor) -> tuple[int, int]:
+    return int(tensor.shape[0]), int(tensor.shape[1])
+
+
+def _codes_plan(
+    name: str, tensor: torch.Tensor, q: QuantizedWeight, counter: _Progress | None
+) -> tuple[_Encoder, dict[str, str]]:
+    """A weight stored with the codes it was given (``counter``: tick it when they are written, in
+    place of making the source a second time)."""
+    where = repr(name)
+    q = _check_given(name, tensor, q)
+    layout = choose_quantized_layout(_shape(tensor), q.spec, q.keep)
+
+    def make() -> tuple[dict[str, torch.Tensor], float]:
+        if counter is not None:
+            counter.step()
+        return layout.encode_quantized(q, where), 0.0
+
+    specs = layout.quantized_piece_specs(_shape(tensor), q.spec, q.keep)
+    return _Encoder(name, "codes", specs, make), _int_entry(layout, tensor.dtype, q.spec)
+
+
+def _values_plan(
+    name: str,
+    tensor: torch.Tensor,
+    produce: Callable[[], torch.Tensor],
+    spec: QuantSpec | None,
+    fp8: Fp8Values | None,
+) -> tuple[_Encoder, dict[str, str]] | None:
+    """A pruned weight with its values in their dtype, as fp8 or rounded to codes; None when the
+    weight is not pruned (its dtype values would not shrink in a masked layout)."""
+    where = repr(name)
+    fp8_dtype = fp8.dtype if fp8 is not None else None
+    layout = choose_layout(tensor, None if spec is not None else fp8_dtype)
+    if layout is None:
+        return None
+    if spec is not None:
+        keep = storage_view(tensor) != 0
+        qlayout = choose_quantized_layout(_shape(tensor), spec, keep)
+        specs = qlayout.quantized_piece_specs(_shape(tensor), spec, keep)
+        make = _rounded(qlayout, spec, produce, True, where)
+        return _Encoder(name, "rounded", specs, make), _int_entry(qlayout, tensor.dtype, spec)
+    entry = {
+        "layout": layout.name,
+        "dtype": _dtype_name(tensor.dtype),
+        "values": _dtype_name(fp8_dtype or tensor.dtype),
+        "scale": "per-row" if fp8 is not None else "none",
+    }
+    specs = layout.piece_specs(tensor, fp8_dtype)
+    return _Encoder(name, "values", specs, _encode_later(layout, produce, fp8, where)), entry
+
+
+def _remainder_plan(
+    name: str, tensor: torch.Tensor, produce: Callable[[], torch.Tensor], remainder: str
+) -> tuple[_Encoder, dict[str, str]]:
+    """A dense weight in the dense layout, as fp8 with per-row scales or as 8-bit codes."""
+    where, dense = repr(name), LAYOUTS["dense"]
+    if remainder == "fp8":
+        fp8 = Fp8Values()
+        entry = {
+            "layout": dense.name,
+            "dtype": _dtype_name(tensor.dtype),
+            "values": _dtype_name(fp8.dtype),
+            "scale": "per-row",
+        }
+        specs = dense.piece_specs(tensor, fp8.dtype)
+        return _Encoder(name, "remainder", specs, _encode_later(dense, produce, fp8, where)), entry
+    spec = DEFAULT_DENSE_SPECS[8]
+    specs = dense.quantized_piece_specs(_shape(tensor), spec, None)
+    make = _rounded(dense, spec, produce, False, where)
+    return _Encoder(name, "remainder", specs, make), _int_entry(dense, tensor.dtype, spec)
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:

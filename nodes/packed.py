@@ -55,7 +55,9 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
                 f"compressed weight {key!r} is {rows}x{cols} but the model's layer is "
                 f"{self.out_features}x{self.in_features}: the checkpoint does not match the detected model"
             )
-        pieces = {p: state_dict.pop(f"{key}.{p}") for p in PIECES if f"{key}.{p}" in state_dict}
+        pieces: dict[str, torch.Tensor] = {
+            p: state_dict.pop(f"{key}.{p}") for p in PIECES if f"{key}.{p}" in state_dict
+        }
         placeholder = state_dict.pop(key, None)  # empty, or the loader's meta tensor of the true dtype
         #: the checkpoint's dtype of this weight (None: unknown, decode in the input's dtype)
         self.packed_dtype = (

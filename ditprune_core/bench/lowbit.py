@@ -270,7 +270,7 @@ def write_lowbit(
         "lent to this work: GPU step time is not measured.",
         "",
         "| format | held MB | "
-        + " | ".join(f"{n.split('.')[-1]} s" for n in layers)
+        + " | ".join(f"{n.split('.N.')[-1].removeprefix('img_')} s" for n in layers)
         + " | all s | decode s | vs dense | vs ComfyUI fp8 |",
         "|---|---|" + "---|" * len(layers) + "---|---|---|---|",
     ]
