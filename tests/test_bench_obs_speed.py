@@ -44,7 +44,7 @@ def tiny() -> ObsSpeedResult:
 
 
 def test_measured_layers_ratios_and_memory(tiny: ObsSpeedResult) -> None:
-    assert tiny.methods == ["mask", "obs", "pcg-1", "pcg-3", "pcg-20", "exact"]
+    assert tiny.methods == ["mask", "obs", "pcg-1", "pcg-3", "pcg-5", "exact"]
     assert [(r.name, r.out_features, r.in_features) for r in tiny.layers] == [
         (MEASURED_LAYERS[0], 336, 48),
         (MEASURED_LAYERS[1], 48, 240),
@@ -60,16 +60,16 @@ def test_measured_layers_ratios_and_memory(tiny: ObsSpeedResult) -> None:
         for k in (1, 3):
             assert layer.methods[f"pcg-{k}"].measured
             assert layer.methods[f"pcg-{k}"].detail.startswith(f"{k} iterations")
-        # pcg-20 from the first two counts: setup + 20 x per-iteration
+        # pcg-5 from the first two counts: setup + 5 x per-iteration
         t1, t3 = layer.methods["pcg-1"].seconds, layer.methods["pcg-3"].seconds
         per = (t3 - t1) / 2
         setup = t3 - 3 * per
         if per <= 0:
             per, setup = t3 / 3, 0.0
-        pcg20 = layer.methods["pcg-20"]
-        assert not pcg20.measured and pcg20.how.startswith("extrapolated")
-        assert pcg20.seconds == pytest.approx(max(0.0, setup) + 20 * per)
-        assert pcg20.peak_extra_bytes == layer.methods["pcg-3"].peak_extra_bytes
+        pcg5 = layer.methods["pcg-5"]
+        assert not pcg5.measured and pcg5.how.startswith("extrapolated")
+        assert pcg5.seconds == pytest.approx(max(0.0, setup) + 5 * per)
+        assert pcg5.peak_extra_bytes == layer.methods["pcg-3"].peak_extra_bytes
     exact_how = {r.name: r.methods["exact"].how for r in tiny.layers}
     assert exact_how[MEASURED_LAYERS[2]] == "measured"
     assert exact_how[MEASURED_LAYERS[0]] == "estimated: 162 of 336 rows, x 2.074"
@@ -118,7 +118,7 @@ def test_extrapolation_is_the_sum_over_layer_counts(tiny: ObsSpeedResult) -> Non
 def test_report_tables(tiny: ObsSpeedResult) -> None:
     text = format_obs_speed(tiny, "python -m ditprune_core.bench obsspeed --test")
     lines = text.splitlines()
-    header = "| layer | out x in | mask s | obs | pcg-1 | pcg-3 | pcg-20 | exact |"
+    header = "| layer | out x in | mask s | obs | pcg-1 | pcg-3 | pcg-5 | exact |"
     start = lines.index(header)
     rows = lines[start + 2 : start + 6]
     assert [row.split(" | ")[0] for row in rows] == [f"| {name}" for name in MEASURED_LAYERS]
@@ -126,6 +126,6 @@ def test_report_tables(tiny: ObsSpeedResult) -> None:
         cells = row.strip("|").split(" | ")
         assert len(cells) == 8
         assert float(cells[3].split()[0]) == pytest.approx(layer.ratio("obs"), abs=0.051)
-        assert cells[6].endswith("*")  # pcg-20 extrapolated
+        assert cells[6].endswith("*")  # pcg-5 extrapolated
     assert "| **total** | | **228** |" in text
     assert "extrapolated" in text and "estimated: 1 of 48 rows" in text

@@ -43,7 +43,7 @@ MIN_HEIGHT = {
     "VAEDecode": 46,
     "PreviewImage": 26,
     "DitPruneCompare": 78,
-    "DitPruneSavePrunedModel": 130,
+    "DitPruneSavePrunedModel": 160,
     "DitPrunePruneAndReconstruct": 518,
     "PreviewAny": 88,
     "Note": 88,
@@ -527,11 +527,11 @@ def sample_compare_save(
         [("model", "MODEL")],
         [("path", "STRING")],
     )
-    g.place(save, X["save"], TOP_B, W)
+    _x, save_bottom = g.place(save, X["save"], TOP_B, W)
     g.link(pruned_model, 0, save, "model", via=save_bus)
     path = _text_out(g, save, 0, X["save_out"], TOP_B, "saved file", 120)
     note7 = g.note((0, 0), W, 170, NOTES["save"], "About: save")
-    g.place(note7, X["save"], TOP_B + 180, W, 170)
+    g.place(note7, X["save"], save_bottom + 24, W, 170)
     g.group("7 · Save", COLOURS["save"], [save, path, note7])
 
 
@@ -844,16 +844,16 @@ def reconstruct_chain(
     save = g.add(
         "DitPruneSavePrunedModel",
         (0, 0),
-        [prefix, "compressed", "keep dtype", "auto"],
+        [prefix, "compressed", "keep dtype", "auto", "keep"],
         [("model", "MODEL")],
         [("path", "STRING")],
     )
-    g.place(save, XR["save"], TOP_A, W)
+    _x, save_bottom = g.place(save, XR["save"], TOP_A, W)
     bus = g.reroute((XR["report"] - 35, LANE_TOP))
     g.link(recon, 0, save, "model", via=g.reroute((XR["save"] - 30, LANE_TOP), bus))
     path = _text_out(g, save, 0, XR["save_out"], TOP_A, "saved file", 130)
     note4 = g.note((0, 0), W, 200, notes["save"], "About: save")
-    g.place(note4, XR["save"], TOP_A + TITLE + 130 + 30, W, 200)
+    g.place(note4, XR["save"], max(save_bottom + 24, TOP_A + TITLE + 130 + 30), W, 200)
     g.group("4 · Save", COLOURS["save"], [save, path, note4])
 
 

@@ -93,9 +93,10 @@ def _reconstructed(comfy: Comfy, model: Any, bits: int) -> Any:
             weight = module.weight.detach().float()
             keep = torch.rand(weight.shape, generator=gen) > 0.5
             q = quantize.quantize_weight(weight, quantize.DEFAULT_VALUE_SPECS[bits], keep=keep, where=name)
-            values = quantize.dequantize_weight(q, torch.float32)[keep]
-            patch = reconstruct.ReconstructedPatch(packing.PackedMask.from_bool(keep), values, name)
-            patch.quantized = q  # what nodes/reconstruct.py gives it with value bits
+            # as nodes/reconstruct.py builds it with value bits: the codes, decoded to the model's dtype
+            patch = reconstruct.ReconstructedPatch(
+                packing.PackedMask.from_bool(keep), None, name, quantized=q, dtype=torch.float32
+            )
             patched.add_patches({f"diffusion_model.{name}.weight": patch}, 1.0)
     return patched
 

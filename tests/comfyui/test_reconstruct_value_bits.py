@@ -54,7 +54,8 @@ def test_value_bits_4_patches_hold_the_codes_the_model_computes_with(
         assert weight.dtype == dtype
         assert torch.equal(weight, dequantize_weight(q, dtype)), name
         assert q.spec.bits == 4 and q.spec.group_size == 128 and not q.spec.sym
-        assert float((weight == 0).float().mean()) >= 0.5 - 1e-3
+        # block allocation moves a layer's sparsity by at most allocation_spread (0.3)
+        assert float((weight == 0).float().mean()) >= 0.5 - 0.3 - 1e-3
         # every group of kept values takes at most 2**4 distinct values
         values, start = weight[q.keep], 0
         for row in range(q.shape[0]):
