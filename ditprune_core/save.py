@@ -4,7 +4,7 @@ Safetensors only, no pickle. A dense checkpoint is the state dict as it is. A co
 each pruned 2-D weight ``k`` in the smallest layout of :mod:`ditprune_core.layouts` that fits it, as
 the pieces ``k.<piece>``, with its values in their dtype, as fp8 or as group-quantised codes; on
 request the dense 2-D weights (modulation, embedders, final layer: the *remainder*) are stored as
-fp8 or 8-bit codes too; other tensors (norms, biases, 1-D and small tensors) are stored as they
+fp8, 8-bit or 4-bit codes too; other tensors (norms, biases, 1-D and small tensors) are stored as they
 are. ``k`` itself is kept as an empty placeholder, so that a loader that does not know this format
 fails loudly (size mismatch) instead of loading zeros. The metadata holds ``format``,
 ``format_version``, ``checkpoint`` (dense / compressed) and a JSON ``layouts`` map, one entry per
@@ -65,6 +65,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "READ_VERSIONS",
+    "REMAINDER_BITS",
     "REMAINDER_FORMATS",
     "RESERVED_METADATA",
     "VALUE_FORMATS",
@@ -72,6 +73,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointReport",
     "check_keys",
+    "is_remainder_weight",
     "iter_pruned_checkpoint",
     "load_pruned_checkpoint",
     "read_checkpoint_info",
@@ -91,7 +93,9 @@ READ_VERSIONS = (1, 2)
 VALUE_FORMATS = ("keep", "fp8", "int8", "int4", "int3")
 #: how the dense 2-D weights of a compressed file may be stored: their dtype, fp8 e4m3fn with a
 #: float32 scale per row, or 8-bit codes in groups of 128 (asymmetric)
-REMAINDER_FORMATS = ("keep", "fp8", "int8")
+REMAINDER_FORMATS = ("keep", "fp8", "int8", "int4")
+#: the remainder's integer codes: a scale and zero point per 128 weights
+REMAINDER_BITS = {"int8": 8, "int4": 4}
 #: metadata keys the writer sets itself; a caller's metadata may not use them
 RESERVED_METADATA = ("format", "format_version", "layouts", "checkpoint", CHECKSUM_KEY)
 _DTYPE_NAMES = {
@@ -333,8 +337,11 @@ def _rounded(
     return make
 
 
-def _is_remainder(name: str, tensor: torch.Tensor, remainder_filter: Callable[[str], bool] | None) -> bool:
-    """A dense 2-D weight the remainder option applies to (never norms, biases, 1-D or fp8 tensors)."""
+def is_remainder_weight(
+    name: str, tensor: torch.Tensor, remainder_filter: Callable[[str], bool] | None = None
+) -> bool:
+    """A dense 2-D weight the remainder option applies to (never norms, biases, 1-D or fp8 tensors,
+    nor tensors of fewer than 256 values), by state-dict key ``name``."""
     if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.element_size() == 1:
         return False
     if tensor.numel() < _MIN_REMAINDER_NUMEL:
@@ -380,10 +387,12 @@ def save_pruned_checkpoint(
             state-dict key -> its :class:`~ditprune_core.quantize.QuantizedWeight`: those layers
             store exactly these codes, whatever ``values`` says, with the mask of their keep mask
             (compressed only). The tensor must hold what the codes decode to, in its dtype.
-        remainder: ``"keep"``, ``"fp8"`` or ``"int8"``: how the dense 2-D weights that stay
-            uncompressed (modulation, embedders, final layer; never norms, biases, 1-D or fp8
+        remainder: ``"keep"``, ``"fp8"``, ``"int8"`` or ``"int4"``: how the dense 2-D weights that
+            stay uncompressed (modulation, embedders, final layer; never norms, biases, 1-D or fp8
             tensors) are stored in a compressed file: fp8 e4m3fn with a float32 scale per row, or
-            8-bit codes in groups of 128 (:data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`).
+            8- or 4-bit codes in asymmetric groups of 128
+            (:data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`; int4 is what a GGUF Q4 file does
+            to these layers, and what a FLUX.1-dev file under 5 GB needs).
             Lossy: the error is reported (``max_remainder_relative_error``); its cost on final
             samples is measured by ``python -m ditprune_core.bench lowbit``.
         remainder_filter: which state-dict keys the remainder applies to (default: 2-D ``*.weight``
@@ -446,7 +455,7 @@ def save_pruned_checkpoint(
             plan = _values_plan(name, tensor, produce, value_spec, fp8)
             if plan is not None and value_spec is not None:
                 report.rounded_at_save.append(name)
-            if plan is None and remainder != "keep" and _is_remainder(name, tensor, remainder_filter):
+            if plan is None and remainder != "keep" and is_remainder_weight(name, tensor, remainder_filter):
                 plan = _remainder_plan(name, tensor, produce, remainder)
                 report.remainder.append(name)
         if plan is None:
@@ -552,7 +561,7 @@ def _values_plan(
 def _remainder_plan(
     name: str, tensor: torch.Tensor, produce: Callable[[], torch.Tensor], remainder: str
 ) -> tuple[_Encoder, dict[str, str]]:
-    """A dense weight in the dense layout, as fp8 with per-row scales or as 8-bit codes."""
+    """A dense weight in the dense layout, as fp8 with per-row scales or as 8- or 4-bit codes."""
     where, dense = repr(name), LAYOUTS["dense"]
     if remainder == "fp8":
         fp8 = Fp8Values()
@@ -564,7 +573,7 @@ def _remainder_plan(
         }
         specs = dense.piece_specs(tensor, fp8.dtype)
         return _Encoder(name, "remainder", specs, _encode_later(dense, produce, fp8, where)), entry
-    spec = DEFAULT_DENSE_SPECS[8]
+    spec = DEFAULT_DENSE_SPECS[REMAINDER_BITS[remainder]]
     specs = dense.quantized_piece_specs(_shape(tensor), spec, None)
     make = _rounded(dense, spec, produce, False, where)
     return _Encoder(name, "remainder", specs, make), _int_entry(dense, tensor.dtype, spec)

@@ -33,7 +33,7 @@ DTYPE_CHOICES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "f
 #: the node's value choices -> save_pruned_checkpoint's ``values`` ("keep dtype" and "fp8_e4m3fn"
 #: are the names saved prompts already use)
 VALUE_CHOICES = {"keep dtype": "keep", "fp8_e4m3fn": "fp8", "int8": "int8", "int4": "int4", "int3": "int3"}
-REMAINDER_CHOICES = ("keep", "fp8", "int8")
+REMAINDER_CHOICES = ("keep", "fp8", "int8", "int4")
 
 #: figures from docs/bench/pareto.md: projected FLUX.1-dev files (rest of the model in fp8, as
 #: remainder "fp8" stores it) and the relative error of final samples on MiniFlux-A / MiniFlux-B
@@ -59,7 +59,10 @@ REMAINDER_TOOLTIP = (
     "compressed only: how the layers that stay dense (adaLN modulation, embedders, final layer: 28% of "
     "FLUX.1-dev, 6.6 GB in bf16) are stored; norms and biases always keep their dtype. keep: as they "
     "are. fp8: e4m3fn with a scale per row (3.3 GB). int8: 8-bit codes, a scale per 128 weights "
-    "(3.4 GB). What each costs on final samples: see 'remainder' in docs/bench/lowbit.md."
+    "(3.4 GB). int4: 4-bit codes, a scale and zero point per 128 weights (1.7 GB: what a FLUX.1-dev "
+    "file under 5 GB needs, as GGUF Q4 files do; not free: on MiniFlux-A it raised the error of a "
+    "52% + int4 model from 0.104 to 0.117). What each costs on final samples: 'remainder' in "
+    "docs/bench/lowbit.md and the 'rest int4' points of docs/bench/pareto.md."
 )
 
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from ditprune_core import PruneConfig, apply_masks_, compute_masks, find_prunable_layers
-from ditprune_core.bench.evaluation import frechet_distance, load_judge, psnr, relative_error
+from ditprune_core.bench.evaluation import (
+    frechet_distance,
+    load_judge,
+    psnr,
+    relative_error,
+    relative_squared_error,
+)
 from ditprune_core.miniflux.model import MiniFluxConfig, patchify, unpatchify
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline, bundled_checkpoints, calibrate, load_bundled
 
@@ -70,6 +76,9 @@ def test_evaluation_measures_by_hand() -> None:
     a = torch.tensor([[3.0, 4.0]])
     assert relative_error(a * 1.1, a) == pytest.approx(0.1)
     assert relative_error(torch.tensor([[3.0, 5.0]]), a) == pytest.approx(0.2)
+    # per sample: (1^2) / 25 = 0.04 and (0.3^2 + 0.4^2) / 25 = 0.01 -> mean 0.025 (not 0.15^2)
+    two = torch.tensor([[3.0, 4.0], [3.0, 4.0]])
+    assert relative_squared_error(torch.tensor([[3.0, 5.0], [3.3, 4.4]]), two) == pytest.approx(0.025)
     # mse 0.01 over range 2 -> 10 log10(4 / 0.01) = 26.02 dB
     assert psnr(torch.full((1, 4), 0.1), torch.zeros(1, 4)) == pytest.approx(26.0206, abs=1e-3)
     mu, cov = torch.zeros(2).numpy(), torch.eye(2).numpy()

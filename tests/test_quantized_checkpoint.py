@@ -235,7 +235,7 @@ def test_rounding_at_save_is_the_reference_quantiser_and_is_reported(tmp_path, c
     assert bool((back["p"][pruned == 0] == 0).all())  # pruned weights stay pruned
 
 
-@pytest.mark.parametrize("remainder", ["fp8", "int8"])
+@pytest.mark.parametrize("remainder", ["fp8", "int8", "int4"])
 def test_remainder_stores_only_dense_2d_weights_compactly(tmp_path, remainder: str) -> None:
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(64, 128, generator=gen)
@@ -259,16 +259,18 @@ def test_remainder_stores_only_dense_2d_weights_compactly(tmp_path, remainder: s
     assert _same_bits(back["blocks.0.qkv.weight"], load_pruned_checkpoint(keep_path)["blocks.0.qkv.weight"])
     for key in report.remainder:
         original = state[key].float()
-        if remainder == "int8":
-            expected = fake_quantize(state[key], DEFAULT_DENSE_SPECS[8])
+        if remainder != "fp8":
+            expected = fake_quantize(state[key], DEFAULT_DENSE_SPECS[int(remainder[3:])])
         else:
             scale = original.abs().amax(dim=1, keepdim=True) / 448
             expected = ((original / scale).to(torch.float8_e4m3fn).float() * scale).to(torch.bfloat16)
         assert _same_bits(back[key], expected), key
-    bound = 2**-4 if remainder == "fp8" else 1 / 255
+    # asymmetric groups: at most half a step, a step being at most twice the peak over 2^bits - 1
+    bound = {"fp8": 2**-4, "int8": 1 / 255, "int4": 1 / 15}[remainder]
     assert 0 < report.max_remainder_relative_error <= bound
     entry = read_checkpoint_info(path).layouts["img_in.weight"]
-    assert entry["values"] == ("float8_e4m3fn" if remainder == "fp8" else "int8")
+    assert entry["values"] == ("float8_e4m3fn" if remainder == "fp8" else remainder)
+    assert entry.get("group_size") == (None if remainder == "fp8" else "128")
 
 
 def test_remainder_filter_picks_the_hosts_linear_weights(tmp_path) -> None:
@@ -350,7 +352,7 @@ def test_fp8_or_quantised_remainder_or_values_of_a_dense_save_are_refused(tmp_pa
     w = torch.randn(32, 64)
     state = {"w": w * (w.abs() > 0.7)}
     target = tmp_path / "x.safetensors"
-    for remainder in ("fp8", "int8"):
+    for remainder in ("fp8", "int8", "int4"):
         with pytest.raises(ValueError, match=rf"remainder='{remainder}' needs format='compressed'"):
             save_pruned_checkpoint(state, target, format="dense", remainder=remainder)
     for values in ("int8", "int4", "int3"):
@@ -359,8 +361,8 @@ def test_fp8_or_quantised_remainder_or_values_of_a_dense_save_are_refused(tmp_pa
     q = quantize_weight(w, DEFAULT_VALUE_SPECS[4], keep=w.abs() > 0.7)
     with pytest.raises(ValueError, match="quantised codes need format='compressed'"):
         save_pruned_checkpoint(state, target, format="dense", quantized={"w": q})
-    with pytest.raises(ValueError, match="unknown remainder 'int4'"):
-        save_pruned_checkpoint(state, target, remainder="int4")
+    with pytest.raises(ValueError, match="unknown remainder 'int2'"):
+        save_pruned_checkpoint(state, target, remainder="int2")
     with pytest.raises(ValueError, match="unknown values 'int5'"):
         save_pruned_checkpoint(state, target, values="int5")
     with pytest.raises(ValueError, match="use \\[3, 4, 8\\] bits, not 2"):

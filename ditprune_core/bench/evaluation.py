@@ -12,9 +12,16 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..util.metrics import psnr, relative_error
+from ..util.metrics import psnr, relative_error, relative_squared_error
 
-__all__ = ["DigitJudge", "frechet_distance", "load_judge", "psnr", "relative_error"]
+__all__ = [
+    "DigitJudge",
+    "frechet_distance",
+    "load_judge",
+    "psnr",
+    "relative_error",
+    "relative_squared_error",
+]
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:

@@ -4,7 +4,7 @@
 
 1. **Remainder.** Both MiniFlux models pruned with the DiT-Pruning defaults at 50 % (bitmask) and
    saved with int4 values (:data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS`, rounded at save
-   time) by :func:`~ditprune_core.save.save_pruned_checkpoint` with ``remainder`` keep / fp8 / int8,
+   time) by :func:`~ditprune_core.save.save_pruned_checkpoint` with ``remainder`` keep / fp8 / int8 / int4,
    read back with :func:`~ditprune_core.save.load_pruned_checkpoint` and sampled: the quality
    benchmark's metrics against the dense model from the same noise, and the file's size. The same
    without the int4 rounding (bf16 values) shows what the remainder costs alone.
@@ -34,14 +34,14 @@ from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..prune import apply_masks_, compute_masks
 from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight, storage_cost
-from ..save import load_pruned_checkpoint, save_pruned_checkpoint
+from ..save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
 from . import write_report
 from .checkpoint_size import FLUX_LAYERS, FLUX_PRUNABLE, FLUX_TOTAL
 from .quality import BenchContext, _fmt
 
 log = logging.getLogger("ditprune")
 
-REMAINDERS = ("keep", "fp8", "int8")
+REMAINDERS = ("keep", "fp8", "int8", "int4")
 FLUX_REST = FLUX_TOTAL - FLUX_PRUNABLE
 
 
@@ -108,7 +108,7 @@ def flux_rest_gb(remainder: str) -> float:
     rows = FLUX_REST // 3072
     if remainder == "fp8":
         return (FLUX_REST + 4 * rows) / 1e9
-    return storage_cost((rows, 3072), DEFAULT_DENSE_SPECS[8]).total_bytes / 1e9
+    return storage_cost((rows, 3072), DEFAULT_DENSE_SPECS[REMAINDER_BITS[remainder]]).total_bytes / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,7 +249,8 @@ def write_lowbit(
         "Both MiniFlux models pruned with the DiT-Pruning defaults at 50 % (bitmask), saved by",
         "`save_pruned_checkpoint` with bf16 or int4 values (int4: groups of 128 kept values, asymmetric,",
         "rounded at save time) and the dense layers (modulation, embedders, final layer; norms and biases",
-        "always bf16) kept, in fp8 (e4m3fn, a float32 scale per row) or int8 (groups of 128, asymmetric);",
+        "always bf16) kept, in fp8 (e4m3fn, a float32 scale per row), int8 or int4 (groups of 128,",
+        "asymmetric);",
         "read back from the file and sampled. Metrics against the dense model from the same noise, mean",
         "± std over the evaluation seeds (as in the quality benchmark). MiniFlux's dense layers weigh far",
         "more than FLUX.1-dev's (hidden 48-64: its adaLN modulation is most of the model), so the file",

@@ -34,7 +34,7 @@ from ..prune import apply_masks_, compute_masks
 from ..stats import CalibrationStats
 from ..util.imaging import image_grid, write_png
 from . import write_report
-from .evaluation import load_judge, psnr, relative_error
+from .evaluation import load_judge, psnr, relative_error, relative_squared_error
 
 log = logging.getLogger("ditprune")
 
@@ -131,10 +131,18 @@ class BenchContext:
     def evaluate(self, pipe: MiniFluxPipeline, *, full: bool = True) -> dict[str, list[float]]:
         """Metrics per evaluation seed; ``full=False`` computes the relative error only."""
         judge = load_judge() if full else None
-        out: dict[str, list[float]] = {"rel_err": [], "psnr": [], "vel_err": [], "acc": [], "fd": []}
+        out: dict[str, list[float]] = {
+            "rel_err": [],
+            "rel_mse": [],
+            "psnr": [],
+            "vel_err": [],
+            "acc": [],
+            "fd": [],
+        }
         for _seed, run in self.dense.items():
             images = pipe.sample(run.labels, seed=0, steps=self.steps, cfg=self.cfg, noise=run.noise)
             out["rel_err"].append(relative_error(images, run.images))
+            out["rel_mse"].append(relative_squared_error(images, run.images))
             if judge is None:
                 continue
             out["psnr"].append(psnr(images, run.images))

@@ -48,7 +48,9 @@ def _layouts(comfy: Comfy, name: str) -> dict[str, dict[str, str]]:
         return json.loads(f.metadata()["layouts"])
 
 
-@pytest.mark.parametrize(("values", "remainder"), [("int4", "fp8"), ("int3", "int8"), ("int8", "keep")])
+@pytest.mark.parametrize(
+    ("values", "remainder"), [("int4", "fp8"), ("int3", "int8"), ("int8", "keep"), ("int3", "int4")]
+)
 def test_compressed_on_device_draws_what_densify_at_load_draws(
     comfy: Comfy, values: str, remainder: str
 ) -> None:
