@@ -125,6 +125,12 @@ PRODUCT: dict[str, dict[str, Any]] = {
     "dit-obs-b0.3": {"reconstruct": ReconstructParams(balance=0.3)},
     "dit-obs-b0.5": {"reconstruct": ReconstructParams(balance=0.5)},
     "dit-obs-norefit": {"reconstruct": ReconstructParams(refit="none")},
+    "dit-obs-refine100": {"reconstruct": ReconstructParams(block_refine_steps=100)},
+    "dit-obs-refine300": {"reconstruct": ReconstructParams(block_refine_steps=300)},
+    "dit-obs-refine1000": {"reconstruct": ReconstructParams(block_refine_steps=1000)},
+    "dit-obs-refine300-lr3e-3": {
+        "reconstruct": ReconstructParams(block_refine_steps=300, block_refine_lr=3e-3)
+    },
     "dit-obs-v8": {"value_bits": 8},
     "dit-obs-v4": {"value_bits": 4},
     "dit-obs-v3": {"value_bits": 3},
