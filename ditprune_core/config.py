@@ -91,7 +91,7 @@ class ReconstructParams:
     allocation: str = "block"
     allocation_spread: float = 0.3
     block_refine_steps: int = 0
-    block_refine_lr: float = 1e-3
+    block_refine_lr: float = 3e-3
     block_refine_calls: int = 64
 
     def __post_init__(self) -> None:

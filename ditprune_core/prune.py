@@ -436,6 +436,14 @@ def prune_sequential_(
     Earlier groups are already pruned and updated when later ones calibrate, so each layer
     compensates the error upstream of it (SparseGPT's sequential mode, OBS-Diff's module packages).
 
+    With ``reconstruct.block_refine_steps > 0`` (block refinement, :mod:`~ditprune_core.refine`),
+    after a pass's layers are reconstructed, each transformer block of the pass in turn gets one
+    more ``run_calibration`` that records the block's calls on the model as it is now (the blocks
+    before it pruned and refined), then its layers' kept weights are fitted together so that the
+    block's output matches the dense block's on those calls, masks fixed; only then are its layers
+    written (``write_fn`` is still called once per layer). The layers' reported output errors are
+    those before refinement; ``report.blocks`` has each block's error before and after.
+
     With ``config.update == "none"`` the passes still run (each layer then gets the config's mask on
     the calibrated model upstream of it) but no weight is updated.
 
@@ -549,6 +557,8 @@ def prune_sequential_(
             for name, (new, keep) in news.items():
                 stored_bytes, stored_weights = _add_cost(stored_bytes, stored_weights, new, None)
                 write_fn(name, target.layers[name], new, keep, None)
+            if progress is not None:  # a host's progress callback is also where it can interrupt
+                progress(len(done), len(target.layers), f"{block} (block refined)")
         pending.clear()
         passes.append(PassReport(tuple(group), gram_bytes, time.perf_counter() - start))
     bits = 8.0 * stored_bytes / stored_weights if stored_weights else 0.0
