@@ -70,6 +70,14 @@ class ReconstructParams:
             (:func:`~ditprune_core.reconstruct.allocate_block_counts`). Unstructured only: N:M
             patterns fix every layer's sparsity.
         allocation_spread: how far a layer's sparsity may move from the config's, either way.
+        block_refine_steps: 0 (off), or Adam steps per transformer block of block refinement
+            (:mod:`~ditprune_core.refine`): after a block's layers are reconstructed, their kept
+            weights are fitted together so that the block's output matches the dense block's on its
+            calibration inputs as the model pruned upstream of it sees them, masks fixed (sparsity
+            unchanged). Each refined block costs one more calibration run. Not with ``value_bits``.
+        block_refine_lr: Adam's starting learning rate (cosine decay to 0 over the steps).
+        block_refine_calls: at most this many of a block's calibration forward calls are kept
+            (a uniform sample) to refine on; they stay on the model's device.
     """
 
     mask: str = "in-update"
@@ -82,6 +90,9 @@ class ReconstructParams:
     exact_max_in: int = 1024
     allocation: str = "block"
     allocation_spread: float = 0.3
+    block_refine_steps: int = 0
+    block_refine_lr: float = 3e-3
+    block_refine_calls: int = 64
 
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
@@ -96,6 +107,11 @@ class ReconstructParams:
             raise ValueError(f"balance must be in [0, 1], got {self.balance}")
         if self.blocksize < 1 or self.damp < 0 or self.refit_iters < 0 or self.refit_tol < 0:
             raise ValueError("blocksize must be >= 1 and damp, refit_iters, refit_tol >= 0")
+        if self.block_refine_steps < 0 or self.block_refine_calls < 1 or not self.block_refine_lr > 0:
+            raise ValueError(
+                "block_refine_steps must be >= 0, block_refine_calls >= 1 and block_refine_lr > 0, got "
+                f"{self.block_refine_steps}, {self.block_refine_calls}, {self.block_refine_lr}"
+            )
 
 
 #: ``progress(done, total, layer_name)``
@@ -186,6 +202,17 @@ class PruneConfig:
                 ) from exc
 
         self._check_values()
+        if self.reconstruct.block_refine_steps > 0:
+            if self.update != "obs":
+                raise ValueError(
+                    "reconstruct.block_refine_steps refines the kept weights after reconstruction: it needs "
+                    f'update="obs" (got update={self.update!r})'
+                )
+            if self.value_bits is not None:
+                raise ValueError(
+                    "reconstruct.block_refine_steps cannot be combined with value_bits: refining would move "
+                    "the quantised values off their grid; set block_refine_steps=0 or value_bits=None"
+                )
 
     def _check_values(self) -> None:
         bits, spec = self.value_bits, self.value_spec

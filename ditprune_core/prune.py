@@ -10,6 +10,7 @@ At any moment only one layer's scores and mask exist beside the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -48,6 +49,7 @@ from .reconstruct import (
     reconstruct_layer,
     relative_output_error,
 )
+from .refine import BlockCallRecorder, BlockRefinement, refine_block_
 from .report import LayerSparsity, SparsityReport, count_kept
 from .score import missing_calibration
 from .stats import CalibrationError, CalibrationStats, GramAccumulator, WeightFn, module_weight
@@ -335,6 +337,7 @@ class SequentialReport:
     memory_budget_bytes: int
     bits_per_weight: float = 0.0
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    blocks: tuple[BlockRefinement, ...] = ()
 
     def to_text(self) -> str:
         lines = [
@@ -345,6 +348,12 @@ class SequentialReport:
         for p in self.passes:
             lines.append(
                 f"  pass of {len(p.layers)} layers: {p.gram_bytes / _GIB:.2f} GiB of Grams, {p.seconds:.1f} s"
+            )
+        for b in self.blocks:
+            reverted = " (worse: put back)" if b.reverted else ""
+            lines.append(
+                f"  block {b.block} refined: output error {b.error_before:.4g} -> {b.error_after:.4g}"
+                f"{reverted}, {b.calls} calls, {b.steps} steps, {b.seconds:.1f} s"
             )
         for r in self.layers:
             quantised = "" if r.unquantized_error is None else f", unquantised {r.unquantized_error:.4g}"
@@ -427,6 +436,14 @@ def prune_sequential_(
     Earlier groups are already pruned and updated when later ones calibrate, so each layer
     compensates the error upstream of it (SparseGPT's sequential mode, OBS-Diff's module packages).
 
+    With ``reconstruct.block_refine_steps > 0`` (block refinement, :mod:`~ditprune_core.refine`),
+    after a pass's layers are reconstructed, each transformer block of the pass in turn gets one
+    more ``run_calibration`` that records the block's calls on the model as it is now (the blocks
+    before it pruned and refined), then its layers' kept weights are fitted together so that the
+    block's output matches the dense block's on those calls, masks fixed; only then are its layers
+    written (``write_fn`` is still called once per layer). The layers' reported output errors are
+    those before refinement; ``report.blocks`` has each block's error before and after.
+
     With ``config.update == "none"`` the passes still run (each layer then gets the config's mask on
     the calibrated model upstream of it) but no weight is updated.
 
@@ -469,6 +486,9 @@ def prune_sequential_(
     spec = config.value_quant
     quantized: dict[str, QuantizedWeight] = {}
     stored_bytes = stored_weights = 0
+    refine = config.update == "obs" and config.reconstruct.block_refine_steps > 0
+    pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    refined: list[BlockRefinement] = []
     for index, group in enumerate(groups):
         start = time.perf_counter()
         layers = {name: target.layers[name] for name in group}
@@ -515,25 +535,98 @@ def prune_sequential_(
                 report = replace(
                     report, output_error=error, unquantized_error=report.output_error, seconds=seconds
                 )
-                cost = quantized_storage_cost(q)
                 if collect_quantized:
                     quantized[name] = _to_cpu(q)
             else:
                 new = new.to(held)
-                cost = unquantized_storage_cost(new)
-            stored_bytes += cost.total_bytes
-            stored_weights += cost.weights
             cal.free_gram(name)
             del gram
-            write_fn(name, layer, new, keep, q)
+            block = layer_block(name, target.template) if refine else "other"
+            if block == "other":
+                stored_bytes, stored_weights = _add_cost(stored_bytes, stored_weights, new, q)
+                write_fn(name, layer, new, keep, q)
+            else:  # written once its block is refined, below
+                pending.setdefault(block, {})[name] = (new, keep)
             rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
             done.append(report)
             del new, keep, weight, q
             if progress is not None:
                 progress(len(done), len(target.layers), name)
+        for block, news in pending.items():
+            refined.append(_refine_block(target, block, news, run_calibration, config, weighting, weight_fn))
+            for name, (new, keep) in news.items():
+                stored_bytes, stored_weights = _add_cost(stored_bytes, stored_weights, new, None)
+                write_fn(name, target.layers[name], new, keep, None)
+            if progress is not None:  # a host's progress callback is also where it can interrupt
+                progress(len(done), len(target.layers), f"{block} (block refined)")
+        pending.clear()
         passes.append(PassReport(tuple(group), gram_bytes, time.perf_counter() - start))
     bits = 8.0 * stored_bytes / stored_weights if stored_weights else 0.0
-    return SequentialReport(tuple(done), tuple(passes), SparsityReport(tuple(rows)), budget, bits, quantized)
+    return SequentialReport(
+        tuple(done), tuple(passes), SparsityReport(tuple(rows)), budget, bits, quantized, tuple(refined)
+    )
+
+
+def _add_cost(
+    stored_bytes: int, stored_weights: int, new: torch.Tensor, q: QuantizedWeight | None
+) -> tuple[int, int]:
+    cost = quantized_storage_cost(q) if q is not None else unquantized_storage_cost(new)
+    return stored_bytes + cost.total_bytes, stored_weights + cost.weights
+
+
+def _refine_block(
+    target: PruneTarget,
+    block: str,
+    news: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    run_calibration: RunCalibration,
+    config: PruneConfig,
+    weighting: str | TimestepWeighting,
+    weight_fn: WeightFn,
+) -> BlockRefinement:
+    """Block refinement of one block whose layers' new weights are ``news``; replaces them in ``news``.
+
+    One calibration run records the block's calls on the model as it is now (every block before it
+    written), then :func:`~ditprune_core.refine.refine_block_` fits a float32 copy of the block to a
+    float32 dense copy (weights from ``weight_fn``).
+    """
+    params = config.reconstruct
+    module = target.module.get_submodule(block)
+    first = next(iter(news))
+    probe = {first: target.layers[first]}  # the Calibrator only gives run_calibration its timestep weights
+    cal = Calibrator(target.module, probe, weighting=weighting, weight_fn=weight_fn)
+    rec = BlockCallRecorder(module, max_calls=params.block_refine_calls, weight_of=lambda: cal.current_weight)
+    with cal, rec:
+        run_calibration(cal)
+    if not rec.calls:
+        raise CalibrationError(
+            f"block refinement of {block!r}: run_calibration ran no forward pass through the block; it "
+            "must run the model on the calibration inputs every time it is called"
+        )
+    reference = copy.deepcopy(module).float()
+    work = copy.deepcopy(module).float()
+    ref_named, work_named = dict(reference.named_modules()), dict(work.named_modules())
+    layers: dict[str, nn.Linear] = {}
+    with torch.no_grad():
+        for name, (new, _keep) in news.items():
+            local = name.removeprefix(block + ".")
+            dense = weight_fn(name, target.layers[name]).detach()
+            ref_named[local].weight.copy_(dense.to(ref_named[local].weight))
+            work_named[local].weight.copy_(new.to(work_named[local].weight))
+            layers[name] = work_named[local]
+    result = refine_block_(
+        work,
+        reference,
+        layers,
+        {name: keep for name, (_new, keep) in news.items()},
+        rec.calls,
+        steps=params.block_refine_steps,
+        lr=params.block_refine_lr,
+        name=block,
+    )
+    for name, (new, keep) in news.items():
+        news[name] = (layers[name].weight.detach().to(new.dtype).masked_fill(~keep, 0), keep)
+    del rec, reference, work
+    return result
 
 
 def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:

@@ -125,6 +125,15 @@ PRODUCT: dict[str, dict[str, Any]] = {
     "dit-obs-b0.3": {"reconstruct": ReconstructParams(balance=0.3)},
     "dit-obs-b0.5": {"reconstruct": ReconstructParams(balance=0.5)},
     "dit-obs-norefit": {"reconstruct": ReconstructParams(refit="none")},
+    "dit-obs-refine100": {"reconstruct": ReconstructParams(block_refine_steps=100)},
+    "dit-obs-refine300": {"reconstruct": ReconstructParams(block_refine_steps=300)},
+    "dit-obs-refine1000": {"reconstruct": ReconstructParams(block_refine_steps=1000)},
+    "dit-obs-refine300-lr1e-3": {
+        "reconstruct": ReconstructParams(block_refine_steps=300, block_refine_lr=1e-3)
+    },
+    "dit-obs-refine300-lr1e-2": {
+        "reconstruct": ReconstructParams(block_refine_steps=300, block_refine_lr=1e-2)
+    },
     "dit-obs-v8": {"value_bits": 8},
     "dit-obs-v4": {"value_bits": 4},
     "dit-obs-v3": {"value_bits": 3},
@@ -399,6 +408,9 @@ def to_markdown(rows: Sequence[Row], command: str) -> str:
         "β = 0.4, no refit, uniform; `energy-refit`: the mask-only DiT-Pruning mask, then the exact",
         "refit; `obs-b0.4-pcgK`: OBS β = 0.4 then K PCG iterations instead of the exact refit (what",
         "FLUX.1-dev's wide layers get), `pcg-tolT`: PCG until every row's residual is below T.",
+        "`dit-obs-refineN`: `dit-obs`, then block refinement (`ReconstructParams(block_refine_steps=N)`,",
+        "Adam lr 3e-3 unless named): each block's kept weights fitted together to the dense block's output",
+        "on the calls the upstream-pruned model makes, masks fixed; one calibration run more per block.",
         "",
         "| model | variant | sparsity | rel. error ↓ | rel. MSE ↓ | layer err | seconds |",
         "|---|---|---|---|---|---|---|",
