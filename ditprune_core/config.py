@@ -74,7 +74,9 @@ class ReconstructParams:
             (:mod:`~ditprune_core.refine`): after a block's layers are reconstructed, their kept
             weights are fitted together so that the block's output matches the dense block's on its
             calibration inputs as the model pruned upstream of it sees them, masks fixed (sparsity
-            unchanged). Each refined block costs one more calibration run. Not with ``value_bits``.
+            unchanged). Each refined block costs one more calibration run. With ``value_bits`` the
+            block is refined first, then each layer's kept values are quantised jointly on its Gram
+            (the Grams of a pass live until its blocks are refined: no more than the budget).
         block_refine_lr: Adam's starting learning rate (cosine decay to 0 over the steps).
         block_refine_calls: at most this many of a block's calibration forward calls are kept
             (a uniform sample) to refine on; they stay on the model's device.
@@ -202,17 +204,11 @@ class PruneConfig:
                 ) from exc
 
         self._check_values()
-        if self.reconstruct.block_refine_steps > 0:
-            if self.update != "obs":
-                raise ValueError(
-                    "reconstruct.block_refine_steps refines the kept weights after reconstruction: it needs "
-                    f'update="obs" (got update={self.update!r})'
-                )
-            if self.value_bits is not None:
-                raise ValueError(
-                    "reconstruct.block_refine_steps cannot be combined with value_bits: refining would move "
-                    "the quantised values off their grid; set block_refine_steps=0 or value_bits=None"
-                )
+        if self.reconstruct.block_refine_steps > 0 and self.update != "obs":
+            raise ValueError(
+                "reconstruct.block_refine_steps refines the kept weights after reconstruction: it needs "
+                f'update="obs" (got update={self.update!r})'
+            )
 
     def _check_values(self) -> None:
         bits, spec = self.value_bits, self.value_spec

@@ -488,6 +488,7 @@ def prune_sequential_(
     stored_bytes = stored_weights = 0
     refine = config.update == "obs" and config.reconstruct.block_refine_steps > 0
     pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    at: dict[str, int] = {}  # a pending layer's index in ``done``
     refined: list[BlockRefinement] = []
     for index, group in enumerate(groups):
         start = time.perf_counter()
@@ -525,38 +526,45 @@ def prune_sequential_(
                 report = LayerReconstruction(
                     name, 1 - int(keep.sum()) / keep.numel(), error, error, 0.0, None
                 )
-            q = None
-            if spec is not None:
-                began = time.perf_counter()
-                q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held)
-                new = dequantize_weight(q, held, check=False)
-                error = relative_output_error(new.float(), weight.float(), gram)
-                seconds = report.seconds + time.perf_counter() - began
-                report = replace(
-                    report, output_error=error, unquantized_error=report.output_error, seconds=seconds
-                )
-                if collect_quantized:
-                    quantized[name] = _to_cpu(q)
-            else:
-                new = new.to(held)
-            cal.free_gram(name)
-            del gram
             block = layer_block(name, target.template) if refine else "other"
-            if block == "other":
+            if block != "other":  # refined with its block, then quantised and written, below
+                pending.setdefault(block, {})[name] = (new if spec is not None else new.to(held), keep)
+                at[name] = len(done)
+            else:
+                new, q, report = _finish_layer(name, new, keep, weight, gram, report, config, held)
+                if q is not None and collect_quantized:
+                    quantized[name] = _to_cpu(q)
                 stored_bytes, stored_weights = _add_cost(stored_bytes, stored_weights, new, q)
                 write_fn(name, layer, new, keep, q)
-            else:  # written once its block is refined, below
-                pending.setdefault(block, {})[name] = (new, keep)
+                cal.free_gram(name)
+            del gram
             rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
             done.append(report)
-            del new, keep, weight, q
+            del new, keep, weight
             if progress is not None:
                 progress(len(done), len(target.layers), name)
         for block, news in pending.items():
             refined.append(_refine_block(target, block, news, run_calibration, config, weighting, weight_fn))
             for name, (new, keep) in news.items():
-                stored_bytes, stored_weights = _add_cost(stored_bytes, stored_weights, new, None)
-                write_fn(name, target.layers[name], new, keep, None)
+                layer = target.layers[name]
+                dense = weight_fn(name, layer).detach()
+                new, q, done[at[name]] = _finish_layer(
+                    name,
+                    new,
+                    keep,
+                    dense,
+                    cal.gram(name),
+                    done[at[name]],
+                    config,
+                    layer.weight.dtype,
+                    refined=True,
+                )
+                if q is not None and collect_quantized:
+                    quantized[name] = _to_cpu(q)
+                stored_bytes, stored_weights = _add_cost(stored_bytes, stored_weights, new, q)
+                write_fn(name, layer, new, keep, q)
+                cal.free_gram(name)
+                del new, keep, dense, q
             if progress is not None:  # a host's progress callback is also where it can interrupt
                 progress(len(done), len(target.layers), f"{block} (block refined)")
         pending.clear()
@@ -565,6 +573,35 @@ def prune_sequential_(
     return SequentialReport(
         tuple(done), tuple(passes), SparsityReport(tuple(rows)), budget, bits, quantized, tuple(refined)
     )
+
+
+def _finish_layer(
+    name: str,
+    new: torch.Tensor,
+    keep: torch.Tensor,
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    report: LayerReconstruction,
+    config: PruneConfig,
+    held: torch.dtype,
+    *,
+    refined: bool = False,
+) -> tuple[torch.Tensor, QuantizedWeight | None, LayerReconstruction]:
+    """A reconstructed layer as it is written: cast to the held dtype, or (``value_bits``) quantised
+    from its float32 values, jointly on its Gram under ``update="obs"``, and decoded; the report's
+    error follows (the unquantised one is kept). ``refined``: the values come from block
+    refinement, so the layer's error is measured again."""
+    if config.value_quant is None:
+        out = new.to(held)
+        if refined:
+            report = replace(report, output_error=relative_output_error(out.float(), weight.float(), gram))
+        return out, None, report
+    began = time.perf_counter()
+    q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held)
+    out = dequantize_weight(q, held, check=False)
+    error = relative_output_error(out.float(), weight.float(), gram)
+    seconds = report.seconds + time.perf_counter() - began
+    return out, q, replace(report, output_error=error, unquantized_error=report.output_error, seconds=seconds)
 
 
 def _add_cost(

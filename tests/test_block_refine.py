@@ -72,8 +72,6 @@ def test_bad_inputs_are_refused() -> None:
         ReconstructParams(block_refine_steps=-1)
     with pytest.raises(ValueError, match='needs update="obs"'):
         PruneConfig(0.5, reconstruct=ReconstructParams(block_refine_steps=10))
-    with pytest.raises(ValueError, match="cannot be combined with value_bits"):
-        PruneConfig(0.5, update="obs", value_bits=8, reconstruct=ReconstructParams(block_refine_steps=10))
 
 
 def test_the_recorder_keeps_a_sample_of_copied_calls_with_their_weights() -> None:
@@ -126,3 +124,38 @@ def test_prune_sequential_refines_each_block_with_the_masks_and_sparsity_unchang
     assert "refined: output error" in report.to_text()
     before, after = _block_errors(plain, dense), _block_errors(refined, dense)
     assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_refinement_then_joint_quantisation_stores_codes_on_the_grid() -> None:
+    """With value_bits, each block is refined first and its layers quantised after: the model holds
+    exactly the codes' decode, the masks are the unquantised refined run's, the bits are the plain
+    quantised run's, and the layers' errors are measured on the final weights."""
+    from ditprune_core.quantize import dequantize_weight
+
+    quant, refined_plain = _model(), _model()
+
+    def calibration(model: nn.Module):
+        return lambda cal: [_run(model, 4, seed) for seed in range(3)]
+
+    params = ReconstructParams(block_refine_steps=40)
+    report = prune_sequential_(
+        quant,
+        calibration(quant),
+        PruneConfig(0.6, update="obs", value_bits=4, reconstruct=params),
+        memory_budget_bytes=1 << 30,
+    )
+    plain = prune_sequential_(
+        refined_plain,
+        calibration(refined_plain),
+        PruneConfig(0.6, update="obs", value_bits=4),
+        memory_budget_bytes=1 << 30,
+    )
+    assert len(report.blocks) == 2 and report.bits_per_weight == plain.bits_per_weight
+    layers = find_prunable_layers(quant)
+    assert set(report.quantized) == set(layers)
+    for name, layer in layers.items():
+        q = report.quantized[name]
+        assert torch.equal(layer.weight.detach(), dequantize_weight(q, layer.weight.dtype, check=False)), name
+        assert q.keep is not None and bool((layer.weight[~q.keep] == 0).all()), name
+    for r in report.layers:
+        assert r.unquantized_error is not None and r.output_error > 0, r.name
