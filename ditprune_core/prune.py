@@ -639,31 +639,50 @@ def _refine_block(
             f"block refinement of {block!r}: run_calibration ran no forward pass through the block; it "
             "must run the model on the calibration inputs every time it is called"
         )
-    reference = copy.deepcopy(module).float()
-    work = copy.deepcopy(module).float()
-    ref_named, work_named = dict(reference.named_modules()), dict(work.named_modules())
-    layers: dict[str, nn.Linear] = {}
-    with torch.no_grad():
-        for name, (new, _keep) in news.items():
-            local = name.removeprefix(block + ".")
-            dense = weight_fn(name, target.layers[name]).detach()
-            ref_named[local].weight.copy_(dense.to(ref_named[local].weight))
-            work_named[local].weight.copy_(new.to(work_named[local].weight))
-            layers[name] = work_named[local]
-    result = refine_block_(
-        work,
-        reference,
-        layers,
-        {name: keep for name, (_new, keep) in news.items()},
-        rec.calls,
-        steps=params.block_refine_steps,
-        lr=params.block_refine_lr,
-        name=block,
-    )
+    # copies made outside inference mode (ComfyUI samples inside it): autograd needs normal tensors
+    with torch.inference_mode(False):
+        reference = copy.deepcopy(module).float()
+        work = copy.deepcopy(module).float()
+        ref_named = dict(reference.named_modules())
+        layers: dict[str, nn.Linear] = {}
+        with torch.no_grad():
+            for name, (new, _keep) in news.items():
+                local = name.removeprefix(block + ".")
+                dense = weight_fn(name, target.layers[name]).detach()
+                ref_named[local].weight.copy_(dense.to(ref_named[local].weight))
+                layers[name] = _plain_linear_(work, local, new)
+        result = refine_block_(
+            work,
+            reference,
+            layers,
+            {name: keep for name, (_new, keep) in news.items()},
+            rec.calls,
+            steps=params.block_refine_steps,
+            lr=params.block_refine_lr,
+            name=block,
+        )
     for name, (new, keep) in news.items():
-        news[name] = (layers[name].weight.detach().to(new.dtype).masked_fill(~keep, 0), keep)
+        news[name] = (layers[name].weight.detach().masked_fill(~keep, 0).to(new.dtype), keep)
     del rec, reference, work
     return result
+
+
+def _plain_linear_(block: nn.Module, local: str, weight: torch.Tensor) -> nn.Linear:
+    """Replace ``block``'s Linear ``local`` by a plain float32 :class:`torch.nn.Linear` holding
+    ``weight`` and the layer's bias: a host's Linear subclass may cast its weight in a way autograd
+    cannot follow (ComfyUI's ops copy it into a fresh tensor), and refinement needs its gradient."""
+    old = block.get_submodule(local)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"block refinement: {local!r} is a {type(old).__name__}, not a Linear layer")
+    bias = old.bias is not None
+    new = nn.Linear(old.in_features, old.out_features, bias=bias, device=weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias.detach())
+    parent, _, child = local.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, new)
+    return new
 
 
 def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:

@@ -47,6 +47,28 @@ class BlockCall:
     weight: float = 1.0
 
 
+def _copy_saved(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _normal(value: Any) -> Any:
+    """``value`` with its inference tensors (recorded under ``torch.inference_mode()``, as ComfyUI
+    runs every prompt) cloned into normal ones, which autograd can save; call outside inference mode."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, tuple):
+        return tuple(_normal(v) for v in value)
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
 def _snapshot(value: Any) -> Any:
     """Detached copies of the tensors in ``value`` (tuples, lists and dicts walked; other objects kept)."""
     if isinstance(value, torch.Tensor):
@@ -61,9 +83,11 @@ def _snapshot(value: Any) -> Any:
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` with its floating tensors in ``dtype`` (containers walked)."""
+    """``value`` with its tensors copied, the floating ones in ``dtype`` (containers walked). Always a
+    copy: a host's block may update its inputs in place (ComfyUI's FLUX blocks do ``txt += ...``),
+    which would change the recording and, under autograd, chain one step's graph into the next."""
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
+        return value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
     if isinstance(value, tuple):
         return tuple(_cast(v, dtype) for v in value)
     if isinstance(value, list):
@@ -207,6 +231,30 @@ def refine_block_(
 ) -> BlockRefinement:
     """Fit the kept weights of ``layers`` (inside ``block``) so ``block`` matches ``reference``, in place.
 
+    See :func:`_refine` for the method. It runs outside ``torch.inference_mode()`` even when called
+    inside it (ComfyUI runs prompts so); ``block``'s parameters must then be normal tensors (made
+    outside inference mode, e.g. by copying the block there), and recorded inference tensors in
+    ``calls`` are cloned.
+    """
+    with torch.inference_mode(False):
+        normal = [BlockCall(_normal(c.args), _normal(c.kwargs), c.weight) for c in calls]
+        return _refine(block, reference, layers, keep_masks, normal, steps=steps, lr=lr, seed=seed, name=name)
+
+
+def _refine(
+    block: nn.Module,
+    reference: nn.Module,
+    layers: Mapping[str, nn.Linear],
+    keep_masks: Mapping[str, torch.Tensor],
+    calls: Sequence[BlockCall],
+    *,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    name: str = "block",
+) -> BlockRefinement:
+    """Fit the kept weights of ``layers`` (inside ``block``) so ``block`` matches ``reference``, in place.
+
     Adam with a cosine-decaying learning rate from ``lr``, one recorded call per step (drawn
     uniformly, seeded), loss ``w_c ||block(x_c) - reference(x_c)||²`` over every tensor the block
     returns. After every step the weights are multiplied by their masks (and the gradients before
@@ -268,7 +316,11 @@ def refine_block_(
                 with torch.no_grad():
                     target = _run(reference, call, dtype)
                 opt.zero_grad(set_to_none=True)
-                loss = call.weight * _squared_error(_run(block, call, dtype), target) / scale
+                # every tensor autograd saves is copied when saved: a host's block may update its
+                # activations in place (ComfyUI's FLUX blocks do `img += ...`), which would otherwise
+                # corrupt what the backward pass needs
+                with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _same):
+                    loss = call.weight * _squared_error(_run(block, call, dtype), target) / scale
                 loss.backward()
                 with torch.no_grad():
                     for w, keep in zip(weights, masks, strict=True):

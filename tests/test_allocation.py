@@ -75,7 +75,7 @@ def test_prune_sequential_shares_each_blocks_count() -> None:
     """One pass: each block prunes exactly its share, layers within it differ, and every layer equals
     reconstruct_layer at its allocated count (the same Grams, from an unpruned twin)."""
     a, b = _model(), _model()
-    config = PruneConfig(0.5, update="obs")
+    config = PruneConfig(0.5, update="obs", reconstruct=ReconstructParams(block_refine_steps=0))
     assert config.reconstruct.allocation == "block"
     report = prune_sequential_(a, _calibration(a), config, memory_budget_bytes=1 << 30)
     layers = find_prunable_layers(b)

@@ -106,7 +106,7 @@ def test_prune_sequential_refines_each_block_with_the_masks_and_sparsity_unchang
     def calibration(model: nn.Module):
         return lambda cal: [_run(model, 4, seed) for seed in range(3)]
 
-    base = PruneConfig(0.6, update="obs")
+    base = PruneConfig(0.6, update="obs", reconstruct=ReconstructParams(block_refine_steps=0))
     config = PruneConfig(0.6, update="obs", reconstruct=ReconstructParams(block_refine_steps=60))
     plain_report = prune_sequential_(plain, calibration(plain), base, memory_budget_bytes=1 << 30)
     report = prune_sequential_(refined, calibration(refined), config, memory_budget_bytes=1 << 30)
@@ -126,11 +126,11 @@ def test_prune_sequential_refines_each_block_with_the_masks_and_sparsity_unchang
 
 def test_refinement_then_joint_quantisation_stores_codes_on_the_grid() -> None:
     """With value_bits, each block is refined first and its layers quantised after: the model holds
-    exactly the codes' decode, the masks are the unquantised refined run's, the bits are the plain
-    quantised run's, and the layers' errors are measured on the final weights."""
+    exactly the codes' decode, pruned weights stay 0, the bits are those of the same run without
+    refinement, and the layers' errors are measured on the final weights."""
     from ditprune_core.quantize import dequantize_weight
 
-    quant, refined_plain = _model(), _model()
+    quant, unrefined = _model(), _model()
 
     def calibration(model: nn.Module):
         return lambda cal: [_run(model, 4, seed) for seed in range(3)]
@@ -143,12 +143,12 @@ def test_refinement_then_joint_quantisation_stores_codes_on_the_grid() -> None:
         memory_budget_bytes=1 << 30,
     )
     plain = prune_sequential_(
-        refined_plain,
-        calibration(refined_plain),
-        PruneConfig(0.6, update="obs", value_bits=4),
+        unrefined,
+        calibration(unrefined),
+        PruneConfig(0.6, update="obs", value_bits=4, reconstruct=ReconstructParams(block_refine_steps=0)),
         memory_budget_bytes=1 << 30,
     )
-    assert len(report.blocks) == 2 and report.bits_per_weight == plain.bits_per_weight
+    assert len(report.blocks) == 2 and not plain.blocks and report.bits_per_weight == plain.bits_per_weight
     layers = find_prunable_layers(quant)
     assert set(report.quantized) == set(layers)
     for name, layer in layers.items():

@@ -12,7 +12,10 @@ from ditprune_core.prune import prune_sequential_
 from ditprune_core.reconstruct import relative_output_error
 from ditprune_core.stats import GramAccumulator
 
-OBS = PruneConfig(0.5, update="obs", reconstruct=ReconstructParams(allocation="uniform"))
+#: the OBS machinery itself: uniform allocation, no block refinement (tests/test_block_refine.py)
+OBS = PruneConfig(
+    0.5, update="obs", reconstruct=ReconstructParams(allocation="uniform", block_refine_steps=0)
+)
 
 
 def _calibration(model):

@@ -756,7 +756,9 @@ RECONSTRUCT_NOTES = {
     "Cost: the sampler runs once per pass ({steps} steps at this latent size{cfg_note}), plus the "
     "maths per layer. A pass holds the layers whose Gram matrices fit memory_budget_gb (0: a quarter "
     "of the free memory, at most 8 GiB). {model} needs {total} GiB of them: {passes_8} passes at "
-    "8 GiB, {passes_4} at 4 GiB. The report says how many it took and each layer's error.",
+    "8 GiB, {passes_4} at 4 GiB. Block refinement (block_refine_steps, default 100) then fits each "
+    "block's kept weights to the dense block's output: one more sampler run per block ({blocks} for "
+    "{model}); 0 skips it. The report says how many passes it took and each layer's error.",
     "sample": "Draws with the reconstructed model (seed 42, {steps} steps). The picture only shows "
     "here: add Save Image to keep it in output/.\n\nFor the dense picture beside it and PSNR: "
     "{plain} (mask only).",
@@ -792,6 +794,7 @@ def reconstruct_chain(
             *("energy", 0.5, "unstructured", True, True, True, False, ""),  # metric .. layer_regex
             0.0,  # memory_budget_gb
             "none",  # value_bits: keep the model's dtype (Save Pruned Model can still store low-bit values)
+            100,  # block_refine_steps: the default (one more sampler run per block)
         ],
         [
             ("model", "MODEL"),
@@ -872,6 +875,7 @@ def _reconstruct_notes(
             total=total,
             passes_8=passes_8,
             passes_4=passes_4,
+            blocks=BLOCKS[model],
         ),
         "sample": RECONSTRUCT_NOTES["sample"].format(steps=steps, plain=plain),
         "save": RECONSTRUCT_NOTES["save"].format(size=size),
@@ -882,6 +886,8 @@ def _reconstruct_notes(
 # and the passes they take at 8 and 4 GiB: ditprune_core.reconstruct.plan_groups over the full-size
 # layers (tests/comfyui/test_workflows.py recomputes them)
 GRAM_GIB: dict[str, tuple[float, int, int]] = {"flux1-dev": (60.1, 8, 17), "sd3.5-large": (31.4, 4, 9)}
+#: transformer blocks, each refined with one more sampler run (19 double + 38 single; 38 joint)
+BLOCKS = {"FLUX.1-dev": 57, "SD3.5 Large": 38}
 
 
 def flux_dev_reconstruct() -> dict[str, Any]:
