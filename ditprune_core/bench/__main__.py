@@ -13,6 +13,13 @@ from pathlib import Path
 DEFAULT_OUT = Path("docs/bench")
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench", description=__doc__)
     parser.add_argument(
@@ -38,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         "--per-class", type=int, default=10, help="pareto, lowbit: samples of each digit per seed"
     )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
+    parser.add_argument("--jobs", type=int, default=1, help="pareto: models run in parallel processes")
     parser.add_argument("--quick", action="store_true", help="obsspeed: FLUX widths / 4 (a smoke run)")
     parser.add_argument("--device", default="cpu", help="obsspeed: cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="obsspeed: torch CPU threads")
@@ -60,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "pareto":
         from .pareto import run_pareto, write_pareto
 
-        pareto = [
-            run_pareto(m, seeds=tuple(args.seeds), per_class=args.per_class, velocity=not args.no_velocity)
-            for m in args.models
-        ]
+        kwargs = {"seeds": tuple(args.seeds), "per_class": args.per_class, "velocity": not args.no_velocity}
+        if args.jobs > 1:  # one process per model, one thread each; same results, side by side
+            from concurrent.futures import ProcessPoolExecutor
+            from functools import partial
+
+            with ProcessPoolExecutor(min(args.jobs, len(args.models)), initializer=_one_thread) as pool:
+                pareto = list(pool.map(partial(run_pareto, **kwargs), args.models))
+        else:
+            pareto = [run_pareto(m, **kwargs) for m in args.models]
         path = write_pareto(pareto, args.out, command)
         print(path.read_text())
         return 0

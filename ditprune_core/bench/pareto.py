@@ -17,10 +17,10 @@ accuracy, Fréchet distance). The points:
 - ditprune masks (DiT-Pruning defaults) at 50/60/70 % and 2:4 with bf16, fp8 (per-row scale, as
   the compressed writer stores them), 4-bit and 3-bit kept values (round to nearest);
 - ditprune with reconstruction: ``prune_sequential_`` with ``PruneConfig(s, update="obs")`` (the
-  shipped defaults) at 45/50/60/70 % and 2:4, kept values in bf16, in fp8 (rounded after the
-  update) or quantised jointly inside the update (``value_bits=4 | 3``), plus 40 % with 3-bit,
-  52 % with 4-bit and 50 % with 4-bit groups of 32 (:data:`OBS_EXTRA`); the lab's calibration
-  (:class:`~.reconstruction_lab.Lab`);
+  shipped defaults, block refinement included) at 50/60/70 % and 2:4, kept values in bf16, in fp8
+  (rounded after the update) or quantised jointly after it (``value_bits=4 | 3``), plus 40 % with
+  3-bit, 45 % and 52 % with 4-bit (:data:`OBS_EXTRA`), and a few of them without block
+  refinement (:data:`NO_REFINE`); the lab's calibration (:class:`~.reconstruction_lab.Lab`);
 - whole-file points: a few of those with the layers that stay dense (modulation, embedders, final
   layer) also rounded as ``save_pruned_checkpoint(remainder="int4")`` stores them, so that their
   error includes what a file under 5 GB costs there.
@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import PruneConfig
+from ..config import PruneConfig, ReconstructParams
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..prune import compute_masks, prune_sequential_, select_layers
 from ..quantize import (
@@ -98,14 +98,20 @@ OBS_SETTINGS: dict[str, tuple[float, str]] = {
 }
 OBS_SETTINGS.update(SETTINGS)
 #: the settings that get every value format of :data:`OBS_VALUES`
-OBS_MAIN = ("45%", "50%", "60%", "70%", "2:4")
+OBS_MAIN = ("50%", "60%", "70%", "2:4")
 #: (label, value_bits) of the reconstruction points; None: bf16 values, and the same rounded to fp8
 OBS_VALUES: tuple[tuple[str, int | None], ...] = (("bf16", None), ("4-bit", 4), ("3-bit", 3))
 #: extra reconstruction points: (setting, value spec)
 OBS_EXTRA = (
     ("40%", DEFAULT_VALUE_SPECS[3]),
+    ("45%", DEFAULT_VALUE_SPECS[4]),
     ("52%", DEFAULT_VALUE_SPECS[4]),
-    ("50%", QuantSpec(4, 32, sym=False)),
+)
+#: reconstruction points without block refinement (``block_refine_steps=0``), to show what it adds
+NO_REFINE = (
+    ("50%", DEFAULT_VALUE_SPECS[4]),
+    ("50%", DEFAULT_VALUE_SPECS[3]),
+    ("52%", DEFAULT_VALUE_SPECS[4]),
 )
 #: whole-file points: (setting, value spec), with the remainder stored as int4
 WHOLE_FILE = (
@@ -306,16 +312,20 @@ class _Reconstructed:
 
     def __init__(self, ctx: BenchContext, lab: Lab) -> None:
         self.ctx, self.lab = ctx, lab
-        self.pipes: dict[tuple[str, str], tuple[MiniFluxPipeline, float]] = {}
+        self.pipes: dict[tuple[str, str, str], tuple[MiniFluxPipeline, float]] = {}
 
-    def run(self, setting: str, spec: QuantSpec | None) -> tuple[MiniFluxPipeline, float]:
+    def run(
+        self, setting: str, spec: QuantSpec | None, *, refine: bool = True
+    ) -> tuple[MiniFluxPipeline, float]:
         """The pruned pipeline and its MiniFlux bits per weight (as the compressed writer stores the
-        codes; bf16 values in the layout the default compressed save picks). Runs once per point."""
-        key = (setting, "bf16" if spec is None else _Points._spec(spec))
+        codes; bf16 values in the layout the default compressed save picks). Runs once per point;
+        ``refine=False``: without block refinement."""
+        key = (setting, "bf16" if spec is None else _Points._spec(spec), str(refine))
         if key in self.pipes:
             return self.pipes[key]
         sparsity, pattern = OBS_SETTINGS[setting]
-        config = PruneConfig(sparsity, pattern=pattern, update="obs", value_spec=spec)
+        params = ReconstructParams() if refine else ReconstructParams(block_refine_steps=0)
+        config = PruneConfig(sparsity, pattern=pattern, update="obs", value_spec=spec, reconstruct=params)
         model = copy.deepcopy(self.ctx.pipe.model)
         pipe = MiniFluxPipeline(model, self.ctx.pipe.conditioner)
         report = prune_sequential_(
@@ -362,6 +372,10 @@ class _Reconstructed:
                         _flux_bytes(spec, setting),
                     )
                 )
+        for setting, spec in NO_REFINE:
+            pipe, bpw = self.run(setting, spec, refine=False)
+            name = _obs_name(setting, _Points._spec(spec)) + " (no block refinement)"
+            out.append((name, "ditprune-obs", pipe, bpw, _flux_bytes(spec, setting)))
         return out
 
     def whole_files(self) -> list[tuple[str, str, MiniFluxPipeline, float, float]]:
@@ -658,7 +672,8 @@ def write_pareto(results: Sequence[ParetoResult], out_dir: Path, command: str) -
         "matrices recorded on the calibration sampling. `ditprune` points are mask-only (DiT-Pruning",
         "defaults), kept values rounded to nearest; `ditprune+OBS` points are `prune_sequential_` with",
         '`PruneConfig(s, update="obs", value_bits=B)`: the mask chosen in the update, exact refit,',
-        "block allocation, 4- and 3-bit codes chosen jointly in the update, fp8 rounded after it.",
+        "block allocation, block refinement (100 steps), then 4- and 3-bit codes chosen jointly on each",
+        "layer's Gram, fp8 rounded after it; `(no block refinement)`: the same with `block_refine_steps=0`.",
         "",
     ]
     for res in results:
