@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         "--per-class", type=int, default=10, help="pareto, lowbit: samples of each digit per seed"
     )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
-    parser.add_argument("--jobs", type=int, default=1, help="pareto: models run in parallel processes")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="quality, pareto: models run in parallel processes"
+    )
     parser.add_argument("--quick", action="store_true", help="obsspeed: FLUX widths / 4 (a smoke run)")
     parser.add_argument("--device", default="cpu", help="obsspeed: cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="obsspeed: torch CPU threads")
@@ -55,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "quality":
         from .quality import run_quality, write_quality
 
-        results = [run_quality(m, seeds=tuple(args.seeds)) for m in args.models]
+        if args.jobs > 1:  # one process per model, one thread each
+            from concurrent.futures import ProcessPoolExecutor
+            from functools import partial
+
+            with ProcessPoolExecutor(min(args.jobs, len(args.models)), initializer=_one_thread) as pool:
+                results = list(pool.map(partial(run_quality, seeds=tuple(args.seeds)), args.models))
+        else:
+            results = [run_quality(m, seeds=tuple(args.seeds)) for m in args.models]
         path = write_quality(results, args.out, command)
         print(path.read_text())
         return 0 if all(ok for r in results for _, ok in r.checks()) else 1

@@ -182,12 +182,14 @@ class QualityResult:
             "",
             f"dense: accuracy {_fmt(self.dense['acc'], 3)}, FD {_fmt(self.dense['fd'], 1)}",
             "",
-            "| method | sparsity | rel. error ↓ | PSNR dB ↑ | velocity error ↓ | accuracy ↑ | FD ↓ |",
-            "|---|---|---|---|---|---|---|",
+            "| method | sparsity | rel. error ↓ | rel. MSE ↓ | PSNR dB ↑ | velocity error ↓ | accuracy ↑ "
+            "| FD ↓ |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for method, setting, m in self.rows:
             lines.append(
-                f"| {method} | {setting} | {_fmt(m['rel_err'], 4)} | {_fmt(m['psnr'], 2)} | "
+                f"| {method} | {setting} | {_fmt(m['rel_err'], 4)} | {_fmt(m['rel_mse'], 4)} | "
+                f"{_fmt(m['psnr'], 2)} | "
                 f"{_fmt(m['vel_err'], 4)} | {_fmt(m['acc'], 3)} | {_fmt(m['fd'], 1)} |"
             )
         return "\n".join(lines)
@@ -232,8 +234,17 @@ class QualityResult:
             out.append(
                 (
                     f"{self.model} {setting}: dit-pruning-obs {obs:.4f} at least 3x below mask-only "
-                    f"dit-pruning {mask_only:.4f} ({mask_only / obs:.2f}x)",
+                    f"dit-pruning {mask_only:.4f} ({mask_only / obs:.2f}x, relative error)",
                     3 * obs <= mask_only,
+                )
+            )
+            obs_mse = self.mean("dit-pruning-obs", setting, "rel_mse")
+            mask_mse = self.mean("dit-pruning", setting, "rel_mse")
+            out.append(
+                (
+                    f"{self.model} {setting}: dit-pruning-obs {obs_mse:.4f} at least 3x below mask-only "
+                    f"dit-pruning {mask_mse:.4f} ({mask_mse / obs_mse:.2f}x, relative MSE)",
+                    3 * obs_mse <= mask_mse,
                 )
             )
         return out
