@@ -22,6 +22,8 @@ Two pieces: :class:`BlockCallRecorder` records a block's forward calls (a unifor
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import time
@@ -55,46 +57,41 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it: tuples, lists, dicts and dataclass
+    instances (ComfyUI passes modulations as ``ModulationOut``) are walked, other objects kept."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(out, f.name, _map_tensors(getattr(value, f.name), fn))
+        return out
+    return value
+
+
 def _normal(value: Any) -> Any:
     """``value`` with its inference tensors (recorded under ``torch.inference_mode()``, as ComfyUI
     runs every prompt) cloned into normal ones, which autograd can save; call outside inference mode."""
-    if isinstance(value, torch.Tensor):
-        return value.clone() if value.is_inference() else value
-    if isinstance(value, tuple):
-        return tuple(_normal(v) for v in value)
-    if isinstance(value, list):
-        return [_normal(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _normal(v) for k, v in value.items()}
-    return value
+    return _map_tensors(value, lambda t: t.clone() if t.is_inference() else t)
 
 
 def _snapshot(value: Any) -> Any:
-    """Detached copies of the tensors in ``value`` (tuples, lists and dicts walked; other objects kept)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple):
-        return tuple(_snapshot(v) for v in value)
-    if isinstance(value, list):
-        return [_snapshot(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
-    return value
+    """Detached copies of the tensors in ``value`` (containers walked as :func:`_map_tensors` does)."""
+    return _map_tensors(value, lambda t: t.detach().clone())
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     """``value`` with its tensors copied, the floating ones in ``dtype`` (containers walked). Always a
     copy: a host's block may update its inputs in place (ComfyUI's FLUX blocks do ``txt += ...``),
     which would change the recording and, under autograd, chain one step's graph into the next."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
-    if isinstance(value, tuple):
-        return tuple(_cast(v, dtype) for v in value)
-    if isinstance(value, list):
-        return [_cast(v, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
+    return _map_tensors(value, lambda t: t.to(dtype, copy=True) if t.is_floating_point() else t.clone())
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

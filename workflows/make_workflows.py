@@ -44,7 +44,7 @@ MIN_HEIGHT = {
     "PreviewImage": 26,
     "DitPruneCompare": 78,
     "DitPruneSavePrunedModel": 160,
-    "DitPrunePruneAndReconstruct": 518,
+    "DitPrunePruneAndReconstruct": 542,
     "PreviewAny": 88,
     "Note": 88,
 }
