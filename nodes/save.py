@@ -35,25 +35,25 @@ DTYPE_CHOICES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "f
 VALUE_CHOICES = {"keep dtype": "keep", "fp8_e4m3fn": "fp8", "int8": "int8", "int4": "int4", "int3": "int3"}
 REMAINDER_CHOICES = ("keep", "fp8", "int8", "int4")
 
-#: figures from docs/bench/pareto.md: projected FLUX.1-dev files (rest of the model in fp8, as
-#: remainder "fp8" stores it) and the relative error of final samples on MiniFlux-A / MiniFlux-B
+#: figures from docs/bench/pareto.md: projected FLUX.1-dev files (the rest of the model as the named
+#: remainder stores it) and the relative error of final samples on MiniFlux-A / MiniFlux-B
 VALUES_TOOLTIP = (
     "compressed only: how pruned layers' values are stored. keep dtype: bit-exact. fp8_e4m3fn: a "
     "scale per row. int8 / int4 / int3: codes with a scale per 128 kept values, rounded at save time "
     "(the file then differs from the model by the rounding; the node says by how much). A model from "
     "Prune and Reconstruct with value bits keeps its own codes, stored exactly, whatever you choose here.\n"
-    "Which to pick for your VRAM (projected FLUX.1-dev weights with remainder fp8, from "
-    "docs/bench/pareto.md; error = relative error of final samples on MiniFlux-A / -B):\n"
-    "- 24 GB or more: do not prune for memory: the bf16 model is 23.8 GB; ComfyUI's own fp8 11.9 GB "
-    "(error 0.020 / 0.028).\n"
-    "- 12-16 GB: ComfyUI's fp8 (11.9 GB) still beats pruning on quality; pruned 50% + fp8_e4m3fn: "
-    "8.7 GB (error 0.18 / 0.23).\n"
-    "- 8-12 GB: 50% + int4: 6.6 GB (error 0.19 / 0.25).\n"
-    "- under 8 GB: 2:4 + int4: 6.3 GB (0.27 / 0.36), 50% + int3: 6.1 GB (0.22 / 0.25), "
-    "70% + int3: 5.4 GB (0.37 / 0.43).\n"
-    "Plainly: at equal size, dense quantisation beats pruning on MiniFlux (GGUF Q4_0 0.064 / 0.072 "
-    "at 8.1 GB projected, dense GPTQ 3-bit 0.088 / 0.117 at 6.7 GB): prune for a smaller, faster "
-    "model, not for the best picture per gigabyte."
+    "Which to pick for your VRAM (projected FLUX.1-dev weights, docs/bench/pareto.md; error = relative "
+    "error of final samples on MiniFlux-A / -B; 'reconstructed' = Prune and Reconstruct with value bits):\n"
+    "- 24 GB or more: do not prune for memory: bf16 is 23.8 GB; ComfyUI's own fp8 11.9 GB "
+    "(0.020 / 0.028).\n"
+    "- 12-16 GB: ComfyUI's fp8 still beats pruning; reconstructed 50% + fp8_e4m3fn, remainder fp8: "
+    "8.7 GB (0.075 / 0.092).\n"
+    "- 8-12 GB: GGUF Q4_0 (8.1 GB, 0.064 / 0.072); reconstructed 45% + int4, remainder fp8: 6.8 GB "
+    "(0.075 / 0.089).\n"
+    "- 6-8 GB: reconstructed 50% + int4, remainder fp8: 6.6 GB (0.082 / 0.103), better than GGUF Q3_K.\n"
+    "- under 6 GB: reconstructed 52% + int4, remainder int4: 4.9 GB (0.10 / 0.12); 50% + int3, "
+    "remainder int4: 4.5 GB (0.12 / 0.15).\n"
+    "Mask-only pruning saved as int4 is far worse at the same size (50% + int4: 0.19 / 0.25)."
 )
 REMAINDER_TOOLTIP = (
     "compressed only: how the layers that stay dense (adaLN modulation, embedders, final layer: 28% of "
@@ -61,7 +61,7 @@ REMAINDER_TOOLTIP = (
     "are. fp8: e4m3fn with a scale per row (3.3 GB). int8: 8-bit codes, a scale per 128 weights "
     "(3.4 GB). int4: 4-bit codes, a scale and zero point per 128 weights (1.7 GB: what a FLUX.1-dev "
     "file under 5 GB needs, as GGUF Q4 files do; not free: on MiniFlux-A it raised the error of a "
-    "52% + int4 model from 0.104 to 0.117). What each costs on final samples: 'remainder' in "
+    "52% + int4 model from 0.086 to 0.101). What each costs on final samples: 'remainder' in "
     "docs/bench/lowbit.md and the 'rest int4' points of docs/bench/pareto.md."
 )
 
