@@ -214,31 +214,8 @@ def block_output_error(block: nn.Module, reference: nn.Module, calls: Sequence[B
     return num / den if den > 0 else 0.0
 
 
+@torch.inference_mode(False)
 def refine_block_(
-    block: nn.Module,
-    reference: nn.Module,
-    layers: Mapping[str, nn.Linear],
-    keep_masks: Mapping[str, torch.Tensor],
-    calls: Sequence[BlockCall],
-    *,
-    steps: int,
-    lr: float,
-    seed: int = 0,
-    name: str = "block",
-) -> BlockRefinement:
-    """Fit the kept weights of ``layers`` (inside ``block``) so ``block`` matches ``reference``, in place.
-
-    See :func:`_refine` for the method. It runs outside ``torch.inference_mode()`` even when called
-    inside it (ComfyUI runs prompts so); ``block``'s parameters must then be normal tensors (made
-    outside inference mode, e.g. by copying the block there), and recorded inference tensors in
-    ``calls`` are cloned.
-    """
-    with torch.inference_mode(False):
-        normal = [BlockCall(_normal(c.args), _normal(c.kwargs), c.weight) for c in calls]
-        return _refine(block, reference, layers, keep_masks, normal, steps=steps, lr=lr, seed=seed, name=name)
-
-
-def _refine(
     block: nn.Module,
     reference: nn.Module,
     layers: Mapping[str, nn.Linear],
@@ -258,6 +235,10 @@ def _refine(
     it), so every pruned weight stays exactly 0. If the fit ends with a higher error on ``calls``
     than it started with, the starting weights are put back (``reverted``).
 
+    It runs outside ``torch.inference_mode()`` even when called inside it (ComfyUI runs prompts
+    so); ``block``'s parameters must then be normal tensors (made outside inference mode, e.g. by
+    copying the block there), and recorded inference tensors in ``calls`` are cloned.
+
     Args:
         block: the pruned block (its layers' pruned weights already 0 where ``keep_masks`` is False);
             its other parameters are not changed. Its parameters' dtype is the working dtype
@@ -273,6 +254,7 @@ def _refine(
     Raises:
         ValueError: no calls, a mask missing or of the wrong shape, or ``steps < 0`` / ``lr <= 0``.
     """
+    calls = [BlockCall(_normal(c.args), _normal(c.kwargs), c.weight) for c in calls]
     if not calls:
         raise ValueError(f"{name}: no recorded calls to refine on; the calibration never ran this block")
     if steps < 0 or lr <= 0:
