@@ -51,7 +51,7 @@ from .quantize import (
     packed_nbytes,
     unpack_codes,
 )
-from .util.dtypes import first_non_finite, storage_view, to_float32
+from .util.dtypes import cast_saturating, first_non_finite, storage_view, to_float32
 from .util.packing import pack_bits, unpack_bits
 from .util.selection import count_true
 
@@ -104,11 +104,18 @@ class Fp8Values:
     dtype: torch.dtype = torch.float8_e4m3fn
 
     def encode(
-        self, values: torch.Tensor, value_rows: torch.Tensor | None, n_rows: int, where: str = "weight"
+        self,
+        values: torch.Tensor,
+        value_rows: torch.Tensor | None,
+        n_rows: int,
+        where: str = "weight",
+        decoded_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(fp8 values, scale (rows,), max error / peak)``.
 
         ``value_rows`` gives the row of each value of a 1-D ``values``; None: ``values`` is (rows, k).
+        The error is measured on the values as they decode: in ``decoded_dtype`` (default ``values``'
+        dtype), clamped to its range as the reader does.
 
         Raises:
             CheckpointError: a NaN or inf value (it would turn its whole row into NaN).
@@ -128,7 +135,8 @@ class Fp8Values:
         per_value = scale[:, None] if value_rows is None else scale[value_rows]
         q = (v / per_value).to(self.dtype)
         peak = float(v.abs().max()) if v.numel() else 0.0
-        error = float((q.float() * per_value - v).abs().max()) / peak if peak > 0 else 0.0
+        decoded = cast_saturating(q.float() * per_value, decoded_dtype or values.dtype).float()
+        error = float((decoded - v).abs().max()) / peak if peak > 0 else 0.0
         return q, scale, error
 
 
@@ -245,7 +253,7 @@ def _dequantize(
     """
     s = scale.float()
     offset = s * zero if isinstance(zero, int) else s * zero.float()
-    return codes.float().mul_(s).sub_(offset).to(dtype)
+    return cast_saturating(codes.float().mul_(s).sub_(offset), dtype)
 
 
 class Layout:
@@ -366,7 +374,7 @@ class Layout:
         pieces["shape"] = torch.tensor([rows, cols], dtype=torch.int64)
         error = 0.0
         if values is not None:
-            q, scale, error = values.encode(pieces[self.values_piece], value_rows, rows, where)
+            q, scale, error = values.encode(pieces[self.values_piece], value_rows, rows, where, w.dtype)
             pieces[self.values_piece], pieces["scale"] = q, scale
         return pieces, error
 
@@ -467,7 +475,7 @@ class Layout:
         values = (
             values.to(dtype)
             if scale is None
-            else (to_float32(values) * self._row_scale(pieces, scale)).to(dtype)
+            else cast_saturating(to_float32(values) * self._row_scale(pieces, scale), dtype)
         )
         return self._decode(pieces, rows, cols, values, dtype)
 
@@ -477,6 +485,7 @@ class Layout:
         """Vectorised decode: codes unpacked with a few byte operations, every scale (and zero point)
         spread over its values, one multiply-subtract; no loop over rows or groups."""
         bits, g, sym, grouping = (int(x) for x in pieces["qspec"].tolist())
+        g = max(1, min(g, cols))  # QuantSpec.group_width: grids follow the row, not the stored size
         scales = pieces["qscales"]
         n_groups = scales.numel()
         zero: torch.Tensor | int = 1 << (bits - 1)
@@ -513,7 +522,7 @@ class Layout:
             z = zero if isinstance(zero, int) else torch.cat((zero, zero.new_zeros(1))).float()
             pair = torch.stack((s, s * z), dim=1)
             spread = torch.repeat_interleave(pair, sizes, dim=0, output_size=codes.numel())
-            values = codes.float().mul_(spread[:, 0]).sub_(spread[:, 1]).to(dtype)
+            values = cast_saturating(codes.float().mul_(spread[:, 0]).sub_(spread[:, 1]), dtype)
         return self._place(pieces, rows, cols, values, keep)
 
     def _place_grid(
@@ -543,7 +552,7 @@ class Layout:
         s = scales.reshape(rows, row_groups)[:, group]
         z = zero if isinstance(zero, int) else zero.reshape(rows, row_groups)[:, group]
         values = _dequantize(dense_codes, s, z, torch.float32)
-        return torch.where(keep, values, 0.0).to(dtype)
+        return cast_saturating(torch.where(keep, values, 0.0), dtype)
 
 
 def _group_sizes(keep: torch.Tensor, g: int, n_groups: int, padded: int) -> torch.Tensor:
@@ -632,7 +641,7 @@ class BitmaskLayout(Layout):
             rows, cols = (int(x) for x in pieces["shape"].tolist())
         placed = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
         storage_view(placed).masked_scatter_(unpack_bits(pieces["bitmask"], cols), storage_view(values))
-        return (to_float32(placed) * scale[:, None]).to(dtype)
+        return cast_saturating(to_float32(placed) * scale[:, None], dtype)
 
     def _row_scale(self, pieces: Mapping[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
         offsets, values = pieces["row_offsets"], pieces["compressed"]
@@ -674,7 +683,7 @@ class BitmaskLayout(Layout):
             return dict(pieces)
         cols = int(pieces["shape"][1])
         spec = spec_of_piece(pieces["qspec"])
-        g = spec.group_size
+        g = spec.group_width(cols)
         keep = unpack_bits(pieces["bitmask"], cols)
         counts = keep.sum(dim=1)
         n_groups = pieces["qscales"].numel()

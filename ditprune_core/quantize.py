@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .util.dtypes import cast_saturating
+
 __all__ = [
     "DEFAULT_DENSE_SPECS",
     "DEFAULT_VALUE_SPECS",
@@ -123,6 +125,15 @@ class QuantSpec:
     @property
     def max_code(self) -> int:
         return (1 << self.bits) - 1
+
+    def group_width(self, cols: int) -> int:
+        """Slots of one group in a row of ``cols`` values: ``group_size`` bounded by the row.
+
+        Groups never span rows, so a group size above the row's length gives exactly the groups of
+        a size equal to it; every grid is laid out with this width, so that memory follows the
+        weight's size, never a (possibly crafted) group size.
+        """
+        return max(1, min(self.group_size, int(cols)))
 
     @property
     def sym_zero(self) -> int:
@@ -231,7 +242,7 @@ def kept_per_row(keep: torch.Tensor) -> torch.Tensor:
 
 def _groups_per_row(shape: tuple[int, int], spec: QuantSpec, counts: torch.Tensor | None) -> torch.Tensor:
     rows, cols = shape
-    g = spec.group_size
+    g = spec.group_width(cols)
     if counts is None or spec.grouping == "columns":
         return torch.full((rows,), -(-cols // g), dtype=torch.int64)
     return (counts + g - 1) // g
@@ -240,7 +251,7 @@ def _groups_per_row(shape: tuple[int, int], spec: QuantSpec, counts: torch.Tenso
 def _n_groups(shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None) -> int:
     rows, cols = shape
     if keep is None or spec.grouping == "columns":
-        return rows * -(-cols // spec.group_size)
+        return rows * -(-cols // spec.group_width(cols))
     return int(_groups_per_row(shape, spec, kept_per_row(keep)).sum())
 
 
@@ -258,7 +269,7 @@ def _group_slots(
     The grid's valid slots, read row-major, are the stored values in storage order.
     """
     rows, cols = shape
-    g = spec.group_size
+    g = spec.group_width(cols)
     per_row = -(-cols // g)
     if keep is None or spec.grouping == "columns":
         if keep is None and cols % g == 0:
@@ -397,7 +408,7 @@ def quantize_weight(
     slots = _group_slots(shape, spec, keep, w.device)
     n_groups = _n_groups(shape, spec, keep)
     values = w.reshape(-1) if keep is None else w[keep]
-    grid = _to_grid(values, slots, n_groups, spec.group_size)
+    grid = _to_grid(values, slots, n_groups, spec.group_width(shape[1]))
     scale, zero = _fit_groups(grid, slots, spec, where)
     codes = _from_grid(_encode(grid, scale, zero, spec), slots).to(torch.uint8)
     if keep is None:
@@ -422,17 +433,18 @@ def dequantize_weight(
     slots = _group_slots(q.shape, spec, q.keep, device)
     zero: torch.Tensor | int = spec.sym_zero if q.zeros is None else q.zeros
     flat = q.codes.reshape(-1)
+    g = spec.group_width(cols)
     if q.keep is None and slots is None:
-        grid = flat.reshape(q.n_groups, spec.group_size)
+        grid = flat.reshape(q.n_groups, g)
     else:
-        grid = torch.zeros(q.n_groups, spec.group_size, dtype=torch.uint8, device=device)
+        grid = torch.zeros(q.n_groups, g, dtype=torch.uint8, device=device)
         grid.masked_scatter_(slots, flat)  # type: ignore[arg-type]
     z = zero if isinstance(zero, int) else zero[:, None]
     values = _from_grid(_decode(grid, q.scales[:, None], z), slots)
     if q.keep is None:
-        return values.reshape(rows, cols).to(dtype)
+        return cast_saturating(values.reshape(rows, cols), dtype)
     out = torch.zeros(rows, cols, dtype=dtype, device=device)
-    return out.masked_scatter_(q.keep.to(device), values.to(dtype))
+    return out.masked_scatter_(q.keep.to(device), cast_saturating(values, dtype))
 
 
 def fake_quantize(

@@ -11,6 +11,10 @@ fails loudly (size mismatch) instead of loading zeros. The metadata holds ``form
 compressed tensor: ``layout``, ``dtype`` (the decoded dtype), ``values`` (a dtype, or ``int8``,
 ``int4``, ``int3``, ``int2``), ``scale`` (``none``, ``per-row`` for fp8, ``group`` for codes) and,
 for codes, ``group_size``, ``sym`` (``true``/``false``) and ``grouping`` (``kept``/``columns``).
+``layouts_crc32`` is the CRC32 of the metadata that drives decoding (``format_version``,
+``checkpoint``, ``layouts``: :func:`layouts_checksum`), since the tensors' own CRCs cover only their
+bytes: a quantised layer's decoded dtype, for one, is written nowhere else. Files written before it
+have no such key and are read as before.
 
 Format versions: 1 has the bitmask and 2:4 layouts with dtype or fp8 values; 2 adds quantised
 values and the dense layout. A file is written with the lowest version that holds it (so that an
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +69,7 @@ from .util.safetensors_io import (
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "LAYOUTS_CHECKSUM_KEY",
     "READ_VERSIONS",
     "REMAINDER_BITS",
     "REMAINDER_FORMATS",
@@ -75,6 +81,7 @@ __all__ = [
     "check_keys",
     "is_remainder_weight",
     "iter_pruned_checkpoint",
+    "layouts_checksum",
     "load_pruned_checkpoint",
     "read_checkpoint_info",
     "save_pruned_checkpoint",
@@ -97,7 +104,9 @@ REMAINDER_FORMATS = ("keep", "fp8", "int8", "int4")
 #: the remainder's integer codes: a scale and zero point per 128 weights
 REMAINDER_BITS = {"int8": 8, "int4": 4}
 #: metadata keys the writer sets itself; a caller's metadata may not use them
-RESERVED_METADATA = ("format", "format_version", "layouts", "checkpoint", CHECKSUM_KEY)
+#: the metadata key of :func:`layouts_checksum`
+LAYOUTS_CHECKSUM_KEY = "layouts_crc32"
+RESERVED_METADATA = ("format", "format_version", "layouts", "checkpoint", CHECKSUM_KEY, LAYOUTS_CHECKSUM_KEY)
 _DTYPE_NAMES = {
     str(d).removeprefix("torch."): d
     for d in (
@@ -331,7 +340,8 @@ def _rounded(
         w = produce().detach().cpu()
         keep = storage_view(w) != 0 if masked else None
         q = quantize_weight(w.float(), spec, keep=keep, where=where)
-        error = _peak_error(dequantize_weight(q, torch.float32, check=False), w)
+        # measured on what the file decodes to: in its own dtype (clamped to its range, as the reader does)
+        error = _peak_error(dequantize_weight(q, w.dtype, check=False), w)
         return layout.encode_quantized(q, where), error
 
     return make
@@ -484,6 +494,7 @@ def save_pruned_checkpoint(
         "layouts": json.dumps(layouts),
         "checkpoint": format,
     }
+    meta[LAYOUTS_CHECKSUM_KEY] = layouts_checksum(meta)
     write_safetensors(path, tensors, meta, overwrite=overwrite)
     report.file_bytes = Path(path).stat().st_size
     errors: dict[str, float] = {}
@@ -593,6 +604,13 @@ def _needs_v2(entry: Mapping[str, str]) -> bool:
     return entry["layout"] == "dense" or entry["values"] in _INT_BITS
 
 
+def layouts_checksum(metadata: Mapping[str, str]) -> str:
+    """CRC32 (8 hex digits) of the metadata that says how to decode a checkpoint: its
+    ``format_version``, ``checkpoint`` and ``layouts`` strings as stored."""
+    covered = json.dumps([metadata.get(k) for k in ("format_version", "checkpoint", "layouts")])
+    return f"{zlib.crc32(covered.encode()):08x}"
+
+
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Metadata of a ditprune checkpoint: format, version, layouts; refuses other files.
 
@@ -608,6 +626,13 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         version=READ_VERSIONS,
         not_ours_hint="; load it with ComfyUI's Load Diffusion Model node, or save it with ditprune first",
     )
+    recorded = meta.get(LAYOUTS_CHECKSUM_KEY)
+    if recorded is not None and recorded != layouts_checksum(meta):
+        raise CheckpointError(
+            f"{path}: its decoding metadata ('format_version', 'checkpoint', 'layouts') does not match "
+            f"its checksum (CRC32 {layouts_checksum(meta)}, the file records {recorded}): the metadata "
+            "was edited or damaged after the file was written; save or copy it again"
+        )
     fmt = meta.get("checkpoint", "compressed")
     if fmt not in ("dense", "compressed"):
         raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} in its metadata")

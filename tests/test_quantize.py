@@ -389,3 +389,48 @@ def test_bad_storage_questions_are_refused() -> None:
 def test_gptq_refuses_a_gram_of_the_wrong_size() -> None:
     with pytest.raises(ValueError, match=r"linear1: Gram matrix of shape \(8, 8\) does not fit .* 10 inputs"):
         gptq_quantize(torch.ones(3, 10), torch.eye(8), 4, 8, True, where="single_blocks.0.linear1")
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) made while ``fn`` runs, by torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("grouping", ["kept", "columns"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_group_size_beyond_the_row_costs_what_the_row_costs(grouping: str, masked: bool) -> None:
+    """Groups never span rows: a group size of 2^20 (or 2^31 - 1) gives exactly the pieces of a group
+    as long as the row, and allocates by the weight's size, not groups x group size (it used to
+    build a 64 x 2^20 grid, 4.6 GB for 2^24)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=gen)
+    keep = (torch.rand(64, 64, generator=gen) > 0.5) if masked else None
+    row = quantize_weight(w, QuantSpec(4, 64, sym=False, grouping=grouping), keep=keep)
+    for huge in (1 << 20, (1 << 31) - 1):
+        spec = QuantSpec(4, huge, sym=False, grouping=grouping)
+        q = quantize_weight(w, spec, keep=keep)
+        assert torch.equal(q.codes, row.codes) and torch.equal(q.scales, row.scales)
+        assert torch.equal(dequantize_weight(q), dequantize_weight(row))
+    spec = QuantSpec(4, 1 << 20, sym=False, grouping=grouping)
+    q = quantize_weight(w, spec, keep=keep)
+    bound = 64 * 64 * 8 * 4  # a few float64-sized copies of the weight, far below 64 x 2^20
+    assert _largest_allocation(lambda: quantize_weight(w, spec, keep=keep)) <= bound
+    assert _largest_allocation(lambda: dequantize_weight(q)) <= bound
+
+
+def test_a_decode_into_float16_is_clamped_to_its_range_not_inf() -> None:
+    """An asymmetric group's rounded zero point can decode its largest value half a step above the
+    weight's own largest: near float16's 65504 a plain cast made it inf."""
+    top = float(torch.finfo(torch.float16).max)
+    w = torch.tensor([[-0.001 * top, top, 0.5 * top, 0.0]])
+    q = quantize_weight(w, QuantSpec(8, 4, sym=False))
+    wide = dequantize_weight(q)
+    assert float(wide[0, 1]) > 65520  # the float32 decode overshoots past float16's rounding limit
+    assert torch.isinf(wide.to(torch.float16)).any()  # which a plain cast makes inf
+    narrow = dequantize_weight(q, torch.float16)
+    assert bool(torch.isfinite(narrow).all()) and float(narrow[0, 1]) == top
+    assert torch.equal(narrow[0, [0, 2, 3]], wide.to(torch.float16)[0, [0, 2, 3]])  # the rest as cast

@@ -11,7 +11,7 @@ import torch
 
 from .blocks import row_blocks
 
-__all__ = ["first_non_finite", "storage_view", "to_float32", "zero_where_"]
+__all__ = ["cast_saturating", "first_non_finite", "storage_view", "to_float32", "zero_where_"]
 
 
 def storage_view(t: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,26 @@ def to_float32(t: torch.Tensor) -> torch.Tensor:
         return t.float()
     flat = t.reshape(-1).view(torch.uint8).to(torch.int32)
     return table.to(t.device).index_select(0, flat).reshape(t.shape)
+
+
+#: float dtypes narrower in range than float32: a decode into them is clamped to their range first
+_NARROW_RANGE = {
+    dtype: float(torch.finfo(dtype).max) for dtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+}
+
+
+def cast_saturating(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, with values beyond ``dtype``'s finite range clamped to it first (float16 and
+    fp8; a no-op clamp for wider dtypes).
+
+    A decoded low-bit value may lie up to half a step beyond the largest value it was quantised from
+    (an asymmetric zero point is rounded): near float16's 65504 a plain cast makes it inf, and fp8's
+    e4m3 makes it NaN. Finite values inside the range are cast exactly as ``.to`` casts them.
+    """
+    peak = _NARROW_RANGE.get(dtype)
+    if peak is None or t.dtype == dtype:
+        return t.to(dtype)
+    return t.clamp(-peak, peak).to(dtype)
 
 
 def zero_where_(weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
