@@ -104,7 +104,40 @@ class PruneTarget:
             raise ValueError(
                 f"no layer of families {list(config.families)} matches (layer_regex={config.layer_regex!r})"
             )
+        check_untied(layers)
         return cls(module, template, layers)
+
+
+def _weight_identity(weight: torch.Tensor) -> tuple[object, ...]:
+    if weight.device.type == "meta" or weight.numel() == 0:
+        return (id(weight),)
+    return (weight.device, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+
+
+def check_untied(layers: Mapping[str, nn.Module]) -> None:
+    """Refuse layers that share one weight tensor (tied weights).
+
+    Each layer is pruned (and reconstructed) for its own inputs and written in place, so the second
+    write of a shared weight would silently replace the first, and neither layer would keep what was
+    computed for it.
+
+    Raises:
+        ValueError: naming both layers and how to go on.
+    """
+    seen: dict[tuple[object, ...], str] = {}
+    for name, layer in layers.items():
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        key = _weight_identity(weight)
+        first = seen.setdefault(key, name)
+        if first != name:
+            raise ValueError(
+                f"layers {first!r} and {name!r} share one weight tensor (tied weights): each would be "
+                "pruned for its own inputs and the second write would replace the first. Leave one of "
+                "them out (layer_regex or filter_fn), or untie them (give each its own copy of the "
+                "weight) before pruning"
+            )
 
 
 def select_layers(model: nn.Module | object, config: PruneConfig) -> dict[str, nn.Linear]:

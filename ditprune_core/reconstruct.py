@@ -590,10 +590,14 @@ def allocate_block_counts(
         costs.append(cost[::step].sort().values.double().cpu())
         sizes.append(n)
         upper = max(min(max_sparsity, sparsity + spread), sparsity)
-        # the bounds always admit the uniform counts, so the total is reachable
-        lows.append(float(min(max(1, math.ceil(max(0.0, sparsity - spread) * n)), math.floor(sparsity * n))))
-        highs.append(float(min(n - 1, max(math.floor(upper * n), math.ceil(sparsity * n)))))
-    total = round(sparsity * sum(sizes))
+        # the bounds admit the uniform counts, and every layer prunes at least one weight and keeps
+        # at least one: at extreme sparsities (0.001, 0.9999) the uniform count of a small layer is
+        # 0 or all of it, which no layer's sparsity in (0, 1) can express
+        low = min(max(1, math.ceil(max(0.0, sparsity - spread) * n)), max(1, math.floor(sparsity * n)))
+        lows.append(float(min(low, n - 1)))
+        highs.append(float(max(1, min(n - 1, max(math.floor(upper * n), math.ceil(sparsity * n))))))
+    # the block's count, within what those bounds allow (it moves only at extreme sparsities)
+    total = min(max(round(sparsity * sum(sizes)), round(sum(lows))), round(sum(highs)))
 
     def counts(level: float) -> list[float]:
         out = []
@@ -882,6 +886,8 @@ def obs_quantize(
     w = weight.detach().to(torch.float32, copy=True)
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name}: the weight holds inf or NaN; it cannot be quantised")
+    if not bool(keep.any()):  # the whole layer pruned: no code, no group, nothing to compensate
+        return quantize_weight(w, spec, keep=keep, where=name)
     h = dampened(gram.to(device), damp)
     u = _cholesky_inverse_upper(h, name, damp)
     del h

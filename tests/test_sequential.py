@@ -125,3 +125,58 @@ def test_mask_only_sequential_reports_the_mask_error() -> None:
     # the error is the one the Gram gives for the mask alone
     assert all(r.output_error > 0 for r in report.layers)
     assert relative_output_error(torch.zeros(2, 2), torch.eye(2), torch.eye(2)) == 1.0
+
+
+def test_tied_weights_are_refused_naming_both_layers() -> None:
+    """Two layers sharing one weight: each would be reconstructed for its own inputs and the second
+    write would silently replace the first (then a save blamed a LoRA). Refused before any pass."""
+    model = _model()
+    layers = find_prunable_layers(model)
+    layers["double_blocks.0.txt_attn.proj"].weight = layers["double_blocks.0.img_attn.proj"].weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    message = r"'double_blocks\.0\.img_attn\.proj' and 'double_blocks\.0\.txt_attn\.proj' share one weight"
+    for config in (OBS, PruneConfig(0.5)):
+        with pytest.raises(ValueError, match=message):
+            prune_sequential_(model, lambda cal: calls.append(cal), config)
+    with pytest.raises(ValueError, match=message):
+        prune_model_(model, None, PruneConfig(0.5, metric="magnitude"))
+    assert calls == [] and _hooks(model) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # leaving one of them out is the way on that the message gives
+    config = PruneConfig(0.5, metric="magnitude", layer_regex=r"^(?!double_blocks\.0\.txt_attn\.proj)")
+    prune_model_(model, None, config)
+
+
+@pytest.mark.parametrize("sparsity", [0.9999, 0.001])
+@pytest.mark.parametrize("value_bits", [None, 4])
+def test_extreme_sparsities_run_with_every_layer_pruned_and_kept(sparsity: float, value_bits) -> None:
+    """Block allocation used to give a layer a prune count of 0 or all of it at 0.001 and 0.9999,
+    and then failed on a sparsity the user never gave ("got 1.0", "got 0.0"); every layer now
+    prunes at least one weight and keeps at least one."""
+    model = _model()
+    config = PruneConfig(
+        sparsity, update="obs", value_bits=value_bits, reconstruct=ReconstructParams(block_refine_steps=0)
+    )
+    report = prune_sequential_(model, _calibration(model), config)
+    for row in report.sparsity.layers:
+        assert 0 < row.pruned < row.numel, row.name
+    assert report.sparsity.sparsity == pytest.approx(sparsity, abs=2e-3)
+    for layer in find_prunable_layers(model).values():
+        assert bool(torch.isfinite(layer.weight).all())
+
+
+def test_a_whole_layer_pruned_quantises_to_no_codes() -> None:
+    """Uniform allocation at 0.9999 prunes the whole of a small layer: with value_bits its
+    quantisation has no value, no group and nothing to compensate (it raised IndexError)."""
+    model = _model()
+    config = PruneConfig(
+        0.9999,
+        update="obs",
+        value_bits=4,
+        reconstruct=ReconstructParams(allocation="uniform", block_refine_steps=0),
+    )
+    report = prune_sequential_(model, _calibration(model), config)
+    q = report.quantized["double_blocks.0.img_attn.proj"]
+    assert q.codes.numel() == 0 and q.scales.numel() == 0
+    assert not bool(find_prunable_layers(model)["double_blocks.0.img_attn.proj"].weight.any())
