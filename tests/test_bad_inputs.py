@@ -185,6 +185,7 @@ def _write(tmp_path, name, meta, data, drop_checksums=True):
     meta = dict(meta)
     if drop_checksums:
         meta.pop("tensor_crc32", None)
+        meta.pop("layouts_crc32", None)
     out = tmp_path / name
     save_file(data, str(out), metadata=meta)
     return out
