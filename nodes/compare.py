@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.util.metrics import psnr, relative_error
+from ..ditprune_core.util.metrics import non_finite_note, psnr, relative_error
 from .common import CATEGORY
+
+log = logging.getLogger("ditprune")
 
 
 class DitPruneCompare(io.ComfyNode):
@@ -46,6 +50,16 @@ class DitPruneCompare(io.ComfyNode):
                 "images made with the same size and batch"
             )
         d, p = dense.float(), pruned.float()
+        bad = non_finite_note({"dense": d, "pruned": p})
+        if bad is not None:
+            text = (
+                f"cannot compare: {bad} (PSNR and relative error would be NaN). A NaN image comes from "
+                "a model that overflowed (float16 weights beyond its range?) or a damaged checkpoint: "
+                "check that input's model"
+            )
+            log.warning("ditprune Compare: %s", text)
+            diff = ((p - d).abs() * amplify).nan_to_num(nan=1.0, posinf=1.0).clamp(0, 1)
+            return io.NodeOutput(text, diff, ui={"text": [text]})
         # images are in [0, 1]: PSNR over a range of 1 (psnr() takes [-1, 1] data, so map to it)
         text = (
             f"PSNR {psnr(p * 2 - 1, d * 2 - 1):.2f} dB, relative error {relative_error(p, d):.4f}, "

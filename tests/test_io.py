@@ -35,6 +35,11 @@ _SLOW_SAVE = textwrap.dedent(
     from ditprune_core.util.io import install_cleanup_handlers
     from ditprune_core.util.safetensors_io import LazyTensor, write_safetensors
 
+    # a process started from a terminal has SIGHUP's default action; under nohup (or with SIGHUP
+    # ignored by a parent) it is inherited as ignored, and ignored signals stay ignored: restore the
+    # default first, so that the test asks the same of the handler wherever the suite runs
+    import signal
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     install_cleanup_handlers()
 
     def slow() -> torch.Tensor:
@@ -145,3 +150,27 @@ def test_names_too_long_are_refused_before_anything_is_written(tmp_path: Path) -
         write_safetensors(long, {"w": torch.ones(2)})
     assert list(tmp_path.iterdir()) == []
     check_name_fits(tmp_path / "sub" / "fine.safetensors")  # a folder that does not exist yet is fine
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) for a real full disk")
+def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """The kernel's own ENOSPC (writes to /dev/full fail with it), through a temporary that is a link
+    to /dev/full: the error names the file, keeps the errno, and nothing is left behind."""
+    import errno
+
+    from ditprune_core.util import io
+
+    real_temp = io._temp_path
+
+    def full_temp(path: Path) -> Path:
+        tmp = real_temp(path)
+        tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(io, "_temp_path", full_temp)
+    target = tmp_path / "big.safetensors"
+    with pytest.raises(OSError, match=r"big\.safetensors: No space left on device while writing it") as info:
+        write_safetensors(target, {"w": torch.ones(64, 64)})
+    assert info.value.errno == errno.ENOSPC
+    assert "nothing was saved" in str(info.value)
+    assert list(tmp_path.iterdir()) == []

@@ -19,6 +19,7 @@ final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -233,6 +234,12 @@ def install_cleanup_handlers() -> list[str]:
     return installed
 
 
+#: errnos of a write that ran out of room: the disk is full, a quota is reached, the file too large
+_FULL_DISK = frozenset(
+    e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e is not None
+)
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it into place atomically.
@@ -246,6 +253,8 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     Raises:
         FileExistsRefusal: ``path`` exists and ``overwrite`` is False.
         ValueError: a name in ``path`` is longer than the filesystem allows.
+        OSError: the disk (or quota) filled up while writing: the same errno, with a message that
+            names ``path`` and says that nothing was saved.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -276,6 +285,15 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
                 if path.exists():
                     raise FileExistsRefusal(f"{path} already exists") from None
                 os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in _FULL_DISK:
+            raise
+        # the bare "[Errno 28] No space left on device" names no file: say which, and what to do
+        raise OSError(
+            exc.errno,
+            f"{path}: {exc.strerror or 'no space left'} while writing it (needs more free space in "
+            f"{path.parent}); nothing was saved: free some space there or save to another folder",
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
         with _live_lock:

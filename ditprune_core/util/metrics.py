@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["psnr", "relative_error", "relative_squared_error"]
+__all__ = ["non_finite_note", "psnr", "relative_error", "relative_squared_error"]
 
 
 def relative_error(pruned: torch.Tensor, dense: torch.Tensor) -> float:
@@ -29,3 +29,18 @@ def psnr(pruned: torch.Tensor, dense: torch.Tensor, data_range: float = 2.0) -> 
     """Peak signal-to-noise ratio in dB over the whole batch (images in [-1, 1])."""
     mse = float((pruned.double().clamp(-1, 1) - dense.double().clamp(-1, 1)).pow(2).mean())
     return float("inf") if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def non_finite_note(images: dict[str, torch.Tensor]) -> str | None:
+    """Which of the named images hold NaN or inf, and how many values, or None if all are finite.
+
+    Every metric above is NaN as soon as one value is; this says which input made it so.
+    """
+    notes = []
+    for name, t in images.items():
+        bad = ~torch.isfinite(t)
+        count = int(bad.sum())
+        if count:
+            kinds = "/".join(k for k, m in (("NaN", t.isnan()), ("inf", t.isinf())) if bool(m.any()))
+            notes.append(f"the {name} image has {kinds} in {count} of {t.numel()} values")
+    return "; ".join(notes) if notes else None

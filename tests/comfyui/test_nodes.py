@@ -281,6 +281,20 @@ def test_compare_node(comfy: Comfy) -> None:
         comfy.node("DitPruneCompare").execute(dense=a, pruned=torch.zeros(1, 2, 2, 3), amplify=1.0)
 
 
+def test_compare_node_names_the_input_with_nan(comfy: Comfy, caplog: pytest.LogCaptureFixture) -> None:
+    a = torch.zeros(1, 4, 4, 3)
+    b = a.clone()
+    b[0, 1, 1] = float("nan")
+    with caplog.at_level("WARNING", logger="ditprune"):
+        text, diff = comfy.node("DitPruneCompare").execute(dense=a, pruned=b, amplify=2.0).args
+    assert "the pruned image has NaN in 3 of 48 values" in text and "dense image" not in text
+    assert "nan" not in text.replace("NaN", "")  # no "PSNR nan dB"
+    assert "pruned image has NaN" in caplog.text
+    assert bool(torch.isfinite(diff).all())
+    text, _ = comfy.node("DitPruneCompare").execute(dense=b, pruned=a, amplify=2.0).args
+    assert "the dense image has NaN" in text and "pruned image" not in text
+
+
 @pytest.mark.parametrize("variant", ["flux-schnell", "sd3.5"])
 def test_schnell_and_sd35_variants(comfy: Comfy, variant: str) -> None:
     if variant == "flux-schnell":
