@@ -28,14 +28,13 @@ Conventions (a weight is ``(rows, cols) = (out_features, in_features)``):
   1 in 1 byte); the last word is padded with zero codes.
 
 :func:`storage_cost` / :func:`bits_per_weight` count exactly the tensor bytes of each layout (see
-:class:`StorageCost`). :func:`gptq_quantize` is the column-by-column OBS quantiser (GPTQ) that
-compensates each column's rounding error on the columns still to be quantised.
+:class:`StorageCost`). The column-by-column OBS quantiser (GPTQ) is
+:func:`ditprune_core.obs.gptq_quantize`: one plug-in of the one OBS sweep.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,17 +54,16 @@ __all__ = [
     "QuantizedWeight",
     "StorageCost",
     "bits_per_weight",
+    "check_weight",
     "count_groups",
     "dequantize_weight",
     "fake_quantize",
     "fit_groups",
-    "gptq_quantize",
     "kept_per_row",
     "pack_codes",
     "packed_nbytes",
     "quantize_weight",
     "quantized_storage_cost",
-    "relative_output_error",
     "round_to_grid",
     "storage_cost",
     "unpack_codes",
@@ -374,7 +372,7 @@ def round_to_grid(
     return codes.to(torch.uint8), _decode(codes, scale[:, None], zero[:, None])
 
 
-def _check_weight(weight: torch.Tensor, keep: torch.Tensor | None, where: str) -> None:
+def check_weight(weight: torch.Tensor, keep: torch.Tensor | None, where: str) -> None:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             f"{where}: expected a 2-D floating-point weight (out_features, in_features), got shape "
@@ -402,7 +400,7 @@ def quantize_weight(
     Returns:
         a :class:`QuantizedWeight`; :func:`dequantize_weight` gives the values a file would hold.
     """
-    _check_weight(weight, keep, where)
+    check_weight(weight, keep, where)
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     w = weight.detach().float()
     slots = _group_slots(shape, spec, keep, w.device)
@@ -648,118 +646,6 @@ def bits_per_weight(
 ) -> float:
     """Stored bits per original weight of one layer; see :func:`storage_cost`."""
     return storage_cost(shape, values, layout=layout, kept=kept).bits_per_weight
-
-
-# ---------------------------------------------------------------------------------------------------
-# GPTQ (column-by-column OBS quantisation)
-
-
-def _inverse_cholesky(gram: torch.Tensor, damp: float, where: str) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp mean(diag H) I)^-1 (H^-1 = U^T U), float32."""
-    h = gram.clone()
-    mean_diag = float(torch.diagonal(h).mean())
-    scale = damp * (mean_diag if mean_diag > 0 else 1.0)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(4):
-        chol, info = torch.linalg.cholesky_ex(h + scale * eye)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                if attempt:
-                    log.info("%s: GPTQ needed dampening %.3g x mean diagonal", where, scale / mean_diag)
-                return upper.float()
-        scale *= 10.0
-    raise ValueError(
-        f"{where}: the input Gram matrix is not positive definite even with dampening "
-        f"{scale / 10:.3g}; calibrate on more samples or raise `damp`"
-    )
-
-
-def gptq_quantize(
-    weight: torch.Tensor,
-    gram: torch.Tensor,
-    bits: int,
-    group_size: int,
-    sym: bool,
-    *,
-    block_size: int = 128,
-    damp: float = 0.01,
-    where: str = "weight",
-) -> QuantizedWeight:
-    """GPTQ: quantise a dense weight column by column, compensating each column's rounding error.
-
-    Minimises ``tr((W - Q) H (W - Q)^T)`` greedily (Frantar et al., 2022): column j is rounded to
-    its group's grid, and its error, divided by the j-th diagonal of the Cholesky factor of
-    ``H^-1``, is spread over the columns not yet quantised. Columns are processed in lazy blocks of
-    ``block_size`` (rounded up to a multiple of ``group_size``); each group's scale and zero point
-    are fit, by the same rule as :func:`quantize_weight`, on the group's columns as updated when the
-    group is reached. Inputs that never fire (zero diagonal) get weight 0.
-
-    Args:
-        weight: (rows, cols) dense weight, any device.
-        gram: (cols, cols) input Gram matrix ``X^T X / n`` of the layer's calibration inputs.
-        bits, group_size, sym: as in :class:`QuantSpec`.
-        block_size: columns per lazy update block.
-        damp: dampening, as a fraction of the mean diagonal of H, added before inverting.
-        where: the layer's name, for error messages.
-    Returns:
-        a dense :class:`QuantizedWeight` (``dequantize_weight`` gives the compensated weight).
-    """
-    spec = QuantSpec(bits, group_size, sym)
-    _check_weight(weight, None, where)
-    rows, cols = (int(s) for s in weight.shape)
-    if gram.shape != (cols, cols):
-        raise ValueError(
-            f"{where}: Gram matrix of shape {tuple(gram.shape)} does not fit a weight with {cols} inputs "
-            f"(expected ({cols}, {cols}))"
-        )
-    if not damp >= 0.0:  # also refuses NaN
-        raise ValueError(f"damp must be >= 0, got {damp}")
-    device = weight.device
-    w = weight.detach().float().clone()
-    h = gram.detach().to(device=device, dtype=torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    upper = _inverse_cholesky(h, damp, where)
-    g = group_size
-    per_row = -(-cols // g)
-    block = max(g, -(-block_size // g) * g)
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=device)
-    scales = torch.empty(rows, per_row, dtype=torch.float16, device=device)
-    zeros = torch.empty(rows, per_row, dtype=torch.int64, device=device)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        scale = zero = torch.empty(0)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:  # a new group starts: fit it on its (updated) columns
-                window = w1[:, i : i + g]
-                scale, zero = _fit_groups(window, None, spec, where)
-                scales[:, col // g], zeros[:, col // g] = scale, zero
-            column = w1[:, i]
-            code = _encode(column[:, None], scale, zero, spec)[:, 0]
-            codes[:, col] = code.to(torch.uint8)
-            err = (column - _decode(code, scale, zero)) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    return QuantizedWeight(
-        codes, scales.reshape(-1), None if sym else zeros.reshape(-1).to(torch.uint8), (rows, cols), spec
-    )
-
-
-def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
-    """``tr(E H E^T) / tr(W H W^T)`` with ``E = approx - weight``: the layer's relative output error
-    (squared) on inputs whose Gram matrix is ``H`` (cols, cols)."""
-    w, e = weight.double(), approx.double() - weight.double()
-    h = gram.double()
-    denom = float(((w @ h) * w).sum())
-    return float(((e @ h) * e).sum()) / denom if denom > 0 else math.inf
 
 
 # ---------------------------------------------------------------------------------------------------

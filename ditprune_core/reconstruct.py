@@ -11,26 +11,18 @@ Everything needed is the layer's input Gram matrix ``H = Σ_t w_t x_t x_tᵀ / �
 relative output error of a candidate ``W'`` is ``tr(Δ H Δᵀ) / tr(W H Wᵀ)`` with ``Δ = W' - W``
 (:func:`relative_output_error`).
 
-Three pieces, each usable alone:
+The OBS column sweep itself (pruning, quantising, or both) lives in :mod:`ditprune_core.obs`
+(:func:`~ditprune_core.obs.obs_prune`, :func:`~ditprune_core.obs.obs_quantize`, re-exported here).
+This module adds:
 
-- :func:`obs_prune`: the Optimal Brain Surgeon update as SparseGPT computes it (Frantar & Alistarh
-  2023): dampened ``H``, upper Cholesky factor ``U`` of ``H⁻¹``, columns processed left to right in
-  blocks with lazy updates of the columns to the right. The mask is chosen inside the update, a
-  block of columns at a time, on the already updated weights: the lowest
-  ``(w²)^(1-β) · (1/U_jj²)^β`` are pruned (β = 0.5 is SparseGPT's ``w² / U_jj²``; β is the energy
-  balance of DiT-Pruning, with the curvature ``1/U_jj²`` in the place of the activation energy,
-  which it equals when ``H`` is diagonal). Or a given mask is kept fixed and only the update runs.
 - :func:`refit_masked`: the masked least-squares problem above solved for a fixed mask, exactly per
   output row (small layers), or by batched preconditioned conjugate gradient warm-started from the
   OBS result (large layers).
+- :func:`allocate_block_counts` and :func:`plan_groups`: how a block's prune count is shared among
+  its layers, and which layers are calibrated together under a memory budget.
+- :func:`reconstruct_layer` and :func:`quantize_layer`: one layer as a :class:`PruneConfig` says
+  (the per-layer dispatch that :func:`~ditprune_core.prune.prune_sequential_` runs).
 - :func:`sparsegpt_prune`: the SparseGPT baseline with its standard settings.
-
-**Exact counts.** Unstructured sparsity is exact per comparison group, as in the mask-only path.
-Selection happens block by block, so the group's total is split over the blocks of columns by
-cumulative rounding: block ``[c0, c1)`` of a group with ``P`` weights to prune over ``n`` columns
-prunes ``round(P·c1/n) - round(P·c0/n)``, which sums to exactly ``P``. Groups are the whole layer
-(``"layer"``, SparseGPT's choice), each output row (``"row"``), or clusters of rows with given
-per-cluster totals (``"cluster"``). N:M patterns keep ``n`` of every ``m`` consecutive inputs of a row.
 
 All maths runs in float32 on the weight's device; the returned weight has the input's dtype.
 """
@@ -40,10 +32,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,11 +43,20 @@ from torch import nn
 from .calibrate import TIMESTEP_WEIGHTINGS, TimestepWeighting
 from .config import PruneConfig, parse_pattern
 from .mask import layer_keep_mask
-from .quantize import QuantizedWeight, QuantSpec, fit_groups, kept_per_row, quantize_weight
+from .obs import (
+    GRANULARITIES,
+    QUANT_GRIDS,
+    ObsResult,
+    dampened,
+    obs_prune,
+    obs_quantize,
+    relative_output_error,
+)
+from .quantize import QuantizedWeight, quantize_weight
 from .stats import CalibrationError, GramAccumulator, check_gram
-from .util.selection import prune_lowest
 
 __all__ = [
+    "GRANULARITIES",
     "QUANT_GRIDS",
     "REFIT_METHODS",
     "GramAccumulator",
@@ -80,10 +81,8 @@ __all__ = [
 log = logging.getLogger("ditprune")
 
 REFIT_METHODS = ("auto", "exact", "pcg")
-GRANULARITIES = ("layer", "row", "cluster")
 _CHUNK_ELEMENTS = 1 << 22  # token rows per Gram product: at most 16 MB of float32 inputs at a time
 _EXACT_BATCH_ELEMENTS = 1 << 24  # (rows, in, in) systems of the exact refit: at most 64 MB at once
-MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class PairedGramAccumulator:
@@ -157,242 +156,6 @@ def corrected_weight(
     w = weight.detach().to(torch.float32)
     chol = torch.linalg.cholesky(h)
     return torch.cholesky_solve(c.t() @ w.t(), chol).t().contiguous()
-
-
-def dampened(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp · mean(diag H) · I`` in float32 (a new tensor); ``damp`` is relative.
-
-    A Gram whose diagonal is all zero (the layer only ever saw zeros) becomes ``damp · I``, so that
-    the pruning falls back to magnitude order instead of failing. Dead input channels (zero
-    diagonal entries) get ``damp · mean(diag H)`` and so become positive definite.
-    """
-    h = gram.to(torch.float32, copy=True)
-    scale = float(h.diagonal().mean())
-    if not scale > 0:
-        scale = 1.0
-    h.diagonal().add_(damp * scale)
-    return h
-
-
-def _cholesky_inverse_upper(h: torch.Tensor, name: str, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of ``H⁻¹`` (``H⁻¹ = Uᵀ U``), adding damping if H is not PD."""
-    extra = 0.0
-    scale = float(h.diagonal().mean()) or 1.0
-    for _attempt in range(8):
-        hd = h if extra == 0 else h + extra * scale * torch.eye(h.shape[0], device=h.device)
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                if extra:
-                    log.warning("Gram of %r was not positive definite: damping raised by %g", name, extra)
-                return u
-        extra = max(10 * extra, damp, 1e-6)
-    raise CalibrationError(
-        f"Gram of {name!r} is not positive definite even with damping {extra:g}: its inputs are "
-        "degenerate; exclude the layer or calibrate it on more data"
-    )
-
-
-class ObsResult(NamedTuple):
-    """What :func:`obs_prune` returns: the updated weight (out, in) and its keep-mask (out, in) bool."""
-
-    weight: torch.Tensor
-    keep_mask: torch.Tensor
-
-
-def _split_counts(total: torch.Tensor, starts: Sequence[int], n: int) -> list[torch.Tensor]:
-    """Split per-group totals over column blocks by cumulative rounding (sums exactly to ``total``)."""
-    t = total.to(torch.float64)
-    edges = [*starts, n]
-    cum = [torch.round(t * e / n).to(torch.int64) for e in edges]
-    return [cum[i + 1] - cum[i] for i in range(len(starts))]
-
-
-def _parse_nm(pattern: tuple[int, int] | str | None) -> tuple[int, int] | None:
-    if pattern is None or pattern == "unstructured":
-        return None
-    if isinstance(pattern, str):
-        try:
-            n, m = (int(p) for p in pattern.split(":"))
-        except ValueError as exc:
-            raise ValueError(
-                f"unknown sparsity pattern {pattern!r}; use 'unstructured', '2:4' or '4:8'"
-            ) from exc
-        return n, m
-    return int(pattern[0]), int(pattern[1])
-
-
-@torch.no_grad()
-def obs_prune(
-    weight: torch.Tensor,
-    gram: torch.Tensor,
-    *,
-    sparsity: float | None = None,
-    pattern: tuple[int, int] | str | None = None,
-    keep_mask: torch.Tensor | None = None,
-    mask_fn: MaskFn | None = None,
-    balance: float = 0.5,
-    granularity: str = "layer",
-    row_groups: torch.Tensor | None = None,
-    group_prune_counts: torch.Tensor | None = None,
-    blocksize: int = 128,
-    damp: float = 0.01,
-    name: str = "layer",
-) -> ObsResult:
-    """Prune one layer with the OBS update (SparseGPT's algorithm; DiT-Pruning balance optional).
-
-    How the mask is chosen, first match wins:
-
-    1. ``keep_mask`` (out, in) bool: fixed; only the update runs.
-    2. ``mask_fn(weight, activation_sq_mean) -> keep_mask``: called once, before the update, on the
-       original weight and ``diag(H)`` (e.g. the DiT-Pruning energy mask); then as 1.
-    3. ``pattern`` N:M (``(2, 4)``, ``"2:4"``, ``"4:8"``): inside the update, at the first column of
-       each group of ``m`` inputs, each row prunes its ``m - n`` lowest saliencies in the group.
-    4. ``sparsity``: inside the update, per block of ``blocksize`` columns, the lowest saliencies
-       of each comparison group (``granularity``) are pruned, with exact counts (module docstring).
-
-    The saliency of weight j of a row is ``(w_j²)^(1-β) · (1/U_jj²)^β`` with ``β = balance``, on
-    the weights as updated so far; β = 0.5 ranks exactly as SparseGPT's ``w² / U_jj²``.
-
-    Args:
-        weight: (out, in) weight, any float dtype; not modified.
-        gram: (in, in) input Gram (:class:`GramAccumulator`), any float dtype.
-        sparsity: fraction pruned, in (0, 1), for unstructured selection.
-        pattern: N:M as ``(n, m)`` (keep n of m) or a string; None / "unstructured" for none.
-        keep_mask: fixed (out, in) bool keep-mask.
-        mask_fn: mask builder, see above.
-        balance: β in [0, 1].
-        granularity: ``"layer"`` (all rows of a block compared together), ``"row"``, or
-            ``"cluster"`` (with ``row_groups`` and ``group_prune_counts``).
-        row_groups: (out,) int64 group id per row, for ``"cluster"``.
-        group_prune_counts: (G,) int64 weights to prune per group, for ``"cluster"``.
-        blocksize: columns per lazy-update block (a multiple of m for N:M).
-        damp: dampening relative to the mean diagonal of ``H``.
-        name: layer name for error messages.
-    Returns:
-        :class:`ObsResult`: updated weight (out, in) in ``weight``'s dtype and device, and the
-        keep-mask (out, in) bool; pruned entries of the weight are exactly zero.
-    Raises:
-        ValueError: inconsistent arguments (naming the layer).
-        CalibrationError: NaN/inf in the Gram.
-    """
-    out_f, in_f = weight.shape
-    check_gram(gram, name)
-    if gram.shape[0] != in_f:
-        raise ValueError(f"Gram of {name!r} is {gram.shape[0]}x{gram.shape[0]}, the layer has {in_f} inputs")
-    if not 0.0 <= balance <= 1.0:
-        raise ValueError(f"balance must be in [0, 1], got {balance}")
-    if blocksize < 1 or damp < 0:
-        raise ValueError(f"blocksize must be >= 1 and damp >= 0, got {blocksize} and {damp}")
-    nm = _parse_nm(pattern)
-    device = weight.device
-    h = dampened(gram.to(device), damp)
-    if mask_fn is not None and keep_mask is None:
-        keep_mask = mask_fn(weight, gram.diagonal().to(device, torch.float64))
-    if keep_mask is not None:
-        if tuple(keep_mask.shape) != (out_f, in_f):
-            raise ValueError(
-                f"keep_mask of {name!r} has shape {tuple(keep_mask.shape)}, weight {(out_f, in_f)}"
-            )
-        fixed_prune = ~keep_mask.to(device, torch.bool)
-    elif nm is not None:
-        n, m = nm
-        if not 0 < n < m:
-            raise ValueError(f"pattern {n}:{m} must keep between 1 and {m - 1} of {m}")
-        if in_f % m:
-            raise ValueError(
-                f"layer {name!r} has {in_f} input features, not divisible by {m}: pattern {n}:{m} "
-                "cannot apply; exclude it or use unstructured sparsity"
-            )
-        if blocksize % m:
-            blocksize = max(m, blocksize - blocksize % m)
-    elif sparsity is None or not 0.0 < float(sparsity) < 1.0:
-        raise ValueError(f"obs_prune of {name!r}: give sparsity in (0, 1), an N:M pattern or a keep_mask")
-
-    w = weight.detach().to(torch.float32, copy=True)
-    u = _cholesky_inverse_upper(h, name, damp)
-    del h
-    starts = list(range(0, in_f, blocksize))
-    block_counts: list[torch.Tensor] | None = None
-    if keep_mask is None and nm is None:
-        s = float(sparsity)  # type: ignore[arg-type]
-        if granularity == "layer":
-            block_counts = _split_counts(torch.tensor([round(s * out_f * in_f)]), starts, in_f)
-        elif granularity == "row":
-            block_counts = _split_counts(torch.full((out_f,), round(s * in_f)), starts, in_f)
-        elif granularity == "cluster":
-            if row_groups is None or group_prune_counts is None or row_groups.shape != (out_f,):
-                raise ValueError(
-                    f"granularity 'cluster' of {name!r} needs row_groups (out,) and group_prune_counts"
-                )
-            block_counts = _split_counts(group_prune_counts.to(torch.int64).cpu(), starts, in_f)
-        else:
-            raise ValueError(f"unknown granularity {granularity!r}; choose from {list(GRANULARITIES)}")
-    keep = torch.ones(out_f, in_f, dtype=torch.bool, device=device)
-    for b, i1 in enumerate(starts):
-        i2 = min(i1 + blocksize, in_f)
-        w1 = w[:, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        d = u1.diagonal()
-        err1 = torch.zeros_like(w1)
-        if keep_mask is not None:
-            prune1 = fixed_prune[:, i1:i2]
-        elif nm is None:
-            assert block_counts is not None  # set above for unstructured selection
-            prune1 = ~_select_block(w1, d, balance, granularity, block_counts[b], row_groups)
-        else:
-            prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                sal = _saliency(w1[:, i : i + nm[1]], d[i : i + nm[1]], balance)
-                low = sal.topk(nm[1] - nm[0], dim=1, largest=False).indices
-                prune1[:, i : i + nm[1]].scatter_(1, low, True)
-            col = w1[:, i]
-            q = col.masked_fill(prune1[:, i], 0.0)
-            e = (col - q) / d[i]
-            w1[:, i:].sub_(e.unsqueeze(1) * u1[i, i:].unsqueeze(0))
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        keep[:, i1:i2] = ~prune1
-        if i2 < in_f:
-            w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
-    w.masked_fill_(~keep, 0.0)
-    return ObsResult(w.to(weight.dtype), keep)
-
-
-def _saliency(w: torch.Tensor, d: torch.Tensor, balance: float) -> torch.Tensor:
-    """``log`` of ``(w²)^(1-β) (1/d²)^β`` (same order, no overflow): (out, c) from w (out, c), d (c,)."""
-    return (1.0 - balance) * w.pow(2).clamp_min(1e-38).log() - (2.0 * balance) * d.abs().clamp_min(
-        1e-38
-    ).log()
-
-
-def _select_block(
-    w1: torch.Tensor,
-    d: torch.Tensor,
-    balance: float,
-    granularity: str,
-    counts: torch.Tensor,
-    row_groups: torch.Tensor | None,
-) -> torch.Tensor:
-    """Keep-mask (out, c) of one block: exactly ``counts[g]`` lowest saliencies pruned per group."""
-    sal = _saliency(w1, d, balance)
-    if granularity == "layer":
-        return prune_lowest(sal.reshape(1, -1), counts).reshape(sal.shape)
-    if granularity == "row":
-        return prune_lowest(sal, counts)
-    assert row_groups is not None
-    keep = torch.ones_like(sal, dtype=torch.bool)
-    groups = row_groups.to(sal.device)
-    for g, count in enumerate(counts.tolist()):
-        rows = (groups == g).nonzero().squeeze(1)
-        if rows.numel() and count:
-            sub = sal.index_select(0, rows)
-            keep[rows] = prune_lowest(sub.reshape(1, -1), torch.tensor([count])).reshape(sub.shape)
-    return keep
 
 
 def sparsegpt_prune(
@@ -528,22 +291,6 @@ def refit_masked(
 def _residual(x: torch.Tensor, h: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor) -> float:
     r = rhs - (x @ h).masked_fill_(~mask, 0.0)
     return float((r.norm(dim=1) / rhs.norm(dim=1).clamp_min(1e-30)).max())
-
-
-def relative_output_error(new_weight: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """``tr(Δ H Δᵀ) / tr(W H Wᵀ)``, ``Δ = W' - W``: relative squared output error on the Gram.
-
-    Args:
-        new_weight: (out, in) pruned/updated weight ``W'``.
-        weight: (out, in) original weight ``W``.
-        gram: (in, in) input Gram ``H``.
-    """
-    h = gram.to(weight.device, torch.float64)
-    w = weight.detach().to(torch.float64)
-    delta = new_weight.detach().to(torch.float64) - w
-    num = float(((delta @ h) * delta).sum())
-    den = float(((w @ h) * w).sum())
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
 def allocate_block_counts(
@@ -796,222 +543,6 @@ def reconstruct_layer(
 
 # ---------------------------------------------------------------------------------------------------
 # quantised kept values: the joint OBS pass (pruning and rounding errors compensated together)
-
-#: how :func:`obs_quantize` fits each group's scale and zero point: ``"lazy"`` when the pass reaches
-#: the group's first kept value, on the values as updated so far (GPTQ's rule); ``"static"`` once,
-#: before the pass, on the starting weight's kept values
-QUANT_GRIDS = ("lazy", "static")
-
-
-def _group_index(keep: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
-    """Each row's first group index (out,), and the total number of groups.
-
-    Groups run in storage order (a row's groups in order, rows in order), as
-    :func:`~ditprune_core.quantize.quantize_weight` lays them out.
-    """
-    out_f, in_f = keep.shape
-    g = spec.group_size
-    if spec.grouping == "kept":
-        per_row = (kept_per_row(keep) + g - 1) // g
-    else:
-        per_row = torch.full((out_f,), -(-in_f // g), dtype=torch.int64, device=keep.device)
-    return torch.cumsum(per_row, 0) - per_row, int(per_row.sum())
-
-
-@torch.no_grad()
-def obs_quantize(
-    weight: torch.Tensor,
-    gram: torch.Tensor,
-    keep_mask: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    held_dtype: torch.dtype | None = None,
-    grids: str = "lazy",
-    blocksize: int = 128,
-    damp: float = 0.01,
-    name: str = "layer",
-) -> QuantizedWeight:
-    """Quantise the kept values of a layer on a fixed mask, compensating every column's error (OBS).
-
-    One left-to-right pass over the columns, as :func:`obs_prune` with a fixed mask (same dampened
-    ``H``, same upper Cholesky factor ``U`` of ``H⁻¹``, same lazy blocks): column j's pruned entries
-    are set to zero and its kept entries rounded to their group's grid, and the column's error,
-    divided by ``U_jj``, is spread over the columns to its right (``err / U_jj × U_j,j:``). So the
-    rounding error of each column is compensated exactly like the pruning error (SparseGPT's joint
-    mode, GPTQ's update), and the pruned entries stay exactly zero.
-
-    Groups are those of :func:`~ditprune_core.quantize.quantize_weight` with ``keep_mask``: for
-    ``grouping="kept"``, G consecutive kept values of a row, so groups begin at different columns in
-    different rows. With ``grids="lazy"`` a group's scale and zero point are fit (by
-    :func:`~ditprune_core.quantize.fit_groups`) when the pass reaches its first kept value, on its
-    values as updated so far (the pending updates of the current block included); with
-    ``"static"``, once, on ``weight``'s kept values.
-
-    The value compensated is the one the model will hold: the dequantised float32 value cast to
-    ``held_dtype`` (the model's weight dtype; None: float32).
-
-    Args:
-        weight: (out, in) starting weight: the reconstructed (refit) weight, or the original weight
-            (pruned entries need not be zero: forcing them to zero is compensated too).
-        gram: (in, in) input Gram of the layer.
-        keep_mask: (out, in) bool keep mask.
-        spec: bits, group size, symmetry and grouping of the codes.
-        held_dtype: dtype the dequantised weight is held in.
-        grids: ``"lazy"`` or ``"static"`` (:data:`QUANT_GRIDS`).
-        blocksize: columns per lazy-update block.
-        damp: dampening relative to the mean diagonal of ``H``.
-        name: layer name for error messages.
-    Returns:
-        a :class:`~ditprune_core.quantize.QuantizedWeight` with ``keep = keep_mask``;
-        ``dequantize_weight(q, held_dtype)`` is the compensated weight.
-    Raises:
-        ValueError: shapes that do not fit, unknown ``grids``, a non-finite weight.
-        CalibrationError: NaN/inf in the Gram.
-    """
-    out_f, in_f = weight.shape
-    check_gram(gram, name)
-    if gram.shape[0] != in_f:
-        raise ValueError(f"Gram of {name!r} is {gram.shape[0]}x{gram.shape[0]}, the layer has {in_f} inputs")
-    if tuple(keep_mask.shape) != (out_f, in_f) or keep_mask.dtype != torch.bool:
-        raise ValueError(
-            f"keep_mask of {name!r} has shape {tuple(keep_mask.shape)} and dtype {keep_mask.dtype}; "
-            f"expected a bool {(out_f, in_f)} mask"
-        )
-    if grids not in QUANT_GRIDS:
-        raise ValueError(f"unknown grids {grids!r}; choose from {list(QUANT_GRIDS)}")
-    if blocksize < 1 or damp < 0:
-        raise ValueError(f"blocksize must be >= 1 and damp >= 0, got {blocksize} and {damp}")
-    device = weight.device
-    keep = keep_mask.to(device)
-    w = weight.detach().to(torch.float32, copy=True)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{name}: the weight holds inf or NaN; it cannot be quantised")
-    if not bool(keep.any()):  # the whole layer pruned: no code, no group, nothing to compensate
-        return quantize_weight(w, spec, keep=keep, where=name)
-    h = dampened(gram.to(device), damp)
-    u = _cholesky_inverse_upper(h, name, damp)
-    del h
-    g = spec.group_size
-    first, n_groups = _group_index(keep, spec)
-    if grids == "static":
-        start = quantize_weight(w, spec, keep=keep, where=name)
-        scales = start.scales.clone()
-        zeros = (
-            torch.full((n_groups,), spec.sym_zero, dtype=torch.int64, device=device)
-            if start.zeros is None
-            else start.zeros.to(torch.int64)
-        )
-    else:
-        scales = torch.zeros(n_groups, dtype=torch.float16, device=device)
-        zeros = torch.full((n_groups,), spec.sym_zero if spec.sym else 0, dtype=torch.int64, device=device)
-    last_group = max(n_groups - 1, 0)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=device)
-    before = torch.zeros(out_f, dtype=torch.int64, device=device)  # kept values left of the block
-    for i1 in range(0, in_f, blocksize):
-        i2 = min(i1 + blocksize, in_f)
-        w1 = w[:, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        d = u1.diagonal()
-        err1 = torch.zeros_like(w1)
-        keep1 = keep[:, i1:i2]
-        rank1 = before[:, None] + keep1.cumsum(dim=1) - 1  # each kept value's index in its row
-        if spec.grouping == "kept":
-            slot1 = rank1.div(g, rounding_mode="floor")
-        else:
-            slot1 = (torch.arange(i1, i2, device=device) // g).expand(out_f, -1)
-        gid1 = (first[:, None] + slot1).clamp_(0, last_group)
-        starts1: torch.Tensor | None = None  # (out, b): a group begins here (lazy grids)
-        fit_at: set[int] = set()
-        if grids == "lazy" and n_groups:
-            if spec.grouping == "kept":
-                starts1 = keep1 & (rank1 % g == 0)
-            else:  # a window begins in every row
-                starts1 = (torch.arange(i1, i2, device=device) % g == 0).expand(out_f, -1)
-            fit_at = set(starts1.any(dim=0).nonzero().squeeze(1).tolist())  # one sync per block
-        # each entry's grid, gathered once per block (refreshed where a group is fit in the block)
-        s1, z1 = scales[gid1].float(), zeros[gid1].float()
-        codes1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            if starts1 is not None and i in fit_at:
-                rows = starts1[:, i].nonzero().squeeze(1)
-                ids = gid1[rows, i]
-                scale, zero = _fit_starting_groups(w, w1, err1, u, keep, rows, i1, i, spec, name)
-                scales[ids], zeros[ids] = scale, zero
-                same = gid1[rows, i:] == ids[:, None]
-                s1[rows, i:] = torch.where(same, scale.float()[:, None], s1[rows, i:])
-                z1[rows, i:] = torch.where(same, zero.float()[:, None], z1[rows, i:])
-            col = w1[:, i]
-            if n_groups:  # round_to_grid's arithmetic, so that dequantize_weight decodes the same
-                s, z = s1[:, i], z1[:, i]
-                code = torch.round(col / torch.where(s == 0, 1.0, s)).add_(z).clamp_(0, spec.max_code)
-                value = s * (code - z) + 0.0
-                if held_dtype is not None and held_dtype != torch.float32:
-                    value = value.to(held_dtype).float()
-                q = torch.where(keep1[:, i], value, 0.0)
-                codes1[:, i] = code
-            else:
-                q = torch.zeros_like(col)
-            e = (col - q) / d[i]
-            w1[:, i:].sub_(e.unsqueeze(1) * u1[i, i:].unsqueeze(0))
-            w1[:, i] = q
-            err1[:, i] = e
-        codes[:, i1:i2] = codes1.masked_fill_(~keep1, 0.0).to(torch.uint8)
-        w[:, i1:i2] = w1
-        if i2 < in_f:
-            w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
-        before += keep1.sum(dim=1)
-    return QuantizedWeight(
-        codes[keep],
-        scales,
-        None if spec.sym else zeros.to(torch.uint8),
-        (int(out_f), int(in_f)),
-        spec,
-        keep.clone(),
-    )
-
-
-def _fit_starting_groups(
-    w: torch.Tensor,
-    w1: torch.Tensor,
-    err1: torch.Tensor,
-    u: torch.Tensor,
-    keep: torch.Tensor,
-    rows: torch.Tensor,
-    i1: int,
-    i: int,
-    spec: QuantSpec,
-    name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of the groups that begin at column ``i1 + i`` in ``rows``, fit on their
-    current values.
-
-    A row's current values from the column on are the block's (``w1``, up to date) and, right of
-    the block, ``w`` less the block's pending update ``err1[:, :i] @ U[i1:i1+i, i2:]``.
-    """
-    i2 = i1 + w1.shape[1]
-    col = i1 + i
-    g = spec.group_size
-    kept = keep[rows, col:]
-    if spec.grouping == "kept":
-        seen = kept.cumsum(dim=1)
-        member = kept & (seen <= g)  # the row's next G kept values: its group
-        span = min(int((seen < g).sum(dim=1).max()) + 1, kept.shape[1])  # columns the groups cover
-    else:
-        member, span = kept[:, :g], min(g, kept.shape[1])
-    current = w1[rows, i : i + span]
-    if col + span > i2:  # right of the block: w less the block's pending update
-        right = w[rows, i2 : col + span]
-        if i:
-            right = right - err1[rows, :i] @ u[i1 : i1 + i, i2 : col + span]
-        current = torch.cat([current, right], dim=1)
-    if spec.grouping == "kept":
-        count = member.sum(dim=1)
-        valid = torch.arange(g, device=w.device)[None, :] < count[:, None]
-        grid = torch.zeros(rows.numel(), g, dtype=torch.float32, device=w.device)
-        grid.masked_scatter_(valid, current[member[:, :span]])
-    else:
-        grid, valid = current, member
-    return fit_groups(grid, spec, valid=valid, where=name)
 
 
 def quantize_layer(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ditprune_core.obs import gptq_quantize, relative_output_error
 from ditprune_core.quantize import (
     QuantizationError,
     QuantizedWeight,
@@ -16,11 +17,9 @@ from ditprune_core.quantize import (
     dequantize_weight,
     fake_quantize,
     fit_groups,
-    gptq_quantize,
     pack_codes,
     packed_nbytes,
     quantize_weight,
-    relative_output_error,
     round_to_grid,
     storage_cost,
     unpack_codes,
@@ -273,8 +272,8 @@ def test_gptq_beats_round_to_nearest_on_its_gram(seed: int) -> None:
     for bits, group, sym in ((2, 32, False), (3, 16, True), (4, 32, True), (3, 64, False)):
         q = gptq_quantize(w, gram, bits, group, sym, block_size=32)
         q.validate()
-        gptq = relative_output_error(w, dequantize_weight(q), gram)
-        rtn = relative_output_error(w, fake_quantize(w, QuantSpec(bits, group, sym)), gram)
+        gptq = relative_output_error(dequantize_weight(q), w, gram)
+        rtn = relative_output_error(fake_quantize(w, QuantSpec(bits, group, sym)), w, gram)
         assert gptq < rtn, (rows, cols, bits, group, sym, gptq, rtn)
 
 

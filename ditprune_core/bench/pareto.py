@@ -50,6 +50,7 @@ import torch
 
 from ..config import PruneConfig, ReconstructParams
 from ..miniflux.pipeline import MiniFluxPipeline
+from ..obs import gptq_quantize
 from ..prune import compute_masks, prune_sequential_, select_layers
 from ..quantize import (
     DEFAULT_DENSE_SPECS,
@@ -58,7 +59,6 @@ from ..quantize import (
     StorageCost,
     dequantize_weight,
     fake_quantize,
-    gptq_quantize,
     storage_cost,
 )
 from ..save import is_remainder_weight
