@@ -1,7 +1,9 @@
 """ditprune_core: post-training pruning of diffusion transformers, in pure torch.
 
-The flow is calibrate -> score -> cluster -> mask -> apply/save; docs/ARCHITECTURE.md says which
-module owns each step. Nothing here imports ComfyUI.
+Mask-only: calibrate -> score -> cluster -> mask -> apply/save (:mod:`.prune`). With reconstruction:
+per pass, calibrate -> mask -> OBS update -> refit -> refine -> quantise -> write
+(:func:`prune_sequential_`), then save. docs/ARCHITECTURE.md says which module owns each step.
+Nothing here imports ComfyUI.
 """
 
 from .calibrate import CALIBRATED_FAMILIES, TIMESTEP_WEIGHTINGS, Calibrator, log_timestep_weight
@@ -15,18 +17,13 @@ from .layers import (
     find_prunable_layers,
     unwrap_diffusion_model,
 )
+from .load import CheckpointError, CheckpointInfo, load_pruned_checkpoint, read_checkpoint_info
 from .mask import layer_keep_mask
 from .prune import PruneTarget, apply_masks_, compute_masks, iter_masks, prune_model_, select_layers
 from .report import SparsityReport, sparsity_report
-from .save import (
-    CheckpointError,
-    CheckpointInfo,
-    CheckpointReport,
-    load_pruned_checkpoint,
-    read_checkpoint_info,
-    save_pruned_checkpoint,
-)
+from .save import CheckpointReport, save_pruned_checkpoint
 from .score import METRICS, NORMALIZATIONS, MetricParams, score_layer
+from .sequential import SequentialReport, prune_sequential_
 from .stats import CalibrationError, CalibrationStats, ChannelSquareMean, LayerStats
 from .util.io import FileExistsRefusal
 
@@ -56,6 +53,7 @@ __all__ = [
     "MetricParams",
     "PruneConfig",
     "PruneTarget",
+    "SequentialReport",
     "SparsityReport",
     "UnsupportedModelError",
     "apply_masks_",
@@ -69,6 +67,7 @@ __all__ = [
     "log_timestep_weight",
     "parse_pattern",
     "prune_model_",
+    "prune_sequential_",
     "read_checkpoint_info",
     "save_pruned_checkpoint",
     "score_layer",

@@ -9,7 +9,8 @@ weighted (timestep weighting): the weight of a call multiplies every one of its 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,7 +32,9 @@ __all__ = [
     "CALIBRATED_FAMILIES",
     "TIMESTEP_WEIGHTINGS",
     "Calibrator",
+    "GramRecorder",
     "log_timestep_weight",
+    "recording_grams",
 ]
 
 #: Families hooked when the caller names none: every block family, so that one calibration serves
@@ -231,3 +234,67 @@ class Calibrator:
             }
             self._stats = CalibrationStats(layers, self.architecture, self.settings)
         return self._stats
+
+
+class GramRecorder:
+    """Context manager: forward hooks that accumulate the input Gram of each given layer.
+
+    The Grams alone, of bare layers (no model to resolve, no statistics): benchmarks and tools that
+    need ``H`` per layer. The same :class:`~ditprune_core.stats.GramAccumulator` as
+    ``Calibrator(grams=...)``, which the product uses. Timestep weighting as in :class:`Calibrator`: call
+    :meth:`on_step` (``(step_index, sigma)``) or :meth:`set_sigma` before each model call. Hooks are
+    removed on exit, also after an exception.
+
+    Args:
+        layers: ``{name: nn.Linear}`` to record.
+        weighting: ``"uniform"``, ``"log"`` or a function of sigma.
+        dtype: Gram dtype (float32 default).
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Linear],
+        *,
+        weighting: str | TimestepWeighting = "uniform",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.layers = dict(layers)
+        self._weighting = TIMESTEP_WEIGHTINGS[weighting] if isinstance(weighting, str) else weighting
+        self.current_weight = 1.0
+        self.accumulators = {
+            name: GramAccumulator(layer.in_features, name=name, dtype=dtype)
+            for name, layer in self.layers.items()
+        }
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def set_sigma(self, sigma: float) -> None:
+        self.current_weight = float(self._weighting(float(sigma)))
+
+    def on_step(self, _step: int, sigma: float) -> None:
+        self.set_sigma(sigma)
+
+    def __enter__(self) -> GramRecorder:
+        for name, layer in self.layers.items():
+            acc = self.accumulators[name]
+
+            def hook(_m: nn.Module, inputs: tuple[Any, ...], _o: Any, acc: GramAccumulator = acc) -> None:
+                acc.add_batch(inputs[0], self.current_weight)
+
+            self._handles.append(layer.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        """``{name: Gram (in, in)}``; raises CalibrationError naming a layer that saw no token."""
+        return {name: acc.finalize() for name, acc in self.accumulators.items()}
+
+
+@contextmanager
+def recording_grams(layers: Mapping[str, nn.Linear], **kwargs: Any) -> Iterator[GramRecorder]:
+    """Functional spelling of ``with GramRecorder(...) as rec``."""
+    with GramRecorder(layers, **kwargs) as rec:
+        yield rec

@@ -148,7 +148,7 @@ class PruneConfig:
         families: layer families to prune (default :data:`~ditprune_core.layers.DEFAULT_FAMILIES`).
         layer_regex: only layers whose name matches this regular expression (``re.search``).
         update: ``"none"`` (mask only) or ``"obs"``: reconstruction, which also updates the kept
-            weights from each layer's input Gram (:func:`~ditprune_core.prune.prune_sequential_`).
+            weights from each layer's input Gram (:func:`~ditprune_core.sequential.prune_sequential_`).
         reconstruct: how ``update="obs"`` reconstructs.
         value_bits: None (kept values stay in the model's dtype) or 8, 4, 3
             (:data:`~ditprune_core.quantize.VALUE_BITS`): the kept values of every pruned layer are
@@ -156,7 +156,7 @@ class PruneConfig:
             :data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS` (groups of 128 kept values,
             asymmetric at 8 and 4 bits, symmetric at 3). With ``update="obs"`` the rounding is
             chosen inside an OBS pass that compensates it (:func:`~ditprune_core.reconstruct.obs_quantize`);
-            without, round to nearest. Only :func:`~ditprune_core.prune.prune_sequential_` quantises.
+            without, round to nearest. Only :func:`~ditprune_core.sequential.prune_sequential_` quantises.
         value_spec: an explicit :class:`~ditprune_core.quantize.QuantSpec` (group size, symmetry,
             grouping) instead of the default of ``value_bits``; its bits must be ``value_bits``
             (``value_bits`` may be left None: it is taken from the spec).

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .bench.evaluation import load_judge
 from .config import PruneConfig
+from .miniflux.judge import load_judge
 from .miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled
 from .prune import apply_masks_, compute_masks
 from .report import sparsity_report

@@ -57,6 +57,7 @@ __all__ = [
     "obs_quantize",
     "obs_sweep",
     "relative_output_error",
+    "sparsegpt_prune",
 ]
 
 log = logging.getLogger("ditprune")
@@ -429,6 +430,33 @@ def obs_prune(
     keep = rule.keep
     w.masked_fill_(~keep, 0.0)
     return ObsResult(w.to(weight.dtype), keep)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    sparsity: float = 0.5,
+    pattern: tuple[int, int] | str | None = None,
+    name: str = "layer",
+) -> ObsResult:
+    """SparseGPT (Frantar & Alistarh 2023) with its standard settings: the baseline.
+
+    Blocksize 128, relative dampening 0.01, mask chosen inside the update by ``w² / U_jj²`` once per
+    block of 128 columns across all rows (or per ``m`` columns for N:M). Counts are made exact per
+    layer (module docstring); the reference code prunes one weight more per block.
+    """
+    return obs_prune(
+        weight,
+        gram,
+        sparsity=sparsity,
+        pattern=pattern,
+        balance=0.5,
+        granularity="layer",
+        blocksize=128,
+        damp=0.01,
+        name=name,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

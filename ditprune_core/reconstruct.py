@@ -21,8 +21,7 @@ This module adds:
 - :func:`allocate_block_counts` and :func:`plan_groups`: how a block's prune count is shared among
   its layers, and which layers are calibrated together under a memory budget.
 - :func:`reconstruct_layer` and :func:`quantize_layer`: one layer as a :class:`PruneConfig` says
-  (the per-layer dispatch that :func:`~ditprune_core.prune.prune_sequential_` runs).
-- :func:`sparsegpt_prune`: the SparseGPT baseline with its standard settings.
+  (the per-layer dispatch that :func:`~ditprune_core.sequential.prune_sequential_` runs).
 
 All maths runs in float32 on the weight's device; the returned weight has the input's dtype.
 """
@@ -32,15 +31,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
 
-from .calibrate import TIMESTEP_WEIGHTINGS, TimestepWeighting
 from .config import PruneConfig, parse_pattern
 from .mask import layer_keep_mask
 from .obs import (
@@ -60,13 +55,10 @@ __all__ = [
     "QUANT_GRIDS",
     "REFIT_METHODS",
     "GramAccumulator",
-    "GramRecorder",
     "LayerReconstruction",
     "ObsResult",
-    "PairedGramAccumulator",
     "RefitInfo",
     "allocate_block_counts",
-    "corrected_weight",
     "dampened",
     "obs_prune",
     "obs_quantize",
@@ -75,114 +67,12 @@ __all__ = [
     "reconstruct_layer",
     "refit_masked",
     "relative_output_error",
-    "sparsegpt_prune",
 ]
 
 log = logging.getLogger("ditprune")
 
 REFIT_METHODS = ("auto", "exact", "pcg")
-_CHUNK_ELEMENTS = 1 << 22  # token rows per Gram product: at most 16 MB of float32 inputs at a time
 _EXACT_BATCH_ELEMENTS = 1 << 24  # (rows, in, in) systems of the exact refit: at most 64 MB at once
-
-
-class PairedGramAccumulator:
-    """Gram of a layer's inputs ``x`` and cross-Gram with reference inputs ``x_ref`` of the same tokens.
-
-    For error-correcting reconstruction: ``x`` are the inputs of the layer in the partially pruned
-    model, ``x_ref`` the inputs of the same layer in the dense model on the same model inputs. The
-    running means are ``H = E[x xᵀ]`` and ``C = E[x_ref xᵀ]``, both (in, in), weighted like
-    :class:`GramAccumulator`. Memory: twice a Gram.
-    """
-
-    def __init__(self, in_features: int, *, name: str = "layer", dtype: torch.dtype = torch.float32) -> None:
-        self.gram = GramAccumulator(in_features, name=name, dtype=dtype)
-        self.cross = GramAccumulator(in_features, name=name, dtype=dtype)
-
-    @property
-    def tokens(self) -> int:
-        return self.gram.tokens
-
-    def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor, weight: float = 1.0) -> None:
-        """Add inputs ``x`` and reference inputs ``x_ref``, both (..., in_features), token for token."""
-        if x.shape != x_ref.shape:
-            raise CalibrationError(
-                f"paired Gram of {self.gram.name!r}: inputs {tuple(x.shape)} and reference inputs "
-                f"{tuple(x_ref.shape)} differ; run the dense and the pruned model on the same inputs"
-            )
-        self.gram.add_batch(x, weight)
-        n = self.gram.in_features
-        a, b = x_ref.detach().reshape(-1, n), x.detach().reshape(-1, n)
-        if a.shape[0] == 0 or weight <= 0:
-            return
-        total = torch.zeros(n, n, dtype=self.cross.dtype, device=x.device)
-        step = max(1, _CHUNK_ELEMENTS // n)
-        for start in range(0, a.shape[0], step):
-            total.addmm_(a[start : start + step].to(total.dtype).t(), b[start : start + step].to(total.dtype))
-        if not bool(torch.isfinite(total).all()):
-            raise CalibrationError(f"layer {self.gram.name!r} received NaN or inf reference inputs")
-        self.cross._combine(total.div_(a.shape[0]), weight * a.shape[0], a.shape[0])
-
-    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(H, C)``: Gram ``E[x xᵀ]`` and cross-Gram ``E[x_ref xᵀ]``, each (in, in)."""
-        return self.gram.finalize(), self.cross.finalize()
-
-
-@torch.no_grad()
-def corrected_weight(
-    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, *, damp: float = 0.01
-) -> torch.Tensor:
-    """The dense weight moved to absorb the error upstream of the layer (before pruning it).
-
-    ``W* = argmin E||W' x - W x_ref||² + λ||W' - W||² = W (C + λI)(H + λI)⁻¹`` with ``H = E[x xᵀ]``,
-    ``C = E[x_ref xᵀ]`` (:class:`PairedGramAccumulator`) and ``λ = damp · mean(diag H)``. When the
-    inputs are unchanged (``x = x_ref``) it is ``W`` itself. Since
-    ``E||W' x - W x_ref||² = tr((W' - W*) H (W' - W*)ᵀ) + const`` (for λ → 0), pruning ``W*`` on
-    ``H`` with :func:`obs_prune` / :func:`refit_masked` minimises the error against the dense layer's
-    output on dense inputs.
-
-    Args:
-        weight: (out, in) dense weight ``W``.
-        gram: (in, in) ``H``; cross: (in, in) ``C``.
-    Returns:
-        (out, in) float32 ``W*`` on the weight's device.
-    """
-    check_gram(gram)
-    check_gram(cross)
-    device = weight.device
-    h = dampened(gram.to(device), damp)
-    lam = float(h.diagonal().mean() - gram.diagonal().mean())
-    c = cross.to(device, torch.float32, copy=True)
-    c.diagonal().add_(lam)
-    w = weight.detach().to(torch.float32)
-    chol = torch.linalg.cholesky(h)
-    return torch.cholesky_solve(c.t() @ w.t(), chol).t().contiguous()
-
-
-def sparsegpt_prune(
-    weight: torch.Tensor,
-    gram: torch.Tensor,
-    *,
-    sparsity: float = 0.5,
-    pattern: tuple[int, int] | str | None = None,
-    name: str = "layer",
-) -> ObsResult:
-    """SparseGPT (Frantar & Alistarh 2023) with its standard settings: the baseline.
-
-    Blocksize 128, relative dampening 0.01, mask chosen inside the update by ``w² / U_jj²`` once per
-    block of 128 columns across all rows (or per ``m`` columns for N:M). Counts are made exact per
-    layer (module docstring); the reference code prunes one weight more per block.
-    """
-    return obs_prune(
-        weight,
-        gram,
-        sparsity=sparsity,
-        pattern=pattern,
-        balance=0.5,
-        granularity="layer",
-        blocksize=128,
-        damp=0.01,
-        name=name,
-    )
 
 
 @dataclass(frozen=True)
@@ -399,68 +289,6 @@ def plan_groups(
         groups[-1].append(name)
         used += need
     return groups
-
-
-class GramRecorder:
-    """Context manager: forward hooks that accumulate the input Gram of each given layer.
-
-    Timestep weighting as in :class:`~ditprune_core.calibrate.Calibrator`: call
-    :meth:`on_step` (``(step_index, sigma)``) or :meth:`set_sigma` before each model call. Hooks are
-    removed on exit, also after an exception.
-
-    Args:
-        layers: ``{name: nn.Linear}`` to record.
-        weighting: ``"uniform"``, ``"log"`` or a function of sigma.
-        dtype: Gram dtype (float32 default).
-    """
-
-    def __init__(
-        self,
-        layers: Mapping[str, nn.Linear],
-        *,
-        weighting: str | TimestepWeighting = "uniform",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.layers = dict(layers)
-        self._weighting = TIMESTEP_WEIGHTINGS[weighting] if isinstance(weighting, str) else weighting
-        self.current_weight = 1.0
-        self.accumulators = {
-            name: GramAccumulator(layer.in_features, name=name, dtype=dtype)
-            for name, layer in self.layers.items()
-        }
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def set_sigma(self, sigma: float) -> None:
-        self.current_weight = float(self._weighting(float(sigma)))
-
-    def on_step(self, _step: int, sigma: float) -> None:
-        self.set_sigma(sigma)
-
-    def __enter__(self) -> GramRecorder:
-        for name, layer in self.layers.items():
-            acc = self.accumulators[name]
-
-            def hook(_m: nn.Module, inputs: tuple[Any, ...], _o: Any, acc: GramAccumulator = acc) -> None:
-                acc.add_batch(inputs[0], self.current_weight)
-
-            self._handles.append(layer.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def grams(self) -> dict[str, torch.Tensor]:
-        """``{name: Gram (in, in)}``; raises CalibrationError naming a layer that saw no token."""
-        return {name: acc.finalize() for name, acc in self.accumulators.items()}
-
-
-@contextmanager
-def recording_grams(layers: Mapping[str, nn.Linear], **kwargs: Any) -> Iterator[GramRecorder]:
-    """Functional spelling of ``with GramRecorder(...) as rec``."""
-    with GramRecorder(layers, **kwargs) as rec:
-        yield rec
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ norms and the layers that are not pruned stay as they are.
 
 Two pieces: :class:`BlockCallRecorder` records a block's forward calls (a uniform sample of at most
 ``max_calls``) while the calibration runs; :func:`refine_block_` fits the pruned block's kept weights.
-:func:`~ditprune_core.prune.prune_sequential_` runs both per block with
+:func:`~ditprune_core.sequential.prune_sequential_` runs both per block with
 ``ReconstructParams(block_refine_steps=...)``.
 """
 

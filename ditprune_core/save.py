@@ -1,4 +1,6 @@
-"""Save: pruned checkpoints, dense or compressed, written streamed and atomically; and their reader.
+"""Save: pruned checkpoints, dense or compressed, written streamed and atomically.
+
+The reader is :mod:`ditprune_core.load` (its names are re-exported here, where they used to live).
 
 Safetensors only, no pickle. A dense checkpoint is the state dict as it is. A compressed one stores
 each pruned 2-D weight ``k`` in the smallest layout of :mod:`ditprune_core.layouts` that fits it, as
@@ -26,30 +28,40 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .layouts import (
     LAYOUTS,
-    PIECES,
     CheckpointError,
     Fp8Values,
     Layout,
     PieceSpec,
     choose_layout,
     choose_quantized_layout,
-    spec_of_piece,
+)
+from .load import (
+    FORMAT,
+    FORMAT_VERSION,
+    INT_BITS,
+    LAYOUTS_CHECKSUM_KEY,
+    READ_VERSIONS,
+    RESERVED_METADATA,
+    CheckpointInfo,
+    check_keys,
+    dtype_name,
+    iter_pruned_checkpoint,
+    layouts_checksum,
+    load_pruned_checkpoint,
+    read_checkpoint_info,
+    validate_compressed_state,
 )
 from .quantize import (
     DEFAULT_DENSE_SPECS,
     DEFAULT_VALUE_SPECS,
-    GROUPINGS,
-    SUPPORTED_BITS,
     VALUE_BITS,
     QuantizedWeight,
     QuantSpec,
@@ -58,11 +70,7 @@ from .quantize import (
 )
 from .util.dtypes import storage_view
 from .util.safetensors_io import (
-    CHECKSUM_KEY,
     LazyTensor,
-    checksum_mismatch,
-    read_checksums,
-    read_metadata,
     write_safetensors,
 )
 
@@ -90,11 +98,6 @@ __all__ = [
 
 log = logging.getLogger("ditprune")
 
-FORMAT = "ditprune.checkpoint"
-#: the newest format version (quantised values, the dense layout)
-FORMAT_VERSION = 2
-#: the versions this code reads
-READ_VERSIONS = (1, 2)
 #: how the values of pruned layers may be stored: their dtype, fp8 with per-row scales, or codes
 #: (:data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS`: groups of 128 kept values)
 VALUE_FORMATS = ("keep", "fp8", "int8", "int4", "int3")
@@ -103,23 +106,6 @@ VALUE_FORMATS = ("keep", "fp8", "int8", "int4", "int3")
 REMAINDER_FORMATS = ("keep", "fp8", "int8", "int4")
 #: the remainder's integer codes: a scale and zero point per 128 weights
 REMAINDER_BITS = {"int8": 8, "int4": 4}
-#: metadata keys the writer sets itself; a caller's metadata may not use them
-#: the metadata key of :func:`layouts_checksum`
-LAYOUTS_CHECKSUM_KEY = "layouts_crc32"
-RESERVED_METADATA = ("format", "format_version", "layouts", "checkpoint", CHECKSUM_KEY, LAYOUTS_CHECKSUM_KEY)
-_DTYPE_NAMES = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.float64,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-    )
-}
-#: the ``values`` names of quantised values -> their bits
-_INT_BITS = {f"int{b}": b for b in SUPPORTED_BITS}
 _MIN_REMAINDER_NUMEL = 256
 #: ``progress(done, total)`` over the tensors a save produces
 SaveProgress = Callable[[int, int], None]
@@ -159,29 +145,8 @@ class CheckpointReport:
         return self.file_bytes / self.dense_bytes if self.dense_bytes else 0.0
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """The metadata of a ditprune checkpoint, as :func:`read_checkpoint_info` reads it.
-
-    Attributes:
-        format: ``"dense"`` or ``"compressed"``.
-        version: the checkpoint format version of the file.
-        layouts: for each compressed tensor, ``{"layout", "dtype", "values", "scale", ...}``.
-        metadata: every metadata string of the file.
-    """
-
-    format: str
-    version: int
-    layouts: dict[str, dict[str, str]]
-    metadata: dict[str, str]
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 #: makes one weight's pieces when they are written: ``(pieces, max relative error)``
@@ -256,7 +221,7 @@ def _value_format(values: str | QuantSpec, value_dtype: torch.dtype | None) -> t
         name, spec = f"int{values.bits}", values
     elif values in VALUE_FORMATS:
         name = values
-        spec = DEFAULT_VALUE_SPECS[_INT_BITS[values]] if values in _INT_BITS else None
+        spec = DEFAULT_VALUE_SPECS[INT_BITS[values]] if values in INT_BITS else None
     else:
         raise ValueError(f"unknown values {values!r}; choose from {list(VALUE_FORMATS)} or give a QuantSpec")
     if value_dtype is not None:
@@ -321,7 +286,7 @@ def _check_given(key: str, tensor: torch.Tensor, q: QuantizedWeight) -> Quantize
 def _int_entry(layout: Layout, dtype: torch.dtype, spec: QuantSpec) -> dict[str, str]:
     return {
         "layout": layout.name,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "values": f"int{spec.bits}",
         "scale": "group",
         "group_size": str(spec.group_size),
@@ -561,8 +526,8 @@ def _values_plan(
         return _Encoder(name, "rounded", specs, make), _int_entry(qlayout, tensor.dtype, spec)
     entry = {
         "layout": layout.name,
-        "dtype": _dtype_name(tensor.dtype),
-        "values": _dtype_name(fp8_dtype or tensor.dtype),
+        "dtype": dtype_name(tensor.dtype),
+        "values": dtype_name(fp8_dtype or tensor.dtype),
         "scale": "per-row" if fp8 is not None else "none",
     }
     specs = layout.piece_specs(tensor, fp8_dtype)
@@ -578,8 +543,8 @@ def _remainder_plan(
         fp8 = Fp8Values()
         entry = {
             "layout": dense.name,
-            "dtype": _dtype_name(tensor.dtype),
-            "values": _dtype_name(fp8.dtype),
+            "dtype": dtype_name(tensor.dtype),
+            "values": dtype_name(fp8.dtype),
             "scale": "per-row",
         }
         specs = dense.piece_specs(tensor, fp8.dtype)
@@ -601,248 +566,4 @@ def _encode_later(
 
 
 def _needs_v2(entry: Mapping[str, str]) -> bool:
-    return entry["layout"] == "dense" or entry["values"] in _INT_BITS
-
-
-def layouts_checksum(metadata: Mapping[str, str]) -> str:
-    """CRC32 (8 hex digits) of the metadata that says how to decode a checkpoint: its
-    ``format_version``, ``checkpoint`` and ``layouts`` strings as stored."""
-    covered = json.dumps([metadata.get(k) for k in ("format_version", "checkpoint", "layouts")])
-    return f"{zlib.crc32(covered.encode()):08x}"
-
-
-def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
-    """Metadata of a ditprune checkpoint: format, version, layouts; refuses other files.
-
-    Raises:
-        CheckpointError: a missing, unreadable or foreign file, another format version, or a
-            ``layouts`` map that is not what the writer stores.
-    """
-    meta = read_metadata(
-        path,
-        format=FORMAT,
-        what="ditprune checkpoint",
-        error=CheckpointError,
-        version=READ_VERSIONS,
-        not_ours_hint="; load it with ComfyUI's Load Diffusion Model node, or save it with ditprune first",
-    )
-    recorded = meta.get(LAYOUTS_CHECKSUM_KEY)
-    if recorded is not None and recorded != layouts_checksum(meta):
-        raise CheckpointError(
-            f"{path}: its decoding metadata ('format_version', 'checkpoint', 'layouts') does not match "
-            f"its checksum (CRC32 {layouts_checksum(meta)}, the file records {recorded}): the metadata "
-            "was edited or damaged after the file was written; save or copy it again"
-        )
-    fmt = meta.get("checkpoint", "compressed")
-    if fmt not in ("dense", "compressed"):
-        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} in its metadata")
-    if "layouts" not in meta:
-        raise CheckpointError(f"{path}: its metadata has no 'layouts' map (not written by ditprune?)")
-    try:
-        layouts = json.loads(meta["layouts"])
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: its 'layouts' metadata is not valid JSON ({exc})") from exc
-    if not isinstance(layouts, dict):
-        raise CheckpointError(f"{path}: its 'layouts' metadata is not a map of tensor names")
-    version = int(meta["format_version"])
-    for name, entry in layouts.items():
-        _check_entry(entry, f"{path}: layouts entry {name!r}", version)
-    if fmt == "dense" and layouts:
-        raise CheckpointError(f"{path}: a dense checkpoint lists compressed tensors")
-    return CheckpointInfo(fmt, version, layouts, meta)
-
-
-def _check_entry(entry: object, where: str, version: int) -> None:
-    """One ``layouts`` entry is what the writer of ``version`` stores."""
-    if not isinstance(entry, dict) or not all(
-        isinstance(entry.get(k), str) for k in ("layout", "dtype", "values")
-    ):
-        raise CheckpointError(f"{where} must hold the strings 'layout', 'dtype' and 'values'")
-    if entry["layout"] not in LAYOUTS:
-        raise CheckpointError(f"{where}: unknown layout {entry['layout']!r}; known: {list(LAYOUTS)}")
-    if entry["dtype"] not in _DTYPE_NAMES:
-        raise CheckpointError(f"{where}: unknown dtype {entry['dtype']!r}; known: {list(_DTYPE_NAMES)}")
-    if entry["values"] in _INT_BITS:
-        if version < 2:
-            raise CheckpointError(
-                f"{where}: {entry['values']} values need format version 2, the file says {version}"
-            )
-        if entry.get("scale") != "group":
-            raise CheckpointError(f"{where}: quantised values need scale 'group', not {entry.get('scale')!r}")
-        size = entry.get("group_size")
-        if not isinstance(size, str) or not size.isdigit() or int(size) < 1:
-            raise CheckpointError(f"{where}: its 'group_size' must be a positive integer, got {size!r}")
-        if entry.get("sym") not in ("true", "false"):
-            raise CheckpointError(f"{where}: its 'sym' must be 'true' or 'false', got {entry.get('sym')!r}")
-        if entry.get("grouping") not in GROUPINGS:
-            raise CheckpointError(
-                f"{where}: unknown grouping {entry.get('grouping')!r}; known: {list(GROUPINGS)}"
-            )
-        try:
-            _entry_spec(entry)
-        except ValueError as exc:
-            raise CheckpointError(f"{where}: {exc}") from exc
-        return
-    if entry["values"] not in _DTYPE_NAMES:
-        known = [*_DTYPE_NAMES, *_INT_BITS]
-        raise CheckpointError(f"{where}: unknown values {entry['values']!r}; known: {known}")
-    if entry.get("scale", "none") not in ("none", "per-row"):
-        raise CheckpointError(f"{where}: unknown scale {entry.get('scale')!r}; known: 'none', 'per-row'")
-    if entry["layout"] == "dense":
-        if version < 2:
-            raise CheckpointError(
-                f"{where}: the dense layout needs format version 2, the file says {version}"
-            )
-        if entry.get("scale") != "per-row":
-            raise CheckpointError(f"{where}: the dense layout holds fp8 or quantised values, not plain ones")
-
-
-def _entry_spec(entry: Mapping[str, str]) -> QuantSpec:
-    return QuantSpec(
-        _INT_BITS[entry["values"]],
-        int(entry["group_size"]),
-        sym=entry["sym"] == "true",
-        grouping=entry["grouping"],
-    )
-
-
-def _piece_names(info: Mapping[str, str]) -> tuple[str, ...]:
-    layout = LAYOUTS[info["layout"]]
-    if info["values"] in _INT_BITS:
-        zeros = () if info["sym"] == "true" else ("qzeros",)
-        return ("shape", *layout.mask_pieces, "qcodes", "qscales", *zeros, "qspec")
-    # files from before the "scale" key: scaled exactly when the values dtype differs
-    scaled = info.get("scale", "per-row" if info["values"] != info["dtype"] else "none") == "per-row"
-    scale = ("scale",) if scaled else ()
-    return ("shape", *layout.own_pieces, *scale)
-
-
-def _check_spec(
-    name: str, entry: Mapping[str, str], own: Mapping[str, torch.Tensor], path: Path | str
-) -> None:
-    """The ``qspec`` piece says what the metadata says (a lying file disagrees with itself)."""
-    if entry["values"] not in _INT_BITS:
-        return
-    where = f"{path}: {name!r}"
-    stored, said = spec_of_piece(own["qspec"], where), _entry_spec(entry)
-    if stored != said:
-        raise CheckpointError(
-            f"{where}: its 'qspec' piece says {stored} but the metadata says {said} (crafted or corrupted "
-            "file)"
-        )
-
-
-def check_keys(keys: Iterable[str], info: CheckpointInfo, path: str | Path) -> None:
-    """Every compressed weight has its placeholder and exactly its pieces, and nothing is left over.
-
-    Raises:
-        CheckpointError: naming the file and the first key that is missing, extra or renamed.
-    """
-    present = set(keys)
-    expected: set[str] = set()
-    for name, entry in info.layouts.items():
-        if name not in present:
-            raise CheckpointError(
-                f"{path}: compressed tensor {name!r} has no placeholder key (renamed or removed?)"
-            )
-        for piece in _piece_names(entry):
-            if f"{name}.{piece}" not in present:
-                raise CheckpointError(f"{path}: compressed tensor {name!r} has no {piece!r} piece")
-            expected.add(f"{name}.{piece}")
-    for key in sorted(present - expected - set(info.layouts)):
-        base, _, piece = key.rpartition(".")
-        if piece in PIECES and base in info.layouts:
-            raise CheckpointError(
-                f"{path}: {key!r} is not a piece of the {info.layouts[base]['layout']} layout"
-            )
-    crc_names = set(read_checksums(info.metadata, path, CheckpointError))
-    if crc_names and crc_names != present:
-        odd = sorted(crc_names ^ present)[0]
-        raise CheckpointError(
-            f"{path}: key {odd!r} is {'missing' if odd in crc_names else 'not recorded'} "
-            "(the file's keys differ from the ones it was written with: renamed or corrupted)"
-        )
-
-
-def _decode(name: str, entry: Mapping[str, str], own: Mapping[str, torch.Tensor], path: Path) -> torch.Tensor:
-    _check_spec(name, entry, own, path)
-    return LAYOUTS[entry["layout"]].decode(own, _DTYPE_NAMES[entry["dtype"]], where=f"{path}: {name!r}")
-
-
-def validate_compressed_state(
-    state: Mapping[str, torch.Tensor], path: str | Path, info: CheckpointInfo | None = None
-) -> CheckpointInfo:
-    """Check a whole loaded state dict of a checkpoint before anything is built from it.
-
-    Checks the keys (:func:`check_keys`), every compressed weight's pieces against each other
-    (counts, code ranges, shapes; :meth:`Layout.validate`) and, where the file records them, every
-    tensor's CRC32. This is what "compressed on device" loading runs: it decodes nothing.
-
-    Raises:
-        CheckpointError: naming the file and the key.
-    """
-    info = info or read_checkpoint_info(path)
-    check_keys(state.keys(), info, path)
-    crcs = read_checksums(info.metadata, path, CheckpointError)
-    for name, entry in info.layouts.items():
-        if state[name].numel() != 0:
-            raise CheckpointError(f"{path}: placeholder {name!r} of a compressed tensor is not empty")
-        own = {p: state[f"{name}.{p}"] for p in _piece_names(entry)}
-        _check_spec(name, entry, own, path)
-        LAYOUTS[entry["layout"]].validate(own, f"{path}: {name!r}")
-    if crcs:
-        for key, tensor in state.items():
-            problem = checksum_mismatch(key, tensor, crcs, path)
-            if problem:
-                raise CheckpointError(problem)
-    return info
-
-
-def iter_pruned_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, dense tensor)`` one at a time (bounded memory), checking every piece and,
-    where the file records them, every tensor's CRC32 as it is read.
-
-    Raises:
-        CheckpointError: naming the file and the key.
-    """
-    path = Path(path)
-    info = read_checkpoint_info(path)
-    layouts = info.layouts
-    crcs = read_checksums(info.metadata, path, CheckpointError)
-    pieces = {f"{n}.{p}" for n, entry in layouts.items() for p in _piece_names(entry)}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            check_keys(keys, info, path)
-
-            def read(key: str) -> torch.Tensor:
-                tensor = f.get_tensor(key)
-                problem = checksum_mismatch(key, tensor, crcs, path) if crcs else None
-                if problem:
-                    raise CheckpointError(problem)
-                return tensor
-
-            for key in keys:
-                if key in pieces:
-                    continue
-                if key in layouts:
-                    if read(key).numel() != 0:
-                        raise CheckpointError(
-                            f"{path}: placeholder {key!r} of a compressed tensor is not empty"
-                        )
-                    own = {p: read(f"{key}.{p}") for p in _piece_names(layouts[key])}
-                    yield key, _decode(key, layouts[key], own, path)
-                else:
-                    yield key, read(key)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} could not be read (truncated or corrupted?): {exc}") from exc
-
-
-def load_pruned_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The dense state dict of a checkpoint written by :func:`save_pruned_checkpoint`.
-
-    Raises:
-        CheckpointError: missing, truncated or corrupted file, a file that is not ours, an unknown
-            format version, or pieces whose sizes do not match their tensor.
-    """
-    return dict(iter_pruned_checkpoint(path))
+    return entry["layout"] == "dense" or entry["values"] in INT_BITS

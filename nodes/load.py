@@ -10,7 +10,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info, validate_compressed_state
+from ..ditprune_core.load import load_pruned_checkpoint, read_checkpoint_info, validate_compressed_state
 from .choices import NO_DIFFUSION_MODELS, options, refuse_placeholder
 from .packed import PackedLinear, PackedOps, make_packed
 

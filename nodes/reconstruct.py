@@ -6,15 +6,14 @@ import comfy.model_management
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
-from torch import nn
 
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
 from ..ditprune_core.calibrate import Calibrator
 from ..ditprune_core.config import ReconstructParams
-from ..ditprune_core.prune import prune_sequential_, select_layers
+from ..ditprune_core.prune import select_layers
 from ..ditprune_core.quantize import QuantizedWeight, QuantSpec, dequantize_weight
+from ..ditprune_core.sequential import default_memory_budget, prune_sequential_
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
-from ..ditprune_core.stats import GramAccumulator
 from ..ditprune_core.util.packing import PackedMask
 from .common import (
     CATEGORY,
@@ -105,21 +104,6 @@ class ReconstructedPatch(MaskPatch):
         return out.masked_scatter_(
             self.mask.to_bool(weight.device), self.values.to(weight.device, weight.dtype)
         )
-
-
-def default_gram_budget(model: ModelPatcher, module: nn.Module, config: PruneConfig) -> int:
-    """Bytes of Grams per pass for ``memory_budget_gb = 0``: a quarter of the free memory, at most
-    8 GiB, never below the largest selected layer's Gram.
-
-    The free memory is ComfyUI's reading of the device the MODEL computes on, where the Grams
-    accumulate (the layers' inputs are there). The core's own default reads the device of the layers'
-    weights instead, which under partial (lowvram) loading is the RAM the weights are kept in: it
-    would size Grams that fill the GPU by the size of the RAM. Call it after the model is loaded.
-    """
-    free = int(comfy.model_management.get_free_memory(model.load_device))
-    layers = select_layers(module, config).values()
-    largest = max((GramAccumulator.nbytes(layer.in_features) for layer in layers), default=0)
-    return max(largest, min(8 * _GIB, free // 4))
 
 
 class DitPrunePruneAndReconstruct(io.ComfyNode):
@@ -275,7 +259,10 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         if memory_budget_gb > 0:
             budget = int(memory_budget_gb * _GIB)
         else:
-            budget = default_gram_budget(pruned, dm, config)
+            # ComfyUI's free memory of the device the MODEL computes on, where the Grams accumulate: under
+            # lowvram the layers' weights sit in RAM, whose size would wrongly size Grams on the GPU
+            free = int(comfy.model_management.get_free_memory(pruned.load_device))
+            budget = default_memory_budget(select_layers(dm, config), free_bytes=free)
         report = prune_sequential_(
             dm,
             run,

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from test_calibration import _model, _run
+from tiny_models import tiny_miniflux as _model
+from tiny_models import tiny_miniflux_forward as _run
 
-from ditprune_core import PruneConfig, find_prunable_layers
+from ditprune_core import PruneConfig, find_prunable_layers, prune_sequential_
 from ditprune_core.calibrate import Calibrator
 from ditprune_core.config import ReconstructParams
 from ditprune_core.layers import detect_architecture, layer_block
-from ditprune_core.prune import prune_sequential_
 from ditprune_core.reconstruct import allocate_block_counts, reconstruct_layer
 
 

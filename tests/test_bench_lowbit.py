@@ -6,19 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from ditprune_core.bench.grams import recording_grams
 from ditprune_core.bench.pareto import FLUX_REST, FLUX_SHAPES, _flux_bytes, _flux_gb
 from ditprune_core.bench.quant_groups import Point, choose_defaults, frontier
+from ditprune_core.calibrate import recording_grams
 from ditprune_core.quantize import QuantSpec
 
 
 def test_recording_grams_is_the_mean_outer_product_and_unhooks() -> None:
     layer = nn.Linear(2, 1)
-    with recording_grams({"l": layer}) as acc, torch.no_grad():
+    with recording_grams({"l": layer}, dtype=torch.float64) as rec, torch.no_grad():
         layer(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
         layer(torch.tensor([[[0.0, 1.0]]]))  # (batch, tokens, channels) inputs flatten
     # (x x^T summed: [1 2; 2 4] + [9 0; 0 0] + [0 0; 0 1]) / 3 tokens
-    assert acc["l"].finalize().tolist() == [[10 / 3, 2 / 3], [2 / 3, 5 / 3]]
+    # the core's running weighted mean: equal to the sum over tokens up to float64 rounding
+    assert rec.grams()["l"].flatten().tolist() == pytest.approx([10 / 3, 2 / 3, 2 / 3, 5 / 3], rel=1e-12)
     assert not layer._forward_hooks
 
 

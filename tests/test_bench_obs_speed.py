@@ -79,9 +79,12 @@ def test_measured_layers_ratios_and_memory(tiny: ObsSpeedResult) -> None:
     assert widest.gram_bytes == 240 * 240 * 4 == tiny.largest_gram_bytes
     obs_peak = widest.methods["obs"].peak_extra_bytes
     # at this tiny width (225 KiB Grams) the process may reuse memory freed by earlier tests, so the
-    # resident high-water mark need not move (seen in CI): only a measurement is required here; the
-    # 2-Gram floor is checked where the Grams dwarf the allocator's free lists (the full command)
-    assert obs_peak is not None and obs_peak >= 0
+    # resident high-water mark need not move (seen in CI) and no floor can be asserted here (the
+    # 2-Gram floor is checked where the Grams dwarf the allocator's free lists: the full command).
+    # A ceiling can: the update's temporaries are a few (in, in) and (out, in) float32 tensors, so
+    # a peak of 64 Grams plus 64 MiB of allocator slack means memory grows with something else
+    assert obs_peak is not None
+    assert obs_peak <= 64 * widest.gram_bytes + (64 << 20), obs_peak
 
 
 def test_extrapolation_is_the_sum_over_layer_counts(tiny: ObsSpeedResult) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_calibration import _model, _run
+from tiny_models import tiny_miniflux as _model
+from tiny_models import tiny_miniflux_forward as _run
 from torch import nn
 
-from ditprune_core import PruneConfig, find_prunable_layers
+from ditprune_core import PruneConfig, find_prunable_layers, prune_sequential_
 from ditprune_core.config import ReconstructParams
-from ditprune_core.prune import prune_sequential_
 from ditprune_core.refine import BlockCall, BlockCallRecorder, block_output_error, refine_block_
 
 

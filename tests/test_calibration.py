@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import tiny_miniflux as _model
+from tiny_models import tiny_miniflux_forward as _run
 from torch import nn
 
 from ditprune_core import (
@@ -37,28 +39,6 @@ def test_running_mean_is_float64_whatever_the_input_dtype() -> None:
         acc.add_batch(torch.full((4, 3), 3.0, dtype=torch.bfloat16))
     assert acc.finalize().dtype == torch.float64
     assert torch.allclose(acc.finalize(), torch.full((3,), 9.0, dtype=torch.float64))
-
-
-def _model(seed: int = 0) -> MiniFlux:
-    torch.manual_seed(seed)
-    return MiniFlux(
-        MiniFluxConfig(hidden_size=16, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(2, 2, 4))
-    )
-
-
-def _run(model: MiniFlux, batch: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    img = torch.randn(batch, 16, cfg.in_channels, generator=gen)
-    txt = torch.randn(batch, cfg.context_tokens, cfg.context_dim, generator=gen)
-    model(
-        img,
-        torch.zeros(batch, 16, 3),
-        txt,
-        torch.zeros(batch, cfg.context_tokens, 3),
-        torch.rand(batch, generator=gen),
-        torch.randn(batch, cfg.vec_dim, generator=gen),
-    )
 
 
 def test_calibrator_counts_tokens_and_matches_direct_statistics() -> None:

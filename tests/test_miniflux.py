@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from ditprune_core import PruneConfig, apply_masks_, compute_masks, find_prunable_layers
-from ditprune_core.bench.evaluation import (
-    frechet_distance,
-    load_judge,
-    psnr,
-    relative_error,
-    relative_squared_error,
-)
+from ditprune_core.miniflux.judge import frechet_distance, load_judge
 from ditprune_core.miniflux.model import MiniFluxConfig, patchify, unpatchify
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline, bundled_checkpoints, calibrate, load_bundled
+from ditprune_core.util.metrics import psnr, relative_error, relative_squared_error
 
 
 def test_bundled_checkpoints_are_small_and_load() -> None:

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from ditprune_core.calibrate import GramRecorder
+from ditprune_core.obs import sparsegpt_prune
 from ditprune_core.reconstruct import (
     GramAccumulator,
-    GramRecorder,
     obs_prune,
     plan_groups,
     refit_masked,
     relative_output_error,
-    sparsegpt_prune,
 )
 from ditprune_core.stats import CalibrationError, ChannelSquareMean
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_calibration import _model, _run
+from tiny_models import tiny_miniflux as _model
+from tiny_models import tiny_miniflux_forward as _run
 
-from ditprune_core import CalibrationError, PruneConfig, compute_masks, find_prunable_layers, prune_model_
+from ditprune_core import (
+    CalibrationError,
+    PruneConfig,
+    compute_masks,
+    find_prunable_layers,
+    prune_model_,
+    prune_sequential_,
+)
 from ditprune_core.config import ReconstructParams
-from ditprune_core.prune import prune_sequential_
 from ditprune_core.reconstruct import relative_output_error
 from ditprune_core.stats import GramAccumulator
 

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from test_calibration import _model, _run
+from tiny_models import tiny_miniflux as _model
+from tiny_models import tiny_miniflux_forward as _run
 
-from ditprune_core import PruneConfig, compute_masks, find_prunable_layers, prune_model_
+from ditprune_core import PruneConfig, compute_masks, find_prunable_layers, prune_model_, prune_sequential_
 from ditprune_core.config import ReconstructParams
-from ditprune_core.prune import apply_masks_, prune_sequential_, quantize_kept_
+from ditprune_core.prune import apply_masks_, quantize_kept_
 from ditprune_core.quantize import (
     DEFAULT_VALUE_SPECS,
     QuantSpec,

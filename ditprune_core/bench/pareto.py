@@ -49,9 +49,10 @@ import numpy as np
 import torch
 
 from ..config import PruneConfig, ReconstructParams
+from ..miniflux.judge import load_judge
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..obs import gptq_quantize
-from ..prune import compute_masks, prune_sequential_, select_layers
+from ..prune import compute_masks, select_layers
 from ..quantize import (
     DEFAULT_DENSE_SPECS,
     DEFAULT_VALUE_SPECS,
@@ -62,10 +63,11 @@ from ..quantize import (
     storage_cost,
 )
 from ..save import is_remainder_weight
+from ..sequential import prune_sequential_
 from ..util.imaging import PALETTE, write_png
+from ..util.metrics import psnr, relative_error, relative_squared_error
 from . import write_report
 from .checkpoint_size import FLUX_PRUNABLE, FLUX_TOTAL
-from .evaluation import load_judge, psnr, relative_error, relative_squared_error
 from .gguf_ref import BITS_PER_WEIGHT, GGUF_FORMATS, fp8_cast, gguf_fake_quantize
 from .grams import miniflux_grams
 from .lowbit import flux_rest_gb

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from ..config import PruneConfig
+from ..miniflux.judge import load_judge
 from ..miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled, sigma_schedule
 from ..prune import apply_masks_, compute_masks
 from ..stats import CalibrationStats
 from ..util.imaging import image_grid, write_png
+from ..util.metrics import psnr, relative_error, relative_squared_error
 from . import write_report
-from .evaluation import load_judge, psnr, relative_error, relative_squared_error
 
 log = logging.getLogger("ditprune")
 

@@ -32,20 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import Calibrator
+from ..calibrate import Calibrator, GramRecorder
 from ..config import PruneConfig, ReconstructParams
 from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
-from ..reconstruct import (
-    GramRecorder,
-    PairedGramAccumulator,
-    corrected_weight,
-    obs_prune,
-    refit_masked,
-    relative_output_error,
-    sparsegpt_prune,
-)
+from ..obs import obs_prune, relative_output_error, sparsegpt_prune
+from ..reconstruct import refit_masked
 from . import write_report
+from .error_correction import PairedGramAccumulator, corrected_weight
 from .quality import SETTINGS, BenchContext
 
 log = logging.getLogger("ditprune")
@@ -310,7 +304,7 @@ class Lab:
 
     def product(self, config: PruneConfig) -> tuple[MiniFluxPipeline, float]:
         """``prune_sequential_`` itself, one pass (every Gram fits), the lab's calibration."""
-        from ..prune import prune_sequential_
+        from ..sequential import prune_sequential_
 
         model = copy.deepcopy(self.pipe.model)
         pipe = MiniFluxPipeline(model, self.pipe.conditioner)

@@ -1,4 +1,4 @@
-"""Fixed judges of generated digits: a classifier and a feature space for Fréchet distance.
+"""Fixed judges of MiniFlux's generated digits: a classifier and a feature space for Fréchet distance.
 
 Both are fit on scikit-learn's real digits with fixed seeds, so every run of the benchmark uses the
 same judges. Images are (B, 1, 8, 8) tensors in [-1, 1].
@@ -12,16 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..util.metrics import psnr, relative_error, relative_squared_error
-
-__all__ = [
-    "DigitJudge",
-    "frechet_distance",
-    "load_judge",
-    "psnr",
-    "relative_error",
-    "relative_squared_error",
-]
+__all__ = ["DigitJudge", "frechet_distance", "load_judge"]
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:

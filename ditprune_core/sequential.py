@@ -1,0 +1,492 @@
+"""The sequential driver: pruning with reconstruction, in passes whose Grams fit a memory budget.
+
+:func:`prune_sequential_` calibrates a group of layers (their input Grams), then prunes and updates
+each of them (:func:`~ditprune_core.reconstruct.reconstruct_layer`), refines each transformer block
+(:mod:`~ditprune_core.refine`, optional), quantises the kept values (``value_bits``,
+:func:`~ditprune_core.reconstruct.quantize_layer`) and writes the layer, before the next group is
+calibrated on the model pruned so far. The mask-only driver is :mod:`ditprune_core.prune`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .calibrate import Calibrator, TimestepWeighting
+from .config import ProgressFn, PruneConfig, parse_pattern
+from .layers import layer_block
+from .layouts import choose_layout
+from .mask import layer_keep_mask
+from .obs import relative_output_error
+from .prune import PruneTarget
+from .quantize import (
+    QuantizedWeight,
+    StorageCost,
+    dequantize_weight,
+    quantized_storage_cost,
+    storage_cost,
+)
+from .reconstruct import (
+    LayerReconstruction,
+    allocate_block_counts,
+    plan_groups,
+    quantize_layer,
+    reconstruct_layer,
+)
+from .refine import BlockCallRecorder, BlockRefinement, refine_block_
+from .report import LayerSparsity, SparsityReport, count_kept
+from .stats import CalibrationError, GramAccumulator, WeightFn, module_weight
+from .util.dtypes import storage_view
+
+__all__ = [
+    "PassReport",
+    "RunCalibration",
+    "SequentialReport",
+    "WriteFn",
+    "default_memory_budget",
+    "prune_sequential_",
+    "unquantized_storage_cost",
+]
+
+log = logging.getLogger("ditprune")
+
+
+def unquantized_storage_cost(weight: torch.Tensor) -> StorageCost:
+    """Bytes of a pruned weight (zeros where pruned) in the default compressed save, values in its
+    own dtype: the layout :func:`~ditprune_core.layouts.choose_layout` picks, or dense if none."""
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    layout = choose_layout(weight, None)
+    if layout is None:
+        return storage_cost(shape, weight.dtype)
+    return storage_cost(shape, weight.dtype, layout=layout.name, kept=storage_view(weight) != 0)
+
+
+#: ``run_calibration(calibrator)``: runs the user's sampler or forward passes through the model
+RunCalibration = Callable[[Calibrator], object]
+#: ``write(name, layer, new_weight, keep_mask, quantized)``: where a reconstructed weight goes
+#: (default: into ``layer.weight`` in place; a host that must not change shared weights, like
+#: ComfyUI, patches). ``quantized`` is the layer's QuantizedWeight (``value_bits``) or None;
+#: ``new_weight`` is then exactly its dequantisation in the layer's dtype.
+WriteFn = Callable[[str, nn.Linear, torch.Tensor, torch.Tensor, QuantizedWeight | None], None]
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """One sequential pass: its layers, the bytes of their Grams, and its seconds."""
+
+    layers: tuple[str, ...]
+    gram_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SequentialReport:
+    """What :func:`prune_sequential_` did, per layer and per pass, and the sparsity report.
+
+    Attributes:
+        bits_per_weight: storage of the pruned layers per original weight, as the compressed writer
+            stores them (mask, values, scales, zero points, per-row data, shapes): quantised kept values
+            in their :func:`~ditprune_core.quantize.value_layout`, else the kept values in the model's
+            dtype in the layout the default compressed save picks (:func:`unquantized_storage_cost`).
+        quantized: ``{layer name: QuantizedWeight}`` (on the CPU) of every pruned layer with
+            ``value_bits``; empty without, or when ``prune_sequential_(collect_quantized=False)``.
+    """
+
+    layers: tuple[LayerReconstruction, ...]
+    passes: tuple[PassReport, ...]
+    sparsity: SparsityReport
+    memory_budget_bytes: int
+    bits_per_weight: float = 0.0
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    blocks: tuple[BlockRefinement, ...] = ()
+
+    def to_text(self) -> str:
+        lines = [
+            f"{len(self.passes)} pass(es), {len(self.layers)} layers, Gram budget "
+            f"{self.memory_budget_bytes / _GIB:.2f} GiB; sparsity {self.sparsity.sparsity:.2%}, "
+            f"{self.bits_per_weight:.3f} bits per weight stored",
+        ]
+        for p in self.passes:
+            lines.append(
+                f"  pass of {len(p.layers)} layers: {p.gram_bytes / _GIB:.2f} GiB of Grams, {p.seconds:.1f} s"
+            )
+        for b in self.blocks:
+            reverted = " (worse: put back)" if b.reverted else ""
+            lines.append(
+                f"  block {b.block} refined: output error {b.error_before:.4g} -> {b.error_after:.4g}"
+                f"{reverted}, {b.calls} calls, {b.steps} steps, {b.seconds:.1f} s"
+            )
+        for r in self.layers:
+            quantised = "" if r.unquantized_error is None else f", unquantised {r.unquantized_error:.4g}"
+            lines.append(
+                f"  {r.name}: sparsity {r.sparsity:.2%}, output error {r.output_error:.4g} "
+                f"(mask only {r.mask_only_error:.4g}{quantised}), {r.seconds:.2f} s"
+            )
+        return "\n".join(lines)
+
+
+def default_memory_budget(layers: Mapping[str, nn.Linear], free_bytes: int | None = None) -> int:
+    """The Gram budget when none is given: a quarter of the free memory, at most 8 GiB, and never
+    less than the largest single layer's Gram (which must fit either way).
+
+    Args:
+        layers: the selected layers.
+        free_bytes: the free memory where the Grams accumulate, as the host reads it (ComfyUI: its
+            free memory of the device the MODEL computes on). None: read here, the RAM or the free
+            memory of the layers' CUDA device (4 GiB assumed where neither can be read).
+    """
+    largest = max((GramAccumulator.nbytes(layer.in_features) for layer in layers.values()), default=0)
+    if free_bytes is None:
+        device = next(iter(layers.values())).weight.device
+        free_bytes = 4 * _GIB
+        if device.type == "cuda" and torch.cuda.is_available():
+            free_bytes = int(torch.cuda.mem_get_info(device)[0])
+        else:
+            with contextlib.suppress(ValueError, OSError, AttributeError):  # no sysconf: keep 4 GiB
+                free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(largest, min(8 * _GIB, free_bytes // 4))
+
+
+def _write_in_place(
+    _name: str,
+    layer: nn.Linear,
+    new_weight: torch.Tensor,
+    _keep: torch.Tensor,
+    _quantized: QuantizedWeight | None,
+) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(new_weight.to(layer.weight.dtype))
+
+
+def _block_counts(
+    target: PruneTarget, group: list[str], cal: Calibrator, config: PruneConfig, weight_fn: WeightFn
+) -> dict[str, int]:
+    """Prune counts of the group's layers under ``reconstruct.allocation="block"`` (else empty)."""
+    params = config.reconstruct
+    if config.update != "obs" or params.allocation != "block" or parse_pattern(config.pattern) is not None:
+        return {}
+    blocks: dict[str, list[str]] = {}
+    for name in group:
+        blocks.setdefault(layer_block(name, target.template), []).append(name)
+    counts: dict[str, int] = {}
+    for names in blocks.values():
+        if len(names) < 2:
+            continue
+        layers = {n: (weight_fn(n, target.layers[n]).detach(), cal.gram(n)) for n in names}
+        counts.update(allocate_block_counts(layers, float(config.sparsity), spread=params.allocation_spread))
+    return counts
+
+
+def prune_sequential_(
+    model: nn.Module | object,
+    run_calibration: RunCalibration,
+    config: PruneConfig,
+    *,
+    memory_budget_bytes: int | None = None,
+    weighting: str | TimestepWeighting = "uniform",
+    progress: ProgressFn | None = None,
+    weight_fn: WeightFn = module_weight,
+    write_fn: WriteFn = _write_in_place,
+    collect_quantized: bool = True,
+) -> SequentialReport:
+    """Prune with reconstruction, in sequential passes whose Grams fit a memory budget.
+
+    The selected layers, in forward (module) order, are split into consecutive groups whose input
+    Grams (``in_features² × 4`` bytes each) fit ``memory_budget_bytes``. For each group in turn:
+    a :class:`~ditprune_core.calibrate.Calibrator` records the group's Grams (and ``E[x²]``) while
+    ``run_calibration(cal)`` runs the model (it may call ``cal.on_step(sigma)`` for timestep
+    weighting); then every layer of the group is pruned and its kept weights updated
+    (:func:`~ditprune_core.reconstruct.reconstruct_layer`), one at a time, and its Gram freed.
+    With ``reconstruct.allocation="block"`` (the default of ``update="obs"``, unstructured only), the
+    layers of one transformer block within a pass first share the block's prune count
+    (:func:`~ditprune_core.reconstruct.allocate_block_counts`): the block's sparsity is exact, its
+    layers' sparsities differ.
+    Earlier groups are already pruned and updated when later ones calibrate, so each layer
+    compensates the error upstream of it (SparseGPT's sequential mode, OBS-Diff's module packages).
+
+    With ``reconstruct.block_refine_steps > 0`` (block refinement, :mod:`~ditprune_core.refine`),
+    after a pass's layers are reconstructed, each transformer block of the pass in turn gets one
+    more ``run_calibration`` that records the block's calls on the model as it is now (the blocks
+    before it pruned and refined), then its layers' kept weights are fitted together so that the
+    block's output matches the dense block's on those calls, masks fixed; only then are its layers
+    written (``write_fn`` is still called once per layer). The layers' reported output errors are
+    those before refinement; ``report.blocks`` has each block's error before and after.
+
+    With ``config.update == "none"`` the passes still run (each layer then gets the config's mask on
+    the calibrated model upstream of it) but no weight is updated.
+
+    With ``config.value_bits`` every pruned layer's kept values are quantised
+    (:func:`~ditprune_core.reconstruct.quantize_layer`: with ``update="obs"`` inside an OBS pass
+    that compensates the rounding error, else round to nearest), and the model holds exactly the
+    dequantised values in the layer's dtype, ``dequantize_weight(report.quantized[name],
+    layer.weight.dtype)``: the float32 decode cast to that dtype, which is what a file's decode
+    must produce too. Later passes calibrate on the quantised layers.
+
+    State after an exception or interrupt: hooks are always removed. Layers of the groups finished
+    before it, and the layers of the current group already written, are pruned and updated in
+    place (by ``write_fn``); all other layers are untouched. Callers that need all-or-nothing (the
+    ComfyUI node) write into patches on a clone instead.
+
+    Args:
+        model: a DiT ``nn.Module`` or a ComfyUI MODEL (its diffusion model is changed in place).
+        run_calibration: runs the model once over the calibration inputs, given the Calibrator.
+        config: what to prune; ``update="obs"`` gives reconstruction.
+        memory_budget_bytes: bytes of Grams alive at once; default :func:`default_memory_budget`.
+        weighting: timestep weighting of the calibration (``"uniform"``, ``"log"`` or a function).
+        progress: ``progress(done, total, layer)`` after every layer.
+        weight_fn: the weight of a layer as the model will compute with it (see ``iter_masks``).
+        write_fn: where a reconstructed weight goes (default: in place).
+        collect_quantized: keep every layer's QuantizedWeight (on the CPU) in ``report.quantized``;
+            a host that keeps them itself (from ``write_fn``) passes False to hold them only once.
+    Returns:
+        a :class:`SequentialReport`.
+    Raises:
+        ValueError: the budget is smaller than one layer's Gram (naming it and the bytes it needs).
+        CalibrationError: ``run_calibration`` ran no forward pass through a group's layers, or NaN/inf
+            reached a Gram.
+    """
+    target = PruneTarget.of(model, config)
+    budget = memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(target.layers)
+    groups = plan_groups([(n, layer.in_features) for n, layer in target.layers.items()], budget)
+    rows: list[LayerSparsity] = []
+    done: list[LayerReconstruction] = []
+    passes: list[PassReport] = []
+    spec = config.value_quant
+    written = _Written(collect_quantized, write_fn)
+    refine = config.update == "obs" and config.reconstruct.block_refine_steps > 0
+    pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    at: dict[str, int] = {}  # a pending layer's index in ``done``
+    refined: list[BlockRefinement] = []
+    for index, group in enumerate(groups):
+        start = time.perf_counter()
+        layers = {name: target.layers[name] for name in group}
+        with Calibrator(target.module, layers, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
+            run_calibration(cal)
+        gram_bytes = cal.gram_bytes
+        silent = [name for name in group if cal.tokens(name) == 0]
+        if silent:
+            raise CalibrationError(
+                f"pass {index + 1} of {len(groups)}: run_calibration ran no forward pass through "
+                f"{len(silent)} of its layers (e.g. {silent[0]!r}); it must run the model on the "
+                "calibration inputs every time it is called"
+            )
+        counts = _block_counts(target, group, cal, config, weight_fn)
+        for name in group:
+            layer = target.layers[name]
+            weight = weight_fn(name, layer).detach()
+            gram = cal.gram(name)
+            held = layer.weight.dtype
+            if config.update == "obs":
+                layer_config = config
+                if name in counts:
+                    layer_config = replace(config, sparsity=counts[name] / weight.numel())
+                # quantising starts from the float32 reconstruction, not its cast to the model's dtype
+                new, keep, report = reconstruct_layer(
+                    name, weight if spec is None else weight.float(), gram, layer_config
+                )
+            else:
+                a = gram.diagonal().to(torch.float64).clamp_min(0.0)
+                keep = layer_keep_mask(name, weight, a if config.needs_calibration else None, config)
+                new = weight * keep
+                w32 = weight.float()
+                error = relative_output_error(new.float(), w32, gram)
+                report = LayerReconstruction(
+                    name, 1 - int(keep.sum()) / keep.numel(), error, error, 0.0, None
+                )
+            block = layer_block(name, target.template) if refine else "other"
+            if block != "other":  # refined with its block, then quantised and written, below
+                pending.setdefault(block, {})[name] = (new if spec is not None else new.to(held), keep)
+                at[name] = len(done)
+            else:
+                new, q, report = _finish_layer(name, new, keep, weight, gram, report, config, held)
+                written.write(name, layer, new, keep, q, cal)
+            del gram
+            rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
+            done.append(report)
+            del new, keep, weight
+            if progress is not None:
+                progress(len(done), len(target.layers), name)
+        for block, news in pending.items():
+            refined.append(_refine_block(target, block, news, run_calibration, config, weighting, weight_fn))
+            for name, (new, keep) in news.items():
+                layer = target.layers[name]
+                dense = weight_fn(name, layer).detach()
+                new, q, done[at[name]] = _finish_layer(
+                    name,
+                    new,
+                    keep,
+                    dense,
+                    cal.gram(name),
+                    done[at[name]],
+                    config,
+                    layer.weight.dtype,
+                    refined=True,
+                )
+                written.write(name, layer, new, keep, q, cal)
+                del new, keep, dense, q
+            if progress is not None:  # a host's progress callback is also where it can interrupt
+                progress(len(done), len(target.layers), f"{block} (block refined)")
+        pending.clear()
+        passes.append(PassReport(tuple(group), gram_bytes, time.perf_counter() - start))
+    bits = 8.0 * written.stored_bytes / written.stored_weights if written.stored_weights else 0.0
+    return SequentialReport(
+        tuple(done),
+        tuple(passes),
+        SparsityReport(tuple(rows)),
+        budget,
+        bits,
+        written.quantized,
+        tuple(refined),
+    )
+
+
+def _finish_layer(
+    name: str,
+    new: torch.Tensor,
+    keep: torch.Tensor,
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    report: LayerReconstruction,
+    config: PruneConfig,
+    held: torch.dtype,
+    *,
+    refined: bool = False,
+) -> tuple[torch.Tensor, QuantizedWeight | None, LayerReconstruction]:
+    """A reconstructed layer as it is written: cast to the held dtype, or (``value_bits``) quantised
+    from its float32 values, jointly on its Gram under ``update="obs"``, and decoded; the report's
+    error follows (the unquantised one is kept). ``refined``: the values come from block
+    refinement, so the layer's error is measured again."""
+    if config.value_quant is None:
+        out = new.to(held)
+        if refined:
+            report = replace(report, output_error=relative_output_error(out.float(), weight.float(), gram))
+        return out, None, report
+    began = time.perf_counter()
+    q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held)
+    out = dequantize_weight(q, held, check=False)
+    error = relative_output_error(out.float(), weight.float(), gram)
+    seconds = report.seconds + time.perf_counter() - began
+    return out, q, replace(report, output_error=error, unquantized_error=report.output_error, seconds=seconds)
+
+
+@dataclass
+class _Written:
+    """Every layer :func:`prune_sequential_` finishes goes through :meth:`write`: its storage cost
+    is counted, its codes kept (``collect``), the host's ``write_fn`` called and its Gram freed."""
+
+    collect: bool
+    write_fn: WriteFn
+    stored_bytes: int = 0
+    stored_weights: int = 0
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    def write(
+        self,
+        name: str,
+        layer: nn.Linear,
+        new: torch.Tensor,
+        keep: torch.Tensor,
+        q: QuantizedWeight | None,
+        cal: Calibrator,
+    ) -> None:
+        if q is not None and self.collect:
+            self.quantized[name] = _to_cpu(q)
+        cost = quantized_storage_cost(q) if q is not None else unquantized_storage_cost(new)
+        self.stored_bytes += cost.total_bytes
+        self.stored_weights += cost.weights
+        self.write_fn(name, layer, new, keep, q)
+        cal.free_gram(name)
+
+
+def _refine_block(
+    target: PruneTarget,
+    block: str,
+    news: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    run_calibration: RunCalibration,
+    config: PruneConfig,
+    weighting: str | TimestepWeighting,
+    weight_fn: WeightFn,
+) -> BlockRefinement:
+    """Block refinement of one block whose layers' new weights are ``news``; replaces them in ``news``.
+
+    One calibration run records the block's calls on the model as it is now (every block before it
+    written), then :func:`~ditprune_core.refine.refine_block_` fits a float32 copy of the block to a
+    float32 dense copy (weights from ``weight_fn``).
+    """
+    params = config.reconstruct
+    module = target.module.get_submodule(block)
+    first = next(iter(news))
+    probe = {first: target.layers[first]}  # the Calibrator only gives run_calibration its timestep weights
+    cal = Calibrator(target.module, probe, weighting=weighting, weight_fn=weight_fn)
+    rec = BlockCallRecorder(module, max_calls=params.block_refine_calls, weight_of=lambda: cal.current_weight)
+    with cal, rec:
+        run_calibration(cal)
+    if not rec.calls:
+        raise CalibrationError(
+            f"block refinement of {block!r}: run_calibration ran no forward pass through the block; it "
+            "must run the model on the calibration inputs every time it is called"
+        )
+    # copies made outside inference mode (ComfyUI samples inside it): autograd needs normal tensors
+    with torch.inference_mode(False):
+        reference = copy.deepcopy(module).float()
+        work = copy.deepcopy(module).float()
+        ref_named = dict(reference.named_modules())
+        layers: dict[str, nn.Linear] = {}
+        with torch.no_grad():
+            for name, (new, _keep) in news.items():
+                local = name.removeprefix(block + ".")
+                dense = weight_fn(name, target.layers[name]).detach()
+                ref_named[local].weight.copy_(dense.to(ref_named[local].weight))
+                layers[name] = _plain_linear_(work, local, new)
+        result = refine_block_(
+            work,
+            reference,
+            layers,
+            {name: keep for name, (_new, keep) in news.items()},
+            rec.calls,
+            steps=params.block_refine_steps,
+            lr=params.block_refine_lr,
+            name=block,
+        )
+    for name, (new, keep) in news.items():
+        news[name] = (layers[name].weight.detach().masked_fill(~keep, 0).to(new.dtype), keep)
+    del rec, reference, work
+    return result
+
+
+def _plain_linear_(block: nn.Module, local: str, weight: torch.Tensor) -> nn.Linear:
+    """Replace ``block``'s Linear ``local`` by a plain float32 :class:`torch.nn.Linear` holding
+    ``weight`` and the layer's bias: a host's Linear subclass may cast its weight in a way autograd
+    cannot follow (ComfyUI's ops copy it into a fresh tensor), and refinement needs its gradient."""
+    old = block.get_submodule(local)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"block refinement: {local!r} is a {type(old).__name__}, not a Linear layer")
+    bias = old.bias is not None
+    new = nn.Linear(old.in_features, old.out_features, bias=bias, device=weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias.detach())
+    parent, _, child = local.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, new)
+    return new
+
+
+def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(
+        q.codes.cpu(),
+        q.scales.cpu(),
+        None if q.zeros is None else q.zeros.cpu(),
+        q.shape,
+        q.spec,
+        None if q.keep is None else q.keep.cpu(),
+    )
