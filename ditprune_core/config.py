@@ -15,6 +15,7 @@ from typing import Any
 from .cluster import ClusterParams
 from .layers import DEFAULT_FAMILIES, FAMILIES, LayerFilter
 from .quantize import DEFAULT_VALUE_SPECS, VALUE_BITS, QuantSpec
+from .refine import REFINE_STEPS
 from .score import MetricParams, check_metric, needs_calibration
 
 __all__ = [
@@ -82,6 +83,13 @@ class ReconstructParams:
         block_refine_lr: Adam's starting learning rate (cosine decay to 0 over the steps).
         block_refine_calls: at most this many of a block's calibration forward calls are kept
             (a uniform sample) to refine on; they stay on the model's device.
+        block_refine_step: ``"absolute"`` (Adam's rate in weight units, as measured for the
+            defaults on MiniFlux) or ``"relative"`` (the rate times each layer's RMS of kept
+            weights: scale-invariant, for models whose weights are much smaller or larger than
+            MiniFlux's); :data:`~ditprune_core.refine.REFINE_STEPS`.
+        block_refine_holdout: fraction of a block's recorded calls held out of the fit; the fit
+            whose held-out error is lowest is kept, and none that is worse on them than no fit
+            (early stopping; 0: off, the fit is judged on the calls it was fitted on).
     """
 
     mask: str = "in-update"
@@ -97,6 +105,8 @@ class ReconstructParams:
     block_refine_steps: int = 100
     block_refine_lr: float = 3e-3
     block_refine_calls: int = 64
+    block_refine_step: str = "absolute"
+    block_refine_holdout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
@@ -116,6 +126,12 @@ class ReconstructParams:
                 "block_refine_steps must be >= 0, block_refine_calls >= 1 and block_refine_lr > 0, got "
                 f"{self.block_refine_steps}, {self.block_refine_calls}, {self.block_refine_lr}"
             )
+        if self.block_refine_step not in REFINE_STEPS:
+            raise ValueError(
+                f"unknown block_refine_step {self.block_refine_step!r}; choose from {list(REFINE_STEPS)}"
+            )
+        if not 0.0 <= self.block_refine_holdout < 1.0:
+            raise ValueError(f"block_refine_holdout must be in [0, 1), got {self.block_refine_holdout}")
 
 
 #: ``progress(done, total, layer_name)``

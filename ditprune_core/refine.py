@@ -34,7 +34,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlockCall", "BlockCallRecorder", "BlockRefinement", "block_output_error", "refine_block_"]
+__all__ = [
+    "REFINE_STEPS",
+    "BlockCall",
+    "BlockCallRecorder",
+    "BlockRefinement",
+    "block_output_error",
+    "holdout_split",
+    "refine_block_",
+]
+
+#: how Adam's step is sized: ``"absolute"``, ``lr`` in weight units for every layer (the step moves
+#: every weight by about ``lr`` whatever its size); ``"relative"``, ``lr`` times the layer's RMS of
+#: kept weights (scale-invariant: scaling a layer's weights by k scales its steps by k)
+REFINE_STEPS = ("absolute", "relative")
 
 log = logging.getLogger("ditprune")
 
@@ -172,6 +185,9 @@ class BlockRefinement:
             ``Σ_c w_c ||B'(x_c) - B(x_c)||² / Σ_c w_c ||B(x_c)||²``, before and after.
         calls: recorded calls it was fitted on; steps: Adam steps taken; seconds: wall time.
         reverted: True when the fit ended worse than it started and the weights were put back.
+        holdout_before / holdout_after: with held-out calls, the same error on them, before and for
+            the weights kept (the best on them); None without.
+        best_step: with held-out calls, the step whose weights were kept (0: the starting ones).
     """
 
     block: str
@@ -181,6 +197,9 @@ class BlockRefinement:
     steps: int
     seconds: float
     reverted: bool = False
+    holdout_before: float | None = None
+    holdout_after: float | None = None
+    best_step: int | None = None
 
 
 def _run(block: nn.Module, call: BlockCall, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -214,6 +233,24 @@ def block_output_error(block: nn.Module, reference: nn.Module, calls: Sequence[B
     return num / den if den > 0 else 0.0
 
 
+def holdout_split(calls: Sequence[BlockCall], fraction: float) -> tuple[list[BlockCall], list[BlockCall]]:
+    """``(fit, held)``: every ``k``-th call (``k = round(1 / fraction)``: the ``k``-th, ``2k``-th, …)
+    held out, deterministic and spread over the recording (so over timesteps and prompts alike), or
+    the last call when there are fewer than ``k``; none for ``fraction <= 0`` or fewer than 2 calls.
+    At least one call is always fitted on."""
+    calls = list(calls)
+    if fraction <= 0 or len(calls) < 2:
+        return calls, []
+    k = max(2, round(1.0 / fraction))
+    held = {i for i in range(len(calls)) if i % k == k - 1} or {len(calls) - 1}
+    return [c for i, c in enumerate(calls) if i not in held], [calls[i] for i in sorted(held)]
+
+
+def _kept_rms(weight: torch.Tensor, keep: torch.Tensor) -> float:
+    kept = weight.detach()[keep]
+    return float(kept.float().pow(2).mean().sqrt()) if kept.numel() else 0.0
+
+
 @torch.inference_mode(False)
 def refine_block_(
     block: nn.Module,
@@ -226,6 +263,9 @@ def refine_block_(
     lr: float,
     seed: int = 0,
     name: str = "block",
+    step: str = "absolute",
+    holdout: float = 0.0,
+    checks: int = 10,
 ) -> BlockRefinement:
     """Fit the kept weights of ``layers`` (inside ``block``) so ``block`` matches ``reference``, in place.
 
@@ -234,6 +274,11 @@ def refine_block_(
     returns. After every step the weights are multiplied by their masks (and the gradients before
     it), so every pruned weight stays exactly 0. If the fit ends with a higher error on ``calls``
     than it started with, the starting weights are put back (``reverted``).
+
+    With ``holdout > 0`` a fraction of the calls (:func:`holdout_split`) is not fitted on: the error
+    on them is measured at the start and ``checks`` times during the fit, and the weights with the
+    lowest held-out error are kept (early stopping). The starting weights count too: a fit that is
+    worse on the held-out calls than no fit at all is never kept (``reverted``).
 
     It runs outside ``torch.inference_mode()`` even when called inside it (ComfyUI runs prompts
     so); ``block``'s parameters must then be normal tensors (made outside inference mode, e.g. by
@@ -248,7 +293,11 @@ def refine_block_(
         keep_masks: ``{name: keep-mask (out, in) bool}``, for every name of ``layers``.
         calls: the block's recorded calibration calls (:class:`BlockCallRecorder`).
         steps: Adam steps (0: nothing changes).
-        lr: Adam's starting learning rate.
+        lr: Adam's starting learning rate: in weight units (``step="absolute"``), or relative to each
+            layer's RMS of kept weights (``step="relative"``, scale-invariant).
+        step: one of :data:`REFINE_STEPS`.
+        holdout: fraction of the calls held out for early stopping, in [0, 1).
+        checks: how many times during the fit the held-out error is measured.
     Returns:
         a :class:`BlockRefinement`.
     Raises:
@@ -259,6 +308,11 @@ def refine_block_(
         raise ValueError(f"{name}: no recorded calls to refine on; the calibration never ran this block")
     if steps < 0 or lr <= 0:
         raise ValueError(f"{name}: steps must be >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    if step not in REFINE_STEPS:
+        raise ValueError(f"{name}: unknown step {step!r}; choose from {list(REFINE_STEPS)}")
+    if not 0.0 <= holdout < 1.0 or checks < 1:
+        raise ValueError(f"{name}: holdout must be in [0, 1) and checks >= 1, got {holdout} and {checks}")
+    calls, held = holdout_split(calls, holdout)
     for key, layer in layers.items():
         keep = keep_masks.get(key)
         if keep is None or tuple(keep.shape) != tuple(layer.weight.shape):
@@ -275,22 +329,44 @@ def refine_block_(
     initial = [w.detach().clone() for w in weights]
     num, den = _error_terms(block, reference, calls)
     before = num / den if den > 0 else 0.0
+    held_before = block_output_error(block, reference, held) if held else None
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+    if held_before is not None:
+        best = (held_before, 0, initial)
     if steps == 0:
-        return BlockRefinement(name, before, before, len(calls), 0, time.perf_counter() - start)
+        return BlockRefinement(
+            name,
+            before,
+            before,
+            len(calls),
+            0,
+            time.perf_counter() - start,
+            False,
+            held_before,
+            held_before,
+            0,
+        )
     dtype = weights[0].dtype
     scale = max(den / len(calls), 1e-30)  # the loss of one step estimates the relative error
     flags = {p: p.requires_grad for p in block.parameters()}
     gen = torch.Generator().manual_seed(seed)
+    # each layer its own group: its starting rate, in weight units or relative to its kept weights
+    rates = [
+        lr * (_kept_rms(w, keep) or 1.0) if step == "relative" else lr
+        for w, keep in zip(weights, masks, strict=True)
+    ]
+    check_at = {round(steps * (i + 1) / checks) for i in range(checks)}
     try:
         for p in block.parameters():
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
-        opt = torch.optim.Adam(weights, lr=lr)
+        opt = torch.optim.Adam([{"params": [w], "lr": r} for w, r in zip(weights, rates, strict=True)])
         with torch.enable_grad():
-            for step in range(steps):
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+            for index in range(steps):
+                decay = 0.5 * (1.0 + math.cos(math.pi * index / steps))
+                for group, rate in zip(opt.param_groups, rates, strict=True):
+                    group["lr"] = rate * decay
                 call = calls[int(torch.randint(0, len(calls), (1,), generator=gen))]
                 with torch.no_grad():
                     target = _run(reference, call, dtype)
@@ -308,10 +384,30 @@ def refine_block_(
                     opt.step()
                     for w, keep in zip(weights, masks, strict=True):
                         w.masked_fill_(~keep, 0.0)
+                if best is not None and index + 1 in check_at:
+                    error = block_output_error(block, reference, held)
+                    if error < best[0]:
+                        best = (error, index + 1, [w.detach().clone() for w in weights])
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
+    if best is not None:  # early stopping: the weights best on the held-out calls (the start included)
+        with torch.no_grad():
+            for w, kept in zip(weights, best[2], strict=True):
+                w.copy_(kept)
+        after = block_output_error(block, reference, calls)
+        reverted = best[1] == 0
+        if reverted:
+            log.warning(
+                "%s: block refinement did not lower the held-out error (%.4g); weights put back",
+                name,
+                held_before,
+            )
+        seconds = time.perf_counter() - start
+        return BlockRefinement(
+            name, before, after, len(calls), steps, seconds, reverted, held_before, best[0], best[1]
+        )
     after = block_output_error(block, reference, calls)
     reverted = not after <= before
     if reverted:

@@ -121,9 +121,14 @@ class SequentialReport:
             )
         for b in self.blocks:
             reverted = " (worse: put back)" if b.reverted else ""
+            held = (
+                ""
+                if b.holdout_before is None
+                else f", held-out calls {b.holdout_before:.4g} -> {b.holdout_after:.4g} (step {b.best_step})"
+            )
             lines.append(
                 f"  block {b.block} refined: output error {b.error_before:.4g} -> {b.error_after:.4g}"
-                f"{reverted}, {b.calls} calls, {b.steps} steps, {b.seconds:.1f} s"
+                f"{reverted}{held}, {b.calls} calls, {b.steps} steps, {b.seconds:.1f} s"
             )
         for r in self.layers:
             quantised = "" if r.unquantized_error is None else f", unquantised {r.unquantized_error:.4g}"
@@ -456,6 +461,8 @@ def _refine_block(
             steps=params.block_refine_steps,
             lr=params.block_refine_lr,
             name=block,
+            step=params.block_refine_step,
+            holdout=params.block_refine_holdout,
         )
     for name, (new, keep) in news.items():
         news[name] = (layers[name].weight.detach().masked_fill(~keep, 0).to(new.dtype), keep)

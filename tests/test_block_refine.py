@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny_models import tiny_miniflux as _model
@@ -10,7 +12,13 @@ from torch import nn
 
 from ditprune_core import PruneConfig, find_prunable_layers, prune_sequential_
 from ditprune_core.config import ReconstructParams
-from ditprune_core.refine import BlockCall, BlockCallRecorder, block_output_error, refine_block_
+from ditprune_core.refine import (
+    BlockCall,
+    BlockCallRecorder,
+    block_output_error,
+    holdout_split,
+    refine_block_,
+)
 
 
 def _twin_input_calls() -> list[BlockCall]:
@@ -157,3 +165,119 @@ def test_refinement_then_joint_quantisation_stores_codes_on_the_grid() -> None:
         assert q.keep is not None and bool((layer.weight[~q.keep] == 0).all()), name
     for r in report.layers:
         assert r.unquantized_error is not None and r.output_error > 0, r.name
+
+
+def _two_layer_block(
+    scale: float,
+) -> tuple[nn.Module, nn.Module, dict[str, nn.Linear], dict[str, torch.Tensor]]:
+    """Dense and pruned Linear-ReLU-Linear blocks, every weight times ``scale``."""
+    torch.manual_seed(3)
+    dense = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False))
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.mul_(scale)
+    pruned = copy.deepcopy(dense)
+    gen = torch.Generator().manual_seed(4)
+    keeps = {}
+    for key in ("0", "2"):
+        layer = pruned.get_submodule(key)
+        keeps[key] = torch.rand(layer.weight.shape, generator=gen) > 0.5
+        with torch.no_grad():
+            layer.weight.mul_(keeps[key])
+    return pruned, dense, {k: pruned.get_submodule(k) for k in keeps}, keeps
+
+
+@pytest.mark.parametrize("step", ["relative", "absolute"])
+def test_a_relative_step_is_scale_invariant(step: str) -> None:
+    """Weights x10 and inputs /10 give the same refined block (outputs x10, the second layer's
+    scale) with the relative step; the absolute step moves every weight by the same amounts
+    whatever their size, so it does not (the cause of refinement being put back on wide models)."""
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(6, 8, generator=gen) for _ in range(8)]
+    outs = []
+    for scale in (1.0, 10.0):
+        block, dense, layers, keeps = _two_layer_block(scale)
+        calls = [BlockCall((x / scale,)) for x in xs]
+        refine_block_(block, dense, layers, keeps, calls, steps=40, lr=0.05, step=step)
+        with torch.no_grad():
+            outs.append([block(x / scale) / scale for x in xs])
+    same = all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(*outs, strict=True))
+    assert same == (step == "relative")
+
+
+def test_early_stopping_keeps_the_best_held_out_fit_while_the_training_error_falls() -> None:
+    """One kept weight w1 of y = w1 x1 + w2 x2 (w2 pruned), dense (1, 1), starting at w1 = -1.
+    The fitted calls have x = (1, 1): their target 2 pulls w1 to 2, their error falls all the way.
+    The held-out call has x = (1, -0.5), target 0.5: its relative error (w1 - 0.5)² / 0.25 falls from
+    9 until w1 = 0.5, then rises back to 9. Early stopping keeps the weights at the held-out minimum,
+    near w1 = 0.5, not the fit's w1 = 2."""
+    dense = nn.Linear(2, 1, bias=False)
+    block = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        block.weight.copy_(torch.tensor([[-1.0, 0.0]]))
+    keep = torch.tensor([[True, False]])
+    fit = BlockCall((torch.tensor([[1.0, 1.0]]),))
+    held = BlockCall((torch.tensor([[1.0, -0.5]]),))
+    calls = [fit, fit, held]  # holdout 1/3: every third call held out
+    result = refine_block_(
+        block, dense, {"l": block}, {"l": keep}, calls, steps=200, lr=0.05, holdout=1 / 3, checks=50
+    )
+    w1 = float(block.weight.detach()[0, 0])
+    assert abs(w1 - 0.5) < 0.25, w1
+    assert result.holdout_before == pytest.approx(9.0) and result.holdout_after < 0.5
+    assert 0 < result.best_step < 200 and not result.reverted
+    assert float(block.weight.detach()[0, 1]) == 0.0
+    # the same fit without held-out calls goes all the way to the training optimum
+    with torch.no_grad():
+        block.weight.copy_(torch.tensor([[-1.0, 0.0]]))
+    refine_block_(block, dense, {"l": block}, {"l": keep}, [fit, fit], steps=200, lr=0.05)
+    assert float(block.weight.detach()[0, 0]) > 1.8  # far past the held-out optimum 0.5
+
+
+def test_a_fit_worse_on_the_held_out_calls_is_never_kept() -> None:
+    """Starting at w1 = 0.5, the held-out optimum: every step of the fit makes the held-out call
+    worse, so the starting weights stay (reverted)."""
+    dense = nn.Linear(2, 1, bias=False)
+    block = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        block.weight.copy_(torch.tensor([[0.5, 0.0]]))
+    keep = torch.tensor([[True, False]])
+    fit, held = BlockCall((torch.tensor([[1.0, 1.0]]),)), BlockCall((torch.tensor([[1.0, -0.5]]),))
+    result = refine_block_(
+        block, dense, {"l": block}, {"l": keep}, [fit, held], steps=50, lr=0.05, holdout=0.5
+    )
+    assert result.reverted and result.best_step == 0 and float(block.weight.detach()[0, 0]) == 0.5
+
+
+def test_the_holdout_split_is_disjoint_and_deterministic() -> None:
+    calls = [BlockCall((torch.tensor([float(i)]),)) for i in range(10)]
+    fit, held = holdout_split(calls, 0.25)
+    assert [int(c.args[0]) for c in held] == [3, 7]
+    assert [int(c.args[0]) for c in fit] == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert holdout_split(calls, 0.25) == (fit, held)
+    assert holdout_split(calls[:2], 0.25) == ([calls[0]], [calls[1]])
+    assert holdout_split(calls, 0.0) == (calls, [])
+    with pytest.raises(ValueError, match="holdout must be in"):
+        refine_block_(nn.Linear(1, 1), nn.Linear(1, 1), {}, {}, calls, steps=1, lr=1.0, holdout=1.0)
+    with pytest.raises(ValueError, match="unknown step"):
+        refine_block_(nn.Linear(1, 1), nn.Linear(1, 1), {}, {}, calls, steps=1, lr=1.0, step="adaptive")
+
+
+def test_prune_sequential_passes_the_relative_step_and_the_held_out_calls() -> None:
+    model = _model()
+    params = ReconstructParams(
+        block_refine_steps=20, block_refine_calls=8, block_refine_step="relative", block_refine_holdout=0.25
+    )
+    config = PruneConfig(0.6, update="obs", reconstruct=params)
+    report = prune_sequential_(model, lambda cal: [_run(model, 4, seed) for seed in range(3)], config)
+    for b in report.blocks:
+        assert b.holdout_before is not None and b.holdout_after is not None and b.best_step is not None
+        assert b.holdout_after <= b.holdout_before  # never a fit worse on the held-out calls
+        assert b.calls == 2  # 3 recorded calls, every 4th held out: the last one, as fewer than 4
+    assert "held-out calls" in report.to_text()
+    with pytest.raises(ValueError, match="unknown block_refine_step"):
+        ReconstructParams(block_refine_step="adaptive")
+    with pytest.raises(ValueError, match="block_refine_holdout must be in"):
+        ReconstructParams(block_refine_holdout=1.0)
