@@ -27,7 +27,9 @@ __all__ = [
     "ProgressFn",
     "PruneConfig",
     "ReconstructParams",
+    "chosen_families",
     "parse_pattern",
+    "pattern_sparsity",
 ]
 
 GRANULARITIES = ("layer", "row", "column", "cluster")
@@ -146,6 +148,26 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         raise ValueError(f"unknown sparsity pattern {pattern!r}; choose from {list(PATTERNS)}")
     n, m = pattern.split(":")
     return int(n), int(m)
+
+
+def pattern_sparsity(sparsity: float, pattern: str) -> float:
+    """The sparsity a pattern prunes: ``1 - N/M`` for an N:M pattern (it fixes it), else ``sparsity``."""
+    nm = parse_pattern(pattern)
+    return sparsity if nm is None else 1 - nm[0] / nm[1]
+
+
+def chosen_families(chosen: Mapping[str, bool]) -> tuple[str, ...]:
+    """The families to prune for a user's on/off choice of named families (``{"attention": True,
+    ...}``), plus ``block_linear``: the block Linears of DiTs without named families (the generic
+    template), which no named family covers and which a user who picks families means too.
+
+    Raises:
+        ValueError: a name that is no family.
+    """
+    unknown = sorted(set(chosen) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown layer families {unknown}; choose from {list(FAMILIES)}")
+    return (*[family for family, on in chosen.items() if on], "block_linear")
 
 
 @dataclass(frozen=True)

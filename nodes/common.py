@@ -21,8 +21,9 @@ from torch import nn
 
 import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack is imported as a package, never as `nodes`)
 
-from ..ditprune_core import PATTERNS, TIMESTEP_WEIGHTINGS, parse_pattern
+from ..ditprune_core import PATTERNS, TIMESTEP_WEIGHTINGS
 from ..ditprune_core.calibrate import Calibrator
+from ..ditprune_core.config import chosen_families, pattern_sparsity
 from ..ditprune_core.layers import detect_architecture, unwrap_diffusion_model
 from ..ditprune_core.util.io import check_name_fits
 from ..ditprune_core.util.packing import PackedMask
@@ -294,10 +295,7 @@ def pruning_choice(
 ) -> tuple[float, tuple[str, ...]]:
     """``(sparsity, families)`` from :func:`pruning_inputs`' values (an N:M pattern fixes the sparsity)."""
     chosen = {"attention": attention, "mlp": mlp, "single_fused": single_fused, "modulation": modulation}
-    nm = parse_pattern(pattern)
-    if nm is not None:
-        sparsity = 1 - nm[0] / nm[1]
-    return sparsity, (*[f for f, on in chosen.items() if on], "block_linear")
+    return pattern_sparsity(sparsity, pattern), chosen_families(chosen)
 
 
 def sample_calibrating(

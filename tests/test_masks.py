@@ -203,3 +203,21 @@ def test_kth_smallest_matches_kthvalue_on_large_inputs() -> None:
     values[:1_000_000] = 0.25  # a big block of ties
     for k in (1, 1_234_567, 2_500_000, 4_999_999):
         assert kth_smallest(values, k) == values.kthvalue(k).values
+
+
+def test_the_node_rules_live_in_the_core() -> None:
+    """What the pruning nodes ask of the core: an N:M pattern fixes the sparsity, and a user's
+    family choice always adds the generic DiTs' block Linears."""
+    from ditprune_core.config import chosen_families, pattern_sparsity
+
+    assert pattern_sparsity(0.3, "2:4") == 0.5 and pattern_sparsity(0.3, "4:8") == 0.5
+    assert pattern_sparsity(0.3, "unstructured") == 0.3
+    assert chosen_families({"attention": True, "mlp": False, "single_fused": True}) == (
+        "attention",
+        "single_fused",
+        "block_linear",
+    )
+    with pytest.raises(ValueError, match="unknown layer families"):
+        chosen_families({"attn": True})
+    with pytest.raises(ValueError, match="unknown sparsity pattern"):
+        pattern_sparsity(0.5, "1:3")
