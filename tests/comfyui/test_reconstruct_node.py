@@ -168,8 +168,9 @@ def test_reconstruct_interrupted_mid_run_returns_nothing_and_leaves_the_model_cl
     assert torch.equal(sample(comfy, model, cond), dense)
     after = model.model.diffusion_model.state_dict()
     assert after.keys() == stored.keys() and all(torch.equal(after[k], stored[k]) for k in stored)
-    # and the node runs to the end afterwards
-    _pruned, report = reconstruct(comfy, model, sd3_cond, memory_budget_gb=budget_gb)
+    # and the node runs to the end afterwards (without block refinement: its passes, one layer each,
+    # are what is checked, and refining every one-layer pass made this the suite's slowest test)
+    _pruned, report = reconstruct(comfy, model, sd3_cond, memory_budget_gb=budget_gb, block_refine_steps=0)
     assert int(report.split()[0]) > 1 and "sparsity 50.00%" in report.splitlines()[0]
 
 
