@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from ..config import PruneConfig
-from ..layouts import LAYOUTS, Fp8Values, runtime_pieces, unpack_weight
+from ..layouts import LAYOUTS, Fp8Values
 from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..prune import apply_masks_, compute_masks
 from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight, storage_cost
+from ..runtime import decode_runtime, runtime_pieces, runtime_plan
 from ..save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
 from . import write_report
 from .checkpoint_size import FLUX_LAYERS, FLUX_PRUNABLE, FLUX_TOTAL
@@ -133,9 +134,11 @@ def _two_four(w: torch.Tensor) -> torch.Tensor:
 
 
 def _runtime(pieces: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The weight as PackedLinear makes it each forward: runtime pieces, decoded in bf16, cast."""
+    """The weight as PackedLinear makes it each forward: runtime pieces, values rounded to bf16,
+    written once in float32."""
     kept = runtime_pieces(pieces)
-    return lambda: unpack_weight(kept, torch.bfloat16, check=False).to(torch.float32)
+    plan = runtime_plan(kept)
+    return lambda: decode_runtime(kept, plan, torch.bfloat16, out_dtype=torch.float32)
 
 
 def _formats(w: torch.Tensor, keep: torch.Tensor) -> dict[str, tuple[Callable[[], torch.Tensor], int]]:
