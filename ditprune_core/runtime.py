@@ -334,7 +334,7 @@ def _gather_index(
         index = index + first
     else:  # two int32 ranks a 64-bit add: no carry crosses, every sum is below 2^31
         pairs = index.view(torch.int64)
-        pairs += first.to(torch.int64) * ((1 << 32) + 1)
+        pairs += first.to(torch.int64).mul_((1 << 32) + 1)
     index = index.clamp_(max=v1 - v0).view(n_rows, -1)
     if index.shape[1] != plan.cols:
         index = index[:, : plan.cols].contiguous()

@@ -10,8 +10,9 @@
    without the int4 rounding (bf16 values) shows what the remainder costs alone.
 2. **Step time.** FLUX.1-dev-shaped layers (random weights, the real sizes) at 50 % sparsity,
    forward at 512 tokens on the CPU in float32, each layer's weight made the way the ComfyUI
-   runtime makes it every forward (:class:`~nodes.packed.PackedLinear`: the runtime pieces decoded
-   in the file's bf16, then cast to the input's dtype), against the dense float32 weight and against
+   runtime makes it every forward (:class:`~nodes.packed.PackedLinear`:
+   :func:`~ditprune_core.runtime.decode_runtime`, values rounded to the file's bf16 and written once
+   in the input's dtype), against the dense float32 weight and against
    ComfyUI's fp8 weights (cast to float32 before the matmul); best of 3, interleaved, side by side.
 """
 
@@ -268,7 +269,8 @@ def write_lowbit(
         "## Step time with per-layer dequantisation (FLUX.1-dev-shaped layers, 50 %, 512 tokens, CPU)",
         "",
         "Each layer's weight is made as the ComfyUI runtime makes it every forward (`PackedLinear`:",
-        "runtime pieces decoded in the file's bf16, cast to float32), then one float32 matmul; best of 3,",
+        "`decode_runtime`, values rounded to the file's bf16, written once in float32), then one float32",
+        "matmul; best of 3,",
         "interleaved, on the CPU this ran on (shared, so only the ratios measured side by side mean",
         "anything). ComfyUI's fp8: weights stored in fp8, cast to float32 before the matmul. No GPU was",
         "lent to this work: GPU step time is not measured.",
