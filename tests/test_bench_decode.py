@@ -3,6 +3,8 @@ it), its tiled blocks, and gpu_step's CPU smoke run (the command a lent GPU runs
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -27,9 +29,11 @@ def _dequant_or_skip() -> str:
 
 def test_a_missing_dequant_says_how_to_fetch_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.delenv(GGUF_DEQUANT_ENV, raising=False)
-    with pytest.raises(GgufDequantMissing, match="git clone https://github.com/city96/ComfyUI-GGUF"):
+    with pytest.raises(
+        GgufDequantMissing, match=re.escape("git clone https://github.com/city96/ComfyUI-GGUF")
+    ):
         gguf_dequant_path()
-    with pytest.raises(GgufDequantMissing, match="nowhere.py does not exist"):
+    with pytest.raises(GgufDequantMissing, match=r"nowhere\.py does not exist"):
         gguf_dequant_path(tmp_path / "nowhere.py")
 
 
@@ -50,6 +54,7 @@ def test_gpu_step_smoke_run_on_the_cpu(tmp_path) -> None:
     args = ["gpu_step", "--device", "cpu", "--quick", "--repeats", "1", "--out", str(tmp_path)]
     assert main([*args, "--gguf-dequant", path]) == 0
     text = (tmp_path / "gpu_step_cpu_quick.md").read_text()
-    for label in ("dense float32", "ComfyUI fp8", "GGUF Q4_0", "GGUF Q3_K", "GGUF Q2_K", "ditprune 50% + int4"):
+    labels = ("dense float32", "ComfyUI fp8", "GGUF Q4_0", "GGUF Q3_K", "GGUF Q2_K", "ditprune 50% + int4")
+    for label in labels:
         assert f"| {label}" in text, label
     assert "patch_dtype target" in text

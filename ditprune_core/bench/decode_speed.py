@@ -406,7 +406,8 @@ def write_decode_speed(
     repeats: int = 5,
     threads: int | None = None,
 ) -> Path:
-    """Run both benchmarks and write ``decode_speed.md``."""
+    """Run both benchmarks and write ``decode_speed.md`` (``decode_speed_{threads}thread.md`` with
+    ``threads``)."""
     dequant = load_gguf_dequant(dequant_path)
     if threads:
         torch.set_num_threads(threads)
@@ -450,4 +451,5 @@ def write_decode_speed(
         *lora_table(lora),
         "",
     ]
-    return write_report(out_dir, "decode_speed.md", "\n".join(lines))
+    name = f"decode_speed_{threads}thread.md" if threads else "decode_speed.md"
+    return write_report(out_dir, name, "\n".join(lines))
