@@ -73,7 +73,6 @@ __all__ = [
     "choose_quantized_layout",
     "is_quantized",
     "layout_of",
-    "runtime_pieces",
     "spec_of_piece",
     "spec_piece",
     "unpack_weight",
@@ -343,11 +342,6 @@ class Layout:
         """Bytes this layout stores for ``weight``."""
         return sum(_nbytes(s) for s in self.piece_specs(weight, value_dtype).values())
 
-    def runtime_pieces(self, pieces: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The pieces a runtime keeps to decode this weight on every forward (validated pieces in,
-        see :func:`runtime_pieces`): the same pieces here."""
-        return dict(pieces)
-
     def quantized_piece_specs(
         self, shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None
     ) -> dict[str, PieceSpec]:
@@ -491,11 +485,6 @@ class Layout:
         zero: torch.Tensor | int = 1 << (bits - 1)
         if not sym:
             zero = _unpack_all(pieces["qzeros"], bits)[:n_groups]
-        if "qgrid" in pieces:  # codes in group-grid order (runtime_pieces)
-            grid = _unpack_all(pieces["qgrid"], bits)[: n_groups * g].reshape(n_groups, g)
-            z = zero if isinstance(zero, int) else zero[:, None]
-            values = _dequantize(grid, scales[:, None], z, dtype).reshape(-1)
-            return self._place_grid(pieces, rows, cols, values, g)
         codes = _unpack_all(pieces["qcodes"], bits)
         per_row = self._per_row(cols)
         if GROUPINGS[grouping] == "columns" and per_row != cols:
@@ -524,11 +513,6 @@ class Layout:
             spread = torch.repeat_interleave(pair, sizes, dim=0, output_size=codes.numel())
             values = cast_saturating(codes.float().mul_(spread[:, 0]).sub_(spread[:, 1]), dtype)
         return self._place(pieces, rows, cols, values, keep)
-
-    def _place_grid(
-        self, pieces: Mapping[str, torch.Tensor], rows: int, cols: int, values: torch.Tensor, g: int
-    ) -> torch.Tensor:
-        raise CheckpointError(f"the {self.name} layout has no group-grid codes")
 
     def _decode_column_groups(
         self,
@@ -672,41 +656,6 @@ class BitmaskLayout(Layout):
         # the values may run past the marked count (a packed stream's padding): those are not read
         storage_view(out).masked_scatter_(mask, storage_view(values))
         return out
-
-    def runtime_pieces(self, pieces: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """With codes in groups of kept values: ``qgrid`` instead of ``qcodes``, the codes laid out as
-        the (groups, G) grid, each row's last group padded with zero codes to G (on average G/2 codes
-        a row more), and ``qrowpad`` (int32 (rows,), each row's padding). Decoding then spreads no
-        scale over values: it broadcasts each scale over its grid row, and places the grid with the
-        bitmask extended by each row's padding."""
-        if "qcodes" not in pieces or GROUPINGS[int(pieces["qspec"][3])] != "kept":
-            return dict(pieces)
-        cols = int(pieces["shape"][1])
-        spec = spec_of_piece(pieces["qspec"])
-        g = spec.group_width(cols)
-        keep = unpack_bits(pieces["bitmask"], cols)
-        counts = keep.sum(dim=1)
-        n_groups = pieces["qscales"].numel()
-        codes = unpack_codes(pieces["qcodes"], spec.bits, int(counts.sum()))
-        sizes = _group_sizes(keep, g, n_groups, codes.numel())[:n_groups]
-        slots = torch.arange(g, device=codes.device)[None, :] < sizes[:, None]
-        grid = torch.zeros(n_groups, g, dtype=torch.uint8, device=codes.device).masked_scatter_(slots, codes)
-        out = {k: v for k, v in pieces.items() if k != "qcodes"}
-        out["qgrid"] = pack_codes(grid.reshape(-1), spec.bits)
-        out["qrowpad"] = (((counts + g - 1) // g) * g - counts).to(torch.int32)
-        return out
-
-    def _place_grid(
-        self, pieces: Mapping[str, torch.Tensor], rows: int, cols: int, values: torch.Tensor, g: int
-    ) -> torch.Tensor:
-        """The (groups * G) grid values, each row's followed by its padding, into a (rows, cols + G)
-        buffer whose last G columns take the padding; returns its first ``cols`` columns (a view with
-        row stride cols + G, which matmuls read as they are)."""
-        keep = unpack_bits(pieces["bitmask"], cols)
-        pad = torch.arange(g, device=keep.device)[None, :] < pieces["qrowpad"][:, None]
-        out = torch.zeros(rows, cols + g, dtype=values.dtype, device=values.device)
-        storage_view(out).masked_scatter_(torch.cat((keep, pad), dim=1), storage_view(values))
-        return out[:, :cols]
 
     def _mask_specs(self, rows: int, cols: int) -> dict[str, PieceSpec]:
         return {"bitmask": ((rows, -(-cols // 8)), torch.uint8)}
@@ -943,21 +892,14 @@ def layout_of(pieces: Mapping[str, torch.Tensor], where: str = "weight") -> Layo
     raise CheckpointError(f"{where}: no values piece ({[lay.values_piece for lay in LAYOUTS.values()]})")
 
 
-def runtime_pieces(pieces: Mapping[str, torch.Tensor], where: str = "weight") -> dict[str, torch.Tensor]:
-    """The pieces a runtime keeps on the device to decode a weight every forward, from validated
-    file pieces: the same pieces, except for bitmask weights with codes in groups of kept values,
-    whose codes are laid out in group-grid order (:meth:`BitmaskLayout.runtime_pieces`: about G/2
-    codes a row more, 2.7 % of a 50 % int4 FLUX.1-dev layer, for a decode that spreads no scale)."""
-    return layout_of(pieces, where).runtime_pieces(pieces)
-
-
 def unpack_weight(
     pieces: Mapping[str, torch.Tensor], dtype: torch.dtype, *, check: bool = True, where: str = "weight"
 ) -> torch.Tensor:
     """Dense weight from its compressed pieces (keys as in :data:`PIECES`), on the pieces' device.
 
-    This is the per-layer decompression: the checkpoint reader calls it once per tensor, the ComfyUI
-    runtime once per forward (with ``check=False``, after validating at load).
+    This is the checked reader: the checkpoint reader calls it once per tensor. The ComfyUI runtime
+    decodes every forward with :func:`~ditprune_core.runtime.decode_runtime`, which equals it bit
+    for bit.
 
     Raises:
         CheckpointError: (with ``check``) pieces that do not fit the shape, or invalid codes.

@@ -15,6 +15,8 @@ from .choices import NO_DIFFUSION_MODELS, options, refuse_placeholder
 from .packed import PackedLinear, PackedOps, make_packed
 
 MODES = ("compressed on device", "densify at load")
+#: the dtype LoRA-style patches on compressed layers are applied in (ComfyUI-GGUF's patch_dtype)
+PATCH_DTYPES = {"float32": torch.float32, "target": None}
 
 
 def refuse_unpacked(model: Any, expected: int, path: str) -> None:
@@ -61,6 +63,22 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
                     tooltip="2:4 layers use torch's semi-structured sparse kernels where they exist "
                     "(CUDA, fp16/bf16, Ampere or newer); elsewhere this falls back to dense.",
                 ),
+                io.Boolean.Input(
+                    "patch_on_device",
+                    default=False,
+                    optional=True,
+                    tooltip="compressed on device: LoRA patches are moved to the GPU once when applied, "
+                    "instead of being copied there by every forward (costs their size in VRAM).",
+                ),
+                io.Combo.Input(
+                    "patch_dtype",
+                    options=list(PATCH_DTYPES),
+                    default="float32",
+                    optional=True,
+                    tooltip="compressed on device: the dtype LoRA patches are applied in every forward. "
+                    "float32 is exact; target uses the model's compute dtype (bf16/fp16): no float32 "
+                    "copy of each weight, slightly less precise.",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -70,7 +88,14 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name: str, mode: str = MODES[0], sparse_kernels: bool = False) -> io.NodeOutput:
+    def execute(
+        cls,
+        model_name: str,
+        mode: str = MODES[0],
+        sparse_kernels: bool = False,
+        patch_on_device: bool = False,
+        patch_dtype: str = "float32",
+    ) -> io.NodeOutput:
         refuse_placeholder(model_name, NO_DIFFUSION_MODELS, "diffusion_models")
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         info = read_checkpoint_info(path)
@@ -92,7 +117,12 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
             options = {"custom_operations": PackedOps, "dtype": max(set(dtypes), key=dtypes.count)}
             model = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
             if model is not None:
-                model = make_packed(model, sparse_kernels)
+                model = make_packed(
+                    model,
+                    sparse_kernels,
+                    patch_on_device=patch_on_device,
+                    patch_dtype=PATCH_DTYPES[patch_dtype],
+                )
                 refuse_unpacked(model, len(layouts), path)
         if model is None:
             raise ValueError(f"{path}: ComfyUI could not detect the model type of this checkpoint")

@@ -15,16 +15,19 @@ exist (CUDA, fp16/bf16); elsewhere they fall back to the dense decompression.
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any
+from typing import Any, cast
 
 import comfy.lora
 import comfy.model_patcher
 import comfy.ops
+import comfy.weight_adapter
 import torch
 from torch import nn
 
-from ..ditprune_core.layouts import PIECES, runtime_pieces, unpack_weight
+from ..ditprune_core.layouts import PIECES
+from ..ditprune_core.runtime import RuntimePlan, decode_runtime, runtime_pieces, runtime_plan
 
 log = logging.getLogger("ditprune")
 
@@ -32,6 +35,8 @@ log = logging.getLogger("ditprune")
 class PackedLinear(comfy.ops.manual_cast.Linear):
     packed_pieces: tuple[str, ...] = ()
     sparse_kernels = False
+    #: the dtype patches (LoRA) are applied in: float32, or None for the compute dtype ("target")
+    patch_dtype: torch.dtype | None = torch.float32
 
     def _load_from_state_dict(
         self,
@@ -68,7 +73,10 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
         self._host_pieces: dict[str, torch.Tensor] = {
             p: pieces.pop(p) for p in ("shape", "qspec") if p in pieces
         }
-        for piece, tensor in runtime_pieces({**pieces, **self._host_pieces}, repr(key)).items():
+        held = runtime_pieces({**pieces, **self._host_pieces}, repr(key))
+        #: what the decode reads on the host, as plain ints (no device sync, nothing to trace)
+        self.packed_plan: RuntimePlan = runtime_plan(held, repr(key))
+        for piece, tensor in held.items():
             if piece not in self._host_pieces:
                 self.register_buffer(f"packed_{piece}", tensor, persistent=True)
                 names.append(piece)
@@ -84,10 +92,10 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
         return bool(self.packed_pieces)
 
     def dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The (out, in) weight in ``dtype`` on ``device``, decoded in the checkpoint's dtype first."""
+        """The (out, in) weight in ``dtype`` on ``device``: each value rounded to the checkpoint's
+        dtype, written once in ``dtype``."""
         pieces = {p: getattr(self, f"packed_{p}").to(device, non_blocking=True) for p in self.packed_pieces}
-        weight = unpack_weight({**pieces, **self._host_pieces}, self.packed_dtype or dtype, check=False)
-        return weight.to(dtype)
+        return decode_runtime(pieces, self.packed_plan, self.packed_dtype or dtype, out_dtype=dtype)
 
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = input
@@ -110,7 +118,11 @@ class PackedLinear(comfy.ops.manual_cast.Linear):
             weight = f(weight)
         if self.ditprune_patches is not None:
             key, patches = self.ditprune_patches
-            weight = comfy.lora.calculate_weight(patches, weight.float(), key).to(x.dtype)
+            if self.patch_dtype is None:  # in the compute dtype, as ComfyUI's lowvram patches
+                weight = comfy.lora.calculate_weight(patches, weight, key, intermediate_dtype=x.dtype)
+            else:
+                patched = comfy.lora.calculate_weight(patches, weight.to(self.patch_dtype), key)
+                weight = patched.to(x.dtype)
         return torch.nn.functional.linear(x, weight, bias)
 
     def _semi_structured(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -132,7 +144,18 @@ class PackedOps(comfy.ops.manual_cast):
 
 
 class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
-    """Patches on packed layers are applied in their forward, not baked into a dense weight."""
+    """Patches on packed layers are applied in their forward, not baked into a dense weight.
+
+    ``patch_on_device``: the patches' tensors are moved to the load device when they are handed to
+    the layer, so that no forward copies them (ComfyUI-GGUF's option of the same name).
+    """
+
+    patch_on_device = False
+
+    def clone(self, *args: Any, **kwargs: Any) -> Any:
+        n = super().clone(*args, **kwargs)
+        n.patch_on_device = self.patch_on_device
+        return n
 
     def _packed(self, key: str) -> PackedLinear | None:
         module_name, _, attr = key.rpartition(".")
@@ -148,7 +171,13 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
         module = self._packed(key)
         if module is None:
             return super().patch_weight_to_device(key, device_to, inplace_update)
-        module.ditprune_patches = (key, self.patches[key]) if key in self.patches else None
+        if key not in self.patches:
+            module.ditprune_patches = None
+            return None
+        patches = self.patches[key]
+        if self.patch_on_device:
+            patches = _to_device(patches, self.load_device)
+        module.ditprune_patches = (key, patches)
         return None
 
     def unpatch_model(self, device_to: Any = None, unpatch_weights: bool = True) -> Any:
@@ -159,12 +188,40 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
         return super().unpatch_model(device_to, unpatch_weights)
 
 
+def _to_device(item: Any, device: torch.device) -> Any:
+    """A patch list with every tensor in it moved to ``device`` (the structure kept)."""
+    if isinstance(item, torch.Tensor):
+        return item.to(device, non_blocking=True)
+    if isinstance(item, tuple):
+        return tuple(_to_device(x, device) for x in item)
+    if isinstance(item, list):
+        return [_to_device(x, device) for x in item]
+    if isinstance(item, comfy.weight_adapter.WeightAdapterBase):
+        moved = copy.copy(item)
+        moved.weights = _to_device(item.weights, device)
+        return moved
+    return item
+
+
 def make_packed(
-    model: comfy.model_patcher.ModelPatcher, sparse_kernels: bool
+    model: comfy.model_patcher.ModelPatcher,
+    sparse_kernels: bool,
+    *,
+    patch_on_device: bool = False,
+    patch_dtype: torch.dtype | None = torch.float32,
 ) -> comfy.model_patcher.ModelPatcher:
-    """Turn the patcher of a model built with :class:`PackedOps` into a :class:`PackedModelPatcher`."""
+    """Turn the patcher of a model built with :class:`PackedOps` into a :class:`PackedModelPatcher`.
+
+    Args:
+        sparse_kernels: 2:4 layers through torch's semi-structured kernels where they exist.
+        patch_on_device: patches moved to the load device once, not every forward.
+        patch_dtype: patches applied in float32 (default), or None: in the compute dtype.
+    """
     model.__class__ = PackedModelPatcher
-    for module in model.model.modules():
+    packed = cast(PackedModelPatcher, model)
+    packed.patch_on_device = patch_on_device
+    for module in packed.model.modules():
         if isinstance(module, PackedLinear) and module.is_packed:
             module.sparse_kernels = sparse_kernels
-    return model
+            module.patch_dtype = patch_dtype
+    return packed

@@ -134,7 +134,7 @@ def test_fixed_case_a_huge_group_size_decodes_as_the_row_and_allocates_by_the_fi
     pieces, which used to build a groups x 2^24 grid (512 MB a layer, 8 GB for 2^31 - 1)."""
     import json
 
-    from ditprune_core.layouts import runtime_pieces, unpack_weight
+    from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
     from ditprune_core.save import validate_compressed_state
 
     path, original, _, _ = _checkpoint(tmp_path, "int4")
@@ -158,7 +158,7 @@ def test_fixed_case_a_huge_group_size_decodes_as_the_row_and_allocates_by_the_fi
     crafted = {k.removeprefix("w."): v for k, v in state.items() if k.startswith("w.")}
     runtime, reference = runtime_pieces(crafted, "'w'"), runtime_pieces(pieces, "'w'")
     assert {k: v.numel() for k, v in runtime.items()} == {k: v.numel() for k, v in reference.items()}
-    assert torch.equal(unpack_weight(runtime, torch.bfloat16, check=False), original["w"])
+    assert torch.equal(decode_runtime(runtime, runtime_plan(runtime, "'w'"), torch.bfloat16), original["w"])
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float16", "float32", "float64"])
@@ -200,6 +200,15 @@ def test_fixed_case_a_float16_int8_remainder_near_65504_loads_finite_and_reports
     assert report.remainder == ["m.weight"]
     back = load_pruned_checkpoint(path)["m.weight"]
     assert back.dtype == torch.float16 and bool(torch.isfinite(back).all())
+    # the runtime decode (ComfyUI's compressed-on-device load) clamps alike, bit for bit
+    from safetensors import safe_open
+
+    from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
+
+    with safe_open(str(path), framework="pt") as f:
+        pieces = {k.removeprefix("m.weight."): f.get_tensor(k) for k in f.keys() if k.startswith("m.weight.")}  # noqa: SIM118
+    held = runtime_pieces(pieces)
+    assert torch.equal(decode_runtime(held, runtime_plan(held), torch.float16), back)
     real = float((back.float() - w.float()).abs().max() / w.float().abs().max())
     assert report.max_remainder_relative_error == pytest.approx(real, rel=1e-6)
     assert real < 1 / 255

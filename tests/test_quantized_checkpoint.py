@@ -19,7 +19,6 @@ from ditprune_core.layouts import (
     LAYOUTS,
     _unpack_all,
     choose_quantized_layout,
-    runtime_pieces,
     spec_piece,
     unpack_weight,
 )
@@ -35,6 +34,7 @@ from ditprune_core.quantize import (
     storage_cost,
     unpack_codes,
 )
+from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
 from ditprune_core.save import (
     CheckpointError,
     load_pruned_checkpoint,
@@ -173,7 +173,8 @@ def test_given_codes_round_trip_bit_exact_in_every_reader(tmp_path, kind: str, b
     for key in report.layouts:
         pieces = {k.removeprefix(f"{key}."): v for k, v in raw.items() if k.startswith(f"{key}.")}
         dtype = getattr(torch, info.layouts[key]["dtype"])
-        assert _same_bits(unpack_weight(runtime_pieces(pieces), dtype, check=False), state[key]), key
+        held = runtime_pieces(pieces)
+        assert _same_bits(decode_runtime(held, runtime_plan(held), dtype), state[key]), key
     assert report.ratio < 1.0
 
 
@@ -187,9 +188,12 @@ def test_runtime_decode_matches_the_reference_on_ragged_and_empty_rows() -> None
         pieces = LAYOUTS["bitmask"].encode_quantized(q)
         fast = runtime_pieces(pieces)
         assert "qgrid" in fast and "qcodes" not in fast
+        plan = runtime_plan(fast)
         for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
             expected = dequantize_weight(q, torch.float32).to(dtype)
-            assert _same_bits(unpack_weight(fast, dtype, check=False), expected), (bits, group, sym, dtype)
+            for block in (None, 200, 0):  # several blocks of rows (one row each), one block
+                got = decode_runtime(fast, plan, dtype, block_elements=block)
+                assert _same_bits(got, expected), (bits, group, sym, dtype, block)
             assert _same_bits(unpack_weight(pieces, dtype), expected), (bits, group, sym, dtype)
 
 

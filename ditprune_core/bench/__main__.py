@@ -1,6 +1,7 @@
 """Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
 
-WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit.
+WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
+decode, gpu_step.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             "pareto",
             "obsspeed",
             "lowbit",
+            "decode",
+            "gpu_step",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
@@ -48,9 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="quality, pareto: models run in parallel processes"
     )
-    parser.add_argument("--quick", action="store_true", help="obsspeed: FLUX widths / 4 (a smoke run)")
-    parser.add_argument("--device", default="cpu", help="obsspeed: cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="obsspeed: torch CPU threads")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="obsspeed: FLUX widths / 4; gpu_step: / 8, 64 tokens (smoke runs)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="obsspeed: cpu or cuda (cpu); gpu_step: cuda or cpu (cuda)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="obsspeed, decode: torch CPU threads")
+    parser.add_argument(
+        "--gguf-dequant",
+        default=None,
+        help="decode, gpu_step: ComfyUI-GGUF's dequant.py (default $DITPRUNE_GGUF_DEQUANT)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="decode, gpu_step: best of this many runs")
+    parser.add_argument("--compile", action="store_true", help="gpu_step: also ditprune's decode compiled")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m ditprune_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -93,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         from .obs_speed import write_obs_speed
 
         path = write_obs_speed(
-            args.out, command=command, quick=args.quick, device=args.device, threads=args.threads
+            args.out, command=command, quick=args.quick, device=args.device or "cpu", threads=args.threads
         )
         print(path.read_text())
         return 0
@@ -101,6 +117,28 @@ def main(argv: list[str] | None = None) -> int:
         from .lowbit import write_lowbit
 
         path = write_lowbit(args.out, command, args.models, seeds=tuple(args.seeds), per_class=args.per_class)
+        print(path.read_text())
+        return 0
+    if args.which == "decode":
+        from .decode_speed import write_decode_speed
+
+        path = write_decode_speed(
+            args.out, command, dequant_path=args.gguf_dequant, repeats=args.repeats, threads=args.threads
+        )
+        print(path.read_text())
+        return 0
+    if args.which == "gpu_step":
+        from .gpu_step import write_gpu_step
+
+        path = write_gpu_step(
+            args.out,
+            command,
+            device=args.device or "cuda",
+            quick=args.quick,
+            dequant_path=args.gguf_dequant,
+            repeats=args.repeats,
+            compile_decode=args.compile,
+        )
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

@@ -10,8 +10,9 @@
    without the int4 rounding (bf16 values) shows what the remainder costs alone.
 2. **Step time.** FLUX.1-dev-shaped layers (random weights, the real sizes) at 50 % sparsity,
    forward at 512 tokens on the CPU in float32, each layer's weight made the way the ComfyUI
-   runtime makes it every forward (:class:`~nodes.packed.PackedLinear`: the runtime pieces decoded
-   in the file's bf16, then cast to the input's dtype), against the dense float32 weight and against
+   runtime makes it every forward (:class:`~nodes.packed.PackedLinear`:
+   :func:`~ditprune_core.runtime.decode_runtime`, values rounded to the file's bf16 and written once
+   in the input's dtype), against the dense float32 weight and against
    ComfyUI's fp8 weights (cast to float32 before the matmul); best of 3, interleaved, side by side.
 """
 
@@ -29,11 +30,12 @@ import numpy as np
 import torch
 
 from ..config import PruneConfig
-from ..layouts import LAYOUTS, Fp8Values, runtime_pieces, unpack_weight
+from ..layouts import LAYOUTS, Fp8Values
 from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..prune import apply_masks_, compute_masks
 from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight, storage_cost
+from ..runtime import decode_runtime, runtime_pieces, runtime_plan
 from ..save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
 from . import write_report
 from .checkpoint_size import FLUX_LAYERS, FLUX_PRUNABLE, FLUX_TOTAL
@@ -133,9 +135,11 @@ def _two_four(w: torch.Tensor) -> torch.Tensor:
 
 
 def _runtime(pieces: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The weight as PackedLinear makes it each forward: runtime pieces, decoded in bf16, cast."""
+    """The weight as PackedLinear makes it each forward: runtime pieces, values rounded to bf16,
+    written once in float32."""
     kept = runtime_pieces(pieces)
-    return lambda: unpack_weight(kept, torch.bfloat16, check=False).to(torch.float32)
+    plan = runtime_plan(kept)
+    return lambda: decode_runtime(kept, plan, torch.bfloat16, out_dtype=torch.float32)
 
 
 def _formats(w: torch.Tensor, keep: torch.Tensor) -> dict[str, tuple[Callable[[], torch.Tensor], int]]:
@@ -265,7 +269,8 @@ def write_lowbit(
         "## Step time with per-layer dequantisation (FLUX.1-dev-shaped layers, 50 %, 512 tokens, CPU)",
         "",
         "Each layer's weight is made as the ComfyUI runtime makes it every forward (`PackedLinear`:",
-        "runtime pieces decoded in the file's bf16, cast to float32), then one float32 matmul; best of 3,",
+        "`decode_runtime`, values rounded to the file's bf16, written once in float32), then one float32",
+        "matmul; best of 3,",
         "interleaved, on the CPU this ran on (shared, so only the ratios measured side by side mean",
         "anything). ComfyUI's fp8: weights stored in fp8, cast to float32 before the matmul. No GPU was",
         "lent to this work: GPU step time is not measured.",

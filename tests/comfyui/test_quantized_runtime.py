@@ -202,3 +202,58 @@ def test_corrupted_or_lying_quantised_files_are_refused_in_every_mode(comfy: Com
         save_file(tensors, str(folder / "lowbit" / f"{tag}{mode[:4]}.safetensors"), metadata=meta)
         with pytest.raises(ValueError, match=message):
             _load(comfy, f"lowbit/{tag}{mode[:4]}.safetensors", mode)
+
+
+def test_a_packed_layer_compiles_without_a_graph_break(comfy: Comfy) -> None:
+    # the per-forward decode of an int4 layer (bitmask) and of the int8 remainder, under inductor on
+    # the CPU: fullgraph, so any graph break in PackedLinear's forward or the decode fails
+    _model, pruned = _pruned(comfy, seed=35)
+    name, _text = _save(comfy, pruned, "compile", values="int4", remainder="int8")
+    packed = _load(comfy, name).model.diffusion_model
+    gen = torch.Generator().manual_seed(2)
+    torch._dynamo.reset()
+    for path in (LAYER, "double_blocks.0.img_mod.lin"):
+        layer = packed.get_submodule(path)
+        assert layer.is_packed, path
+        x = torch.randn(2, 3, layer.in_features, generator=gen)
+        compiled = torch.compile(layer, backend="inductor", fullgraph=True)
+        assert torch.equal(compiled(x), layer(x)), path
+
+
+@pytest.mark.parametrize("patch_dtype", ["float32", "target"])
+def test_lora_options_on_device_and_in_the_target_dtype(comfy: Comfy, patch_dtype: str) -> None:
+    _model, pruned = _pruned(comfy, seed=36)
+    name, _text = _save(comfy, pruned, f"opts{patch_dtype}", values="int4", remainder="fp8")
+    with flux_detection_from_shapes():
+        node = comfy.node("DitPruneLoadPrunedModel")
+        packed = node.execute(
+            model_name=name, mode="compressed on device", patch_on_device=True, patch_dtype=patch_dtype
+        ).args[0]
+    dense = _load(comfy, name, "densify at load")
+    key = f"diffusion_model.{LAYER}.weight"
+    delta = torch.randn(64, 320, generator=torch.Generator().manual_seed(0)) * 0.05
+    outs = []
+    for model in (packed, dense):
+        patched = model.clone()
+        assert patched.add_patches({key: ("diff", (delta,))}) == [key]
+        outs.append(sample(comfy, patched, flux_cond()))
+    assert packed.clone().patch_on_device is True  # clones keep the option
+    layer = packed.model.diffusion_model.get_submodule(LAYER)
+    assert layer.patch_dtype == (torch.float32 if patch_dtype == "float32" else None)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)  # float32 on the CPU either way
+
+
+@pytest.mark.slow
+def test_torch_compile_model_node_on_a_compressed_model(comfy: Comfy) -> None:
+    # ComfyUI's own TorchCompileModel node (inductor, on the CPU) over a model kept compressed: it
+    # samples, and close to the eager model (inductor may reorder the blocks' other float maths)
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    _model, pruned = _pruned(comfy, seed=37)
+    name, _text = _save(comfy, pruned, "compile-node", values="int4", remainder="int8")
+    packed = _load(comfy, name)
+    cond = flux_cond()
+    eager = sample(comfy, packed, cond)
+    torch._dynamo.reset()
+    compiled = TorchCompileModel.execute(model=packed, backend="inductor").args[0]
+    assert torch.allclose(sample(comfy, compiled, cond), eager, atol=1e-4)
