@@ -53,3 +53,18 @@ def test_flux_projection_matches_the_known_files() -> None:
     assert sum(FLUX_SHAPES.values()) == layers
     assert _flux_bytes(QuantSpec(4, 64), None) == 8_606_711_808 * 4.25 / 8 + 32 * layers
     assert FLUX_REST == 11_901_408_320 - 8_606_711_808
+
+
+def test_the_held_out_split_is_disjoint_and_deterministic() -> None:
+    from ditprune_core.bench.refine_holdout import SPLITS, class_split
+
+    for split in SPLITS:
+        seen, held = class_split(split)
+        assert not set(seen) & set(held) and sorted(seen + held) == list(range(10))
+        assert class_split(split) == (seen, held)
+    assert class_split((0, 1, 2, 3, 4)) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+    assert class_split(SPLITS[1])[1] == list(SPLITS[0])  # the swap holds out the other half
+    with pytest.raises(ValueError, match="none is left to hold out"):
+        class_split(range(10))
+    with pytest.raises(ValueError, match=r"must be in 0\.\.9"):
+        class_split([3, 12])

@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
-decode, gpu_step.
+decode, gpu_step, refine_holdout.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             "lowbit",
             "decode",
             "gpu_step",
+            "refine_holdout",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
@@ -139,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.repeats,
             compile_decode=args.compile,
         )
+        print(path.read_text())
+        return 0
+    if args.which == "refine_holdout":
+        from .refine_holdout import run_refine_holdout, write_refine_holdout
+
+        path = write_refine_holdout(run_refine_holdout(args.models), args.out, command)
         print(path.read_text())
         return 0
     if args.which == "checkpoint":
