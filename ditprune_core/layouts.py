@@ -36,7 +36,7 @@ subclass registered in :data:`LAYOUTS`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,7 @@ from .quantize import (
     QuantizedWeight,
     QuantSpec,
     count_groups,
+    kept_per_row,
     pack_codes,
     packed_nbytes,
     unpack_codes,
@@ -68,13 +69,17 @@ __all__ = [
     "Layout",
     "PieceSpec",
     "QuantValues",
+    "StorageCost",
     "TwoFourLayout",
+    "bits_per_weight",
     "choose_layout",
     "choose_quantized_layout",
     "is_quantized",
     "layout_of",
+    "quantized_storage_cost",
     "spec_of_piece",
     "spec_piece",
+    "storage_cost",
     "unpack_weight",
 ]
 
@@ -83,8 +88,6 @@ FP8_MAX = 448.0
 PieceSpec = tuple[tuple[int, ...], torch.dtype]
 #: the pieces of quantised values (``qzeros`` only for asymmetric codes)
 QUANT_PIECES = ("qcodes", "qscales", "qzeros", "qspec")
-#: codes per word and bytes per word of the packed stream (as quantize.pack_codes writes it)
-_WORDS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
 
 
 class CheckpointError(ValueError):
@@ -275,8 +278,14 @@ class Layout:
         be stored here with quantised values."""
         raise NotImplementedError
 
-    def _specs(self, weight: torch.Tensor, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
+    def _specs(self, rows: int, cols: int, n_values: int, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
+        """The own pieces' (shape, dtype) for ``n_values`` stored values (only the bitmask layout's
+        depend on it: the others store a fixed share of the weight)."""
         raise NotImplementedError
+
+    def _stored_count(self, weight: torch.Tensor) -> int:
+        """How many values of ``weight`` this layout stores (every one, unless overridden)."""
+        return int(weight.numel())
 
     def _encode(self, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The own pieces of CPU weight ``w``, values included; and the row of each value (None:
@@ -332,10 +341,21 @@ class Layout:
     # ------------------------------------------------------------------------------------------
     def piece_specs(self, weight: torch.Tensor, value_dtype: torch.dtype | None) -> dict[str, PieceSpec]:
         """Every piece's (shape, dtype), without encoding: what the writer announces up front."""
-        specs = self._specs(weight, value_dtype or weight.dtype)
+        rows, cols = int(weight.shape[0]), int(weight.shape[1])
+        n_values = self._stored_count(weight)
+        return self.value_piece_specs(
+            rows, cols, n_values, value_dtype or weight.dtype, scaled=value_dtype is not None
+        )
+
+    def value_piece_specs(
+        self, rows: int, cols: int, n_values: int, value_dtype: torch.dtype, *, scaled: bool
+    ) -> dict[str, PieceSpec]:
+        """Every piece's (shape, dtype) for ``n_values`` stored unquantised values of a (rows, cols)
+        weight in ``value_dtype``; ``scaled``: with the float32 per-row scale of fp8 values."""
+        specs = self._specs(rows, cols, n_values, value_dtype)
         specs["shape"] = ((2,), torch.int64)
-        if value_dtype is not None:
-            specs["scale"] = ((weight.shape[0],), torch.float32)
+        if scaled:
+            specs["scale"] = ((rows,), torch.float32)
         return specs
 
     def nbytes(self, weight: torch.Tensor, value_dtype: torch.dtype | None) -> int:
@@ -345,12 +365,14 @@ class Layout:
     def quantized_piece_specs(
         self, shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None
     ) -> dict[str, PieceSpec]:
-        """Every piece's (shape, dtype) for a weight quantised with ``spec`` (kept values of a bool
-        (rows, cols) ``keep``; None: every value), without quantising it."""
+        """Every piece's (shape, dtype) for a weight quantised with ``spec``, without quantising it:
+        the kept values of a bool (rows, cols) ``keep``, or of (rows,) kept counts per row; None:
+        every value."""
         rows, cols = int(shape[0]), int(shape[1])
-        n_values = rows * cols if keep is None else int(count_true(keep.reshape(1, -1)))
+        counts = None if keep is None else (kept_per_row(keep) if keep.dtype == torch.bool else keep)
+        n_values = rows * cols if counts is None else int(counts.sum())
         specs = self._mask_specs(rows, cols)
-        specs.update(QuantValues(spec).piece_specs(n_values, count_groups((rows, cols), spec, keep)))
+        specs.update(QuantValues(spec).piece_specs(n_values, count_groups((rows, cols), spec, counts)))
         specs["shape"] = ((2,), torch.int64)
         return specs
 
@@ -567,11 +589,12 @@ class BitmaskLayout(Layout):
     def fits_keep(self, keep: torch.Tensor | None, shape: tuple[int, int]) -> bool:
         return keep is not None
 
-    def _specs(self, weight: torch.Tensor, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
-        rows, cols = weight.shape
-        nnz = int(count_true((storage_view(weight) != 0).reshape(1, -1)))
+    def _stored_count(self, weight: torch.Tensor) -> int:
+        return int(count_true((storage_view(weight) != 0).reshape(1, -1)))
+
+    def _specs(self, rows: int, cols: int, n_values: int, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
         return {
-            "compressed": ((nnz,), value_dtype),
+            "compressed": ((n_values,), value_dtype),
             "bitmask": ((rows, -(-cols // 8)), torch.uint8),
             "row_offsets": ((rows,), torch.int64),
         }
@@ -719,8 +742,7 @@ class TwoFourLayout(Layout):
             return False
         return bool((keep.reshape(rows, -1, 4).sum(dim=2) == 2).all())
 
-    def _specs(self, weight: torch.Tensor, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
-        rows, cols = weight.shape
+    def _specs(self, rows: int, cols: int, n_values: int, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
         return {
             "nm_values": ((rows, cols // 2), value_dtype),
             "nm_codes": ((rows, -(-(cols // 4) // 3)), torch.uint8),
@@ -794,8 +816,8 @@ class DenseLayout(Layout):
     def fits_keep(self, keep: torch.Tensor | None, shape: tuple[int, int]) -> bool:
         return keep is None or bool(keep.all())
 
-    def _specs(self, weight: torch.Tensor, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
-        return {"values": (tuple(weight.shape), value_dtype)}
+    def _specs(self, rows: int, cols: int, n_values: int, value_dtype: torch.dtype) -> dict[str, PieceSpec]:
+        return {"values": ((rows, cols), value_dtype)}
 
     def _encode(self, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         return {"values": w}, None
@@ -905,3 +927,142 @@ def unpack_weight(
         CheckpointError: (with ``check``) pieces that do not fit the shape, or invalid codes.
     """
     return layout_of(pieces, where).decode(pieces, dtype, check=check, where=where)
+
+
+# ---------------------------------------------------------------------------------------------------
+# storage cost: what the layouts above write, counted from their piece specs (the one source)
+
+#: which :class:`StorageCost` field each piece's bytes count in
+_PIECE_COST = {
+    "bitmask": "mask_bytes",
+    "nm_codes": "mask_bytes",
+    "compressed": "value_bytes",
+    "nm_values": "value_bytes",
+    "values": "value_bytes",
+    "qcodes": "value_bytes",
+    "scale": "scale_bytes",
+    "qscales": "scale_bytes",
+    "qzeros": "zero_bytes",
+    "row_offsets": "row_bytes",
+    "shape": "tensor_bytes",
+    "qspec": "tensor_bytes",
+}
+_COST_FIELDS = ("mask_bytes", "value_bytes", "scale_bytes", "zero_bytes", "row_bytes", "tensor_bytes")
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class StorageCost:
+    """Bytes of one weight as the compressed writer stores it (tensor data; the file's header aside).
+
+    Attributes:
+        weights: rows * cols of the original weight.
+        mask_bytes: the bitmask (rows * ceil(cols / 8)) or the 2:4 position codes
+            (rows * ceil(cols / 12)).
+        value_bytes: the values: packed codes, or plain values (bf16, fp8, ...).
+        scale_bytes: float16 group scales (or float32 per-row fp8 scales).
+        zero_bytes: packed zero points (asymmetric codes).
+        row_bytes: per-row data: int64 row offsets of the bitmask layout with unquantised values
+            (with quantised values they are not stored: each row's count is read off the bitmask).
+        tensor_bytes: the int64 ``[rows, cols]`` shape piece of a compressed layout, and with
+            quantised values the int32 ``[bits, group_size, sym, grouping]`` spec piece.
+    """
+
+    weights: int
+    mask_bytes: int = 0
+    value_bytes: int = 0
+    scale_bytes: int = 0
+    zero_bytes: int = 0
+    row_bytes: int = 0
+    tensor_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.mask_bytes
+            + self.value_bytes
+            + self.scale_bytes
+            + self.zero_bytes
+            + self.row_bytes
+            + self.tensor_bytes
+        )
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per original weight."""
+        return 8.0 * self.total_bytes / self.weights if self.weights else 0.0
+
+
+def storage_cost(
+    shape: tuple[int, int] | torch.Size,
+    values: QuantSpec | torch.dtype,
+    *,
+    layout: str = "dense",
+    kept: torch.Tensor | Sequence[int] | None = None,
+) -> StorageCost:
+    """Exact tensor bytes of one (rows, cols) weight in a layout: the sum of the pieces the layout
+    writes (:meth:`Layout.value_piece_specs`, :meth:`Layout.quantized_piece_specs`), by kind.
+
+    Args:
+        shape: (rows, cols) of the weight.
+        values: a :class:`~ditprune_core.quantize.QuantSpec` (packed codes with float16 group scales,
+            packed zero points when asymmetric), or a dtype for unquantised values (an fp8 dtype
+            adds a float32 scale per row, as :func:`~ditprune_core.save.save_pruned_checkpoint`
+            writes).
+        layout: ``"dense"`` (every weight has a value; with a dtype other than fp8: the plain
+            tensor), ``"bitmask"`` (kept values compacted, a bitmask; int64 row offsets with dtype
+            values) or ``"2:4"`` (2 values of every 4 inputs, a 6-pattern position code per group of
+            4, three per byte).
+        kept: for ``"bitmask"``, the kept values of each row, (rows,) ints, or the bool keep mask.
+    Returns:
+        a :class:`StorageCost`; ``.bits_per_weight`` is bytes * 8 / (rows * cols).
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
+    counts: torch.Tensor | None = None
+    if layout == "bitmask":
+        if kept is None:
+            raise ValueError("the bitmask layout needs `kept` (kept values per row, or the keep mask)")
+        counts = torch.as_tensor(kept)
+        if counts.dtype == torch.bool:
+            if tuple(counts.shape) != (rows, cols):
+                raise ValueError(f"keep mask of shape {tuple(counts.shape)} does not fit ({rows}, {cols})")
+            counts = kept_per_row(counts)
+        counts = counts.to(torch.int64).reshape(-1)
+        if counts.numel() != rows or bool((counts < 0).any()) or bool((counts > cols).any()):
+            raise ValueError(f"kept counts must be {rows} integers in [0, {cols}]")
+    elif layout == "2:4":
+        if cols % 4:
+            raise ValueError(f"the 2:4 layout needs in_features divisible by 4, got {cols}")
+        counts = torch.full((rows,), cols // 2, dtype=torch.int64)
+    chosen = LAYOUTS[layout]
+    if isinstance(values, QuantSpec):
+        specs = chosen.quantized_piece_specs((rows, cols), values, None if layout == "dense" else counts)
+    elif layout == "dense" and values not in _FP8_DTYPES:  # unquantised and unmasked: the plain tensor
+        specs = {"values": ((rows, cols), values)}
+    else:
+        n_values = rows * cols if counts is None else int(counts.sum())
+        specs = chosen.value_piece_specs(rows, cols, n_values, values, scaled=values in _FP8_DTYPES)
+    cost = dict.fromkeys(_COST_FIELDS, 0)
+    for piece, spec in specs.items():
+        cost[_PIECE_COST[piece]] += _nbytes(spec)
+    return StorageCost(rows * cols, **cost)
+
+
+def bits_per_weight(
+    shape: tuple[int, int] | torch.Size,
+    values: QuantSpec | torch.dtype,
+    *,
+    layout: str = "dense",
+    kept: torch.Tensor | Sequence[int] | None = None,
+) -> float:
+    """Stored bits per original weight of one layer; see :func:`storage_cost`."""
+    return storage_cost(shape, values, layout=layout, kept=kept).bits_per_weight
+
+
+def quantized_storage_cost(q: QuantizedWeight) -> StorageCost:
+    """:func:`storage_cost` of a quantised weight in the layout the writer picks for it
+    (:func:`choose_quantized_layout`)."""
+    layout = choose_quantized_layout(q.shape, q.spec, q.keep)
+    return storage_cost(q.shape, q.spec, layout=layout.name, kept=None if layout.name == "dense" else q.keep)

@@ -27,15 +27,15 @@ Conventions (a weight is ``(rows, cols) = (out_features, in_features)``):
   of ``L`` codes (2 bits: 4 codes in 1 byte, 3 bits: 8 in 3 bytes, 4 bits: 2 in 1 byte, 8 bits:
   1 in 1 byte); the last word is padded with zero codes.
 
-:func:`storage_cost` / :func:`bits_per_weight` count exactly the tensor bytes of each layout (see
-:class:`StorageCost`). The column-by-column OBS quantiser (GPTQ) is
+What a layout stores of a quantised weight, and so its storage cost, is
+:mod:`ditprune_core.layouts`' business (:func:`~ditprune_core.layouts.storage_cost`). The
+column-by-column OBS quantiser (GPTQ) is
 :func:`ditprune_core.obs.gptq_quantize`: one plug-in of the one OBS sweep.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,14 +46,12 @@ __all__ = [
     "DEFAULT_DENSE_SPECS",
     "DEFAULT_VALUE_SPECS",
     "GROUPINGS",
-    "LAYOUTS",
     "SUPPORTED_BITS",
     "VALUE_BITS",
+    "WORDS",
     "QuantSpec",
     "QuantizationError",
     "QuantizedWeight",
-    "StorageCost",
-    "bits_per_weight",
     "check_weight",
     "count_groups",
     "dequantize_weight",
@@ -63,11 +61,8 @@ __all__ = [
     "pack_codes",
     "packed_nbytes",
     "quantize_weight",
-    "quantized_storage_cost",
     "round_to_grid",
-    "storage_cost",
     "unpack_codes",
-    "value_layout",
 ]
 
 log = logging.getLogger("ditprune")
@@ -76,15 +71,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 #: Bit widths for the kept values of a pruned layer (2 bits is offered for dense baselines only).
 VALUE_BITS = (3, 4, 8)
 GROUPINGS = ("kept", "columns")
-LAYOUTS = ("dense", "bitmask", "2:4")
 #: bits -> (codes per word, bytes per word) of the packed stream
-_WORDS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
+WORDS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
 _PACK_CHUNK = 1 << 20  # words per packing step (bounded temporary memory)
-_SCALE_BYTES = 2  # float16
-_SHAPE_BYTES = 16  # the int64 [rows, cols] piece every compressed layout stores
-_SPEC_BYTES = 16  # the int32 [bits, group_size, sym, grouping] piece of quantised values
-_ROW_OFFSET_BYTES = 8  # int64 per row (bitmask layout with unquantised values)
-_FP8_ROW_SCALE_BYTES = 4  # float32 per row (fp8 values)
 
 
 class QuantizationError(ValueError):
@@ -247,15 +236,18 @@ def _groups_per_row(shape: tuple[int, int], spec: QuantSpec, counts: torch.Tenso
 
 
 def _n_groups(shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None) -> int:
+    """Groups of a weight: ``keep`` a bool (rows, cols) keep mask, (rows,) kept counts, or None."""
     rows, cols = shape
     if keep is None or spec.grouping == "columns":
         return rows * -(-cols // spec.group_width(cols))
-    return int(_groups_per_row(shape, spec, kept_per_row(keep)).sum())
+    counts = kept_per_row(keep) if keep.dtype == torch.bool else keep.to(torch.int64)
+    return int(_groups_per_row(shape, spec, counts).sum())
 
 
 def count_groups(shape: tuple[int, int], spec: QuantSpec, keep: torch.Tensor | None = None) -> int:
     """Groups (scales) of a (rows, cols) weight quantised with ``spec`` (only its kept values with a
-    bool (rows, cols) ``keep``): the length of :attr:`QuantizedWeight.scales`."""
+    bool (rows, cols) ``keep``, or given (rows,) kept counts): the length of
+    :attr:`QuantizedWeight.scales`."""
     return _n_groups((int(shape[0]), int(shape[1])), spec, keep)
 
 
@@ -458,15 +450,15 @@ def fake_quantize(
 
 def packed_nbytes(count: int, bits: int) -> int:
     """Bytes of ``count`` packed ``bits``-bit codes (whole words, see the module docstring)."""
-    if bits not in _WORDS:
+    if bits not in WORDS:
         raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
-    per_word, word_bytes = _WORDS[bits]
+    per_word, word_bytes = WORDS[bits]
     return -(-count // per_word) * word_bytes
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes (any shape, read row-major) into a uint8 stream of :func:`packed_nbytes` bytes."""
-    if bits not in _WORDS:
+    if bits not in WORDS:
         raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
     flat = codes.reshape(-1)
     if flat.dtype != torch.uint8:
@@ -475,7 +467,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"a code is {int(flat.max())}, which does not fit in {bits} bits")
     if bits == 8:
         return flat.clone()
-    per_word, word_bytes = _WORDS[bits]
+    per_word, word_bytes = WORDS[bits]
     n = flat.numel()
     flat = torch.nn.functional.pad(flat, (0, (-n) % per_word))
     words = flat.reshape(-1, per_word)
@@ -496,7 +488,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, *, where: str = "c
         QuantizationError: a stream of the wrong size or dtype for ``count`` codes, or with set
             padding bits (a corrupted file).
     """
-    if bits not in _WORDS:
+    if bits not in WORDS:
         raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
     expected = packed_nbytes(count, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
@@ -506,7 +498,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, *, where: str = "c
         )
     if bits == 8:
         return packed.clone()
-    per_word, word_bytes = _WORDS[bits]
+    per_word, word_bytes = WORDS[bits]
     words = packed.reshape(-1, word_bytes)
     out = torch.empty(words.shape[0], per_word, dtype=torch.uint8, device=packed.device)
     shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
@@ -520,157 +512,3 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, *, where: str = "c
     if bool(flat[count:].any()):
         raise QuantizationError(f"{where}: padding bits after the last of {count} codes are set (corrupted)")
     return flat[:count]
-
-
-# ---------------------------------------------------------------------------------------------------
-# storage cost
-
-
-@dataclass(frozen=True)
-class StorageCost:
-    """Bytes of one weight as the compressed writer stores it (tensor data; the file's header aside).
-
-    Attributes:
-        weights: rows * cols of the original weight.
-        mask_bytes: the bitmask (rows * ceil(cols / 8)) or the 2:4 position codes
-            (rows * ceil(cols / 12)).
-        value_bytes: the values: packed codes, or plain values (bf16, fp8, ...).
-        scale_bytes: float16 group scales (or float32 per-row fp8 scales).
-        zero_bytes: packed zero points (asymmetric codes).
-        row_bytes: per-row data: int64 row offsets of the bitmask layout with unquantised values
-            (with quantised values they are not stored: each row's count is read off the bitmask).
-        tensor_bytes: the int64 ``[rows, cols]`` shape piece of a compressed layout, and with
-            quantised values the int32 ``[bits, group_size, sym, grouping]`` spec piece.
-    """
-
-    weights: int
-    mask_bytes: int = 0
-    value_bytes: int = 0
-    scale_bytes: int = 0
-    zero_bytes: int = 0
-    row_bytes: int = 0
-    tensor_bytes: int = 0
-
-    @property
-    def total_bytes(self) -> int:
-        return (
-            self.mask_bytes
-            + self.value_bytes
-            + self.scale_bytes
-            + self.zero_bytes
-            + self.row_bytes
-            + self.tensor_bytes
-        )
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per original weight."""
-        return 8.0 * self.total_bytes / self.weights if self.weights else 0.0
-
-
-def storage_cost(
-    shape: tuple[int, int] | torch.Size,
-    values: QuantSpec | torch.dtype,
-    *,
-    layout: str = "dense",
-    kept: torch.Tensor | Sequence[int] | None = None,
-) -> StorageCost:
-    """Exact tensor bytes of one (rows, cols) weight in a layout.
-
-    Args:
-        shape: (rows, cols) of the weight.
-        values: a :class:`QuantSpec` (packed codes with float16 group scales, packed zero points when
-            asymmetric), or a dtype for unquantised values (``torch.float8_e4m3fn`` adds a float32
-            scale per row, as :func:`~ditprune_core.save.save_pruned_checkpoint` writes).
-        layout: ``"dense"`` (every weight has a value; with a dtype: the plain tensor), ``"bitmask"``
-            (kept values compacted, a bitmask; int64 row offsets with dtype values) or ``"2:4"``
-            (2 values of every 4 inputs, a 6-pattern position code per group of 4, three per byte).
-        kept: for ``"bitmask"``, the kept values of each row, (rows,) ints, or the bool keep mask.
-    Returns:
-        a :class:`StorageCost`; ``.bits_per_weight`` is bytes * 8 / (rows * cols).
-
-    Every case is exactly what :func:`~ditprune_core.save.save_pruned_checkpoint` writes in the
-    layout of the same name (:mod:`ditprune_core.layouts`): with a :class:`QuantSpec`, the
-    ``bitmask``, ``2:4`` and ``dense`` layouts with quantised values (codes, scales, zero points,
-    the spec piece and the shape piece); with a dtype, the ``bitmask`` and ``2:4`` layouts.
-    """
-    rows, cols = int(shape[0]), int(shape[1])
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
-    counts: torch.Tensor | None = None
-    if layout == "bitmask":
-        if kept is None:
-            raise ValueError("the bitmask layout needs `kept` (kept values per row, or the keep mask)")
-        counts = torch.as_tensor(kept)
-        if counts.dtype == torch.bool:
-            if tuple(counts.shape) != (rows, cols):
-                raise ValueError(f"keep mask of shape {tuple(counts.shape)} does not fit ({rows}, {cols})")
-            counts = kept_per_row(counts)
-        counts = counts.to(torch.int64).reshape(-1)
-        if counts.numel() != rows or bool((counts < 0).any()) or bool((counts > cols).any()):
-            raise ValueError(f"kept counts must be {rows} integers in [0, {cols}]")
-    elif layout == "2:4":
-        if cols % 4:
-            raise ValueError(f"the 2:4 layout needs in_features divisible by 4, got {cols}")
-        counts = torch.full((rows,), cols // 2, dtype=torch.int64)
-    n_values = rows * cols if counts is None else int(counts.sum())
-    cost: dict[str, int] = {}
-    quantised = isinstance(values, QuantSpec)
-    if layout == "bitmask":
-        cost["mask_bytes"] = rows * -(-cols // 8)
-        cost["row_bytes"] = 0 if quantised else rows * _ROW_OFFSET_BYTES
-    elif layout == "2:4":
-        cost["mask_bytes"] = rows * -(-(cols // 4) // 3)
-    if isinstance(values, QuantSpec):
-        groups = int(_groups_per_row((rows, cols), values, counts).sum())
-        cost["value_bytes"] = packed_nbytes(n_values, values.bits)
-        cost["scale_bytes"] = groups * _SCALE_BYTES
-        cost["zero_bytes"] = 0 if values.sym else packed_nbytes(groups, values.bits)
-        cost["tensor_bytes"] = _SHAPE_BYTES + _SPEC_BYTES
-    else:
-        itemsize = torch.empty((), dtype=values).element_size()
-        cost["value_bytes"] = n_values * itemsize
-        if layout != "dense":
-            cost["tensor_bytes"] = _SHAPE_BYTES
-            if values in (torch.float8_e4m3fn, torch.float8_e5m2):
-                cost["scale_bytes"] = rows * _FP8_ROW_SCALE_BYTES
-    return StorageCost(rows * cols, **cost)
-
-
-def bits_per_weight(
-    shape: tuple[int, int] | torch.Size,
-    values: QuantSpec | torch.dtype,
-    *,
-    layout: str = "dense",
-    kept: torch.Tensor | Sequence[int] | None = None,
-) -> float:
-    """Stored bits per original weight of one layer; see :func:`storage_cost`."""
-    return storage_cost(shape, values, layout=layout, kept=kept).bits_per_weight
-
-
-# ---------------------------------------------------------------------------------------------------
-# the layout of a quantised pruned weight
-
-
-def value_layout(keep: torch.Tensor) -> str:
-    """The compressed layout a pruned weight's quantised kept values are stored in.
-
-    ``"2:4"`` when every group of 4 inputs of every row keeps exactly 2 values (the smaller layout
-    then), else ``"bitmask"``.
-
-    Args:
-        keep: bool (rows, cols) keep mask.
-    """
-    rows, cols = keep.shape
-    if cols % 4 == 0 and cols:
-        per_group = keep.reshape(rows, cols // 4, 4).sum(dim=2)
-        if bool((per_group == 2).all()):
-            return "2:4"
-    return "bitmask"
-
-
-def quantized_storage_cost(q: QuantizedWeight) -> StorageCost:
-    """:func:`storage_cost` of a quantised weight in its layout (:func:`value_layout` when pruned)."""
-    if q.keep is None:
-        return storage_cost(q.shape, q.spec)
-    return storage_cost(q.shape, q.spec, layout=value_layout(q.keep), kept=q.keep)

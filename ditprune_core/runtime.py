@@ -51,7 +51,7 @@ from .layouts import (
     spec_of_piece,
     unpack_weight,
 )
-from .quantize import pack_codes, unpack_codes
+from .quantize import WORDS, pack_codes, unpack_codes
 from .util.dtypes import cast_saturating, storage_view, to_float32
 from .util.packing import unpack_bits
 
@@ -67,8 +67,6 @@ __all__ = [
 BLOCK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 26}
 #: the plan's finest block (the decode merges whole multiples of it)
 _PLAN_ELEMENTS = 1 << 16
-#: codes per word and bytes per word of a packed stream (quantize.pack_codes)
-_WORDS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
 #: the rank of a pruned position: far past any block's values, so that a clamp sends it to the zero
 _PRUNED = 1 << 30
 
@@ -233,7 +231,7 @@ def runtime_plan(pieces: Mapping[str, torch.Tensor], where: str = "weight") -> R
 
 def _unpack_range(packed: torch.Tensor, bits: int, start: int, count: int) -> torch.Tensor:
     """Codes ``start .. start + count`` of a packed stream, unpacking only the words that hold them."""
-    per_word, word_bytes = _WORDS[bits]
+    per_word, word_bytes = WORDS[bits]
     first = start // per_word
     end = -(-(start + count) // per_word)
     codes = _unpack_all(packed[first * word_bytes : end * word_bytes], bits)

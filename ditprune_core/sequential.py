@@ -23,17 +23,11 @@ from torch import nn
 from .calibrate import Calibrator, TimestepWeighting
 from .config import ProgressFn, PruneConfig, parse_pattern
 from .layers import layer_block
-from .layouts import choose_layout
+from .layouts import StorageCost, choose_layout, quantized_storage_cost, storage_cost
 from .mask import layer_keep_mask
 from .obs import relative_output_error
 from .prune import PruneTarget
-from .quantize import (
-    QuantizedWeight,
-    StorageCost,
-    dequantize_weight,
-    quantized_storage_cost,
-    storage_cost,
-)
+from .quantize import QuantizedWeight, dequantize_weight
 from .reconstruct import (
     LayerReconstruction,
     allocate_block_counts,

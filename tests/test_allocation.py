@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_miniflux as _model
-from tiny_models import tiny_miniflux_forward as _run
+from tiny_miniflux_models import tiny_miniflux as _model
+from tiny_miniflux_models import tiny_miniflux_forward as _run
 
 from ditprune_core import PruneConfig, find_prunable_layers, prune_sequential_
 from ditprune_core.calibrate import Calibrator

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_miniflux as _model
-from tiny_models import tiny_miniflux_forward as _run
+from tiny_miniflux_models import tiny_miniflux as _model
+from tiny_miniflux_models import tiny_miniflux_forward as _run
 from torch import nn
 
 from ditprune_core import PruneConfig, find_prunable_layers, prune_sequential_

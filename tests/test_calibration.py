@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import tiny_miniflux as _model
-from tiny_models import tiny_miniflux_forward as _run
+from tiny_miniflux_models import tiny_miniflux as _model
+from tiny_miniflux_models import tiny_miniflux_forward as _run
 from torch import nn
 
 from ditprune_core import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_miniflux as _model
-from tiny_models import tiny_miniflux_forward as _run
+from tiny_miniflux_models import tiny_miniflux as _model
+from tiny_miniflux_models import tiny_miniflux_forward as _run
 
 from ditprune_core import CalibrationError, Calibrator
 

@@ -18,7 +18,8 @@ from ditprune_core.bench.gguf_ref import (  # noqa: E402
     quantize_q2_k,
     quantize_q3_k,
 )
-from ditprune_core.quantize import QuantSpec, bits_per_weight, fake_quantize  # noqa: E402
+from ditprune_core.layouts import bits_per_weight  # noqa: E402
+from ditprune_core.quantize import QuantSpec, fake_quantize  # noqa: E402
 
 Q3_K = gguf.GGMLQuantizationType.Q3_K
 Q2_K = gguf.GGMLQuantizationType.Q2_K

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ditprune_core.layouts import bits_per_weight, storage_cost
 from ditprune_core.obs import gptq_quantize, relative_output_error
 from ditprune_core.quantize import (
     QuantizationError,
     QuantizedWeight,
     QuantSpec,
-    bits_per_weight,
     dequantize_weight,
     fake_quantize,
     fit_groups,
@@ -21,7 +21,6 @@ from ditprune_core.quantize import (
     packed_nbytes,
     quantize_weight,
     round_to_grid,
-    storage_cost,
     unpack_codes,
 )
 from ditprune_core.save import save_pruned_checkpoint

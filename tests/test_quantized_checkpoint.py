@@ -20,6 +20,7 @@ from ditprune_core.layouts import (
     _unpack_all,
     choose_quantized_layout,
     spec_piece,
+    storage_cost,
     unpack_weight,
 )
 from ditprune_core.quantize import (
@@ -31,7 +32,6 @@ from ditprune_core.quantize import (
     fake_quantize,
     pack_codes,
     quantize_weight,
-    storage_cost,
     unpack_codes,
 )
 from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan

@@ -7,19 +7,18 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import tiny_miniflux as _model
-from tiny_models import tiny_miniflux_forward as _run
+from tiny_miniflux_models import tiny_miniflux as _model
+from tiny_miniflux_models import tiny_miniflux_forward as _run
 
 from ditprune_core import PruneConfig, compute_masks, find_prunable_layers, prune_model_, prune_sequential_
 from ditprune_core.config import ReconstructParams
+from ditprune_core.layouts import choose_quantized_layout, storage_cost
 from ditprune_core.prune import apply_masks_, quantize_kept_
 from ditprune_core.quantize import (
     DEFAULT_VALUE_SPECS,
     QuantSpec,
     dequantize_weight,
     quantize_weight,
-    storage_cost,
-    value_layout,
 )
 from ditprune_core.reconstruct import (
     obs_prune,
@@ -189,6 +188,11 @@ def test_bad_joint_pass_inputs_are_refused() -> None:
         obs_quantize(w, gram, keep, spec, grids="late")
     with pytest.raises(ValueError, match="the layer has 8 inputs"):
         obs_quantize(w, torch.eye(6), keep, spec, name="l")
+
+
+def value_layout(keep: torch.Tensor) -> str:
+    """The layout the writer picks for a pruned weight's codes (one rule: choose_quantized_layout)."""
+    return choose_quantized_layout(tuple(keep.shape), QuantSpec(4), keep).name
 
 
 def test_value_layout_by_hand() -> None:

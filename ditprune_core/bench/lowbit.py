@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from ..config import PruneConfig
-from ..layouts import LAYOUTS, Fp8Values
+from ..layouts import LAYOUTS, Fp8Values, storage_cost
 from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..prune import apply_masks_, compute_masks
-from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight, storage_cost
+from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
 from ..runtime import decode_runtime, runtime_pieces, runtime_plan
 from ..save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
 from . import write_report

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..config import PruneConfig, ReconstructParams
+from ..layouts import StorageCost, storage_cost
 from ..miniflux.judge import load_judge
 from ..miniflux.pipeline import MiniFluxPipeline
 from ..obs import gptq_quantize
@@ -57,10 +58,8 @@ from ..quantize import (
     DEFAULT_DENSE_SPECS,
     DEFAULT_VALUE_SPECS,
     QuantSpec,
-    StorageCost,
     dequantize_weight,
     fake_quantize,
-    storage_cost,
 )
 from ..save import is_remainder_weight
 from ..sequential import prune_sequential_

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from ..config import PruneConfig
+from ..layouts import storage_cost
 from ..miniflux.pipeline import calibrate, load_bundled
 from ..prune import compute_masks, select_layers
-from ..quantize import QuantSpec, fake_quantize, storage_cost
+from ..quantize import QuantSpec, fake_quantize
 from . import write_report
 from .checkpoint_size import FLUX_PRUNABLE
 from .grams import miniflux_grams

@@ -13,7 +13,8 @@ from test_nodes import load, sample
 from test_reconstruct_node import reconstruct
 from tiny_models import flux_cond, flux_shapes, random_state_dict
 
-from ditprune_core.quantize import QuantSpec, dequantize_weight, storage_cost, value_layout
+from ditprune_core.layouts import choose_quantized_layout, storage_cost
+from ditprune_core.quantize import QuantSpec, dequantize_weight
 
 PREFIX = "diffusion_model."
 
@@ -43,7 +44,8 @@ def test_value_bits_4_patches_hold_the_codes_the_model_computes_with(
     for patch in patches.values():  # the pack's own QuantSpec class differs from this import's
         q = patch.quantized
         spec = QuantSpec(**dataclasses.asdict(q.spec))
-        stored += storage_cost(q.shape, spec, layout=value_layout(q.keep), kept=q.keep).total_bytes
+        layout = choose_quantized_layout(q.shape, spec, q.keep).name  # the writer's one rule
+        stored += storage_cost(q.shape, spec, layout=layout, kept=q.keep).total_bytes
         weights += q.keep.numel()
     assert bits == pytest.approx(8 * stored / weights, abs=1e-3)
     sample(comfy, pruned, cond)  # loads the clone: its modules now hold the patched weights

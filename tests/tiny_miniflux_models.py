@@ -1,7 +1,7 @@
 """Shared by the core tests: the tiny MiniFlux (FLUX's layer names, random weights) and one forward
-pass of it on random inputs. Import it by name (``from tiny_models import ...``): pytest puts
-``tests/`` on ``sys.path``. Fixtures shared by many tests are in ``tests/conftest.py``; the node
-tests' helpers are in ``tests/comfyui/``.
+pass of it on random inputs. Import it by name (``from tiny_miniflux_models import ...``): pytest
+puts ``tests/`` on ``sys.path`` (and ``tests/comfyui/``, whose own ``tiny_models`` is the node
+tests'). Fixtures shared by many tests are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
