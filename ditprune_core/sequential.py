@@ -89,8 +89,9 @@ class SequentialReport:
     Attributes:
         bits_per_weight: storage of the pruned layers per original weight, as the compressed writer
             stores them (mask, values, scales, zero points, per-row data, shapes): quantised kept values
-            in the layout the writer picks (:func:`~ditprune_core.layouts.choose_quantized_layout`), else the kept values in the model's
-            dtype in the layout the default compressed save picks (:func:`unquantized_storage_cost`).
+            in the layout the writer picks (:func:`~ditprune_core.layouts.choose_quantized_layout`),
+            else the kept values in the model's dtype in the layout the default compressed save
+            picks (:func:`unquantized_storage_cost`).
         quantized: ``{layer name: QuantizedWeight}`` (on the CPU) of every pruned layer with
             ``value_bits``; empty without, or when ``prune_sequential_(collect_quantized=False)``.
     """
