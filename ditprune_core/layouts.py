@@ -47,6 +47,7 @@ from .quantize import (
     QuantizedWeight,
     QuantSpec,
     count_groups,
+    dequantize_codes,
     kept_per_row,
     pack_codes,
     packed_nbytes,
@@ -241,21 +242,6 @@ def _unpack_all(packed: torch.Tensor, bits: int) -> torch.Tensor:
         ),
         dim=1,
     ).reshape(-1)
-
-
-def _dequantize(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | int, dtype: torch.dtype
-) -> torch.Tensor:
-    """``scale * (codes - zero)`` in float32, cast to ``dtype``, over broadcastable tensors.
-
-    ``scale * code - scale * zero`` is that value exactly: a float16 scale times an integer below
-    256 needs at most 19 significant bits, so both products and their difference are exact in
-    float32, and ``x - x`` is +0.0 (never -0.0, as :func:`~ditprune_core.quantize.dequantize_weight`
-    makes sure with its ``+ 0.0``).
-    """
-    s = scale.float()
-    offset = s * zero if isinstance(zero, int) else s * zero.float()
-    return cast_saturating(codes.float().mul_(s).sub_(offset), dtype)
 
 
 class Layout:
@@ -517,12 +503,12 @@ class Layout:
             row_groups = -(-per_row // g)
             if per_row % g == 0:
                 z = zero if isinstance(zero, int) else zero[:, None]
-                values = _dequantize(codes.reshape(n_groups, g), scales[:, None], z, dtype).reshape(-1)
+                values = dequantize_codes(codes.reshape(n_groups, g), scales[:, None], z, dtype).reshape(-1)
             else:
                 group = torch.arange(per_row, device=codes.device) // g
                 z = zero if isinstance(zero, int) else zero.reshape(rows, row_groups)[:, group]
                 s = scales.reshape(rows, row_groups)[:, group]
-                values = _dequantize(codes.reshape(rows, per_row), s, z, dtype).reshape(-1)
+                values = dequantize_codes(codes.reshape(rows, per_row), s, z, dtype).reshape(-1)
         else:
             keep = self._keep_of_mask(pieces, rows, cols)
             if keep is None:  # cannot happen: only the layouts with a mask have ragged rows
@@ -557,7 +543,7 @@ class Layout:
         group = torch.arange(cols, device=codes.device) // g
         s = scales.reshape(rows, row_groups)[:, group]
         z = zero if isinstance(zero, int) else zero.reshape(rows, row_groups)[:, group]
-        values = _dequantize(dense_codes, s, z, torch.float32)
+        values = dequantize_codes(dense_codes, s, z, torch.float32)
         return cast_saturating(torch.where(keep, values, 0.0), dtype)
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "QuantizedWeight",
     "check_weight",
     "count_groups",
+    "dequantize_codes",
     "dequantize_weight",
     "fake_quantize",
     "fit_groups",
@@ -328,10 +329,23 @@ def _encode(grid: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
     return (torch.round(grid / safe) + zero[:, None]).clamp_(0, spec.max_code).to(torch.int64)
 
 
-def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | int) -> torch.Tensor:
-    """float32 ``scale * (codes - zero)``; codes (n_groups, G) or (n,) with per-value scale."""
-    z = zero if isinstance(zero, int) else zero.float()
-    return scale.float() * (codes.float() - z) + 0.0  # + 0.0: a zero code decodes to +0.0, never -0.0
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``scale * (codes - zero)`` in float32, cast to ``dtype``: the one decode of codes, which the
+    file reader (:mod:`~ditprune_core.layouts`), the runtime and :func:`dequantize_weight` share.
+
+    ``scale * code - scale * zero`` is that value exactly: a float16 scale times an integer below
+    256 needs at most 19 significant bits, so both products and their difference are exact in
+    float32, and ``x - x`` is +0.0 (a zero code never decodes to -0.0). The cast to a narrower
+    ``dtype`` clamps to its range (:func:`~ditprune_core.util.dtypes.cast_saturating`).
+
+    Args:
+        codes: integer codes, any shape; ``scale`` (float16 or float32) and ``zero`` broadcast to it.
+    """
+    s = scale.float()
+    offset = s * zero if isinstance(zero, int) else s * zero.float()
+    return cast_saturating(codes.float().mul_(s).sub_(offset), dtype)
 
 
 def fit_groups(
@@ -361,7 +375,7 @@ def round_to_grid(
     exactly what :func:`dequantize_weight` decodes from the codes.
     """
     codes = _encode(values.float(), scale, zero, spec)
-    return codes.to(torch.uint8), _decode(codes, scale[:, None], zero[:, None])
+    return codes.to(torch.uint8), dequantize_codes(codes, scale[:, None], zero[:, None])
 
 
 def check_weight(weight: torch.Tensor, keep: torch.Tensor | None, where: str) -> None:
@@ -430,7 +444,7 @@ def dequantize_weight(
         grid = torch.zeros(q.n_groups, g, dtype=torch.uint8, device=device)
         grid.masked_scatter_(slots, flat)  # type: ignore[arg-type]
     z = zero if isinstance(zero, int) else zero[:, None]
-    values = _from_grid(_decode(grid, q.scales[:, None], z), slots)
+    values = _from_grid(dequantize_codes(grid, q.scales[:, None], z), slots)
     if q.keep is None:
         return cast_saturating(values.reshape(rows, cols), dtype)
     out = torch.zeros(rows, cols, dtype=dtype, device=device)

@@ -43,7 +43,6 @@ import torch
 
 from .layouts import (
     CheckpointError,
-    _dequantize,
     _group_sizes,
     _unpack_all,
     is_quantized,
@@ -51,7 +50,7 @@ from .layouts import (
     spec_of_piece,
     unpack_weight,
 )
-from .quantize import WORDS, pack_codes, unpack_codes
+from .quantize import WORDS, dequantize_codes, pack_codes, unpack_codes
 from .util.dtypes import cast_saturating, storage_view, to_float32
 from .util.packing import unpack_bits
 
@@ -291,9 +290,9 @@ def _block_values(
         zero: torch.Tensor | int = 1 << (bits - 1)
         if not plan.sym:
             zero = _unpack_range(pieces["qzeros"], bits, g0, g1 - g0)[:, None]
-        return _rounded(_dequantize(codes.reshape(g1 - g0, g), scales, zero, torch.float32), dtype).reshape(
-            -1
-        )
+        return _rounded(
+            dequantize_codes(codes.reshape(g1 - g0, g), scales, zero, torch.float32), dtype
+        ).reshape(-1)
     row_groups = -(-plan.per_row // g)
     group = torch.arange(plan.per_row, device=codes.device) // g
     scales = pieces["qscales"][r0 * row_groups : r1 * row_groups].reshape(r1 - r0, row_groups)[:, group]
@@ -301,7 +300,7 @@ def _block_values(
     if not plan.sym:
         zeros = _unpack_range(pieces["qzeros"], bits, r0 * row_groups, (r1 - r0) * row_groups)
         zero = zeros.reshape(r1 - r0, row_groups)[:, group]
-    values = _dequantize(codes.reshape(r1 - r0, plan.per_row), scales, zero, torch.float32)
+    values = dequantize_codes(codes.reshape(r1 - r0, plan.per_row), scales, zero, torch.float32)
     return _rounded(values, dtype).reshape(-1)
 
 
