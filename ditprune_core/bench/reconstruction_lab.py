@@ -37,7 +37,7 @@ from ..config import PruneConfig, ReconstructParams
 from ..mask import layer_keep_mask
 from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
 from ..obs import obs_prune, relative_output_error, sparsegpt_prune
-from ..reconstruct import refit_masked
+from ..reconstruct import reconstruct_layer, refit_masked
 from . import write_report
 from .error_correction import PairedGramAccumulator, corrected_weight
 from .quality import SETTINGS, BenchContext
@@ -64,9 +64,37 @@ class Recipe:
     refit_tol: float = 1e-4
     update: bool = True  # OBS update (False: mask alone, then refit if asked)
 
+    def product_config(self, s: float, pattern: str) -> PruneConfig | None:
+        """The :class:`PruneConfig` under which the product's own per-layer dispatch
+        (:func:`~ditprune_core.reconstruct.reconstruct_layer`) is this recipe, or None for the
+        lab-only recipes (the mask alone then a refit, or a refit dampened apart from the update)."""
+        if not self.update or self.refit_damp != self.damp:
+            return None
+        params = ReconstructParams(
+            mask="metric" if self.mask == "energy" else "in-update",
+            balance=self.balance,
+            damp=self.damp,
+            blocksize=self.blocksize,
+            refit=self.refit,
+            refit_iters=self.refit_iters,
+            refit_tol=self.refit_tol,
+        )
+        if self.mask == "energy":  # the metric mask with the config's own (default) comparison group
+            return PruneConfig(s, pattern=pattern, update="obs", reconstruct=params)
+        return PruneConfig(s, pattern=pattern, granularity="layer", update="obs", reconstruct=params)
+
     def __call__(
         self, name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str
     ) -> torch.Tensor:
+        config = self.product_config(s, pattern)
+        if config is not None:  # the product's dispatch itself: the lab's rows cannot drift from it
+            return reconstruct_layer(name, weight, gram, config)[0]
+        return self.lab_only(name, weight, gram, s, pattern)
+
+    def lab_only(
+        self, name: str, weight: torch.Tensor, gram: torch.Tensor, s: float, pattern: str
+    ) -> torch.Tensor:
+        """The recipes the product does not offer, spelled out with the core's pieces."""
         nm = None if pattern == "unstructured" else pattern
         keep = None
         if self.mask == "energy":
