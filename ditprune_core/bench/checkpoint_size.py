@@ -26,6 +26,7 @@ from ..prune import apply_masks_, compute_masks
 from ..save import load_pruned_checkpoint, save_pruned_checkpoint
 from ..util.safetensors_io import tensor_crc32
 from . import write_report
+from .dit_shapes import FLUX_LAYERS, FLUX_PRUNABLE, FLUX_TOTAL
 
 SETTINGS = {
     "50%": (0.5, "unstructured"),
@@ -33,15 +34,6 @@ SETTINGS = {
     "70%": (0.7, "unstructured"),
     "2:4": (0.5, "2:4"),
 }
-FLUX_LAYERS = {  # name: (out, in), one of each distinct shape of FLUX.1-dev's prunable layers
-    "single_blocks.N.linear1": (21504, 3072),
-    "single_blocks.N.linear2": (3072, 15360),
-    "double_blocks.N.img_attn.qkv": (9216, 3072),
-    "double_blocks.N.img_mlp.2": (3072, 12288),
-}
-H, MLP = 3072, 12288
-FLUX_PRUNABLE = 19 * 2 * (3 * H * H + H * H + 2 * H * MLP) + 38 * (H * (3 * H + MLP) + (H + MLP) * H)
-FLUX_TOTAL = 11_901_408_320  # parameters of the FLUX.1-dev diffusion model (23.8 GB in bf16)
 REFERENCES = {
     "bf16 (dense)": 23.8,
     "fp8 (ComfyUI)": 11.9,

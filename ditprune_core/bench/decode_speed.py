@@ -46,7 +46,7 @@ from ..mask import layer_keep_mask
 from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
 from ..runtime import decode_runtime, runtime_pieces, runtime_plan
 from . import write_report
-from .checkpoint_size import FLUX_LAYERS
+from .dit_shapes import FLUX_LAYERS
 from .gguf_ref import gguf_block_size, gguf_quantize_blocks
 
 log = logging.getLogger("ditprune")

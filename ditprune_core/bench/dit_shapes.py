@@ -18,7 +18,45 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FULL_CONFIGS", "SHAPES", "DitShapes", "module_tree"]
+__all__ = [
+    "FLUX_DEV",
+    "FLUX_LAYERS",
+    "FLUX_PRUNABLE",
+    "FLUX_REST",
+    "FLUX_SHAPES",
+    "FLUX_TOTAL",
+    "FULL_CONFIGS",
+    "SHAPES",
+    "DitShapes",
+    "module_tree",
+]
+
+# ---- FLUX.1-dev, defined once for every benchmark -------------------------------------------------
+#: FLUX.1-dev's dimensions: hidden width, attention heads, double and single blocks, MLP width
+FLUX_DEV = {"hidden": 3072, "heads": 24, "depth": 19, "depth_single": 38, "mlp": 12288}
+_H, _MLP = FLUX_DEV["hidden"], FLUX_DEV["mlp"]
+#: (out, in) -> how many of FLUX.1-dev's prunable layers (attention, MLP, fused single) have it
+FLUX_SHAPES = {
+    (3 * _H, _H): 2 * FLUX_DEV["depth"],  # img_attn.qkv, txt_attn.qkv
+    (_H, _H): 2 * FLUX_DEV["depth"],  # img_attn.proj, txt_attn.proj
+    (_MLP, _H): 2 * FLUX_DEV["depth"],  # img_mlp.0, txt_mlp.0
+    (_H, _MLP): 2 * FLUX_DEV["depth"],  # img_mlp.2, txt_mlp.2
+    (3 * _H + _MLP, _H): FLUX_DEV["depth_single"],  # single_blocks.N.linear1
+    (_H, _H + _MLP): FLUX_DEV["depth_single"],  # single_blocks.N.linear2
+}
+#: name: (out, in), the four layers the step-time benchmarks measure (the largest distinct shapes)
+FLUX_LAYERS = {
+    "single_blocks.N.linear1": (3 * _H + _MLP, _H),
+    "single_blocks.N.linear2": (_H, _H + _MLP),
+    "double_blocks.N.img_attn.qkv": (3 * _H, _H),
+    "double_blocks.N.img_mlp.2": (_H, _MLP),
+}
+#: weights of FLUX.1-dev's prunable layers
+FLUX_PRUNABLE = sum(rows * cols * count for (rows, cols), count in FLUX_SHAPES.items())
+#: parameters of the FLUX.1-dev diffusion model (23.8 GB in bf16)
+FLUX_TOTAL = 11_901_408_320
+#: the rest: modulation, embedders, final layer, norms and biases
+FLUX_REST = FLUX_TOTAL - FLUX_PRUNABLE
 
 
 @dataclass

@@ -19,13 +19,9 @@ import torch
 
 from ..stats import weight_sample_hash
 from . import write_report
+from .dit_shapes import FLUX_LAYERS
 
-LAYERS = {  # one of each distinct shape of FLUX.1-dev's prunable layers
-    "single_blocks.N.linear1": (21504, 3072),
-    "single_blocks.N.linear2": (3072, 15360),
-    "double_blocks.N.img_attn.qkv": (9216, 3072),
-    "double_blocks.N.img_mlp.2": (3072, 12288),
-}
+LAYERS = FLUX_LAYERS  # the distinct large shapes of FLUX.1-dev's prunable layers
 FLUX_BLOCK_LAYERS = 19 * 2 * 5 + 38 * 3  # double: mod, qkv, proj, mlp.0, mlp.2 per stream; single: 3
 TRIALS = 8
 

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from . import write_report
-from .checkpoint_size import FLUX_LAYERS
 from .decode_speed import (
     DITPRUNE_FORMATS,
     Format,
@@ -41,6 +40,7 @@ from .decode_speed import (
     make_loras,
     reference_formats,
 )
+from .dit_shapes import FLUX_LAYERS
 
 log = logging.getLogger("ditprune")
 

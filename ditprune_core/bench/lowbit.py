@@ -38,13 +38,12 @@ from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
 from ..runtime import decode_runtime, runtime_pieces, runtime_plan
 from ..save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
 from . import write_report
-from .checkpoint_size import FLUX_LAYERS, FLUX_PRUNABLE, FLUX_TOTAL
+from .dit_shapes import FLUX_LAYERS, FLUX_REST
 from .quality import BenchContext, _fmt
 
 log = logging.getLogger("ditprune")
 
 REMAINDERS = ("keep", "fp8", "int8", "int4")
-FLUX_REST = FLUX_TOTAL - FLUX_PRUNABLE
 
 
 @dataclass

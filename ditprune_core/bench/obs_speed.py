@@ -55,7 +55,7 @@ from ..mask import layer_keep_mask
 from ..reconstruct import obs_prune, refit_masked
 from ..stats import GramAccumulator
 from . import write_report
-from .dit_shapes import flux_shapes
+from .dit_shapes import FLUX_DEV, flux_shapes
 from .memprobe import PeakRSS
 from .speed import _limit_malloc_caching
 
@@ -74,7 +74,8 @@ __all__ = [
 
 log = logging.getLogger("ditprune")
 
-HIDDEN, HEADS, DOUBLE_BLOCKS, SINGLE_BLOCKS = 3072, 24, 19, 38
+HIDDEN, HEADS = FLUX_DEV["hidden"], FLUX_DEV["heads"]
+DOUBLE_BLOCKS, SINGLE_BLOCKS = FLUX_DEV["depth"], FLUX_DEV["depth_single"]
 #: the four layers measured, by their FLUX.1-dev names
 MEASURED_LAYERS = (
     "single_blocks.0.linear1",

@@ -28,7 +28,7 @@ from ..miniflux.pipeline import calibrate, load_bundled
 from ..prune import compute_masks, select_layers
 from ..quantize import QuantSpec, fake_quantize
 from . import write_report
-from .checkpoint_size import FLUX_PRUNABLE
+from .dit_shapes import FLUX_PRUNABLE
 from .grams import miniflux_grams
 from .pareto import _flux_bytes
 
