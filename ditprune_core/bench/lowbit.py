@@ -38,8 +38,8 @@ from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
 from ..runtime import decode_runtime, runtime_pieces, runtime_plan
 from ..save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
 from . import write_report
+from .context import BenchContext, fmt_stat
 from .dit_shapes import FLUX_LAYERS, FLUX_REST
-from .quality import BenchContext, _fmt
 
 log = logging.getLogger("ditprune")
 
@@ -221,9 +221,11 @@ def _remainder_table(points: list[RemainderPoint]) -> list[str]:
     ]
     for p in points:
         m = p.metrics
+        stats = (
+            fmt_stat(m[k], d) for k, d in (("rel_err", 4), ("psnr", 2), ("vel_err", 4), ("acc", 3), ("fd", 1))
+        )
         lines.append(
-            f"| {p.model} | {p.values} | {p.remainder} | {_fmt(m['rel_err'], 4)} | {_fmt(m['psnr'], 2)} | "
-            f"{_fmt(m['vel_err'], 4)} | {_fmt(m['acc'], 3)} | {_fmt(m['fd'], 1)} | {p.file_ratio:.1%} | "
+            f"| {p.model} | {p.values} | {p.remainder} | {' | '.join(stats)} | {p.file_ratio:.1%} | "
             f"{p.remainder_error:.4f} |"
         )
     return lines

@@ -57,7 +57,7 @@ from ..stats import GramAccumulator
 from . import write_report
 from .dit_shapes import FLUX_DEV, flux_shapes
 from .memprobe import PeakRSS
-from .speed import _limit_malloc_caching
+from .speed import limit_malloc_caching
 
 __all__ = [
     "MEASURED_LAYERS",
@@ -481,7 +481,7 @@ def _run(
         raise ValueError(f"pcg_iters needs at least two counts >= 1, got {list(pcg_iters)}")
     start, load_start = time.perf_counter(), _load_average()
     if dev.type == "cpu":
-        log.info("obsspeed: %s", _limit_malloc_caching())
+        log.info("obsspeed: %s", limit_malloc_caching())
     hidden = HIDDEN // width_divisor
     shapes = flux_prunable_shapes(hidden, HEADS if hidden % HEADS == 0 else 1)
     # warm-up: kernels, thread pools and first allocations outside the measurements

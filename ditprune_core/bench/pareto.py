@@ -67,10 +67,10 @@ from ..util.imaging import PALETTE, write_png
 from ..util.metrics import psnr, relative_error, relative_squared_error
 from . import write_report
 from .checkpoint_size import FLUX_PRUNABLE, FLUX_TOTAL
+from .context import SETTINGS, BenchContext, fmt_stat
 from .gguf_ref import BITS_PER_WEIGHT, GGUF_FORMATS, fp8_cast, gguf_fake_quantize
 from .grams import miniflux_grams
 from .lowbit import flux_rest_gb
-from .quality import SETTINGS, BenchContext, _fmt
 from .reconstruction_lab import Lab
 
 log = logging.getLogger("ditprune")
@@ -530,9 +530,9 @@ class ParetoResult:
             m = p.metrics
             lines.append(
                 f"| {p.name} | {p.remainder} | {p.flux_bits_per_weight:.3f} | {p.bits_per_weight:.3f} | "
-                f"{_fmt(m['rel_err'], 4)} | {_fmt(m['rel_mse'], 4)} | {_fmt(m['psnr'], 2)} | "
-                f"{_fmt(m['vel_err'], 4) if 'vel_err' in m else '-'} | "
-                f"{_fmt(m['acc'], 3)} | {_fmt(m['fd'], 1)} | "
+                f"{fmt_stat(m['rel_err'], 4)} | {fmt_stat(m['rel_mse'], 4)} | {fmt_stat(m['psnr'], 2)} | "
+                f"{fmt_stat(m['vel_err'], 4) if 'vel_err' in m else '-'} | "
+                f"{fmt_stat(m['acc'], 3)} | {fmt_stat(m['fd'], 1)} | "
                 f"{p.flux_gb_rest_bf16:.2f} | {p.flux_gb_rest_fp8:.2f} | {p.flux_gb_rest_int4:.2f} |"
             )
         return "\n".join(lines)

@@ -17,25 +17,22 @@ Mean and standard deviation over evaluation seeds are reported.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import PruneConfig
 from ..miniflux.judge import load_judge
-from ..miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled, sigma_schedule
-from ..prune import apply_masks_, compute_masks
-from ..stats import CalibrationStats
+from ..miniflux.pipeline import MiniFluxPipeline
 from ..util.imaging import image_grid, write_png
-from ..util.metrics import psnr, relative_error, relative_squared_error
 from . import write_report
+from .context import SETTINGS, BenchContext, fmt_stat
+from .reconstruction_lab import Lab, sparsegpt_layer
 
 log = logging.getLogger("ditprune")
 
@@ -55,113 +52,21 @@ METHODS: dict[str, ConfigFactory] = {
 #: They share the calibration of the mask-only rows (same seeds, steps, cfg, log weighting), with
 #: its Grams (``bench/reconstruction_lab.py``).
 RECONSTRUCTING = ("sparsegpt-1s", "sparsegpt-seq", "dit-pruning-obs")
-SETTINGS: dict[str, tuple[float, str]] = {
-    "50%": (0.5, "unstructured"),
-    "60%": (0.6, "unstructured"),
-    "70%": (0.7, "unstructured"),
-    "2:4": (0.5, "2:4"),
-}
 
 
-@dataclass
-class DenseRun:
-    labels: torch.Tensor
-    noise: torch.Tensor
-    images: torch.Tensor
-    states: list[torch.Tensor]
-    velocities: list[torch.Tensor]
-
-
-@dataclass
-class BenchContext:
-    """A model, its calibration and the dense runs every pruned model is compared with."""
-
-    name: str
-    pipe: MiniFluxPipeline
-    stats: CalibrationStats
-    steps: int
-    cfg: float
-    dense: dict[int, DenseRun] = field(default_factory=dict)
-    _lab: Any = field(default=None, repr=False)
-
-    @classmethod
-    def build(
-        cls, name: str, *, seeds: Sequence[int], per_class: int, steps: int = 20, cfg: float = 2.0
-    ) -> BenchContext:
-        pipe = load_bundled(name)
-        stats = calibrate(pipe, steps=steps, cfg=cfg)
-        ctx = cls(name, pipe, stats, steps, cfg)
-        labels = torch.arange(pipe.config.num_classes).repeat(per_class)
-        for seed in seeds:
-            ctx.dense[seed] = ctx._trajectory(pipe, labels, seed)
-        return ctx
-
-    @torch.no_grad()
-    def _trajectory(self, pipe: MiniFluxPipeline, labels: torch.Tensor, seed: int) -> DenseRun:
-        noise = pipe.initial_noise(labels.shape[0], seed)
-        x, states, velocities = noise.clone(), [], []
-        sigmas = sigma_schedule(self.steps)
-        for i in range(self.steps):
-            v = pipe.guided_velocity(x, float(sigmas[i]), labels, self.cfg)
-            states.append(x)
-            velocities.append(v)
-            x = x + float(sigmas[i + 1] - sigmas[i]) * v
-        return DenseRun(labels, noise, pipe.to_images(x), states, velocities)
-
-    def reconstructed(self, method: str, sparsity: float, pattern: str) -> MiniFluxPipeline:
-        """A :data:`RECONSTRUCTING` method's model, from this context's calibration."""
-        from .reconstruction_lab import Lab, sparsegpt_layer
-
-        if self._lab is None:
-            self._lab = Lab(self.name, seeds=(), per_class=0, ctx=self)
-        lab = self._lab
-        if method == "sparsegpt-1s":
-            return lab.oneshot(sparsegpt_layer, sparsity, pattern)[0]
-        if method == "sparsegpt-seq":
-            return lab.sequential(sparsegpt_layer, sparsity, pattern)[0]
-        if method == "dit-pruning-obs":
-            return lab.product(PruneConfig(sparsity, pattern=pattern, update="obs"))[0]
-        raise ValueError(f"unknown reconstructing method {method!r}; choose from {list(RECONSTRUCTING)}")
-
-    def pruned(self, config: PruneConfig) -> MiniFluxPipeline:
-        model = copy.deepcopy(self.pipe.model)
-        apply_masks_(model, compute_masks(model, self.stats, config))
-        return MiniFluxPipeline(model, self.pipe.conditioner)
-
-    @torch.no_grad()
-    def evaluate(self, pipe: MiniFluxPipeline, *, full: bool = True) -> dict[str, list[float]]:
-        """Metrics per evaluation seed; ``full=False`` computes the relative error only."""
-        judge = load_judge() if full else None
-        out: dict[str, list[float]] = {
-            "rel_err": [],
-            "rel_mse": [],
-            "psnr": [],
-            "vel_err": [],
-            "acc": [],
-            "fd": [],
-        }
-        for _seed, run in self.dense.items():
-            images = pipe.sample(run.labels, seed=0, steps=self.steps, cfg=self.cfg, noise=run.noise)
-            out["rel_err"].append(relative_error(images, run.images))
-            out["rel_mse"].append(relative_squared_error(images, run.images))
-            if judge is None:
-                continue
-            out["psnr"].append(psnr(images, run.images))
-            sigmas = sigma_schedule(self.steps)
-            errs = [
-                relative_error(pipe.guided_velocity(state, float(sigmas[i]), run.labels, self.cfg), v)
-                for i, (state, v) in enumerate(zip(run.states, run.velocities, strict=True))
-            ]
-            out["vel_err"].append(float(np.mean(errs)))
-            out["acc"].append(judge.accuracy(images, run.labels))
-            out["fd"].append(judge.frechet(images))
-        return {k: v for k, v in out.items() if v}
-
-
-def _fmt(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+def reconstructed(ctx: BenchContext, method: str, sparsity: float, pattern: str) -> MiniFluxPipeline:
+    """A :data:`RECONSTRUCTING` method's model, from this context's calibration (one lab per
+    context, kept on it: its Grams are recorded once)."""
+    if ctx.lab is None:
+        ctx.lab = Lab(ctx.name, seeds=(), per_class=0, ctx=ctx)
+    lab = ctx.lab
+    if method == "sparsegpt-1s":
+        return lab.oneshot(sparsegpt_layer, sparsity, pattern)[0]
+    if method == "sparsegpt-seq":
+        return lab.sequential(sparsegpt_layer, sparsity, pattern)[0]
+    if method == "dit-pruning-obs":
+        return lab.product(PruneConfig(sparsity, pattern=pattern, update="obs"))[0]
+    raise ValueError(f"unknown reconstructing method {method!r}; choose from {list(RECONSTRUCTING)}")
 
 
 @dataclass
@@ -181,7 +86,7 @@ class QualityResult:
         lines = [
             f"### {self.model}",
             "",
-            f"dense: accuracy {_fmt(self.dense['acc'], 3)}, FD {_fmt(self.dense['fd'], 1)}",
+            f"dense: accuracy {fmt_stat(self.dense['acc'], 3)}, FD {fmt_stat(self.dense['fd'], 1)}",
             "",
             "| method | sparsity | rel. error ↓ | rel. MSE ↓ | PSNR dB ↑ | velocity error ↓ | accuracy ↑ "
             "| FD ↓ |",
@@ -189,9 +94,9 @@ class QualityResult:
         ]
         for method, setting, m in self.rows:
             lines.append(
-                f"| {method} | {setting} | {_fmt(m['rel_err'], 4)} | {_fmt(m['rel_mse'], 4)} | "
-                f"{_fmt(m['psnr'], 2)} | "
-                f"{_fmt(m['vel_err'], 4)} | {_fmt(m['acc'], 3)} | {_fmt(m['fd'], 1)} |"
+                f"| {method} | {setting} | {fmt_stat(m['rel_err'], 4)} | {fmt_stat(m['rel_mse'], 4)} | "
+                f"{fmt_stat(m['psnr'], 2)} | "
+                f"{fmt_stat(m['vel_err'], 4)} | {fmt_stat(m['acc'], 3)} | {fmt_stat(m['fd'], 1)} |"
             )
         return "\n".join(lines)
 
@@ -274,7 +179,7 @@ def run_quality(
         for method in methods:
             start = time.perf_counter()
             if method in RECONSTRUCTING:
-                pipe = ctx.reconstructed(method, sparsity, pattern)
+                pipe = reconstructed(ctx, method, sparsity, pattern)
             else:
                 pipe = ctx.pruned(METHODS[method](sparsity, pattern))
             metrics = ctx.evaluate(pipe)

@@ -39,8 +39,8 @@ from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
 from ..obs import obs_prune, relative_output_error, sparsegpt_prune
 from ..reconstruct import reconstruct_layer, refit_masked
 from . import write_report
+from .context import SETTINGS, BenchContext
 from .error_correction import PairedGramAccumulator, corrected_weight
-from .quality import SETTINGS, BenchContext
 
 log = logging.getLogger("ditprune")
 

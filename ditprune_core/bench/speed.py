@@ -68,7 +68,7 @@ def flux_dev_blocks(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> FluxD
     return model
 
 
-def _limit_malloc_caching() -> str:
+def limit_malloc_caching() -> str:
     """Make glibc return freed blocks at once, so that peak RSS reflects live memory."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -139,7 +139,7 @@ def hook_overhead(tokens: int = 256, text_tokens: int = 64, repeats: int = 3) ->
 
 
 def run_speed(selected: Sequence[str] | None = None, repeats: int = 2) -> str:
-    allocator = _limit_malloc_caching()
+    allocator = limit_malloc_caching()
     torch.manual_seed(0)
     model = flux_dev_blocks()
     stats = synthetic_stats(model, spread="lognormal", architecture="flux")

@@ -22,7 +22,7 @@ from ..cluster import ClusterParams
 from ..config import PruneConfig
 from ..score import MetricParams
 from . import write_report
-from .quality import BenchContext
+from .context import BenchContext
 
 log = logging.getLogger("ditprune")
 SPARSITIES = (0.5, 0.6, 0.7)
