@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ditprune_core.layouts import LAYOUTS, Fp8Values, unpack_weight
-from ditprune_core.quantize import QuantSpec, quantize_weight
+from ditprune_core.quantize import QuantSpec, dequantize_weight, quantize_weight
 from ditprune_core.runtime import (
     _BIT_RANK,
     _PRUNED,
@@ -170,3 +170,22 @@ def test_the_decode_compiles_without_a_graph_break_and_stays_bit_exact() -> None
     for (label, pieces), got in zip(layers.items(), compiled(device_pieces), strict=True):
         expected = unpack_weight(pieces, torch.bfloat16).float()
         assert _same_bits(got, expected), label
+
+
+def test_runtime_decode_matches_the_reference_on_ragged_and_empty_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for bits, group, sym in itertools.product((2, 3, 4, 8), (1, 5, 16, 128), (True, False)):
+        keep = torch.rand(33, 200, generator=gen) > 0.6
+        keep[4] = False
+        w = torch.randn(33, 200, generator=gen)
+        q = quantize_weight(w, QuantSpec(bits, group, sym=sym), keep=keep)
+        pieces = LAYOUTS["bitmask"].encode_quantized(q)
+        fast = runtime_pieces(pieces)
+        assert "qgrid" in fast and "qcodes" not in fast
+        plan = runtime_plan(fast)
+        for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
+            expected = dequantize_weight(q, torch.float32).to(dtype)
+            for block in (None, 200, 0):  # several blocks of rows (one row each), one block
+                got = decode_runtime(fast, plan, dtype, block_elements=block)
+                assert _same_bits(got, expected), (bits, group, sym, dtype, block)
+            assert _same_bits(unpack_weight(pieces, dtype), expected), (bits, group, sym, dtype)

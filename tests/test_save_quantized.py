@@ -16,12 +16,7 @@ from torch import nn
 
 from ditprune_core import PruneConfig, apply_masks_, compute_masks, select_layers
 from ditprune_core.layouts import (
-    LAYOUTS,
-    _unpack_all,
-    choose_quantized_layout,
-    spec_piece,
     storage_cost,
-    unpack_weight,
 )
 from ditprune_core.quantize import (
     DEFAULT_DENSE_SPECS,
@@ -30,9 +25,7 @@ from ditprune_core.quantize import (
     QuantSpec,
     dequantize_weight,
     fake_quantize,
-    pack_codes,
     quantize_weight,
-    unpack_codes,
 )
 from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
 from ditprune_core.save import (
@@ -42,7 +35,6 @@ from ditprune_core.save import (
     save_pruned_checkpoint,
     validate_compressed_state,
 )
-from ditprune_core.util.packing import count_bits_per_row, pack_bits, unpack_bits
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -176,49 +168,6 @@ def test_given_codes_round_trip_bit_exact_in_every_reader(tmp_path, kind: str, b
         held = runtime_pieces(pieces)
         assert _same_bits(decode_runtime(held, runtime_plan(held), dtype), state[key]), key
     assert report.ratio < 1.0
-
-
-def test_runtime_decode_matches_the_reference_on_ragged_and_empty_rows() -> None:
-    gen = torch.Generator().manual_seed(3)
-    for bits, group, sym in itertools.product((2, 3, 4, 8), (1, 5, 16, 128), (True, False)):
-        keep = torch.rand(33, 200, generator=gen) > 0.6
-        keep[4] = False
-        w = torch.randn(33, 200, generator=gen)
-        q = quantize_weight(w, QuantSpec(bits, group, sym=sym), keep=keep)
-        pieces = LAYOUTS["bitmask"].encode_quantized(q)
-        fast = runtime_pieces(pieces)
-        assert "qgrid" in fast and "qcodes" not in fast
-        plan = runtime_plan(fast)
-        for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
-            expected = dequantize_weight(q, torch.float32).to(dtype)
-            for block in (None, 200, 0):  # several blocks of rows (one row each), one block
-                got = decode_runtime(fast, plan, dtype, block_elements=block)
-                assert _same_bits(got, expected), (bits, group, sym, dtype, block)
-            assert _same_bits(unpack_weight(pieces, dtype), expected), (bits, group, sym, dtype)
-
-
-def test_fast_unpacking_equals_the_reference() -> None:
-    gen = torch.Generator().manual_seed(0)
-    for bits in (2, 3, 4, 8):
-        codes = torch.randint(0, 1 << bits, (1001,), generator=gen, dtype=torch.uint8)
-        packed = pack_codes(codes, bits)
-        assert torch.equal(_unpack_all(packed, bits)[:1001], unpack_codes(packed, bits, 1001))
-    mask = torch.rand(37, 83, generator=gen) > 0.5
-    packed_mask = pack_bits(mask)
-    assert torch.equal(unpack_bits(packed_mask, 83), mask)
-    assert torch.equal(count_bits_per_row(packed_mask), mask.sum(dim=1))
-
-
-def test_decoded_zeros_are_positive_zero() -> None:
-    # symmetric scales are negative when the group's peak is positive: s * (c - z) at c == z is -0.0
-    w = torch.tensor([[4.0, 0.0, 1.0, 0.0] * 64])
-    keep = torch.ones_like(w, dtype=torch.bool)
-    keep[0, 1::4] = False
-    q = quantize_weight(w, QuantSpec(3, 64, sym=True), keep=keep)
-    assert float(q.scales[0]) < 0 and int((q.codes == 4).sum()) > 0  # code 4 = the zero point
-    decoded = LAYOUTS["bitmask"].decode(LAYOUTS["bitmask"].encode_quantized(q), torch.float32)
-    assert not bool(torch.signbit(decoded[decoded == 0]).any())
-    assert _same_bits(decoded, dequantize_weight(q, torch.float32))
 
 
 def test_rounding_at_save_is_the_reference_quantiser_and_is_reported(tmp_path, caplog) -> None:
@@ -588,11 +537,3 @@ def test_version_2_files_name_the_version_to_an_old_reader(tmp_path) -> None:
     save_file(data, str(bad), metadata={**meta, "format_version": "3"})
     with pytest.raises(CheckpointError, match="version '3'; this ditprune reads version 1 or 2"):
         read_checkpoint_info(bad)
-
-
-def test_spec_piece_round_trips() -> None:
-    for spec in (QuantSpec(4, 128, sym=False), QuantSpec(3, 7, grouping="columns"), QuantSpec(8, 1)):
-        from ditprune_core.layouts import spec_of_piece
-
-        assert spec_of_piece(spec_piece(spec)) == spec
-    assert choose_quantized_layout((4, 8), QuantSpec(4), torch.ones(4, 8, dtype=torch.bool)).name == "dense"
