@@ -107,7 +107,7 @@ def test_whole_flow(comfy: Comfy, arch: str) -> None:
     assert float((weight(model, tiny.layer) == 0).float().mean()) == 0.0
 
     save = comfy.node("DitPruneSavePrunedModel")
-    (path,) = save.execute(model=pruned, filename_prefix=f"dits/{arch}").args
+    path, _size = save.execute(model=pruned, filename_prefix=f"dits/{arch}").args
     with safe_open(path, framework="pt") as f:
         assert set(f.keys()) == set(shapes.shapes)
         saved = f.get_tensor(f"{tiny.layer}.weight")
@@ -435,7 +435,7 @@ def test_reconstruction_flow(comfy: Comfy, arch: str) -> None:
     assert torch.equal(sample(comfy, model, tiny), dense)  # the incoming MODEL stays dense
     save = comfy.node("DitPruneSavePrunedModel")
     folder = comfy.base / "models" / "diffusion_models"
-    (path,) = save.execute(model=pruned, filename_prefix=f"dits/recon_{arch}").args
+    path, _size = save.execute(model=pruned, filename_prefix=f"dits/recon_{arch}").args
     with dit_detection_from_shapes():
         (reloaded,) = comfy.nodes.UNETLoader().load_unet(str(Path(path).relative_to(folder)), "default")
     assert torch.equal(sample(comfy, reloaded, tiny), out)

@@ -81,7 +81,7 @@ def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(comfy: Comfy
     assert not torch.equal(out, dense)
     folder = comfy.base / "models" / "diffusion_models"
     for fmt in ("dense", "compressed"):
-        (path,) = (
+        path, _size = (
             comfy.node("DitPruneSavePrunedModel")
             .execute(model=pruned, filename_prefix=f"recon/{arch}-{fmt}", format=fmt, values="keep dtype")
             .args
