@@ -73,7 +73,13 @@ def test_pack_registers_every_node_with_tooltips(comfy: Comfy) -> None:
             assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
 
 
-def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy) -> None:
+def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    prune_nodes = sys.modules[comfy.node("DitPruneApplyPruning").__module__]
+    figures: list[Any] = []  # the matplotlib figures the nodes render: their labels are checked below
+    render = prune_nodes.render
+    monkeypatch.setattr(prune_nodes, "render", lambda fig: figures.append(fig) or render(fig))
     sd = random_state_dict(flux_shapes(), seed=0)
     model = load(sd)
     cond = flux_cond()
@@ -100,11 +106,21 @@ def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy) -> None:
         )
         .args
     )
-    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert plot.shape == (1, 320, 340, 3)
     assert text.startswith("single_blocks.0.linear1: k=2")
     pruned, report, image = apply(comfy, model, sal, 0.5, clusters=clusters)
     assert "50.00%" in report.splitlines()[1]
-    assert image.dim() == 4
+    assert image.shape == (1, 320, 340, 3)
+    scatter, bars = (fig.axes[0] for fig in figures)
+    assert scatter.get_title().startswith("single_blocks.0.linear1\n")  # the layer plotted
+    assert (scatter.get_xlabel(), scatter.get_ylabel()) == ("ln RMS(w) of a row", "ln RMS(w·√E[x²])")
+    assert scatter.get_legend().get_texts()[0].get_text().startswith("cluster 0: ")
+    assert (bars.get_xlabel(), bars.get_ylabel()) == ("block, in model order", "sparsity (% removed)")
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == [
+        "double-stream block",
+        "single-stream block",
+        "target 50%",
+    ]
 
     pruned_latent = sample(comfy, pruned, cond)
     linear1 = pruned.model.diffusion_model.single_blocks[0].linear1.weight  # pruned clone is loaded now
