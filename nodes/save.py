@@ -168,8 +168,8 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                 io.String.Output(
                     display_name="size",
                     tooltip="The file's size, bits per weight, its ratio to the dense model, and the VRAM "
-                    "the loaded model needs (weights plus the largest layer decoded at once); also shown "
-                    "on the node after a run.",
+                    "the loaded model needs (weights plus the largest layer decoded at once); connect Preview Any to read it "
+                    "on screen after a run.",
                 ),
             ],
             is_output_node=True,
