@@ -34,6 +34,7 @@ from .common import (
     SaliencyType,
     diffusion_model,
     effective_weight,
+    layer_progress,
     pruning_choice,
     pruning_inputs,
     weight_fn_for,
@@ -299,7 +300,11 @@ class DitPruneApplyPruning(io.ComfyNode):
         pruned = model.clone()
         masks: dict[str, PackedMask] = {}
         for name, keep in iter_masks(
-            target, saliency.stats, config, progress=Progress(), weight_fn=weight_fn_for(model)
+            target,
+            saliency.stats,
+            config,
+            progress=Progress(describe=lambda d, t, name: f"masking {layer_progress(d, t, name)}"),
+            weight_fn=weight_fn_for(model),
         ):
             masks[name] = PackedMask.from_bool(keep.cpu())
             del keep

@@ -25,6 +25,7 @@ from .common import (
     SaliencyType,
     _patched_fp32,
     diffusion_model,
+    layer_progress,
     original_weight,
     pruning_choice,
     pruning_inputs,
@@ -276,16 +277,18 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             budget = int(memory_budget_gb * _GIB)
         else:
             budget = default_gram_budget(pruned, dm, config)
+        progress = Progress(describe=layer_progress)
         report = prune_sequential_(
             dm,
             run,
             config,
             memory_budget_bytes=budget,
             weighting=timestep_weighting,
-            progress=Progress(),
+            progress=progress,
             weight_fn=target_weight,
             write_fn=write,
             collect_quantized=False,
+            on_phase=progress.phase,
         )
         pruned.model_options["ditprune"] = {
             "config": config.to_dict(),

@@ -231,7 +231,7 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             quantized=given_codes(model, keys) if format == "compressed" else None,
             remainder=remainder,
             remainder_filter=linear_keys.__contains__,
-            progress=Progress(),
+            progress=Progress(describe=save_progress(len(keys))),
         )
         loader = "DiT-Pruning Load Pruned Model" if format == "compressed" else "Load Diffusion Model"
         size = size_text(report)
@@ -252,6 +252,17 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                 f"{report.max_remainder_relative_error:.3g} of each layer's largest weight)"
             )
         return io.NodeOutput(str(target), size, ui={"text": [text, size]})
+
+
+def save_progress(tensors: int) -> Callable[[int, int, str], str]:
+    """The Save phase in words: each tensor is made twice, to choose its layout and to write it."""
+
+    def describe(done: int, _total: int, _label: str) -> str:
+        if done <= tensors:
+            return f"saving: choosing the layout of tensor {done} of {tensors}"
+        return f"saving: writing tensor {done - tensors} of {tensors}"
+
+    return describe
 
 
 def human_bytes(n: int) -> str:
