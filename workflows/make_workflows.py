@@ -775,9 +775,9 @@ RECON_STEPS = 8  # its sampler steps per pass: the plain workflows' calibration 
 WSIDE = 440  # the note and report beside it
 XR = {
     "recon": 340,
-    "side": 680,
-    "save": 1170,
-    "save_out": 1470,
+    "side": 710,  # 70 from Prune and Reconstruct: the wrap's drop along its right edge bulges ~40
+    "save": 1200,
+    "save_out": 1500,
     "decode": 640,
     "images": 890,
     "metrics": 1150,
