@@ -24,8 +24,7 @@ from .miniflux.judge import load_judge
 from .miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled
 from .prune import apply_masks_, compute_masks
 from .report import sparsity_report
-from .util.glyphs import label_rows
-from .util.imaging import image_grid, write_png
+from .util.imaging import image_grid, label_rows, write_png
 from .util.io import next_free_path
 from .util.metrics import psnr, relative_error
 

@@ -44,6 +44,7 @@ from .layouts import (
     choose_quantized_layout,
 )
 from .load import (
+    DTYPE_NAMES,
     FORMAT,
     FORMAT_VERSION,
     INT_BITS,
@@ -124,12 +125,22 @@ class CheckpointReport:
         rounded_at_save: pruned tensors whose values were rounded to codes at save time: the file
             differs from the weights given by at most ``max_value_relative_error`` of their peak.
         remainder: dense tensors stored as fp8 or codes.
+        dense_bytes: the state dict's bytes as given (the dense model in its save dtype).
+        file_bytes: the file's size on disk.
+        parameters: the number of values of every tensor of the state dict (the model's parameters).
+        dense_dtype: the dtype that holds most of ``dense_bytes`` (what the dense size is counted in).
+        largest_decoded: the compressed tensor with the most bytes once decoded, and those bytes
+            (its element count times its dtype's size): what a runtime that decodes one layer at a
+            time holds beside the compressed model (``("", 0)`` for a dense file).
     """
 
     path: Path
     format: str
     dense_bytes: int = 0
     file_bytes: int = 0
+    parameters: int = 0
+    largest_decoded: tuple[str, int] = ("", 0)
+    dense_dtype: torch.dtype | None = None
     layouts: dict[str, str] = field(default_factory=dict)
     max_fp8_relative_error: float = 0.0
     max_value_relative_error: float = 0.0
@@ -143,6 +154,18 @@ class CheckpointReport:
     def ratio(self) -> float:
         """File size as a fraction of the dense state dict's bytes."""
         return self.file_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """The file's bits per parameter of the model (header, scales, masks and norms included)."""
+        return 8 * self.file_bytes / self.parameters if self.parameters else 0.0
+
+    @property
+    def vram_bytes(self) -> int:
+        """What the loaded model holds on its device: the file's tensors plus the largest layer
+        decoded at once (Load Pruned Model, ``compressed on device``, decodes one layer per matmul;
+        a dense file is loaded as it is). Activations, the text encoders and the VAE come on top."""
+        return self.file_bytes + self.largest_decoded[1]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -414,6 +437,7 @@ def save_pruned_checkpoint(
 
     tensors: dict[str, torch.Tensor | LazyTensor] = {}
     layouts: dict[str, dict[str, str]] = {}
+    bytes_by_dtype: dict[torch.dtype, int] = {}
     encoders: list[_Encoder] = []
     for name, source_given in state_dict.items():
         source = counter.wrap(source_given)
@@ -421,6 +445,8 @@ def save_pruned_checkpoint(
             counter.step(2)
         tensor = source() if callable(source) else source
         report.dense_bytes += _nbytes(tensor)
+        report.parameters += tensor.numel()
+        bytes_by_dtype[tensor.dtype] = bytes_by_dtype.get(tensor.dtype, 0) + _nbytes(tensor)
         produce: Callable[[], torch.Tensor] = source if callable(source) else functools.partial(_same, tensor)
         plan: tuple[_Encoder, dict[str, str]] | None = None
         if format == "compressed" and name in given:
@@ -450,8 +476,12 @@ def save_pruned_checkpoint(
             )
         tensors.update(pieces)
         report.layouts[name] = layouts[name]["layout"]
+        decoded = tensor.numel() * DTYPE_NAMES[layouts[name]["dtype"]].itemsize
+        if decoded > report.largest_decoded[1]:
+            report.largest_decoded = (name, decoded)
         del tensor
     report.version = 2 if any(_needs_v2(e) for e in layouts.values()) else 1
+    report.dense_dtype = max(bytes_by_dtype, key=bytes_by_dtype.__getitem__) if bytes_by_dtype else None
     meta = {
         **(metadata or {}),
         "format": FORMAT,

@@ -197,6 +197,7 @@ def prune_sequential_(
     weight_fn: WeightFn = module_weight,
     write_fn: WriteFn = _write_in_place,
     collect_quantized: bool = True,
+    on_phase: Callable[[str], None] | None = None,
 ) -> SequentialReport:
     """Prune with reconstruction, in sequential passes whose Grams fit a memory budget.
 
@@ -247,6 +248,9 @@ def prune_sequential_(
         write_fn: where a reconstructed weight goes (default: in place).
         collect_quantized: keep every layer's QuantizedWeight (on the CPU) in ``report.quantized``;
             a host that keeps them itself (from ``write_fn``) passes False to hold them only once.
+        on_phase: told, in words, each phase as it starts: ``"calibration pass 2 of 8: ..."``,
+            ``"block 3 of 57 (double_blocks.2): recording its calls"``, ``"... refining"`` (a host
+            shows it beside its progress bar, which the sampler's own steps also move).
     Returns:
         a :class:`SequentialReport`.
     Raises:
@@ -266,9 +270,17 @@ def prune_sequential_(
     pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     at: dict[str, int] = {}  # a pending layer's index in ``done``
     refined: list[BlockRefinement] = []
+    blocks = list(dict.fromkeys(layer_block(n, target.template) for n in target.layers)) if refine else []
+    blocks = [b for b in blocks if b != "other"]
+
+    def phase(text: str) -> None:
+        if on_phase is not None:
+            on_phase(text)
+
     for index, group in enumerate(groups):
         start = time.perf_counter()
         layers = {name: target.layers[name] for name in group}
+        phase(f"calibration pass {index + 1} of {len(groups)}: sampling to record {len(group)} layers")
         with Calibrator(target.module, layers, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
             run_calibration(cal)
         gram_bytes = cal.gram_bytes
@@ -316,7 +328,12 @@ def prune_sequential_(
             if progress is not None:
                 progress(len(done), len(target.layers), name)
         for block, news in pending.items():
-            refined.append(_refine_block(target, block, news, run_calibration, config, weighting, weight_fn))
+            where = f"block {blocks.index(block) + 1} of {len(blocks)} ({block})"
+            refined.append(
+                _refine_block(
+                    target, block, news, run_calibration, config, weighting, weight_fn, phase, where
+                )
+            )
             for name, (new, keep) in news.items():
                 layer = target.layers[name]
                 dense = weight_fn(name, layer).detach()
@@ -415,6 +432,8 @@ def _refine_block(
     config: PruneConfig,
     weighting: str | TimestepWeighting,
     weight_fn: WeightFn,
+    phase: Callable[[str], None] = lambda _text: None,
+    where: str = "",
 ) -> BlockRefinement:
     """Block refinement of one block whose layers' new weights are ``news``; replaces them in ``news``.
 
@@ -428,6 +447,7 @@ def _refine_block(
     probe = {first: target.layers[first]}  # the Calibrator only gives run_calibration its timestep weights
     cal = Calibrator(target.module, probe, weighting=weighting, weight_fn=weight_fn)
     rec = BlockCallRecorder(module, max_calls=params.block_refine_calls, weight_of=lambda: cal.current_weight)
+    phase(f"{where or block}: sampling to record its calls (block refinement)")
     with cal, rec:
         run_calibration(cal)
     if not rec.calls:
@@ -435,6 +455,7 @@ def _refine_block(
             f"block refinement of {block!r}: run_calibration ran no forward pass through the block; it "
             "must run the model on the calibration inputs every time it is called"
         )
+    phase(f"{where or block}: refining its kept weights ({params.block_refine_steps} Adam steps)")
     # copies made outside inference mode (ComfyUI samples inside it): autograd needs normal tensors
     with torch.inference_mode(False):
         reference = copy.deepcopy(module).float()

@@ -36,8 +36,8 @@ def refuse_placeholder(name: str, placeholder: str, folder: str) -> None:
     if name == placeholder:
         where = folder_paths.get_folder_paths(folder)
         raise ValueError(
-            f"no file in {where[0] if where else folder} yet: {placeholder.strip('()')}, then press R "
-            "in the graph to refresh the list"
+            f"no file in {where[0] if where else folder} yet: "
+            f"{placeholder.strip('()').removeprefix('none yet: ')}, then press R in the graph to refresh the list"
         )
 
 

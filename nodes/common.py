@@ -173,17 +173,60 @@ class MaskPatch(WeightAdapterBase):
             return weight.masked_fill_(~self.mask.to_bool(weight.device), 0)
 
 
+def show_text(text: str) -> None:
+    """Show ``text`` on the running node, under its title, as ComfyUI's own nodes do
+    (``PromptServer.send_progress_text``; frontend 1.27 draws it on the node). Outside a server
+    (a script, the tests) it is only logged."""
+    log.debug("ditprune: %s", text)
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return
+    context = get_executing_context()
+    server = getattr(PromptServer, "instance", None)
+    if context is not None and server is not None:
+        server.send_progress_text(text, context.node_id)
+
+
 class Progress:
-    """A ComfyUI progress bar whose every update is also an interrupt point."""
+    """A ComfyUI progress bar whose every update is also an interrupt point, and the phase in words
+    on the node: ``describe(done, total, label)`` for each update, :meth:`phase` for a new phase.
+    ``shown`` keeps every text shown (for the tests)."""
 
-    def __init__(self, total: int | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None = None,
+        describe: Callable[[int, int, str], str] | None = None,
+    ) -> None:
         self.bar = None if total is None else comfy.utils.ProgressBar(total)
+        self.describe = describe
+        self.current_phase = ""
+        self.shown: list[str] = []
 
-    def __call__(self, done: int, total: int, _label: str = "") -> None:
+    def phase(self, text: str) -> None:
+        """A new phase starts (``calibration pass 2 of 8: ...``): show it; it is an interrupt point."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.current_phase = text
+        self._show(text)
+
+    def _show(self, text: str) -> None:
+        self.shown.append(text)
+        show_text(text)
+
+    def __call__(self, done: int, total: int, label: str = "") -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if self.bar is None:  # total learnt from the first update
             self.bar = comfy.utils.ProgressBar(total)
         self.bar.update_absolute(done, total)
+        if self.describe is not None:
+            text = self.describe(done, total, label)
+            self._show(f"{self.current_phase}\n{text}" if self.current_phase else text)
+
+
+def layer_progress(done: int, total: int, label: str) -> str:
+    """``layer 3 of 228: double_blocks.0.img_attn.qkv``."""
+    return f"layer {done} of {total}" + (f": {label}" if label else "")
 
 
 def safe_child(folder: str | Path, relative: str) -> Path:

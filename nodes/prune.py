@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
@@ -23,8 +22,8 @@ from ..ditprune_core import (
     sparsity_report,
 )
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
-from ..ditprune_core.util.imaging import bar_chart, scatter_plot
 from ..ditprune_core.util.packing import PackedMask
+from ..ditprune_core.util.plots import render, sparsity_by_block_figure, weight_space_figure
 from .common import (
     CATEGORY,
     PREFIX,
@@ -35,6 +34,7 @@ from .common import (
     SaliencyType,
     diffusion_model,
     effective_weight,
+    layer_progress,
     pruning_choice,
     pruning_inputs,
     weight_fn_for,
@@ -186,7 +186,8 @@ class DitPruneClusterWeights(io.ComfyNode):
                 ),
                 io.Image.Output(
                     display_name="plot",
-                    tooltip="plot_layer's output rows in 2-D weight space, coloured by cluster.",
+                    tooltip="plot_layer's output rows in 2-D weight space (axes: log RMS of the row's "
+                    "weights, and of its weights seen through the input energy), coloured by cluster.",
                 ),
                 io.String.Output(
                     display_name="summary",
@@ -226,7 +227,14 @@ class DitPruneClusterWeights(io.ComfyNode):
         stats = saliency.stats if saliency is not None else None
         a = stats[plot_layer].activation_sq_mean if stats is not None and plot_layer in stats else None
         clusters = cluster_rows(effective_weight(model, plot_layer), a, params)
-        plot = scatter_plot(clusters.features, clusters.labels)[None]
+        figure = weight_space_figure(
+            clusters.features,
+            clusters.labels,
+            layer=plot_layer,
+            calibrated=a is not None,
+            silhouette=clusters.silhouette,
+        )
+        plot = render(figure)[None]
         text = f"{plot_layer}: k={clusters.k}, rows per cluster {clusters.sizes()}" + (
             f", silhouette {clusters.silhouette:.2f}" if clusters.silhouette is not None else ""
         )
@@ -262,7 +270,9 @@ class DitPruneApplyPruning(io.ComfyNode):
                     tooltip="Sparsity per layer and overall; connect Preview Any to read it.",
                 ),
                 io.Image.Output(
-                    display_name="sparsity per block", tooltip="Bar chart of the sparsity of every block."
+                    display_name="sparsity per block",
+                    tooltip="Bar chart: % of weights removed in every transformer block, by block kind, "
+                    "with the target as a dashed line.",
                 ),
             ],
         )
@@ -290,7 +300,11 @@ class DitPruneApplyPruning(io.ComfyNode):
         pruned = model.clone()
         masks: dict[str, PackedMask] = {}
         for name, keep in iter_masks(
-            target, saliency.stats, config, progress=Progress(), weight_fn=weight_fn_for(model)
+            target,
+            saliency.stats,
+            config,
+            progress=Progress(describe=lambda d, t, name: f"masking {layer_progress(d, t, name)}"),
+            weight_fn=weight_fn_for(model),
         ):
             masks[name] = PackedMask.from_bool(keep.cpu())
             del keep
@@ -299,11 +313,12 @@ class DitPruneApplyPruning(io.ComfyNode):
         report = sparsity_report(target.module, masks, template=target.template)
         header = f"{saliency.describe()}, {config.granularity} groups, {pattern}, target {sparsity:.0%}\n"
         per_block = report.by("block")
-        values = [p / n if n else 0.0 for p, n in per_block.values()]
-        colours = [0 if b.startswith(("double", "joint")) else 1 for b in per_block]
-        image = torch.nn.functional.pad(bar_chart(values, colours=colours), (0, 0, 8, 8, 8, 8), value=1.0)[
-            None
-        ]
+        figure = sparsity_by_block_figure(
+            {b: p / n if n else 0.0 for b, (p, n) in per_block.items()},
+            target=sparsity,
+            title=f"sparsity per block\n{saliency.metric}, {pattern}",
+        )
+        image = render(figure)[None]
         pruned.model_options["ditprune"] = {
             "config": config.to_dict(),
             "sparsity": report.sparsity,

@@ -24,6 +24,7 @@ from .common import (
     SaliencyType,
     _patched_fp32,
     diffusion_model,
+    layer_progress,
     original_weight,
     pruning_choice,
     pruning_inputs,
@@ -263,16 +264,18 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             # lowvram the layers' weights sit in RAM, whose size would wrongly size Grams on the GPU
             free = int(comfy.model_management.get_free_memory(pruned.load_device))
             budget = default_memory_budget(select_layers(dm, config), free_bytes=free)
+        progress = Progress(describe=layer_progress)
         report = prune_sequential_(
             dm,
             run,
             config,
             memory_budget_bytes=budget,
             weighting=timestep_weighting,
-            progress=Progress(),
+            progress=progress,
             weight_fn=target_weight,
             write_fn=write,
             collect_quantized=False,
+            on_phase=progress.phase,
         )
         pruned.model_options["ditprune"] = {
             "config": config.to_dict(),

@@ -13,7 +13,7 @@ from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from ..ditprune_core import __version__
-from ..ditprune_core.save import save_pruned_checkpoint
+from ..ditprune_core.save import CheckpointReport, save_pruned_checkpoint
 from ..ditprune_core.util.io import check_name_fits, next_free_path
 from ..ditprune_core.util.save_dtype import cast_exactly, narrowest_exact_dtype
 from .common import (
@@ -164,7 +164,13 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                 io.String.Output(
                     display_name="path",
                     tooltip="The file written, and which loader opens it; connect Preview Any to read it.",
-                )
+                ),
+                io.String.Output(
+                    display_name="size",
+                    tooltip="The file's size, bits per weight, its ratio to the dense model, and the VRAM "
+                    "the loaded model needs (weights plus the largest layer decoded at once); connect Preview Any to read it "
+                    "on screen after a run.",
+                ),
             ],
             is_output_node=True,
         )
@@ -225,9 +231,10 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             quantized=given_codes(model, keys) if format == "compressed" else None,
             remainder=remainder,
             remainder_filter=linear_keys.__contains__,
-            progress=Progress(),
+            progress=Progress(describe=save_progress(len(keys))),
         )
         loader = "DiT-Pruning Load Pruned Model" if format == "compressed" else "Load Diffusion Model"
+        size = size_text(report)
         text = (
             f"saved {target} in {how} ({report.ratio:.1%} of the dense size, {len(report.layouts)} "
             f"tensors compressed); open it with {loader}"
@@ -244,4 +251,41 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                 f". {len(report.remainder)} dense layer(s) stored as {remainder} (largest error "
                 f"{report.max_remainder_relative_error:.3g} of each layer's largest weight)"
             )
-        return io.NodeOutput(str(target), ui={"text": [text]})
+        return io.NodeOutput(str(target), size, ui={"text": [text, size]})
+
+
+def save_progress(tensors: int) -> Callable[[int, int, str], str]:
+    """The Save phase in words: each tensor is made twice, to choose its layout and to write it."""
+
+    def describe(done: int, _total: int, _label: str) -> str:
+        if done <= tensors:
+            return f"saving: choosing the layout of tensor {done} of {tensors}"
+        return f"saving: writing tensor {done - tensors} of {tensors}"
+
+    return describe
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in GB, MB or kB (powers of 1000, as the README's tables)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def size_text(report: CheckpointReport) -> str:
+    """What a saved file costs, from the core's :class:`CheckpointReport` (the node only formats)."""
+    dtype = str(report.dense_dtype).removeprefix("torch.")
+    text = (
+        f"size {human_bytes(report.file_bytes)}, {report.bits_per_weight:.2f} bits per weight, "
+        f"ratio {report.ratio:.1%} of the dense model ({human_bytes(report.dense_bytes)} in {dtype}); "
+        f"VRAM to load it: {human_bytes(report.vram_bytes)}"
+    )
+    name, decoded = report.largest_decoded
+    if decoded:
+        text += (
+            f" (weights + the largest decoded layer, {name.removesuffix('.weight')}: {human_bytes(decoded)})"
+        )
+    else:
+        text += " (its weights as stored)"
+    return text + "; activations, text encoders and VAE come on top"

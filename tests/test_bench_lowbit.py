@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ditprune_core.bench.pareto import FLUX_REST, FLUX_SHAPES, _flux_bytes, _flux_gb
+from ditprune_core.bench.pareto import FLUX_REST, FLUX_SHAPES, _flux_gb, flux_bytes
 from ditprune_core.bench.quant_groups import Point, choose_defaults, frontier
 from ditprune_core.calibrate import recording_grams
 from ditprune_core.quantize import QuantSpec
@@ -42,16 +42,16 @@ def test_frontier_and_defaults_rule() -> None:
 
 def test_flux_projection_matches_the_known_files() -> None:
     # ComfyUI's fp8 FLUX.1-dev is 11.9 GB: every parameter in one byte
-    assert _flux_gb(_flux_bytes(None, None, 8))[1] == pytest.approx(11.9, abs=0.05)
+    assert _flux_gb(flux_bytes(None, None, 8))[1] == pytest.approx(11.9, abs=0.05)
     # bf16: 23.8 GB
-    assert _flux_gb(_flux_bytes(None, None, 16))[0] == pytest.approx(23.8, abs=0.05)
+    assert _flux_gb(flux_bytes(None, None, 16))[0] == pytest.approx(23.8, abs=0.05)
     # dense 4-bit groups of 64, symmetric: 4.25 bits + a 16-byte shape and a 16-byte spec piece per layer
     # 19 double blocks x (img, txt) x (qkv, proj, mlp.0, mlp.2) + 38 single blocks x 2:
     # 2 x 38 x 4 x 3072^2 (qkv + proj) + 2 x 38 x 8 x 3072^2 (mlp) ... = 8.607B parameters
     assert sum(r * c * n for (r, c), n in FLUX_SHAPES.items()) == 8_606_711_808
     layers = 19 * 2 * 4 + 38 * 2
     assert sum(FLUX_SHAPES.values()) == layers
-    assert _flux_bytes(QuantSpec(4, 64), None) == 8_606_711_808 * 4.25 / 8 + 32 * layers
+    assert flux_bytes(QuantSpec(4, 64), None) == 8_606_711_808 * 4.25 / 8 + 32 * layers
     assert FLUX_REST == 11_901_408_320 - 8_606_711_808
 
 

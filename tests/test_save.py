@@ -105,6 +105,25 @@ def test_sizes_match_the_arithmetic(tmp_path) -> None:
     assert 0.54 < nm.ratio <= 0.55  # 1/2 values + 2.67 bits per 4 weights
 
 
+def test_report_gives_bits_per_weight_and_the_vram_a_load_needs(tmp_path) -> None:
+    """Bits per weight over every parameter, the largest layer decoded at once (its element count
+    times its dtype's size) and the VRAM figure the Save node shows: file + that layer."""
+    big, small = _pruned(256, 512, 0.5), _pruned(128, 128, 0.5)
+    bias = torch.zeros(256, dtype=torch.bfloat16)
+    state = {"a.weight": small, "b.weight": big, "b.bias": bias}
+    report = save_pruned_checkpoint(state, tmp_path / "r.safetensors", values="int4")
+    params = 256 * 512 + 128 * 128 + 256
+    file_bytes = (tmp_path / "r.safetensors").stat().st_size
+    assert report.parameters == params and report.file_bytes == file_bytes
+    assert report.bits_per_weight == pytest.approx(8 * file_bytes / params)
+    assert 2.5 < report.bits_per_weight < 4  # half the values in 4 bits, a bitmask, scales, header
+    assert report.largest_decoded == ("b.weight", 256 * 512 * 2)  # decoded to its bf16
+    assert report.vram_bytes == file_bytes + 256 * 512 * 2
+    assert report.ratio == pytest.approx(file_bytes / (2 * params)) and report.dense_dtype == torch.bfloat16
+    dense = save_pruned_checkpoint(state, tmp_path / "d.safetensors", format="dense")
+    assert dense.largest_decoded == ("", 0) and dense.vram_bytes == dense.file_bytes
+
+
 def test_unpruned_and_small_tensors_stay_dense(tmp_path) -> None:
     report = save_pruned_checkpoint(
         {

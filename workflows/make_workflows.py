@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,27 @@ MODELS = {
         "text_encoders",
     ),
 }
+
+
+# the Note widget's text (frontend 1.27, measured in the browser check: no note may scroll): average
+# glyph width and line height in px, and the textarea's padding
+NOTE_CHAR, NOTE_LINE, NOTE_PAD = 7.3, 16.5, 22
+
+
+def note_height(text: str, width: int) -> int:
+    """The height a Note of ``width`` needs to show ``text`` whole (wrapped at word boundaries)."""
+    per_line = max(1, int((width - NOTE_PAD) / NOTE_CHAR))
+    lines = 0
+    for paragraph in text.split("\n"):
+        current = 0
+        lines += 1
+        for word in paragraph.split(" "):
+            if current and current + 1 + len(word) > per_line:
+                lines += 1
+                current = len(word)
+            else:
+                current += (1 if current else 0) + len(word)
+    return int(NOTE_PAD + NOTE_LINE * lines) + 4
 
 
 class Graph:
@@ -204,6 +226,8 @@ class Graph:
         entry = self.nodes[node - 1]
         self.placed = True
         h = max(height or 0, MIN_HEIGHT.get(entry["type"], 26))
+        if entry["type"] == "Note":  # never shorter than its text
+            h = max(h, note_height(entry["widgets_values"][0], width))
         entry["pos"] = [x, y + TITLE]
         entry["size"] = [width, h]
         return x, y + TITLE + h
@@ -321,26 +345,28 @@ NOTES = {
     "load": "Loads the model to prune, its text encoders and VAE, and the prompt.\n\n"
     "Files: see properties / the README's 'Model files'. The same prompt and latent feed "
     "calibration and both samplers.",
-    "calibrate": "Samples once and records each layer's input energy.\n\n"
-    "Matters: steps (every step is recorded), the prompt and latent size. Set save_name to keep "
-    "the calibration (Load Calibration reads it back).",
-    "score": "Score: how weights are ranked (energy = DiT-Pruning; balance 0.4).\n\n"
-    "Cluster: the comparison groups; 'layer' is the default. The plot shows one layer's rows "
-    "in 2-D weight space.",
-    "prune": "Masks the weights of a copy of the model (the input is unchanged).\n\n"
-    "Matters: sparsity, pattern (2:4 for sparse kernels), which layer families.",
+    "calibrate": "Samples once, recording each layer's input energy. Matters: steps, prompt and "
+    "latent size; save_name keeps the calibration for Load Calibration.",
+    "score": "Score ranks weights (energy = DiT-Pruning). Cluster sets the comparison groups "
+    "(default: layer) and plots one layer's rows.",
+    "prune": "Masks a copy of the model (the input is unchanged). Matters: sparsity, pattern (2:4 "
+    "for sparse kernels), layer families.",
     "sample": "Same seed, steps and prompt for both samplers, so the two images differ only by the pruning.",
     "compare": "PSNR and relative error of pruned vs dense; the difference image is amplified.",
-    "save": "Writes models/diffusion_models/<prefix>_00001.safetensors.\n\n"
-    "format dense: opens in the stock Load Diffusion Model.\n"
-    "format compressed: smaller (about 56% at 50%); open it with DiT-Pruning Load Pruned Model.",
+    "save": "Writes models/diffusion_models/<prefix>_00001.safetensors and shows its size, bits per "
+    "weight and the VRAM it needs.\n\n"
+    "format compressed (here): about 56% of bf16 at 50%; open it with DiT-Pruning Load Pruned Model.\n"
+    "format dense: as large as the source; opens in the stock Load Diffusion Model.",
 }
+SAVE_OUTPUTS = [("path", "STRING"), ("size", "STRING")]
 
 
-def _text_out(g: Graph, src: int, slot: int, x: int, y: int, title: str, height: int = 100) -> int:
+def _text_out(
+    g: Graph, src: int, slot: int, x: int, y: int, title: str, height: int = 100, width: int = WP
+) -> int:
     """A Preview Any showing a STRING output after a run."""
     node = g.add("PreviewAny", (x, y), [], [("source", "*")], [], title=title)
-    g.place(node, x, y, WP, height)
+    g.place(node, x, y, width, height)
     g.link(src, slot, node, "source")
     return node
 
@@ -523,24 +549,25 @@ def sample_compare_save(
     save = g.add(
         "DitPruneSavePrunedModel",
         (0, 0),
-        [prefix, "dense", "keep dtype", "auto", "keep"],
+        [prefix, "compressed", "keep dtype", "auto", "keep"],
         [("model", "MODEL")],
-        [("path", "STRING")],
+        SAVE_OUTPUTS,
     )
     _x, save_bottom = g.place(save, X["save"], TOP_B, W)
     g.link(pruned_model, 0, save, "model", via=save_bus)
     path = _text_out(g, save, 0, X["save_out"], TOP_B, "saved file", 120)
+    size = _text_out(g, save, 1, X["save_out"], TOP_B + TITLE + 120 + 24, "size, bits per weight, VRAM", 170)
     note7 = g.note((0, 0), W, 170, NOTES["save"], "About: save")
     g.place(note7, X["save"], save_bottom + 24, W, 170)
-    g.group("7 · Save", COLOURS["save"], [save, path, note7])
+    g.group("7 · Save", COLOURS["save"], [save, path, size, note7])
 
 
 def _load_column(g: Graph, nodes: list[tuple[int, int]], text: str = NOTES["load"]) -> list[int]:
     """Stack (node, height) in the Load column under its note; returns the members."""
     note = g.note((0, 0), W, 100, text, "About: load")
-    g.place(note, X["load"], TOP_A, W, 100)
+    _x, y = g.place(note, X["load"], TOP_A, W, 100)
     members = [note]
-    y = TOP_A + TITLE + 100 + 24
+    y += 24
     for node, height in nodes:
         _x, bottom = g.place(node, X["load"], y, W, height)
         y = bottom + 24
@@ -736,35 +763,44 @@ def wan21_t2v() -> dict[str, Any]:
     return g.to_json()
 
 
-# --- the reconstruction variants (FLUX.1-dev, SD3.5) ---------------------------------------------
+# --- the reconstruction variants (FLUX.1-dev, SD3.5, and FLUX.1-dev per GPU) ---------------------
 #
-# Load column, then Prune and Reconstruct (row A, its report beside it) with the sampler of its
-# result below it (row B) and Save on the right. The pruned MODEL reaches the sampler along the
-# column's left margin (Graph.wrap) and Save over the MODEL bus above row A; the VAE runs in the lane
-# between the rows.
+# Load column, then row A: Prune and Reconstruct with its note and report beside it, and Save (with
+# its path and size) on the right; row B: the reconstructed and the dense model sampled from the
+# same seed, decoded, and compared (PSNR, relative error, difference image), as in the plain
+# workflows. The reconstructed MODEL reaches its sampler along the column's left margin
+# (Graph.wrap) and Save over the MODEL bus above row A; the VAE runs in the lane between the rows.
 WR = 300  # Prune and Reconstruct's width
 RECON_STEPS = 8  # its sampler steps per pass: the plain workflows' calibration steps
-NOTE_H = 210  # its note: what a run costs
-XR = {"recon": 340, "report": 700, "decode": 640, "image": 870, "save": 1110, "save_out": 1410}
+WSIDE = 440  # the note and report beside it
+XR = {
+    "recon": 340,
+    "side": 710,  # 70 from Prune and Reconstruct: the wrap's drop along its right edge bulges ~40
+    "save": 1200,
+    "save_out": 1500,
+    "decode": 640,
+    "images": 890,
+    "metrics": 1150,
+}
 
 RECONSTRUCT_NOTES = {
     "load": "Loads the model, its text encoders and VAE, and the prompt.\n\nFiles: see properties / "
     "the README's 'Model files'. The same prompt and latent feed the reconstruction's sampler runs "
-    "and the sampler below.",
-    "reconstruct": "Prunes a copy of the model (the input is unchanged) and updates the weights it keeps, "
-    "so that each layer's output on these prompts changes as little as possible.\n\n"
-    "Cost: the sampler runs once per pass ({steps} steps at this latent size{cfg_note}), plus the "
-    "maths per layer. A pass holds the layers whose Gram matrices fit memory_budget_gb (0: a quarter "
-    "of the free memory, at most 8 GiB). {model} needs {total} GiB of them: {passes_8} passes at "
-    "8 GiB, {passes_4} at 4 GiB. Block refinement (block_refine_steps, default 100) then fits each "
-    "block's kept weights to the dense block's output: one more sampler run per block ({blocks} for "
-    "{model}); 0 skips it. The report says how many passes it took and each layer's error.",
-    "sample": "Draws with the reconstructed model (seed 42, {steps} steps). The picture only shows "
-    "here: add Save Image to keep it in output/.\n\nFor the dense picture beside it and PSNR: "
-    "{plain} (mask only).",
-    "save": "Writes models/diffusion_models/<prefix>_00001.safetensors (never over a file).\n\n"
-    "format compressed (here): 1 bit per weight plus the kept values{size}; open it with "
-    "DiT-Pruning Load Pruned Model.\nformat dense: opens in the stock Load Diffusion Model.",
+    "and both samplers below.",
+    "reconstruct": "{setting}Prunes a copy of the model (the input is unchanged) and updates the weights "
+    "it keeps, so that each layer's output on these prompts changes as little as possible.\n\n"
+    "Cost: the sampler runs once per pass ({steps} steps at this latent size{cfg_note}). {model} "
+    "needs {total} GiB of Gram matrices: {passes_8} passes at an 8 GiB budget, {passes_4} at 4 "
+    "(memory_budget_gb 0: a quarter of the free memory, at most 8). Block refinement (100 steps) "
+    "adds one sampler run per block ({blocks}); block_refine_steps 0 skips it. The node shows its "
+    "phase while it runs.",
+    "sample": "Both from seed 42, {steps} steps, the same prompt: the pictures differ only by the "
+    "pruning. Add Save Image to keep them.",
+    "compare": "PSNR and relative error of reconstructed vs dense; the difference is amplified x4.",
+    "save": "Writes models/diffusion_models/<prefix>_00001.safetensors (never over a file) and shows "
+    "its size, bits per weight and the VRAM it needs.\n\n"
+    "format compressed (here){size}: open it with DiT-Pruning Load Pruned Model.\n"
+    "format dense: as large as the source; opens in the stock Load Diffusion Model.",
 }
 
 
@@ -781,19 +817,21 @@ def reconstruct_chain(
     steps: int,
     notes: dict[str, str],
     prefix: str,
+    setting: dict[str, Any],
 ) -> None:
-    """Groups 2-4: Prune and Reconstruct -> sample its result / save it compressed."""
-    note = g.note((0, 0), WR, NOTE_H, notes["reconstruct"], "About: prune and reconstruct")
-    g.place(note, XR["recon"], TOP_A, WR, NOTE_H)
+    """Groups 2-5: Prune and Reconstruct -> sample it and the dense model, compare / save it.
+
+    ``setting``: ``sparsity``, ``value_bits`` ("none" or "8" / "4" / "3") and Save's ``values`` and
+    ``remainder``."""
     recon = g.add(
         "DitPrunePruneAndReconstruct",
         (0, 0),
-        # the calibration settings of the plain workflow's Calibrate; sparsity 0.5, budget 0 (auto)
+        # the calibration settings of the plain workflow's Calibrate; budget 0 (auto)
         [
             *(0, "fixed", RECON_STEPS, cfg, "euler", "simple", "log"),  # seed .. timestep_weighting
-            *("energy", 0.5, "unstructured", True, True, True, False, ""),  # metric .. layer_regex
+            *("energy", setting["sparsity"], "unstructured", True, True, True, False, ""),  # metric ..
             0.0,  # memory_budget_gb
-            "none",  # value_bits: keep the model's dtype (Save Pruned Model can still store low-bit values)
+            setting["value_bits"],  # the kept values' codes, chosen jointly (Save stores them exactly)
             100,  # block_refine_steps: the default (one more sampler run per block)
         ],
         [
@@ -806,69 +844,134 @@ def reconstruct_chain(
         ],
         [("MODEL", "MODEL"), ("report", "STRING")],
     )
-    _x, recon_bottom = g.place(recon, XR["recon"], TOP_A + TITLE + NOTE_H + 20, WR)
+    _x, recon_bottom = g.place(recon, XR["recon"], TOP_A, WR)
     for src, name in ((model, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
         g.link(src, 0, recon, name)
+    note = g.note((0, 0), WSIDE, 200, notes["reconstruct"], "About: prune and reconstruct")
+    _x, note_bottom = g.place(note, XR["side"], TOP_A, WSIDE, 200)
     report = _text_out(
-        g, recon, 1, XR["report"], TOP_A, "reconstruction report", recon_bottom - TOP_A - TITLE
+        g,
+        recon,
+        1,
+        XR["side"],
+        note_bottom + 24,
+        "reconstruction report",
+        max(150, recon_bottom - note_bottom - 54),
+        WSIDE,
     )
-    g.group("2 · Prune and reconstruct", COLOURS["reconstruct"], [note, recon, report])
-    row_b = recon_bottom + PAD + 40
-    top_b = row_b + GROUP_HEAD + 10
-
-    ks = g.add(
-        "KSampler",
-        (0, 0),
-        [42, "fixed", steps, cfg, "euler", "simple", 1.0],
-        [
-            ("model", "MODEL"),
-            ("positive", "CONDITIONING"),
-            ("negative", "CONDITIONING"),
-            ("latent_image", "LATENT"),
-        ],
-        [("LATENT", "LATENT")],
-        title="KSampler (reconstructed)",
-    )
-    g.place(ks, XR["recon"], top_b, W)
-    g.wrap(recon, 0, ks, "model")
-    for src, name in ((pos, "positive"), (neg, "negative"), (latent, "latent_image")):
-        g.link(src, 0, ks, name)
-    dec = g.add("VAEDecode", (0, 0), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")])
-    g.place(dec, XR["decode"], top_b, 200)
-    g.link(ks, 0, dec, "samples")
-    lane = row_b - 20  # between the rows
-    vae_bus = g.reroute((XR["decode"] - 30, lane), g.reroute((X["load"] + W + 30, lane)))
-    g.link(vae, vae_slot, dec, "vae", via=vae_bus)
-    note3 = g.note((0, 0), 200, 190, notes["sample"], "About: sample")
-    g.place(note3, XR["decode"], top_b + TITLE + 46 + 30, 200, 190)
-    image = _image_out(g, dec, 0, XR["image"], top_b, "reconstructed", 330)
-    g.group("3 · Sample the result", COLOURS["sample"], [ks, dec, note3, image])
+    row_a_bottom = max(recon_bottom, note_bottom + 24 + TITLE + g.nodes[report - 1]["size"][1])
 
     save = g.add(
         "DitPruneSavePrunedModel",
         (0, 0),
-        [prefix, "compressed", "keep dtype", "auto", "keep"],
+        [prefix, "compressed", setting["values"], "auto", setting["remainder"]],
         [("model", "MODEL")],
-        [("path", "STRING")],
+        SAVE_OUTPUTS,
     )
     _x, save_bottom = g.place(save, XR["save"], TOP_A, W)
-    bus = g.reroute((XR["report"] - 35, LANE_TOP))
+    bus = g.reroute((XR["side"] - 20, LANE_TOP))
     g.link(recon, 0, save, "model", via=g.reroute((XR["save"] - 30, LANE_TOP), bus))
-    path = _text_out(g, save, 0, XR["save_out"], TOP_A, "saved file", 130)
-    note4 = g.note((0, 0), W, 200, notes["save"], "About: save")
-    g.place(note4, XR["save"], max(save_bottom + 24, TOP_A + TITLE + 130 + 30), W, 200)
-    g.group("4 · Save", COLOURS["save"], [save, path, note4])
+    path = _text_out(g, save, 0, XR["save_out"], TOP_A, "saved file", 110)
+    size = _text_out(g, save, 1, XR["save_out"], TOP_A + TITLE + 110 + 24, "size, bits per weight, VRAM", 200)
+    note5 = g.note((0, 0), W, 200, notes["save"], "About: save")
+    _x, note5_bottom = g.place(note5, XR["save"], save_bottom + 24, W, 200)
+    g.group("2 · Prune and reconstruct", COLOURS["reconstruct"], [recon, note, report])
+    row_a_bottom = max(row_a_bottom, note5_bottom, TOP_A + 2 * TITLE + 110 + 24 + 200)
+
+    row_b = row_a_bottom + PAD + 40
+    top_b = row_b + GROUP_HEAD + 10
+    lane = row_b - 20  # between the rows
+    vae_bus = g.reroute((XR["decode"] - 30, lane), g.reroute((X["load"] + W + 30, lane)))
+    decoded, samplers, decoders, ks_ys = {}, [], [], []
+    y = top_b
+    for label, source in (("reconstructed", recon), ("dense", model)):
+        ks = g.add(
+            "KSampler",
+            (0, 0),
+            [42, "fixed", steps, cfg, "euler", "simple", 1.0],
+            [
+                ("model", "MODEL"),
+                ("positive", "CONDITIONING"),
+                ("negative", "CONDITIONING"),
+                ("latent_image", "LATENT"),
+            ],
+            [("LATENT", "LATENT")],
+            title=f"KSampler ({label})",
+        )
+        g.place(ks, XR["recon"], y, W)
+        if label == "reconstructed":
+            g.wrap(recon, 0, ks, "model")
+        else:  # down the gap between the Load column and the rows, then into the sampler
+            sx, sy, sw, _sh = g.box(source)
+            start = g.reroute((sx + sw + 30, sy + TITLE + int(0.7 * SLOT)))
+            drop = g.reroute((sx + sw + 30, y + TITLE + int(0.7 * SLOT)), start)
+            g.link(source, 0, ks, "model", via=drop)
+        for src, name in ((pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+            g.link(src, 0, ks, name)
+        dec = g.add(
+            "VAEDecode",
+            (0, 0),
+            [],
+            [("samples", "LATENT"), ("vae", "VAE")],
+            [("IMAGE", "IMAGE")],
+            title=f"VAE Decode ({label})",
+        )
+        g.place(dec, XR["decode"], y, 200)
+        g.link(ks, 0, dec, "samples")
+        if label == "reconstructed":
+            g.link(vae, vae_slot, dec, "vae", via=vae_bus)
+        else:  # down the gap left of the decoders, to the dense decoder's vae input
+            drop = g.reroute((XR["decode"] - 18, y + TITLE + int(1.7 * SLOT)), vae_bus)
+            g.link(vae, vae_slot, dec, "vae", via=drop)
+        samplers.append(ks)
+        decoders.append(dec)
+        decoded[label] = dec
+        ks_ys.append(g.nodes[ks - 1]["pos"][1])
+        y += TITLE + 262 + 40
+    note3 = g.note((0, 0), 200, 150, notes["sample"], "About: sample")
+    g.place(note3, XR["decode"], top_b + TITLE + 46 + 30, 200, 150)
+    g.group("3 · Sample dense vs reconstructed", COLOURS["sample"], [*samplers, *decoders, note3])
+
+    images = [
+        _image_out(g, decoded["reconstructed"], 0, XR["images"], ks_ys[0] - TITLE, "reconstructed", 220)
+    ]
+    compare = g.add(
+        "DitPruneCompare",
+        (0, 0),
+        [4.0],
+        [("dense", "IMAGE"), ("pruned", "IMAGE")],
+        [("metrics", "STRING"), ("difference", "IMAGE")],
+    )
+    g.place(compare, XR["images"], ks_ys[0] + 220 + 10, WP)
+    g.link(decoded["dense"], 0, compare, "dense")
+    g.link(decoded["reconstructed"], 0, compare, "pruned")
+    images.append(_image_out(g, decoded["dense"], 0, XR["images"], ks_ys[1] - TITLE + 60, "dense", 200))
+    compare_y = g.nodes[compare - 1]["pos"][1]
+    metrics = _text_out(g, compare, 0, XR["metrics"], top_b, "metrics (reconstructed vs dense)", 120)
+    diff = _image_out(g, compare, 1, XR["metrics"], compare_y - TITLE + 20, "difference x4", 200)
+    note4 = g.note((0, 0), WP, 100, notes["compare"], "About: compare")
+    g.place(note4, XR["metrics"], compare_y + 20 + 200 + 20, WP, 100)
+    g.group("4 · Compare", COLOURS["compare"], [*images, compare, metrics, diff, note4])
+    g.group("5 · Save", COLOURS["save"], [save, path, size, note5])
 
 
 def _reconstruct_notes(
-    model: str, plain: str, *, steps: int, cfg: float, gram_gib: tuple[float, int, int], size: str
+    model: str,
+    *,
+    steps: int,
+    cfg: float,
+    gram_gib: tuple[float, int, int],
+    size: str,
+    setting: str = "",
 ) -> dict[str, str]:
-    """The notes of a reconstruction variant; ``gram_gib`` = (total GiB of Grams, passes at 8, at 4)."""
+    """The notes of a reconstruction variant; ``gram_gib`` = (total GiB of Grams, passes at 8, at 4);
+    ``setting``: what this workflow's settings make (the per-GPU ones), first in its note."""
     total, passes_8, passes_4 = gram_gib
     cfg_note = "" if cfg == 1.0 else f"; cfg {cfg} evaluates the model twice a step"
     return {
         **RECONSTRUCT_NOTES,
         "reconstruct": RECONSTRUCT_NOTES["reconstruct"].format(
+            setting=setting,
             steps=RECON_STEPS,
             cfg_note=cfg_note,
             model=model,
@@ -877,7 +980,7 @@ def _reconstruct_notes(
             passes_4=passes_4,
             blocks=BLOCKS[model],
         ),
-        "sample": RECONSTRUCT_NOTES["sample"].format(steps=steps, plain=plain),
+        "sample": RECONSTRUCT_NOTES["sample"].format(steps=steps),
         "save": RECONSTRUCT_NOTES["save"].format(size=size),
     }
 
@@ -888,40 +991,72 @@ def _reconstruct_notes(
 GRAM_GIB: dict[str, tuple[float, int, int]] = {"flux1-dev": (60.1, 8, 17), "sd3.5-large": (31.4, 4, 9)}
 #: transformer blocks, each refined with one more sampler run (19 double + 38 single; 38 joint)
 BLOCKS = {"FLUX.1-dev": 57, "SD3.5 Large": 38}
+#: the unquantised reconstruction: values in the model's dtype, the rest as it is
+PLAIN_SETTING = {"sparsity": 0.5, "value_bits": "none", "values": "keep dtype", "remainder": "keep"}
+#: the size–fidelity table's choice per GPU, written by ``python -m ditprune_core.bench tiers``
+TIERS_JSON = Path(__file__).resolve().parent.parent / "docs" / "bench" / "vram_tiers.json"
 
 
-def flux_dev_reconstruct() -> dict[str, Any]:
+def tiers() -> list[dict[str, Any]]:
+    """The tiers whose verdict is a ditprune file (docs/bench/vram_tiers.json)."""
+    return [t for t in json.loads(TIERS_JSON.read_text())["tiers"] if t["verdict"] == "ditprune"]
+
+
+def tier_setting(tier: dict[str, Any]) -> dict[str, Any]:
+    """Prune and Reconstruct's and Save's widgets for a tier, read from the table's choice."""
+    bits = tier["value_bits"]
+    return {
+        "sparsity": tier["sparsity"],
+        "value_bits": "none" if bits is None else str(bits),
+        "values": tier["values"],
+        "remainder": tier["remainder"],
+    }
+
+
+def tier_text(tier: dict[str, Any]) -> str:
+    """What a tier's workflow makes, costs and gives, from the table (its note's first paragraph)."""
+    a, b = tier["errors"].values()
+    fa, fb = tier["fp8_errors"].values()
+    bits = "values in the model's dtype" if tier["value_bits"] is None else f"{tier['value_bits']}-bit values"
+    return (
+        f"For {tier['vram_gib']} GB GPUs (docs/bench/vram_tiers.md): {tier['sparsity']:.0%} sparsity, "
+        f"{bits}, remainder {tier['remainder']}. File {tier['file_gb']:.2f} GB; "
+        f"VRAM {tier['vram_gb']:.2f} GB loaded, {tier['needs_gb']:.2f} GB with ComfyUI's reserve at "
+        f"1024². Error vs dense (MiniFlux A / B): {a:.3f} / {b:.3f}; ComfyUI's fp8 ({tier['fp8_gb']:.1f} GB, "
+        f"{'fits' if tier['fp8_fits'] else 'does not fit'}): {fa:.3f} / {fb:.3f}.\n\n"
+    )
+
+
+def flux_dev_reconstruct(tier: dict[str, Any] | None = None) -> dict[str, Any]:
+    setting = PLAIN_SETTING if tier is None else tier_setting(tier)
+    size = (
+        ", about 16.3 GB for FLUX.1-dev at 50 %, more than ComfyUI's fp8 (11.9 GB): for smaller files "
+        "use the per-GPU workflows ditprune_flux1_dev_<N>gb"
+        if tier is None
+        else f", about {tier['file_gb']:.2f} GB"
+    )
     notes = _reconstruct_notes(
         "FLUX.1-dev",
-        "ditprune_flux1_dev.json",
         steps=20,
         cfg=1.0,
         gram_gib=GRAM_GIB["flux1-dev"],
-        size=", about 16.3 GB for FLUX.1-dev at 50 % instead of 23.8 GB",
+        size=size,
+        setting="" if tier is None else tier_text(tier),
     )
     g = Graph()
     unet, pos, neg, latent, vae = _flux_loaders(g, notes["load"])
+    prefix = (
+        "ditprune/flux1-dev-reconstructed" if tier is None else f"ditprune/flux1-dev-{tier['vram_gib']}gb"
+    )
     reconstruct_chain(
-        g,
-        unet,
-        pos,
-        neg,
-        latent,
-        vae,
-        0,
-        cfg=1.0,
-        steps=20,
-        notes=notes,
-        prefix="ditprune/flux1-dev-reconstructed",
+        g, unet, pos, neg, latent, vae, 0, cfg=1.0, steps=20, notes=notes, prefix=prefix, setting=setting
     )
     g.fit_view()
     return g.to_json()
 
 
 def sd35_reconstruct() -> dict[str, Any]:
-    notes = _reconstruct_notes(
-        "SD3.5 Large", "ditprune_sd35.json", steps=28, cfg=4.5, gram_gib=GRAM_GIB["sd3.5-large"], size=""
-    )
+    notes = _reconstruct_notes("SD3.5 Large", steps=28, cfg=4.5, gram_gib=GRAM_GIB["sd3.5-large"], size="")
     g = Graph()
     ckpt, pos, neg, latent = _sd35_loaders(g, notes["load"])
     reconstruct_chain(
@@ -936,18 +1071,95 @@ def sd35_reconstruct() -> dict[str, Any]:
         steps=28,
         notes=notes,
         prefix="ditprune/sd3.5-large-reconstructed",
+        setting=PLAIN_SETTING,
     )
     g.fit_view()
     return g.to_json()
 
 
-WORKFLOWS = {
+def _tier_builder(tier: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    return lambda: flux_dev_reconstruct(tier)
+
+
+WORKFLOWS: dict[str, Callable[[], dict[str, Any]]] = {
     "ditprune_flux1_dev.json": flux_dev,
     "ditprune_sd35.json": sd35,
     "ditprune_wan21_t2v.json": wan21_t2v,
     "ditprune_flux1_dev_reconstruct.json": flux_dev_reconstruct,
     "ditprune_sd35_reconstruct.json": sd35_reconstruct,
+    **{f"ditprune_flux1_dev_{t['vram_gib']}gb.json": _tier_builder(t) for t in tiers()},
 }
+
+
+def card_text(name: str) -> tuple[str, list[str]]:
+    """The template thumbnail's title and lines: what the workflow makes (ComfyUI's template list
+    shows the file name as its title, so the card says what it is)."""
+    fixed = {
+        "ditprune_flux1_dev.json": (
+            "FLUX.1-dev: prune (mask only)",
+            ["calibrate, score, prune 50%,", "compare dense vs pruned (PSNR),", "save compressed"],
+        ),
+        "ditprune_sd35.json": (
+            "SD3.5 Large: prune (mask only)",
+            ["calibrate, score, prune 50%,", "compare dense vs pruned (PSNR),", "save compressed"],
+        ),
+        "ditprune_wan21_t2v.json": (
+            "Wan 2.1 T2V 14B: prune (mask only)",
+            ["calibrate on a 33-frame clip,", "prune 50%, compare the frames,", "save compressed"],
+        ),
+        "ditprune_flux1_dev_reconstruct.json": (
+            "FLUX.1-dev: prune + reconstruct",
+            ["50%, values in bf16: 16.3 GB", "(larger than ComfyUI's fp8:", "see the per-GPU workflows)"],
+        ),
+        "ditprune_sd35_reconstruct.json": (
+            "SD3.5 Large: prune + reconstruct",
+            ["50%, values in bf16,", "compare dense vs reconstructed,", "save compressed"],
+        ),
+    }
+    if name in fixed:
+        return fixed[name]
+    tier = next(t for t in tiers() if name == f"ditprune_flux1_dev_{t['vram_gib']}gb.json")
+    a, b = tier["errors"].values()
+    bits = "bf16" if tier["value_bits"] is None else f"int{tier['value_bits']}"
+    return (
+        f"FLUX.1-dev for {tier['vram_gib']} GB GPUs",
+        [
+            f"{tier['sparsity']:.0%} pruned, {bits} values, rest {tier['remainder']}",
+            f"file {tier['file_gb']:.2f} GB, VRAM {tier['vram_gb']:.2f} GB",
+            f"error vs dense {a:.3f} / {b:.3f} (MiniFlux)",
+        ],
+    )
+
+
+def write_card(path: Path, title: str, lines: list[str]) -> None:
+    """A 400x300 JPEG title card: the template list's thumbnail (Pillow; no screenshot needed)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (400, 300), "#1f2430")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, 400, 8), fill=COLOURS["reconstruct"] if "GPU" in title else COLOURS["load"])
+    big, small = ImageFont.load_default(size=25), ImageFont.load_default(size=19)
+    y = 30
+    for part in _wrap(title, 26):
+        draw.text((20, y), part, fill="white", font=big)
+        y += 34
+    y += 14
+    for line in lines:
+        draw.text((20, y), line, fill="#c8d0e0", font=small)
+        y += 28
+    draw.text((20, 266), "ditprune workflow", fill="#7f8aa0", font=small)
+    image.save(path, format="JPEG", quality=90)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    out, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*out, line]
 
 
 def main(argv: list[str]) -> int:
@@ -958,7 +1170,8 @@ def main(argv: list[str]) -> int:
             print(f"{path} exists; pass --force to regenerate it", file=sys.stderr)
             return 1
         path.write_text(json.dumps(build(), indent=1) + "\n")
-        print(f"wrote {path}")
+        write_card(path.with_suffix(".jpg"), *card_text(name))
+        print(f"wrote {path} and its thumbnail")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
-decode, gpu_step, refine_holdout.
+decode, gpu_step, refine_holdout, tiers.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode",
             "gpu_step",
             "refine_holdout",
+            "tiers",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         "--per-class", type=int, default=10, help="pareto, lowbit: samples of each digit per seed"
     )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
+    parser.add_argument(
+        "--from-markdown",
+        action="store_true",
+        help="pareto: rewrite pareto.json and the plots from the pareto.md of the last run (no re-run)",
+    )
     parser.add_argument(
         "--jobs", type=int, default=1, help="quality, pareto: models run in parallel processes"
     )
@@ -90,6 +96,22 @@ def main(argv: list[str] | None = None) -> int:
 
         path = write_quant_groups(args.out, args.models)
         print(path.read_text())
+        return 0
+    if args.which == "tiers":
+        from .tiers import write_tiers
+
+        path = write_tiers(args.out / "pareto.json", args.out)
+        print(path.read_text())
+        return 0
+    if args.which == "pareto" and args.from_markdown:
+        from .pareto import OLD_PLOT_CAPTION, PLOT_CAPTION, read_markdown, write_tables
+
+        md = args.out / "pareto.md"
+        read = read_markdown(md)
+        first = md.read_text().split("\n", 3)[2]  # "Command: `...`. Written by ..."
+        path = write_tables(read, args.out, first.split("`")[1] + " (means, read back from pareto.md)")
+        md.write_text(md.read_text().replace(OLD_PLOT_CAPTION, PLOT_CAPTION))
+        print(path)
         return 0
     if args.which == "pareto":
         from .pareto import run_pareto, write_pareto

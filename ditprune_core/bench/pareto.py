@@ -38,8 +38,10 @@ in both.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from ..config import PruneConfig, ReconstructParams
 from ..layouts import StorageCost, storage_cost
@@ -63,11 +67,11 @@ from ..quantize import (
 )
 from ..save import is_remainder_weight
 from ..sequential import prune_sequential_
-from ..util.imaging import PALETTE, write_png
+from ..util.io import atomic_path
 from ..util.metrics import psnr, relative_error, relative_squared_error
 from . import write_report
-from .checkpoint_size import FLUX_PRUNABLE, FLUX_TOTAL
 from .context import SETTINGS, BenchContext, fmt_stat
+from .dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_SHAPES
 from .gguf_ref import BITS_PER_WEIGHT, GGUF_FORMATS, fp8_cast, gguf_fake_quantize
 from .grams import miniflux_grams
 from .lowbit import flux_rest_gb
@@ -78,17 +82,6 @@ log = logging.getLogger("ditprune")
 #: Dense round-to-nearest / GPTQ and kept-value settings (measured: docs/bench/quant_groups.md).
 DENSE_SPECS = {b: DEFAULT_DENSE_SPECS[b] for b in (4, 3, 2)}
 VALUE_SPECS = {b: DEFAULT_VALUE_SPECS[b] for b in (4, 3)}
-H, MLP = 3072, 12288
-#: FLUX.1-dev's prunable layers: (out, in) -> how many (19 double blocks x img/txt, 38 single blocks)
-FLUX_SHAPES = {
-    (3 * H, H): 2 * 19,
-    (H, H): 2 * 19,
-    (MLP, H): 2 * 19,
-    (H, MLP): 2 * 19,
-    (3 * H + MLP, H): 38,
-    (H, H + MLP): 38,
-}
-FLUX_REST = FLUX_TOTAL - FLUX_PRUNABLE
 FAMILIES = ("reference", "gguf", "rtn", "gptq", "ditprune", "ditprune-obs")
 #: sparsity settings of the reconstruction points (below 50 % too: with 4-bit values they land
 #: between 3 and 3.5 b/w; 52 % is the most a 4-bit file at 3.0 b/w can keep)
@@ -158,7 +151,7 @@ def _flux_gb(prunable_bytes: float) -> tuple[float, float, float]:
     )
 
 
-def _flux_bytes(values: QuantSpec | torch.dtype | None, setting: str | None, fixed_bpw: float = 0.0) -> float:
+def flux_bytes(values: QuantSpec | torch.dtype | None, setting: str | None, fixed_bpw: float = 0.0) -> float:
     """Bytes of FLUX.1-dev's prunable layers in a format (exact layout arithmetic)."""
     if values is None:
         return FLUX_PRUNABLE * fixed_bpw / 8
@@ -210,13 +203,13 @@ class _Points:
                 "bf16 cast",
                 "reference",
                 lambda n, w: _plain(w, w.to(torch.bfloat16).float(), 16),
-                _flux_bytes(None, None, 16),
+                flux_bytes(None, None, 16),
             ),
             (
                 "fp8 cast (ComfyUI)",
                 "reference",
                 lambda n, w: _plain(w, fp8_cast(w), 8),
-                _flux_bytes(None, None, 8),
+                flux_bytes(None, None, 8),
             ),
         ]
         for fmt in GGUF_FORMATS:
@@ -226,13 +219,13 @@ class _Points:
                     f"GGUF {fmt}",
                     "gguf",
                     self._gguf(fmt),
-                    _flux_bytes(None, None, bpw),
+                    flux_bytes(None, None, bpw),
                 )
             )
         for spec in DENSE_SPECS.values():
-            out.append((f"RTN {self._spec(spec)}", "rtn", self._rtn(spec), _flux_bytes(spec, None)))
+            out.append((f"RTN {self._spec(spec)}", "rtn", self._rtn(spec), flux_bytes(spec, None)))
         for spec in DENSE_SPECS.values():
-            out.append((f"GPTQ {self._spec(spec)}", "gptq", self._gptq(spec), _flux_bytes(spec, None)))
+            out.append((f"GPTQ {self._spec(spec)}", "gptq", self._gptq(spec), flux_bytes(spec, None)))
         for setting in SETTINGS:
             layout = "2:4" if setting == "2:4" else "bitmask"
             formats: list[tuple[str, QuantSpec | torch.dtype]] = [
@@ -246,7 +239,7 @@ class _Points:
                         f"ditprune {setting} + {label}",
                         "ditprune",
                         self._ditprune(setting, layout, values),
-                        _flux_bytes(values, setting),
+                        flux_bytes(values, setting),
                     )
                 )
         return out
@@ -357,11 +350,11 @@ class _Reconstructed:
                         "ditprune-obs",
                         pipe,
                         bpw,
-                        _flux_bytes(torch.bfloat16, setting),
+                        flux_bytes(torch.bfloat16, setting),
                     )
                 )
                 fp8_pipe, fp8_bpw = _fp8_values(pipe, _layout(setting))
-                fp8_bytes = _flux_bytes(torch.float8_e4m3fn, setting)
+                fp8_bytes = flux_bytes(torch.float8_e4m3fn, setting)
                 out.append((_obs_name(setting, "fp8"), "ditprune-obs", fp8_pipe, fp8_bpw, fp8_bytes))
             else:
                 out.append(
@@ -370,13 +363,13 @@ class _Reconstructed:
                         "ditprune-obs",
                         pipe,
                         bpw,
-                        _flux_bytes(spec, setting),
+                        flux_bytes(spec, setting),
                     )
                 )
         for setting, spec in NO_REFINE:
             pipe, bpw = self.run(setting, spec, refine=False)
             name = _obs_name(setting, _Points._spec(spec)) + " (no block refinement)"
-            out.append((name, "ditprune-obs", pipe, bpw, _flux_bytes(spec, setting)))
+            out.append((name, "ditprune-obs", pipe, bpw, flux_bytes(spec, setting)))
         return out
 
     def whole_files(self) -> list[tuple[str, str, MiniFluxPipeline, float, float]]:
@@ -385,7 +378,7 @@ class _Reconstructed:
         for setting, spec in WHOLE_FILE:
             pipe, bpw = self.run(setting, spec)
             name = _obs_name(setting, _Points._spec(spec)) + ", rest int4"
-            out.append((name, "ditprune-obs", _round_remainder(pipe), bpw, _flux_bytes(spec, setting)))
+            out.append((name, "ditprune-obs", _round_remainder(pipe), bpw, flux_bytes(spec, setting)))
         return out
 
 
@@ -603,46 +596,151 @@ def run_pareto(
     return ParetoResult(model, points)
 
 
-def plot(
-    result: ParetoResult, *, width: int = 480, height: int = 320, margin: int = 16, x_max: float = 10.0
-) -> torch.Tensor:
-    """(height, width, 3) plot: log10 relative error (up) against FLUX.1-dev bits per weight (right).
+#: each family's colour and legend name in the plot
+FAMILY_STYLE = {
+    "reference": ("#0072b2", "fp8 / bf16 cast"),
+    "gguf": ("#e69f00", "GGUF"),
+    "rtn": ("#009e73", "RTN (dense)"),
+    "gptq": ("#d55e00", "GPTQ (dense)"),
+    "ditprune": ("#56b4e9", "ditprune, mask only"),
+    "ditprune-obs": ("#cc79a7", "ditprune + OBS (Prune and Reconstruct)"),
+}
+PLOT_CAPTION = (
+    "Relative error of final samples against dense (log scale) against bits per weight of the "
+    "prunable layers on FLUX.1-dev's shapes; one marker per point of the table, coloured by family "
+    "(legend). Points beyond 10 bits and the bf16 cast (error 0) are left out."
+)
 
-    Vertical grid lines at every bit per weight from 0 to ``x_max`` (darker every 4), horizontal ones
-    at every decade of error; dots coloured by family (:data:`FAMILIES` order in
-    :data:`~ditprune_core.util.imaging.PALETTE`: reference blue, GGUF orange, RTN green, GPTQ
-    vermillion, ditprune sky blue, ditprune + OBS pink). Points beyond ``x_max`` bits or with zero
-    error (the bf16 cast) are left out.
-    """
-    img = torch.ones(height, width, 3)
-    pts = [
-        (p.flux_bits_per_weight, math.log10(p.error), FAMILIES.index(p.family))
-        for p in result.points
-        if p.error > 0 and p.flux_bits_per_weight <= x_max
-    ]
-    if not pts:
-        return img
-    y_lo = math.floor(min(y for _, y, _ in pts))
-    y_hi = math.ceil(max(y for _, y, _ in pts))
-    if y_hi == y_lo:
-        y_hi += 1
+#: the caption runs before the plots were matplotlib's (``--from-markdown`` replaces it)
+OLD_PLOT_CAPTION = (
+    "Rel. error on a log scale (up; a line every decade) vs FLUX.1-dev bits/weight (right; a line\n"
+    "every bit from 0 to 10, darker at 0, 4, 8). Blue: fp8 cast, orange: GGUF, green: RTN,\n"
+    "vermillion: GPTQ, sky blue: ditprune (mask-only), pink: ditprune + OBS."
+)
 
-    def to_px(x: float, y: float) -> tuple[int, int]:
-        px = margin + round(x / x_max * (width - 2 * margin - 1))
-        py = height - 1 - margin - round((y - y_lo) / (y_hi - y_lo) * (height - 2 * margin - 1))
-        return px, py
 
-    for b in range(int(x_max) + 1):
-        px, _ = to_px(b, y_lo)
-        img[margin : height - margin, px] = 0.55 if b % 4 == 0 else 0.8
-    for decade in range(y_lo, y_hi + 1):
-        _, py = to_px(0, decade)
-        img[py, margin : width - margin] = 0.55
-    dot = 3
-    for x, y, fam in pts:
-        px, py = to_px(x, y)
-        img[max(0, py - dot) : py + dot + 1, max(0, px - dot) : px + dot + 1] = PALETTE[fam]
-    return img
+def plot_figure(result: ParetoResult, *, x_max: float = 10.0) -> Figure:
+    """The size–fidelity plane of one model (matplotlib): relative error (log) against FLUX.1-dev
+    bits per weight, a marker per point coloured by family (:data:`FAMILY_STYLE`), labelled axes
+    and a legend. Points beyond ``x_max`` bits or with zero error (the bf16 cast) are left out."""
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for family, (colour, label) in FAMILY_STYLE.items():
+        pts = [
+            (p.flux_bits_per_weight, p.error)
+            for p in result.points
+            if p.family == family and p.error > 0 and p.flux_bits_per_weight <= x_max
+        ]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.scatter(xs, ys, s=22, color=colour, label=label, alpha=0.85)
+    ax.set_yscale("log")
+    ax.set_xlim(0, x_max)
+    ax.set_xlabel("bits per weight (prunable layers, FLUX.1-dev shapes)")
+    ax.set_ylabel("relative error of final samples vs dense")
+    ax.set_title(f"{result.model}: size against fidelity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def write_plot(result: ParetoResult, path: Path) -> Path:
+    """:func:`plot_figure` as a PNG, atomically."""
+    with atomic_path(path, overwrite=True) as tmp:
+        FigureCanvasAgg(plot_figure(result)).print_png(str(tmp))
+    return path
+
+
+def to_json(results: Sequence[ParetoResult], command: str) -> dict[str, object]:
+    """The table as data (``pareto.json``): per model, every point's name, family, remainder, bits
+    per weight, projected FLUX.1-dev GB by remainder, and mean (and std over seeds, where known)
+    metrics. :mod:`.tiers` reads it."""
+    models: dict[str, list[dict[str, object]]] = {}
+    for res in results:
+        rows = []
+        for p in sorted(res.points, key=lambda p: (-p.flux_bits_per_weight, p.name)):
+            row: dict[str, object] = {
+                "name": p.name,
+                "family": p.family,
+                "rest": p.remainder,
+                "flux_bits_per_weight": round(p.flux_bits_per_weight, 4),
+                "bits_per_weight": round(p.bits_per_weight, 4),
+                "flux_gb": {
+                    "rest_bf16": round(p.flux_gb_rest_bf16, 3),
+                    "rest_fp8": round(p.flux_gb_rest_fp8, 3),
+                    "rest_int4": round(p.flux_gb_rest_int4, 3),
+                },
+            }
+            for key in ("rel_err", "rel_mse", "psnr"):
+                if key in p.metrics:
+                    values = np.asarray(p.metrics[key], dtype=float)
+                    finite = bool(np.isfinite(values).all())  # the bf16 cast's PSNR is inf: null
+                    row[key] = round(float(values.mean()), 6) if finite else None
+                    if len(values) > 1:  # one value: read back from pareto.md, spread unknown
+                        row[key + "_std"] = round(float(values.std()), 6) if finite else None
+            rows.append(row)
+        models[res.model] = rows
+    return {"command": command, "models": models}
+
+
+_MD_ROW = re.compile(r"^\| (?P<cells>.+) \|$")
+
+
+def read_markdown(path: Path) -> list[ParetoResult]:
+    """The results of a previous run, read back from the ``pareto.md`` it wrote: each point's mean
+    metrics (one value per metric; the spread over seeds is not recoverable). For rewriting
+    ``pareto.json`` and the plots without running the benchmark again (hours on a CPU)."""
+    results: list[ParetoResult] = []
+    family_of = {"bf16 cast": "reference", "fp8 cast (ComfyUI)": "reference"}
+    for line in path.read_text().splitlines():
+        if line.startswith("### "):
+            results.append(ParetoResult(line[4:].strip(), []))
+            continue
+        m = _MD_ROW.match(line)
+        if not m or not results or line.startswith(("| point", "|---")):
+            continue
+        cells = [c.strip() for c in m["cells"].split(" | ")]
+        name, rest = cells[0], cells[1]
+        family = family_of.get(name) or next(
+            f
+            for prefix, f in (
+                ("GGUF", "gguf"),
+                ("RTN", "rtn"),
+                ("GPTQ", "gptq"),
+                ("ditprune+OBS", "ditprune-obs"),
+                ("ditprune", "ditprune"),
+            )
+            if name.startswith(prefix)
+        )
+
+        def mean(cell: str) -> list[float]:
+            return [float(cell.split(" ± ")[0])]
+
+        metrics = {"rel_err": mean(cells[4]), "rel_mse": mean(cells[5]), "psnr": mean(cells[6])}
+        point = ParetoPoint(
+            name,
+            family,
+            float(cells[3]),
+            float(cells[2]),
+            float(cells[10]),
+            float(cells[11]),
+            metrics,
+            float(cells[12]),
+            rest,
+        )
+        results[-1].points.append(point)
+    return results
+
+
+def write_tables(results: Sequence[ParetoResult], out_dir: Path, command: str) -> Path:
+    """``pareto.json`` and one plot per model (``pareto_<model>.png``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for res in results:
+        write_plot(res, out_dir / f"pareto_{res.model}.png")
+    path = out_dir / "pareto.json"
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(to_json(results, command), indent=1) + "\n")
+    return path
 
 
 def write_pareto(results: Sequence[ParetoResult], out_dir: Path, command: str) -> Path:
@@ -679,16 +777,8 @@ def write_pareto(results: Sequence[ParetoResult], out_dir: Path, command: str) -
     ]
     for res in results:
         parts += [res.to_markdown(), ""]
-        png = out_dir / f"pareto_{res.model}.png"
-        write_png(plot(res), png, overwrite=True)
-        parts += [
-            f"![error vs bits]({png.name})",
-            "",
-            "Rel. error on a log scale (up; a line every decade) vs FLUX.1-dev bits/weight (right; a line",
-            "every bit from 0 to 10, darker at 0, 4, 8). Blue: fp8 cast, orange: GGUF, green: RTN,",
-            "vermillion: GPTQ, sky blue: ditprune (mask-only), pink: ditprune + OBS.",
-            "",
-        ]
+        parts += [f"![error vs bits](pareto_{res.model}.png)", "", PLOT_CAPTION, ""]
+    write_tables(results, out_dir, command)
     parts += ["## Targets checked", ""]
     for res in results:
         for text, ok in res.checks():

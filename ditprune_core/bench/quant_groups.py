@@ -30,7 +30,7 @@ from ..quantize import QuantSpec, fake_quantize
 from . import write_report
 from .dit_shapes import FLUX_PRUNABLE
 from .grams import miniflux_grams
-from .pareto import _flux_bytes
+from .pareto import flux_bytes
 
 log = logging.getLogger("ditprune")
 
@@ -126,7 +126,7 @@ def measure_model(name: str) -> list[Point]:
             for sym in (True, False):
                 spec = QuantSpec(bits, g, sym)
                 bpw, err = _measure(weights, grams, None, spec, "dense")
-                flux = 8 * _flux_bytes(spec, None) / FLUX_PRUNABLE
+                flux = 8 * flux_bytes(spec, None) / FLUX_PRUNABLE
                 points.append(Point(name, "dense", bits, g, sym, "-", flux, err, bpw))
     for setting, (sparsity, pattern) in SPARSE_SETTINGS.items():
         keeps = compute_masks(pipe.model, stats, PruneConfig(sparsity, pattern=pattern))
@@ -138,7 +138,7 @@ def measure_model(name: str) -> list[Point]:
                     for grouping in ("kept", "columns"):
                         spec = QuantSpec(bits, g, sym, grouping)
                         bpw, err = _measure(weights, grams, keeps_bool, spec, layout)
-                        flux = 8 * _flux_bytes(spec, setting) / FLUX_PRUNABLE
+                        flux = 8 * flux_bytes(spec, setting) / FLUX_PRUNABLE
                         points.append(Point(name, setting, bits, g, sym, grouping, flux, err, bpw))
         log.info("%s %s measured", name, setting)
     return points

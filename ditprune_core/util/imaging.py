@@ -1,58 +1,36 @@
-"""Small picture helpers with no imaging dependency: PNG writing, image grids, bar and scatter plots.
+"""Pictures as tensors: image grids, row labels beside them, and writing them as PNG (with Pillow).
 
 Images are float tensors (H, W, 3) in [0, 1], the layout of ComfyUI's IMAGE (without the batch).
+Plots with axes are made with matplotlib in :mod:`ditprune_core.util.plots`.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from .io import atomic_path
 
-__all__ = ["PALETTE", "bar_chart", "image_grid", "scatter_plot", "write_png"]
+__all__ = ["image_grid", "label_rows", "to_pil", "write_png"]
 
-#: Colours for clusters / series, RGB in [0, 1] (colour-blind friendly, Okabe-Ito).
-PALETTE = torch.tensor(
-    [
-        [0.0, 0.45, 0.70],
-        [0.90, 0.62, 0.0],
-        [0.0, 0.62, 0.45],
-        [0.80, 0.40, 0.0],
-        [0.35, 0.70, 0.90],
-        [0.80, 0.60, 0.70],
-        [0.94, 0.89, 0.26],
-        [0.0, 0.0, 0.0],
-    ]
-)
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """An (H, W, 3) or (H, W) image in [0, 1] as an 8-bit RGB Pillow image."""
+    img = image.detach().float().clamp(0, 1)
+    if img.dim() == 2:
+        img = img[..., None].expand(-1, -1, 3)
+    return Image.fromarray((img * 255).round().to(torch.uint8).contiguous().numpy(), mode="RGB")
 
 
 def write_png(image: torch.Tensor, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write an (H, W, 3) or (H, W) image in [0, 1] as an 8-bit PNG, atomically."""
-    img = image.detach().float().clamp(0, 1)
-    if img.dim() == 2:
-        img = img[..., None].expand(-1, -1, 3)
-    h, w, _ = img.shape
-    pixels = (img * 255).round().to(torch.uint8).contiguous().numpy()
-    raw = b"".join(b"\x00" + pixels[row].tobytes() for row in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
     path = Path(path)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        tmp.write_bytes(png)
+        to_pil(image).save(tmp, format="PNG")
     return path
 
 
@@ -72,44 +50,27 @@ def image_grid(images: torch.Tensor, rows: int, *, scale: int = 4, pad: int = 2)
     return grid
 
 
-def scatter_plot(
-    points: torch.Tensor, labels: torch.Tensor, *, size: int = 384, dot: int = 2
-) -> torch.Tensor:
-    """Scatter of (N, 2) points coloured by integer ``labels``; (size, size, 3) white background."""
-    img = torch.ones(size, size, 3)
-    pts = points.float()
-    lo, hi = pts.min(0).values, pts.max(0).values
-    span = (hi - lo).clamp_min(1e-9)
-    margin = 8
-    xy = ((pts - lo) / span * (size - 2 * margin - 1)).round().long() + margin
-    x, y = xy[:, 0], size - 1 - xy[:, 1]
-    # axes
-    img[size - margin, margin : size - margin] = 0.3
-    img[margin : size - margin, margin] = 0.3
-    colours = PALETTE[labels.long() % len(PALETTE)]
-    for dy in range(-dot, dot + 1):
-        for dx in range(-dot, dot + 1):
-            img[(y + dy).clamp(0, size - 1), (x + dx).clamp(0, size - 1)] = colours
-    return img
+def label_rows(grid: torch.Tensor, labels: Sequence[str], *, size: int = 14, pad: int = 6) -> torch.Tensor:
+    """``grid`` (H, W, 3) with a white column on its left naming each of its ``len(labels)``
+    equal-height rows, the text (Pillow's default font, ``size`` px) centred on its row.
+    Returns (H, W + label width, 3).
 
-
-def bar_chart(
-    values: Sequence[float],
-    *,
-    height: int = 200,
-    bar: int = 12,
-    gap: int = 3,
-    colours: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Vertical bars for values in [0, 1] (e.g. sparsity per block) with 25/50/75 % grid lines."""
-    n = len(values)
-    width = max(1, n * (bar + gap) + gap)
-    img = torch.ones(height, width, 3)
-    for frac in (0.25, 0.5, 0.75):
-        img[height - 1 - int(frac * (height - 1))] = 0.85
-    for i, v in enumerate(values):
-        top = height - round(min(max(float(v), 0.0), 1.0) * (height - 1))
-        x0 = gap + i * (bar + gap)
-        colour = PALETTE[(colours[i] if colours is not None else 0) % len(PALETTE)]
-        img[top:height, x0 : x0 + bar] = colour
-    return img
+    Raises:
+        ValueError: no labels, or rows too low for the text.
+    """
+    if not labels:
+        raise ValueError("label_rows needs at least one label")
+    font = ImageFont.load_default(size=size)
+    height = grid.shape[0]
+    row_h = height / len(labels)
+    boxes = [font.getbbox(label) for label in labels]
+    width = max(box[2] for box in boxes) + 2 * pad
+    column = Image.new("RGB", (int(width), height), "white")
+    draw = ImageDraw.Draw(column)
+    for i, (label, box) in enumerate(zip(labels, boxes, strict=True)):
+        text_h = box[3] - box[1]
+        if text_h > row_h:
+            raise ValueError(f"row {i} is {row_h:.0f} px high, too low for a {text_h} px label")
+        draw.text((pad, i * row_h + row_h / 2), label, fill="black", font=font, anchor="lm")
+    pixels = torch.from_numpy(np.asarray(column, dtype=np.float32) / 255.0).to(grid.dtype)
+    return torch.cat([pixels, grid], dim=1)

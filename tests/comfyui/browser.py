@@ -271,6 +271,13 @@ def geometry_js() -> str:
       if (hit) behind.push({link: link.id, from: link.origin_id, to: link.target_id, node: n.id});
     }
   }
-  return {nodes, groups, behind, scale: c.ds.scale};
+  // every Note's text must show whole: its textarea may not scroll
+  const notes = g._nodes.filter(n => n.type === 'Note').map(n => {
+    const el = n.widgets?.[0]?.element;
+    return {id: n.id, title: n.title, overflow: el ? el.scrollHeight - el.clientHeight : null};
+  });
+  // the widget values as the frontend holds them after loading (what a run would use)
+  const widgets = g._nodes.map(n => ({id: n.id, type: n.type, values: (n.widgets || []).map(w => w.value)}));
+  return {nodes, groups, behind, notes, widgets, scale: c.ds.scale};
 })()
 """

@@ -107,7 +107,7 @@ def test_whole_flow(comfy: Comfy, arch: str) -> None:
     assert float((weight(model, tiny.layer) == 0).float().mean()) == 0.0
 
     save = comfy.node("DitPruneSavePrunedModel")
-    (path,) = save.execute(model=pruned, filename_prefix=f"dits/{arch}").args
+    path, _size = save.execute(model=pruned, filename_prefix=f"dits/{arch}").args
     with safe_open(path, framework="pt") as f:
         assert set(f.keys()) == set(shapes.shapes)
         saved = f.get_tensor(f"{tiny.layer}.weight")
@@ -117,7 +117,7 @@ def test_whole_flow(comfy: Comfy, arch: str) -> None:
         (reloaded,) = comfy.nodes.UNETLoader().load_unet(name, "default")
     assert torch.equal(sample(comfy, reloaded, tiny), pruned_latent)
 
-    (packed,) = save.execute(model=pruned, filename_prefix=f"dits/{arch}_packed", format="compressed").args
+    packed = save.execute(model=pruned, filename_prefix=f"dits/{arch}_packed", format="compressed").args[0]
     packed_name = str(Path(packed).relative_to(comfy.base / "models" / "diffusion_models"))
     with dit_detection_from_shapes():
         (loaded,) = comfy.node("DitPruneLoadPrunedModel").execute(model_name=packed_name).args
@@ -435,11 +435,11 @@ def test_reconstruction_flow(comfy: Comfy, arch: str) -> None:
     assert torch.equal(sample(comfy, model, tiny), dense)  # the incoming MODEL stays dense
     save = comfy.node("DitPruneSavePrunedModel")
     folder = comfy.base / "models" / "diffusion_models"
-    (path,) = save.execute(model=pruned, filename_prefix=f"dits/recon_{arch}").args
+    path, _size = save.execute(model=pruned, filename_prefix=f"dits/recon_{arch}").args
     with dit_detection_from_shapes():
         (reloaded,) = comfy.nodes.UNETLoader().load_unet(str(Path(path).relative_to(folder)), "default")
     assert torch.equal(sample(comfy, reloaded, tiny), out)
-    (packed,) = save.execute(model=pruned, filename_prefix=f"dits/recon_{arch}_c", format="compressed").args
+    packed = save.execute(model=pruned, filename_prefix=f"dits/recon_{arch}_c", format="compressed").args[0]
     with dit_detection_from_shapes():
         (loaded,) = (
             comfy.node("DitPruneLoadPrunedModel")

@@ -2,8 +2,8 @@
 Chromium (Debian's ``chromium`` package) driven over the DevTools protocol.
 
 Skips, with the reason, where Chromium is not installed. ``DITPRUNE_WRITE_SCREENSHOTS=1`` writes
-the README's screenshots (docs/) and the template thumbnails (workflows/*.jpg) from this run;
-otherwise they go to pytest's tmp folder.
+the README's screenshots (docs/) from this run; otherwise they go to pytest's tmp folder. (The
+template thumbnails, workflows/*.jpg, are title cards that make_workflows.py writes.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from browser import APP_READY, SETTINGS, chromium_page, comfy_server, find_chromium, geometry_js
 from conftest import REPO, Comfy
 from safetensors.torch import save_file
-from tiny_models import random_state_dict, sd3_shapes
+from tiny_models import flux_shapes, random_state_dict
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
@@ -39,12 +39,24 @@ def _generator() -> Any:
     return module
 
 
+#: a custom node module for the test server only: ComfyUI hard-codes FLUX.1's width, so the tiny
+#: FLUX loads with the detection read from its shapes (tests/comfyui/tiny_models.py)
+TINY_FLUX_DETECTION = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from tiny_models import flux_detection_from_shapes
+_KEPT = flux_detection_from_shapes()  # held: a dropped generator would undo the patch when collected
+_KEPT.__enter__()  # for the life of this test server
+NODE_CLASS_MAPPINGS = {{}}
+"""
+
+
 def _run_workflow() -> dict[str, Any]:
-    """A graph that runs on the tiny random SD3 with no text encoder: its text outputs are what
-    must appear in the page (Compare gets two flat images of different grey)."""
+    """A graph that runs on the tiny random FLUX with no text encoder: its text outputs and plots
+    are what must appear in the page (Compare gets two flat images of different grey)."""
     mw = _generator()
     g = mw.Graph()
-    unet = g.add("UNETLoader", (0, 0), ["tiny_sd3.safetensors", "default"], [], [("MODEL", "MODEL")])
+    unet = g.add("UNETLoader", (0, 0), ["tiny_flux.safetensors", "default"], [], [("MODEL", "MODEL")])
     score = g.add(
         "DitPruneScoreSaliency",
         (0, 0),
@@ -55,7 +67,7 @@ def _run_workflow() -> dict[str, Any]:
     cluster = g.add(
         "DitPruneClusterWeights",
         (0, 0),
-        ["layer", 0, 4, 0.5, 1.0, "row", 0, "fixed", "joint_blocks.0.x_block.attn.qkv"],
+        ["layer", 0, 4, 0.5, 1.0, "row", 0, "fixed", "single_blocks.0.linear1"],
         [("model", "MODEL"), ("saliency", "DITPRUNE_SALIENCY")],
         [("clusters", "DITPRUNE_CLUSTERS"), ("plot", "IMAGE"), ("summary", "STRING")],
     )
@@ -74,9 +86,9 @@ def _run_workflow() -> dict[str, Any]:
     save = g.add(
         "DitPruneSavePrunedModel",
         (0, 0),
-        ["browser", "dense", "keep dtype"],
+        ["browser", "compressed", "int4", "auto", "int8"],
         [("model", "MODEL")],
-        [("path", "STRING")],
+        [("path", "STRING"), ("size", "STRING")],
     )
     g.link(apply, 0, save, "model")
     images = [
@@ -93,9 +105,14 @@ def _run_workflow() -> dict[str, Any]:
     g.link(images[0], 0, compare, "dense")
     g.link(images[1], 0, compare, "pruned")
     shown = {}
-    for src, slot in ((cluster, 2), (apply, 1), (save, 0), (compare, 0)):
-        shown[src] = g.add("PreviewAny", (0, 0), [], [("source", "*")], [])
-        g.link(src, slot, shown[src], "source")
+    for src, slot in ((cluster, 2), (apply, 1), (save, 0), (compare, 0), (save, 1)):
+        key = (src, slot) if (src, slot) == (save, 1) else src
+        shown[key] = g.add("PreviewAny", (0, 0), [], [("source", "*")], [])
+        g.link(src, slot, shown[key], "source")
+    plots = {}
+    for src, slot, title in ((cluster, 1, "2-D weight space"), (apply, 2, "sparsity per block")):
+        plots[title] = g.add("PreviewImage", (0, 0), [], [("images", "IMAGE")], [], title=title)
+        g.link(src, slot, plots[title], "images")
     # by hand, so that every text box is large enough to read
     for node, x, y, w, h in (
         (unet, 0, 0, 300, 82),
@@ -107,9 +124,12 @@ def _run_workflow() -> dict[str, Any]:
         (apply, 700, 0, 300, 242),
         (shown[cluster], 700, 330, 300, 110),
         (shown[compare], 700, 490, 300, 120),
-        (save, 1050, 0, 300, 106),
-        (shown[apply], 1050, 170, 460, 220),
-        (shown[save], 1050, 440, 460, 120),
+        (save, 1050, 0, 300, 160),
+        (shown[apply], 1050, 220, 460, 220),
+        (shown[save], 1050, 490, 460, 90),
+        (shown[(save, 1)], 1050, 630, 460, 130),
+        (plots["2-D weight space"], 1560, 0, 340, 330),
+        (plots["sparsity per block"], 1560, 380, 340, 330),
     ):
         g.place(node, x, y, w, h)
     g.fit_view()
@@ -122,18 +142,22 @@ def results(comfy: Comfy, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     """One server and one browser for the module: each workflow loaded, then a small run."""
     base = tmp_path_factory.mktemp("browserbase")
     (base / "models" / "diffusion_models").mkdir(parents=True)
+    import torch
+
     save_file(
-        random_state_dict(sd3_shapes(), seed=9), str(base / "models/diffusion_models/tiny_sd3.safetensors")
+        random_state_dict(flux_shapes(), seed=9, dtype=torch.bfloat16),
+        str(base / "models/diffusion_models/tiny_flux.safetensors"),
     )
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "tiny_flux_detection.py").write_text(TINY_FLUX_DETECTION)
     write = os.environ.get("DITPRUNE_WRITE_SCREENSHOTS") == "1"
     shots = REPO / "docs" if write else tmp_path_factory.mktemp("screenshots")
-    thumbs = REPO / "workflows" if write else shots
     assert CHROMIUM is not None
-    return asyncio.run(_drive(CHROMIUM, comfy.root, base, shots, thumbs))
+    return asyncio.run(_drive(CHROMIUM, comfy.root, base, shots))
 
 
-async def _drive(chromium: str, root: Path, base: Path, shots: Path, thumbs: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"workflows": {}, "shots": shots, "thumbs": thumbs}
+async def _drive(chromium: str, root: Path, base: Path, shots: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"workflows": {}, "shots": shots}
     with comfy_server(root, base) as url:
         async with chromium_page(chromium, url) as page:
             await page.wait_js(APP_READY, 120)
@@ -160,7 +184,6 @@ async def _drive(chromium: str, root: Path, base: Path, shots: Path, thumbs: Pat
                 geometry = await page.js(geometry_js())
                 stem = path.stem
                 await page.screenshot(shots / f"workflow_{stem.removeprefix('ditprune_')}.png")
-                await page.screenshot(thumbs / f"{stem}.jpg", quality=80, scale=0.5)
                 out["workflows"][path.name] = {"dialogs": dialogs, **geometry}
             await page.js(f"app.loadGraphData({json.dumps(_run_workflow())})")
             await asyncio.sleep(1)
@@ -170,12 +193,19 @@ async def _drive(chromium: str, root: Path, base: Path, shots: Path, thumbs: Pat
                 """(() => {
                   const areas = Array.from(document.querySelectorAll('textarea'))
                     .filter(t => t.readOnly && t.value && t.getBoundingClientRect().width > 0);
-                  return areas.length >= 4 ? areas.map(t => t.value) : null;
+                  return areas.length >= 5 ? areas.map(t => t.value) : null;
                 })()""",
                 180,
             )
             await asyncio.sleep(0.5)
             out["run_texts"] = texts
+            # the plots as the page shows them: each preview node holds its loaded image
+            out["run_images"] = await page.js(
+                """(() => app.graph._nodes.filter(n => n.type === 'PreviewImage').map(n => ({
+                  title: n.title,
+                  images: (n.imgs || []).map(i => [i.naturalWidth, i.naturalHeight, i.complete]),
+                })))()"""
+            )
             out["run_shot"] = await page.screenshot(shots / "browser_run_results.png")
             out["console"] = page.console
     return out
@@ -213,13 +243,66 @@ def test_workflow_reads_at_a_glance(path: Path, results: dict[str, Any]) -> None
     assert abs(results["canvas"][0] - 1536) <= 4 and abs(results["canvas"][1] - 922) <= 4
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_notes_show_their_whole_text(path: Path, results: dict[str, Any]) -> None:
+    """At the workflow's own (fit) view, no Note's text overflows its box (its textarea would scroll)."""
+    notes = results["workflows"][path.name]["notes"]
+    assert notes and all(n["overflow"] is not None for n in notes), notes
+    assert [n for n in notes if n["overflow"] > 1] == []
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in WORKFLOWS if re.search(r"_\d+gb\.json$", p.name)], ids=lambda p: p.name
+)
+def test_per_gpu_workflows_carry_what_their_notes_promise(path: Path, results: dict[str, Any]) -> None:
+    """The per-GPU workflows, as the frontend loaded them: Prune and Reconstruct's and Save's widgets
+    are the size–fidelity table's choice for that card (docs/bench/pareto.json through the chooser),
+    and the note names the same setting and figures."""
+    from ditprune_core.bench.tiers import choose_tier
+
+    gib = int(re.search(r"_(\d+)gb\.json$", path.name)[1])  # type: ignore[index]
+    choice = choose_tier(json.loads((REPO / "docs" / "bench" / "pareto.json").read_text()), gib)
+    loaded = {w["type"]: w["values"] for w in results["workflows"][path.name]["widgets"]}
+    recon, save = loaded["DitPrunePruneAndReconstruct"], loaded["DitPruneSavePrunedModel"]
+    # seed, control, steps, cfg, sampler, scheduler, weighting, metric, sparsity, pattern, ...
+    assert (recon[8], recon[9]) == (choice.sparsity, choice.pattern)
+    assert recon[16] == ("none" if choice.value_bits is None else str(choice.value_bits))
+    assert save[1:] == ["compressed", choice.values, "auto", choice.remainder]
+    (note,) = [
+        w["values"][0]
+        for w in results["workflows"][path.name]["widgets"]
+        if w["type"] == "Note" and w["values"][0].startswith("For ")
+    ]
+    assert f"{choice.sparsity:.0%} sparsity" in note and f"remainder {choice.remainder}" in note
+    assert f"File {choice.file_gb:.2f} GB" in note and f"VRAM {choice.vram_gb:.2f} GB" in note
+
+
 def test_text_results_are_visible_after_a_run(results: dict[str, Any]) -> None:
     texts = "\n".join(results["run_texts"])
     assert "PSNR" in texts and "relative error" in texts  # Compare
     assert "k=1" in texts  # Cluster summary (layer granularity)
     assert re.search(r"pruned [\d,]+ of [\d,]+ weights in \d+ layers: 50\.00%", texts)  # Apply, 2:4
     assert "models/diffusion_models/browser_00001.safetensors" in texts  # Save path
+    # Save's size, on screen: file size, bits per weight, ratio to dense, VRAM to load it
+    size = re.search(
+        r"size [\d.]+ [kM]B, (?P<bpw>[\d.]+) bits per weight, ratio (?P<ratio>[\d.]+)% of the dense model "
+        r"\([\d.]+ [kM]B in bfloat16\); VRAM to load it: [\d.]+ [kM]B \(weights \+ the largest decoded layer",
+        texts,
+    )
+    assert size, texts
+    assert 2 < float(size["bpw"]) < 16 and 10 < float(size["ratio"]) < 100  # int4 values, int8 remainder
     assert results["run_shot"].stat().st_size > 10_000
+
+
+def test_both_plots_are_shown_after_a_run(results: dict[str, Any]) -> None:
+    """The cluster plot and the sparsity chart (matplotlib, labelled; tests/test_plots.py and
+    test_nodes.py check their axes and legends) reach the page as loaded images."""
+    shown = {p["title"]: p["images"] for p in results["run_images"]}
+    for title in ("2-D weight space", "sparsity per block"):
+        assert shown[title] == [[340, 320, True]], (title, shown)
+
+
+def test_template_thumbnails_are_title_cards() -> None:
     for path in WORKFLOWS:
-        thumb = results["thumbs"] / f"{path.stem}.jpg"
+        thumb = path.with_suffix(".jpg")
         assert thumb.read_bytes()[:2] == b"\xff\xd8"  # a JPEG

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,13 @@ def test_pack_registers_every_node_with_tooltips(comfy: Comfy) -> None:
             assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
 
 
-def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy) -> None:
+def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    prune_nodes = sys.modules[comfy.node("DitPruneApplyPruning").__module__]
+    figures: list[Any] = []  # the matplotlib figures the nodes render: their labels are checked below
+    render = prune_nodes.render
+    monkeypatch.setattr(prune_nodes, "render", lambda fig: figures.append(fig) or render(fig))
     sd = random_state_dict(flux_shapes(), seed=0)
     model = load(sd)
     cond = flux_cond()
@@ -99,11 +106,21 @@ def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy) -> None:
         )
         .args
     )
-    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert plot.shape == (1, 320, 340, 3)
     assert text.startswith("single_blocks.0.linear1: k=2")
     pruned, report, image = apply(comfy, model, sal, 0.5, clusters=clusters)
     assert "50.00%" in report.splitlines()[1]
-    assert image.dim() == 4
+    assert image.shape == (1, 320, 340, 3)
+    scatter, bars = (fig.axes[0] for fig in figures)
+    assert scatter.get_title().startswith("single_blocks.0.linear1\n")  # the layer plotted
+    assert (scatter.get_xlabel(), scatter.get_ylabel()) == ("ln RMS(w) of a row", "ln RMS(w·√E[x²])")
+    assert scatter.get_legend().get_texts()[0].get_text().startswith("cluster 0: ")
+    assert (bars.get_xlabel(), bars.get_ylabel()) == ("block, in model order", "sparsity (% removed)")
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == [
+        "double-stream block",
+        "single-stream block",
+        "target 50%",
+    ]
 
     pruned_latent = sample(comfy, pruned, cond)
     linear1 = pruned.model.diffusion_model.single_blocks[0].linear1.weight  # pruned clone is loaded now
@@ -112,7 +129,7 @@ def test_flux_calibrate_prune_sample_save_reload(comfy: Comfy) -> None:
     assert torch.equal(sample(comfy, model, cond), dense)  # the incoming model still draws dense
     assert float((model.model.diffusion_model.single_blocks[0].linear1.weight == 0).float().mean()) == 0.0
 
-    (path,) = (
+    path, _size = (
         comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="ditprune/flux").args
     )
     assert path.endswith("diffusion_models/ditprune/flux_00001.safetensors")
@@ -136,7 +153,7 @@ def test_sd3_with_cfg_and_bf16_weights_kept(comfy: Comfy) -> None:
     assert "sd3 model" in summary
     pruned, _report, _ = apply(comfy, model, saliency(comfy, stats, "wanda"), 0.6)
     pruned_latent = sample(comfy, pruned, cond, cfg=2.0)
-    (path,) = comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="sd3").args
+    path, _size = comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="sd3").args
     with safe_open(path, framework="pt") as f:
         weight = f.get_tensor("joint_blocks.0.x_block.mlp.fc1.weight")
         assert weight.dtype == torch.bfloat16
@@ -262,9 +279,9 @@ def test_unsupported_model_is_named(comfy: Comfy) -> None:
 def test_save_never_overwrites_and_stays_in_its_folder(comfy: Comfy) -> None:
     model = load(random_state_dict(sd3_shapes(), seed=8))
     save = comfy.node("DitPruneSavePrunedModel")
-    (first,) = save.execute(model=model, filename_prefix="keep/me").args
+    first, _size = save.execute(model=model, filename_prefix="keep/me").args
     before = Path(first).read_bytes()
-    (second,) = save.execute(model=model, filename_prefix="keep/me").args
+    second, _size = save.execute(model=model, filename_prefix="keep/me").args
     assert first != second and Path(first).read_bytes() == before
     with pytest.raises(ValueError, match="outside"):
         save.execute(model=model, filename_prefix="../../../tmp/evil")
@@ -324,7 +341,7 @@ def test_fp8_weights_are_pruned_and_saved_as_fp8(comfy: Comfy) -> None:
     pruned, _report, _ = apply(comfy, model, saliency(comfy, stats), 0.5)
     sample(comfy, pruned, flux_cond())
     in_graph = pruned.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.clone()  # loaded, patched
-    (path,) = comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="fp8/flux").args
+    path, _size = comfy.node("DitPruneSavePrunedModel").execute(model=pruned, filename_prefix="fp8/flux").args
     with safe_open(path, framework="pt") as f:
         saved = f.get_tensor("double_blocks.0.img_attn.qkv.weight")
     assert saved.dtype == torch.float8_e4m3fn
@@ -362,11 +379,17 @@ def test_compressed_save_and_load_pruned_model(comfy: Comfy, values: str) -> Non
     cond = sd3_cond()
     in_graph = sample(comfy, pruned, cond)
     save = comfy.node("DitPruneSavePrunedModel")
-    (path,) = save.execute(
+    path, shown = save.execute(
         model=pruned, filename_prefix=f"packed/{values[:4]}", format="compressed", values=values
     ).args
-    (dense_path,) = save.execute(model=pruned, filename_prefix="packed/dense").args
+    dense_path, dense_shown = save.execute(model=pruned, filename_prefix="packed/dense").args
     size, dense_size = Path(path).stat().st_size, Path(dense_path).stat().st_size
+    # the size output: file size, bits per weight, ratio to dense bf16, VRAM = file + largest decode
+    assert f"size {size / 1e6:.2f} MB" in shown and "bits per weight" in shown, shown
+    assert re.search(r"ratio \d+\.\d% of the dense model \([\d.]+ MB in bfloat16\)", shown), shown
+    assert re.search(r"the largest decoded layer, joint_blocks\.\d\.\S+: [\d.]+ kB", shown), shown
+    # a dense bf16 file: 16 bits per weight plus its header (CRCs and metadata: 0.4% of this tiny model)
+    assert re.search(r"16\.\d\d bits per weight, ratio 100\.\d%", dense_shown), dense_shown
     assert (
         size < (0.75 if values == "keep dtype" else 0.65) * dense_size
     )  # modulation and embedders stay dense

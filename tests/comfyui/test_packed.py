@@ -18,7 +18,7 @@ def _saved(comfy: Comfy, pattern: str, tag: str) -> tuple[Any, Any, str]:
     model = load(random_state_dict(sd3_shapes(), seed=20))
     stats, _, _ = calibrate(comfy, model, sd3_cond)
     pruned, _report, _ = apply(comfy, model, saliency(comfy, stats), 0.5, pattern=pattern)
-    (path,) = (
+    path, _size = (
         comfy.node("DitPruneSavePrunedModel")
         .execute(model=pruned, filename_prefix=f"runtime/{tag}", format="compressed", values="keep dtype")
         .args

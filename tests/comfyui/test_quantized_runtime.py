@@ -32,7 +32,7 @@ def _save(comfy: Comfy, model: Any, tag: str, **kw: Any) -> tuple[str, str]:
     out = comfy.node("DitPruneSavePrunedModel").execute(
         model=model, filename_prefix=f"lowbit/{tag}", format="compressed", **kw
     )
-    (path,) = out.args
+    path, _size = out.args
     name = str(Path(path).relative_to(comfy.base / "models" / "diffusion_models"))
     return name, out.ui["text"][0]
 

@@ -47,7 +47,14 @@ def reconstruct(comfy: Comfy, model: Any, cond_fn: Any, **kw: Any) -> Any:
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
-def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(comfy: Comfy, arch: str) -> None:
+def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(
+    comfy: Comfy, arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    common = sys.modules[comfy.node("DitPruneSavePrunedModel").__module__.rsplit(".", 1)[0] + ".common"]
+    shown: list[str] = []  # what the nodes show on themselves while they run (progress text)
+    monkeypatch.setattr(common, "show_text", shown.append)
     shapes, cond_fn = (flux_shapes(), flux_cond) if arch == "flux" else (sd3_shapes(), sd3_cond)
     model = load(random_state_dict(shapes, seed=11))
     cond = cond_fn()
@@ -79,9 +86,22 @@ def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(comfy: Comfy
         improved += after < before
     assert improved > 0
     assert not torch.equal(out, dense)
+    # the phase and its position, in order: pass p of P, then block b of B recording / refining
+    passes = int(first.split()[0])
+    starts = [t for t in shown if t.startswith("calibration pass ") and "\n" not in t]
+    assert [t.split(":")[0] for t in starts] == [
+        f"calibration pass {p} of {passes}" for p in range(1, passes + 1)
+    ]
+    assert any(
+        re.fullmatch(rf"calibration pass \d+ of {passes}: .*\nlayer \d+ of \d+: \S+", t) for t in shown
+    )
+    refining = [t for t in shown if t.endswith("refining its kept weights (100 Adam steps)")]
+    assert refining[0].startswith(f"block 1 of {len(blocks)} (")
+    assert {re.search(r"\((\S+)\): refining", t)[1] for t in refining} == blocks  # type: ignore[index]
+    assert any("sampling to record its calls (block refinement)" in t for t in shown)
     folder = comfy.base / "models" / "diffusion_models"
     for fmt in ("dense", "compressed"):
-        (path,) = (
+        path, _size = (
             comfy.node("DitPruneSavePrunedModel")
             .execute(model=pruned, filename_prefix=f"recon/{arch}-{fmt}", format=fmt, values="keep dtype")
             .args
@@ -91,6 +111,7 @@ def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(comfy: Comfy
             with flux_detection_from_shapes():
                 (reloaded,) = comfy.nodes.UNETLoader().load_unet(name, "default")
             assert torch.equal(sample(comfy, reloaded, cond), out)
+            assert any(t.startswith("saving: writing tensor ") for t in shown)
         else:
             for mode in ("compressed on device", "densify at load"):
                 with flux_detection_from_shapes():

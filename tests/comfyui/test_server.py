@@ -27,6 +27,8 @@ def test_server_queues_an_api_workflow(comfy: Comfy, tmp_path: Path) -> None:
         templates = get_json(f"{url}/workflow_templates")
         assert sorted(templates["ditprune"]) == [
             "ditprune_flux1_dev",
+            "ditprune_flux1_dev_12gb",
+            "ditprune_flux1_dev_8gb",
             "ditprune_flux1_dev_reconstruct",
             "ditprune_sd35",
             "ditprune_sd35_reconstruct",

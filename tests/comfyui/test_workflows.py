@@ -46,7 +46,47 @@ def test_there_are_workflows_for_flux_and_sd35() -> None:
         "ditprune_wan21_t2v.json",
         "ditprune_flux1_dev_reconstruct.json",
         "ditprune_sd35_reconstruct.json",
+        *TIER_WORKFLOWS,
     }
+    assert {"ditprune_flux1_dev_8gb.json", "ditprune_flux1_dev_12gb.json"} == TIER_WORKFLOWS
+
+
+def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
+    """Each per-GPU workflow's Prune and Reconstruct and Save widgets are the setting the chooser
+    picks from docs/bench/pareto.json for its card (not copied by hand), and its note says what that
+    costs and gives, in the table's figures."""
+    from ditprune_core.bench.tiers import choose_tier
+
+    table = json.loads((REPO / "docs" / "bench" / "pareto.json").read_text())
+    for name in TIER_WORKFLOWS:
+        gib = int(name.removeprefix("ditprune_flux1_dev_").removesuffix("gb.json"))
+        choice = choose_tier(table, gib)
+        assert choice.verdict == "ditprune"
+        workflow = _load(REPO / "workflows" / name)
+        (recon,) = [n for n in workflow["nodes"] if n["type"] == "DitPrunePruneAndReconstruct"]
+        (save,) = [n for n in workflow["nodes"] if n["type"] == "DitPruneSavePrunedModel"]
+        sparsity, pattern, value_bits = (
+            recon["widgets_values"][8],
+            recon["widgets_values"][9],
+            recon["widgets_values"][16],
+        )
+        assert (sparsity, pattern) == (choice.sparsity, choice.pattern), name
+        assert value_bits == ("none" if choice.value_bits is None else str(choice.value_bits)), name
+        assert save["widgets_values"][1:] == ["compressed", choice.values, "auto", choice.remainder], name
+        note = next(
+            n["widgets_values"][0]
+            for n in workflow["nodes"]
+            if n.get("title") == "About: prune and reconstruct"
+        )
+        assert note.startswith(f"For {gib} GB GPUs"), note
+        for figure in (
+            f"{choice.sparsity:.0%} sparsity",
+            f"File {choice.file_gb:.2f} GB",
+            f"VRAM {choice.vram_gb:.2f} GB",
+            f"remainder {choice.remainder}",
+            " / ".join(f"{e:.3f}" for e in choice.errors.values()),
+        ):
+            assert figure in note, (name, figure)
 
 
 def test_committed_workflows_are_what_the_generator_writes() -> None:
@@ -108,8 +148,18 @@ def test_workflow_fits_live_schemas(path: Path, all_nodes: dict[str, Any]) -> No
 TITLE, SLOT = 30, 20  # litegraph: title bar above a node's pos; slot pitch
 # the image workflows share one graph; checks of its exact contents apply to them, the rest to all
 IMAGE_WORKFLOWS = {"ditprune_flux1_dev.json", "ditprune_sd35.json"}
-# their reconstruction variants: the same loaders, then Prune and Reconstruct
-RECONSTRUCT_WORKFLOWS = {"ditprune_flux1_dev_reconstruct.json", "ditprune_sd35_reconstruct.json"}
+# the per-GPU FLUX.1-dev workflows, one per tier of docs/bench/vram_tiers.json that ditprune serves
+TIER_WORKFLOWS = {
+    f"ditprune_flux1_dev_{t['vram_gib']}gb.json"
+    for t in json.loads((REPO / "docs" / "bench" / "vram_tiers.json").read_text())["tiers"]
+    if t["verdict"] == "ditprune"
+}
+# the reconstruction variants: the same loaders, then Prune and Reconstruct
+RECONSTRUCT_WORKFLOWS = {
+    "ditprune_flux1_dev_reconstruct.json",
+    "ditprune_sd35_reconstruct.json",
+    *TIER_WORKFLOWS,
+}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -143,10 +193,13 @@ def test_every_text_output_is_shown_by_preview_any(path: Path, all_nodes: dict[s
         "DitPruneClusterWeights.summary",
         "DitPruneCompare.metrics",
         "DitPruneSavePrunedModel.path",
+        "DitPruneSavePrunedModel.size",
     ]
     assert path.name not in RECONSTRUCT_WORKFLOWS or sorted(shown) == [
+        "DitPruneCompare.metrics",
         "DitPrunePruneAndReconstruct.report",
         "DitPruneSavePrunedModel.path",
+        "DitPruneSavePrunedModel.size",
     ]
     assert "PreviewAny" in all_nodes  # ComfyUI's own display node (comfy_extras/nodes_preview_any.py)
 
@@ -175,15 +228,13 @@ def test_loaders_say_where_their_files_come_from(path: Path, comfy: Comfy) -> No
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_save_format_and_the_loader_that_opens_it(path: Path) -> None:
-    """The plain workflows save dense, which the stock Load Diffusion Model opens; the reconstruction
-    variants save compressed, and their note says it opens in Load Pruned Model. Either way the
-    notes name both loaders."""
+    """Every workflow saves compressed (the smaller file it is run for); its note says that opens in
+    Load Pruned Model, and that a dense file would open in the stock Load Diffusion Model."""
     (save,) = [n for n in _load(path)["nodes"] if n["type"] == "DitPruneSavePrunedModel"]
-    expected = "compressed" if path.name in RECONSTRUCT_WORKFLOWS else "dense"
-    assert save["widgets_values"][1] == expected
+    assert save["widgets_values"][1] == "compressed"
     notes = " ".join(n["widgets_values"][0] for n in _load(path)["nodes"] if n["type"] == "Note")
     assert "Load Diffusion Model" in notes and "Load Pruned Model" in notes
-    assert "format compressed (here)" in notes if expected == "compressed" else "format dense:" in notes
+    assert "format compressed (here)" in notes
 
 
 @pytest.mark.parametrize("name", sorted(RECONSTRUCT_WORKFLOWS))
@@ -192,7 +243,8 @@ def test_reconstruction_variant_matches_its_plain_workflow(name: str, all_nodes:
     sampler settings, at sparsity 0.5 with the automatic memory budget; its MODEL goes to a sampler
     (decoded and previewed) and to Save; its note says what a run costs."""
     variant = _load(REPO / "workflows" / name)
-    plain = _load(REPO / "workflows" / name.replace("_reconstruct", ""))
+    plain_name = "ditprune_flux1_dev.json" if name in TIER_WORKFLOWS else name.replace("_reconstruct", "")
+    plain = _load(REPO / "workflows" / plain_name)
 
     def by_type(workflow: dict[str, Any], node_type: str) -> list[dict[str, Any]]:
         return [n for n in workflow["nodes"] if n["type"] == node_type]
@@ -211,21 +263,33 @@ def test_reconstruction_variant_matches_its_plain_workflow(name: str, all_nodes:
     schema = _inputs(all_nodes["DitPrunePruneAndReconstruct"])
     widgets = [k for k, (kind, _) in schema.items() if kind in WIDGET_TYPES]
     values = dict(zip(["seed", "control", *widgets[1:]], recon["widgets_values"], strict=True))
-    assert values["sparsity"] == 0.5 and values["memory_budget_gb"] == 0.0 and values["metric"] == "energy"
+    assert values["memory_budget_gb"] == 0.0 and values["metric"] == "energy"
+    assert name in TIER_WORKFLOWS or (values["sparsity"] == 0.5 and values["value_bits"] == "none")
     # seed, control, steps, cfg, sampler, scheduler, weighting: as the plain workflow calibrates
     assert recon["widgets_values"][:7] == calibrate["widgets_values"][:7]
     assert sources(variant, recon) == {
         k: v for k, v in sources(plain, calibrate).items() if k != "calibration"
     }
-    (sampler,) = by_type(variant, "KSampler")
-    assert sources(variant, sampler)["model"] == ("DitPrunePruneAndReconstruct", 0)
+    # the reconstructed and the dense model, sampled alike, decoded, compared
+    samplers = by_type(variant, "KSampler")
+    assert [sources(variant, s)["model"][0] for s in samplers] == [
+        "DitPrunePruneAndReconstruct",
+        sources(plain, calibrate)["model"][0],
+    ]
+    assert samplers[0]["widgets_values"] == samplers[1]["widgets_values"]
     (save,) = by_type(variant, "DitPruneSavePrunedModel")
     assert sources(variant, save)["model"] == ("DitPrunePruneAndReconstruct", 0)
-    (decode,) = by_type(variant, "VAEDecode")
-    assert sources(variant, decode)["samples"] == ("KSampler", 0)
-    assert [sources(variant, p)["images"] for p in by_type(variant, "PreviewImage")] == [("VAEDecode", 0)]
+    assert [sources(variant, d)["samples"] for d in by_type(variant, "VAEDecode")] == [("KSampler", 0)] * 2
+    (compare,) = by_type(variant, "DitPruneCompare")
+    assert sources(variant, compare) == {"dense": ("VAEDecode", 0), "pruned": ("VAEDecode", 0)}
     titles = [g["title"] for g in variant["groups"]]
-    assert titles == ["1 · Load", "2 · Prune and reconstruct", "3 · Sample the result", "4 · Save"]
+    assert titles == [
+        "1 · Load",
+        "2 · Prune and reconstruct",
+        "3 · Sample dense vs reconstructed",
+        "4 · Compare",
+        "5 · Save",
+    ]
     notes = " ".join(n["widgets_values"][0] for n in by_type(variant, "Note"))
     assert "the sampler runs once per pass" in notes and "models/diffusion_models/" in notes
 
