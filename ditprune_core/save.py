@@ -88,6 +88,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointReport",
     "check_keys",
+    "check_save_options",
     "is_remainder_weight",
     "iter_pruned_checkpoint",
     "layouts_checksum",
@@ -227,6 +228,48 @@ def _peak_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
     w = weight.float()
     peak = float(w.abs().max()) if w.numel() else 0.0
     return float((approx.float() - w).abs().max()) / peak if peak > 0 else 0.0
+
+
+def check_save_options(
+    format: str,
+    values: str | QuantSpec = "keep",
+    remainder: str = "keep",
+    *,
+    value_dtype: torch.dtype | None = None,
+    quantized: bool = False,
+) -> tuple[str, QuantSpec | None]:
+    """The one check of :func:`save_pruned_checkpoint`'s storage options (a host checks its user's
+    choice with it before it makes any tensor).
+
+    Returns:
+        ``(values name, spec)``: the name one of :data:`VALUE_FORMATS` (or ``int<bits>`` of a
+        given spec), the spec None for dtype or fp8 values.
+    Raises:
+        ValueError: an unknown format, values or remainder, or fp8 / quantised values, a remainder
+            or given codes asked of a dense file.
+    """
+    if format not in ("dense", "compressed"):
+        raise ValueError(f"unknown checkpoint format {format!r}; choose 'dense' or 'compressed'")
+    value_name, value_spec = _value_format(values, value_dtype)
+    if remainder not in REMAINDER_FORMATS:
+        raise ValueError(f"unknown remainder {remainder!r}; choose from {list(REMAINDER_FORMATS)}")
+    if format == "dense":
+        if value_name == "fp8":
+            raise ValueError("fp8 values need format='compressed'")
+        if value_name != "keep":
+            raise ValueError(
+                f"{value_name} values need format='compressed'; a dense file holds the weights as they are"
+            )
+        if remainder != "keep":
+            raise ValueError(
+                f"remainder={remainder!r} needs format='compressed': a dense file holds every weight as it "
+                "is (choose remainder='keep', or save compressed)"
+            )
+        if quantized:
+            raise ValueError(
+                "quantised codes need format='compressed'; a dense file holds the dequantised weights"
+            )
+    return value_name, value_spec
 
 
 def _value_format(values: str | QuantSpec, value_dtype: torch.dtype | None) -> tuple[str, QuantSpec | None]:
@@ -404,27 +447,9 @@ def save_pruned_checkpoint(
         ValueError: an unknown option, fp8 / quantised values or remainder asked of a dense save,
             codes that do not fit or do not decode to their tensor, a key colliding with a piece.
     """
-    if format not in ("dense", "compressed"):
-        raise ValueError(f"unknown checkpoint format {format!r}; choose 'dense' or 'compressed'")
-    value_name, value_spec = _value_format(values, value_dtype)
-    if remainder not in REMAINDER_FORMATS:
-        raise ValueError(f"unknown remainder {remainder!r}; choose from {list(REMAINDER_FORMATS)}")
-    if format == "dense":
-        if value_name == "fp8":
-            raise ValueError("fp8 values need format='compressed'")
-        if value_name != "keep":
-            raise ValueError(
-                f"{value_name} values need format='compressed'; a dense file holds the weights as they are"
-            )
-        if remainder != "keep":
-            raise ValueError(
-                f"remainder={remainder!r} needs format='compressed': a dense file holds every weight as it "
-                "is (choose remainder='keep', or save compressed)"
-            )
-        if quantized:
-            raise ValueError(
-                "quantised codes need format='compressed'; a dense file holds the dequantised weights"
-            )
+    value_name, value_spec = check_save_options(
+        format, values, remainder, value_dtype=value_dtype, quantized=bool(quantized)
+    )
     reserved = set(RESERVED_METADATA) & set(metadata or {})
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved for ditprune")

@@ -13,7 +13,13 @@ from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from ..ditprune_core import __version__
-from ..ditprune_core.save import CheckpointReport, save_pruned_checkpoint
+from ..ditprune_core.save import (
+    REMAINDER_FORMATS,
+    VALUE_FORMATS,
+    CheckpointReport,
+    check_save_options,
+    save_pruned_checkpoint,
+)
 from ..ditprune_core.util.io import check_name_fits, next_free_path
 from ..ditprune_core.util.save_dtype import cast_exactly, narrowest_exact_dtype
 from .common import (
@@ -32,8 +38,12 @@ log = logging.getLogger("ditprune")
 DTYPE_CHOICES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: the node's value choices -> save_pruned_checkpoint's ``values`` ("keep dtype" and "fp8_e4m3fn"
 #: are the names saved prompts already use)
-VALUE_CHOICES = {"keep dtype": "keep", "fp8_e4m3fn": "fp8", "int8": "int8", "int4": "int4", "int3": "int3"}
-REMAINDER_CHOICES = ("keep", "fp8", "int8", "int4")
+VALUE_CHOICES = {
+    "keep dtype": "keep",
+    "fp8_e4m3fn": "fp8",
+    **{name: name for name in VALUE_FORMATS if name not in ("keep", "fp8")},
+}
+REMAINDER_CHOICES = REMAINDER_FORMATS
 
 #: figures from docs/bench/pareto.md: projected FLUX.1-dev files (the rest of the model as the named
 #: remainder stores it) and the relative error of final samples on MiniFlux-A / MiniFlux-B
@@ -186,16 +196,17 @@ class DitPruneSavePrunedModel(io.ComfyNode):
         remainder: str = "keep",
     ) -> io.NodeOutput:
         dm = diffusion_model(model, action="save it again (it is saved already)")
-        if values not in VALUE_CHOICES or remainder not in REMAINDER_CHOICES:
-            raise ValueError(
-                f"unknown values {values!r} or remainder {remainder!r}; choose values from "
-                f"{list(VALUE_CHOICES)} and remainder from {list(REMAINDER_CHOICES)}"
-            )
-        if format == "dense" and (values != "keep dtype" or remainder != "keep"):
+        if values not in VALUE_CHOICES:  # the widget's names; the core knows its own
+            raise ValueError(f"unknown values {values!r}; choose from {list(VALUE_CHOICES)}")
+        try:  # the core's one check of the options, before any tensor is made
+            check_save_options(format, VALUE_CHOICES[values], remainder)
+        except ValueError as exc:
+            if format != "dense":
+                raise
             raise ValueError(
                 f"values {values!r} and remainder {remainder!r} need format 'compressed': a dense file holds "
-                "every weight as it is; choose 'keep dtype' and remainder 'keep' for a dense file"
-            )
+                f"every weight as it is ({exc}); choose 'keep dtype' and remainder 'keep' for a dense file"
+            ) from exc
         folder = diffusion_models_dir()
         prefix = safe_child(folder, filename_prefix.strip() or "ditprune/pruned")
         target = next_free_path(prefix.parent, prefix.name, ".safetensors")
