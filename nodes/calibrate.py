@@ -17,6 +17,7 @@ from .common import (
     CALIBRATION_FOLDER,
     CATEGORY,
     CalibrationType,
+    SamplerRun,
     calibration_dir,
     diffusion_model,
     safe_child,
@@ -102,13 +103,11 @@ class DitPruneCalibrate(io.ComfyNode):
     ) -> io.NodeOutput:
         target = calibration_target(save_name)  # before sampling: a bad name must not cost the run
         dm = diffusion_model(model, action="calibrate it")
-        settings = {"seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler}
+        run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         with Calibrator(
-            dm, weighting=timestep_weighting, settings=settings, weight_fn=weight_fn_for(model)
+            dm, weighting=timestep_weighting, settings=run.settings(), weight_fn=weight_fn_for(model)
         ) as cal:
-            samples = sample_calibrating(
-                cal, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler
-            )
+            samples = sample_calibrating(cal, model, run)
         stats = cal.stats
         if calibration is not None:
             stats = calibration.merge(stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.float
@@ -341,18 +342,32 @@ def pruning_choice(
     return pattern_sparsity(sparsity, pattern), chosen_families(chosen)
 
 
-def sample_calibrating(
-    cal: Calibrator,
-    model: comfy.model_patcher.ModelPatcher,
-    positive: object,
-    negative: object,
-    latent_image: dict,
-    seed: int,
-    steps: int,
-    cfg: float,
-    sampler_name: str,
-    scheduler: str,
-) -> dict:
+@dataclass(frozen=True)
+class SamplerRun:
+    """One KSampler run as the calibrating nodes take it (their ten loose widget values, typed once):
+    the conditionings, the LATENT and the sampler's settings."""
+
+    positive: object
+    negative: object
+    latent_image: dict
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+
+    def settings(self) -> dict[str, object]:
+        """What a calibration file records of the run."""
+        return {
+            "seed": self.seed,
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "sampler": self.sampler_name,
+            "scheduler": self.scheduler,
+        }
+
+
+def sample_calibrating(cal: Calibrator, model: comfy.model_patcher.ModelPatcher, run: SamplerRun) -> dict:
     """Run ComfyUI's KSampler on ``model`` once, telling ``cal`` the sigma of every model call."""
     patched = model.clone()
     inner = patched.model_options.get("model_function_wrapper")
@@ -365,6 +380,14 @@ def sample_calibrating(
 
     patched.set_model_unet_function_wrapper(record_sigma)
     (samples,) = comfy_nodes.common_ksampler(
-        patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image
+        patched,
+        run.seed,
+        run.steps,
+        run.cfg,
+        run.sampler_name,
+        run.scheduler,
+        run.positive,
+        run.negative,
+        run.latent_image,
     )
     return samples

@@ -8,7 +8,6 @@ from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
-from ..ditprune_core.calibrate import Calibrator
 from ..ditprune_core.config import ReconstructParams
 from ..ditprune_core.prune import select_layers
 from ..ditprune_core.quantize import QuantizedWeight, QuantSpec, dequantize_weight
@@ -22,6 +21,7 @@ from .common import (
     MaskPatch,
     Progress,
     SaliencyType,
+    SamplerRun,
     _patched_fp32,
     diffusion_model,
     layer_progress,
@@ -105,6 +105,73 @@ class ReconstructedPatch(MaskPatch):
         return out.masked_scatter_(
             self.mask.to_bool(weight.device), self.values.to(weight.device, weight.dtype)
         )
+
+
+def reconstruct_config(
+    sparsity: float,
+    pattern: str,
+    families: tuple[str, ...],
+    metric: str,
+    layer_regex: str,
+    value_bits: str,
+    block_refine_steps: int | None,
+    saliency: SaliencySpec | None,
+    clusters: GroupingSpec | None,
+) -> PruneConfig:
+    """The node's widgets as a :class:`PruneConfig` with ``update="obs"`` (a Score Saliency /
+    Cluster Weights input overrides the metric / comparison group)."""
+    grouping = clusters or GroupingSpec()
+    return PruneConfig(
+        sparsity,
+        metric=saliency.metric if saliency is not None else metric,
+        granularity=grouping.granularity,
+        pattern=pattern,
+        metric_params=saliency.params if saliency is not None else MetricParams(),
+        cluster_params=grouping.cluster_params,
+        families=families,
+        layer_regex=layer_regex or None,
+        update="obs",
+        value_bits=None if value_bits == "none" else int(value_bits),
+        reconstruct=ReconstructParams()
+        if block_refine_steps is None
+        else ReconstructParams(block_refine_steps=int(block_refine_steps)),
+    )
+
+
+class ReconstructingClone:
+    """The node's clone of the incoming MODEL, loaded once (its backup then holds the originals),
+    with what :func:`prune_sequential_` asks of a host: the weight each layer is fitted to, and
+    where a reconstructed weight goes (a patch on the clone; the incoming MODEL is never changed)."""
+
+    def __init__(self, model: ModelPatcher) -> None:
+        self.model = model
+        self.pruned = model.clone()
+        comfy.model_management.load_models_gpu([self.pruned])
+
+    def target_weight(self, name: str, _layer: torch.nn.Linear) -> torch.Tensor:
+        """The weight the incoming MODEL computes with (original + its own patches, e.g. a LoRA)."""
+        key = f"{PREFIX}{name}.weight"
+        backup = self.pruned.backup.get(key)
+        original = backup.weight.detach() if backup is not None else original_weight(self.model, key)
+        patched = _patched_fp32(self.model, key, original)
+        return original if patched is None else patched
+
+    def write(
+        self,
+        name: str,
+        _layer: torch.nn.Linear,
+        new: torch.Tensor,
+        keep: torch.Tensor,
+        quantized: QuantizedWeight | None,
+    ) -> None:
+        keep = keep.cpu()
+        mask = PackedMask.from_bool(keep)
+        if quantized is not None:  # new is its decode in the model's dtype
+            patch = ReconstructedPatch(mask, None, name, quantized=quantized, dtype=new.dtype)
+        else:
+            stored_dtype = original_weight(self.model, f"{PREFIX}{name}.weight").dtype
+            patch = ReconstructedPatch(mask, new.detach().cpu()[keep].to(stored_dtype), name)
+        self.pruned.add_patches({f"{PREFIX}{name}.weight": patch}, 1.0)
 
 
 class DitPrunePruneAndReconstruct(io.ComfyNode):
@@ -208,79 +275,44 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         clusters: GroupingSpec | None = None,
     ) -> io.NodeOutput:
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
-        grouping = clusters or GroupingSpec()
-        config = PruneConfig(
+        config = reconstruct_config(
             sparsity,
-            metric=saliency.metric if saliency is not None else metric,
-            granularity=grouping.granularity,
-            pattern=pattern,
-            metric_params=saliency.params if saliency is not None else MetricParams(),
-            cluster_params=grouping.cluster_params,
-            families=families,
-            layer_regex=layer_regex or None,
-            update="obs",
-            value_bits=None if value_bits == "none" else int(value_bits),
-            reconstruct=ReconstructParams()
-            if block_refine_steps is None
-            else ReconstructParams(block_refine_steps=int(block_refine_steps)),
+            pattern,
+            families,
+            metric,
+            layer_regex,
+            value_bits,
+            block_refine_steps,
+            saliency,
+            clusters,
         )
         dm = diffusion_model(model, action="prune and reconstruct it")
-        pruned = model.clone()
-        comfy.model_management.load_models_gpu([pruned])  # the clone's backup holds the originals from now on
-
-        def target_weight(name: str, _layer: torch.nn.Linear) -> torch.Tensor:
-            """The weight the incoming MODEL computes with (original + its own patches, e.g. a LoRA)."""
-            key = f"{PREFIX}{name}.weight"
-            backup = pruned.backup.get(key)
-            original = backup.weight.detach() if backup is not None else original_weight(model, key)
-            patched = _patched_fp32(model, key, original)
-            return original if patched is None else patched
-
-        def write(
-            name: str,
-            _layer: torch.nn.Linear,
-            new: torch.Tensor,
-            keep: torch.Tensor,
-            quantized: QuantizedWeight | None,
-        ) -> None:
-            keep = keep.cpu()
-            mask = PackedMask.from_bool(keep)
-            if quantized is not None:  # new is its decode in the model's dtype
-                patch = ReconstructedPatch(mask, None, name, quantized=quantized, dtype=new.dtype)
-            else:
-                stored_dtype = original_weight(model, f"{PREFIX}{name}.weight").dtype
-                patch = ReconstructedPatch(mask, new.detach().cpu()[keep].to(stored_dtype), name)
-            pruned.add_patches({f"{PREFIX}{name}.weight": patch}, 1.0)
-
-        def run(cal: Calibrator) -> None:
-            sample_calibrating(
-                cal, pruned, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler
-            )
-
+        clone = ReconstructingClone(model)
+        run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         if memory_budget_gb > 0:
             budget = int(memory_budget_gb * _GIB)
         else:
             # ComfyUI's free memory of the device the MODEL computes on, where the Grams accumulate: under
             # lowvram the layers' weights sit in RAM, whose size would wrongly size Grams on the GPU
-            free = int(comfy.model_management.get_free_memory(pruned.load_device))
+            free = int(comfy.model_management.get_free_memory(clone.pruned.load_device))
             budget = default_memory_budget(select_layers(dm, config), free_bytes=free)
         progress = Progress(describe=layer_progress)
         report = prune_sequential_(
             dm,
-            run,
+            lambda cal: sample_calibrating(cal, clone.pruned, run),
             config,
             memory_budget_bytes=budget,
             weighting=timestep_weighting,
             progress=progress,
-            weight_fn=target_weight,
-            write_fn=write,
+            weight_fn=clone.target_weight,
+            write_fn=clone.write,
             collect_quantized=False,
             on_phase=progress.phase,
         )
-        pruned.model_options["ditprune"] = {
+        clone.pruned.model_options["ditprune"] = {
             "config": config.to_dict(),
             "sparsity": report.sparsity.sparsity,
             "passes": len(report.passes),
             "bits_per_weight": report.bits_per_weight,
         }
-        return io.NodeOutput(pruned, report.to_text())
+        return io.NodeOutput(clone.pruned, report.to_text())
