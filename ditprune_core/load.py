@@ -33,6 +33,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "check_keys",
+    "decoded_dtype",
+    "decoded_placeholders",
     "dtype_name",
     "iter_pruned_checkpoint",
     "layouts_checksum",
@@ -327,3 +329,21 @@ def load_pruned_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             format version, or pieces whose sizes do not match their tensor.
     """
     return dict(iter_pruned_checkpoint(path))
+
+
+def decoded_placeholders(state: Mapping[str, torch.Tensor], info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """For every compressed weight of a (validated) state dict, a meta tensor of its decoded shape
+    and dtype: it holds no memory, and a host's model detection reads widths off it as off the
+    dense weight (a host that keeps the pieces compressed puts these in place of the empty
+    placeholders)."""
+    out = {}
+    for name, entry in info.layouts.items():
+        shape = tuple(int(x) for x in state[f"{name}.shape"].tolist())
+        out[name] = torch.empty(shape, dtype=DTYPE_NAMES[entry["dtype"]], device="meta")
+    return out
+
+
+def decoded_dtype(info: CheckpointInfo) -> torch.dtype | None:
+    """The dtype most compressed weights decode to (None for a file with none)."""
+    dtypes = [DTYPE_NAMES[entry["dtype"]] for entry in info.layouts.values()]
+    return max(set(dtypes), key=dtypes.count) if dtypes else None

@@ -10,7 +10,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..ditprune_core.load import load_pruned_checkpoint, read_checkpoint_info, validate_compressed_state
+from ..ditprune_core.load import (
+    decoded_dtype,
+    decoded_placeholders,
+    load_pruned_checkpoint,
+    read_checkpoint_info,
+    validate_compressed_state,
+)
 from .choices import NO_DIFFUSION_MODELS, options, refuse_placeholder
 from .packed import PackedLinear, PackedOps, make_packed
 
@@ -108,13 +114,10 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
             # every piece, count, code range and checksum is checked before anything is built from it
             validate_compressed_state(state, path, info)
             # ComfyUI's detection reads widths off weight shapes (Wan's ffn, Qwen-Image, ...): show it
-            # each compressed weight's true shape and dtype, as a meta tensor that holds no memory;
-            # PackedLinear then takes the pieces and drops the placeholder
-            for name, entry in layouts.items():
-                shape = tuple(int(x) for x in state[f"{name}.shape"].tolist())
-                state[name] = torch.empty(shape, dtype=getattr(torch, entry["dtype"]), device="meta")
-            dtypes = [getattr(torch, v["dtype"]) for v in layouts.values()]
-            options = {"custom_operations": PackedOps, "dtype": max(set(dtypes), key=dtypes.count)}
+            # each compressed weight's true shape and dtype (meta tensors, no memory); PackedLinear
+            # then takes the pieces and drops the placeholder
+            state.update(decoded_placeholders(state, info))
+            options = {"custom_operations": PackedOps, "dtype": decoded_dtype(info)}
             model = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
             if model is not None:
                 model = make_packed(

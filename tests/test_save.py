@@ -265,3 +265,24 @@ def test_every_layout_round_trips_through_its_own_object() -> None:
         assert pieces.keys() | {"scale"} == fp8.keys() and 0 < err <= 1 / 16
     with pytest.raises(CheckpointError, match=r"'shape' piece must be two non-negative"):
         layout.decode({**pieces, "shape": torch.tensor([16.0, 16.0])}, torch.float32)
+
+
+def test_decoded_placeholders_give_each_compressed_weight_its_true_shape_and_dtype(tmp_path) -> None:
+    """What a host's model detection reads in place of a compressed weight (no memory held)."""
+    from safetensors import safe_open
+
+    from ditprune_core.load import decoded_dtype, decoded_placeholders
+
+    path = tmp_path / "c.safetensors"
+    save_pruned_checkpoint(
+        {"w": _pruned(32, 64, 0.5).to(torch.bfloat16), "v": _pruned(16, 32, 0.5).to(torch.float16)}, path
+    )
+    info = read_checkpoint_info(path)
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    placeholders = decoded_placeholders(state, info)
+    assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in placeholders.items()} == {
+        "w": ((32, 64), torch.bfloat16, "meta"),
+        "v": ((16, 32), torch.float16, "meta"),
+    }
+    assert decoded_dtype(info) in (torch.bfloat16, torch.float16)
