@@ -21,7 +21,7 @@ from ..ditprune_core.save import (
     save_pruned_checkpoint,
 )
 from ..ditprune_core.util.io import check_name_fits, next_free_path
-from ..ditprune_core.util.save_dtype import cast_exactly, narrowest_exact_dtype
+from ..ditprune_core.util.save_dtype import cast_exactly, narrowest_exact_dtype, needs_cast
 from .common import (
     CATEGORY,
     PREFIX,
@@ -217,10 +217,8 @@ class DitPruneSavePrunedModel(io.ComfyNode):
 
         def produce(key: str) -> torch.Tensor:
             tensor = stored_weight(model, PREFIX + key)
-            if save_as is None or not tensor.is_floating_point() or tensor.dtype == save_as:
+            if save_as is None or not needs_cast(tensor, save_as, inferred=dtype == "auto"):
                 return tensor
-            if dtype == "auto" and tensor.element_size() <= save_as.itemsize:
-                return tensor  # already at most that narrow
             original = None
             if dtype == "auto" and key not in verified:  # every entry, once: the choice read a sample
                 original = original_weight(model, PREFIX + key)

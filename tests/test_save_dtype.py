@@ -55,3 +55,15 @@ def test_cast_exactly_refuses_overflow_and_keeps_values() -> None:
         cast_exactly(torch.tensor([500.0]), torch.float8_e4m3fn, "x")  # torch saturates it to 448
     inf = cast_exactly(torch.tensor([float("inf")]), torch.float16, "inf")  # not an overflow: it was inf
     assert torch.isinf(inf).all()
+
+
+def test_the_save_dtype_policy_by_hand() -> None:
+    from ditprune_core.util.save_dtype import needs_cast
+
+    w32, w16 = torch.ones(2, dtype=torch.float32), torch.ones(2, dtype=torch.bfloat16)
+    assert needs_cast(w32, torch.bfloat16, inferred=True) and needs_cast(w32, torch.bfloat16, inferred=False)
+    assert not needs_cast(w16, torch.bfloat16, inferred=False)  # already that dtype
+    assert not needs_cast(w16, torch.float32, inferred=True)  # inferred: stored at most that narrow
+    assert needs_cast(w16, torch.float32, inferred=False)  # asked for: widened
+    assert not needs_cast(torch.ones(2, dtype=torch.int64), torch.bfloat16, inferred=False)
+    assert not needs_cast(w32, None, inferred=False)

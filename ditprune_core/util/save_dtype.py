@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["SAVE_DTYPES", "cast_exactly", "exact_in", "narrowest_exact_dtype"]
+__all__ = ["SAVE_DTYPES", "cast_exactly", "exact_in", "narrowest_exact_dtype", "needs_cast"]
 
 #: float dtypes a checkpoint may be saved in, narrowest first (bf16 before fp16: FLUX and SD3 ship bf16)
 SAVE_DTYPES: tuple[torch.dtype, ...] = (
@@ -123,3 +123,12 @@ def cast_exactly(
             "save in bf16 or fp32"
         )
     return out
+
+
+def needs_cast(tensor: torch.Tensor, save_as: torch.dtype | None, *, inferred: bool) -> bool:
+    """Whether a tensor is cast when it is saved in ``save_as`` (the save-dtype policy): never for a
+    non-float tensor, no save dtype, or the same dtype; with an ``inferred`` save dtype (read back
+    from the weights), not for a tensor already at most that narrow (it was stored so)."""
+    if save_as is None or not tensor.is_floating_point() or tensor.dtype == save_as:
+        return False
+    return not (inferred and tensor.element_size() <= save_as.itemsize)
