@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,34 +46,53 @@ VALUE_CHOICES = {
 }
 REMAINDER_CHOICES = REMAINDER_FORMATS
 
-#: figures from docs/bench/pareto.md: projected FLUX.1-dev files (the rest of the model as the named
-#: remainder stores it) and the relative error of final samples on MiniFlux-A / MiniFlux-B
+#: the size–fidelity table's choice per GPU, as the tiers benchmark writes it (the per-GPU workflows
+#: are made from the same file): the tooltip quotes it, never a copy of its figures
+TIERS_FILE = Path(__file__).resolve().parents[1] / "docs" / "bench" / "vram_tiers.json"
+
+
+def tier_advice(path: Path = TIERS_FILE) -> str:
+    """'Which to pick for your VRAM', written from the tiers table (a line pointing to it when the
+    pack was installed without its docs)."""
+    try:
+        tiers = json.loads(path.read_text())["tiers"]
+    except (OSError, ValueError, KeyError):
+        return "Which to pick for your VRAM: docs/bench/vram_tiers.md (python -m ditprune_core.bench tiers)."
+    lines = [
+        "Which to pick for your VRAM (FLUX.1-dev, docs/bench/vram_tiers.md; error = relative error of "
+        "final samples on MiniFlux-A / -B):"
+    ]
+    for tier in tiers:
+        errors = " / ".join(f"{e:.3f}" for e in tier["errors"].values())
+        if tier["verdict"] == "ditprune":
+            lines.append(
+                f"- {tier['vram_gib']} GB: Prune and Reconstruct {tier['sparsity']:.0%} with value bits "
+                f"{tier['value_bits']}, then values {tier['values']}, remainder {tier['remainder']}: "
+                f"{tier['file_gb']:.2f} GB ({errors})"
+            )
+        else:
+            fp8 = " / ".join(f"{e:.3f}" for e in tier["fp8_errors"].values())
+            lines.append(
+                f"- {tier['vram_gib']} GB: ComfyUI's own fp8, {tier['fp8_gb']:.1f} GB ({fp8}): no pruning"
+            )
+    return "\n".join(lines)
+
+
 VALUES_TOOLTIP = (
     "compressed only: how pruned layers' values are stored. keep dtype: bit-exact. fp8_e4m3fn: a "
     "scale per row. int8 / int4 / int3: codes with a scale per 128 kept values, rounded at save time "
     "(the file then differs from the model by the rounding; the node says by how much). A model from "
     "Prune and Reconstruct with value bits keeps its own codes, stored exactly, whatever you choose here.\n"
-    "Which to pick for your VRAM (projected FLUX.1-dev weights, docs/bench/pareto.md; error = relative "
-    "error of final samples on MiniFlux-A / -B; 'reconstructed' = Prune and Reconstruct with value bits):\n"
-    "- 24 GB or more: do not prune for memory: bf16 is 23.8 GB; ComfyUI's own fp8 11.9 GB "
-    "(0.020 / 0.028).\n"
-    "- 12-16 GB: ComfyUI's fp8 still beats pruning; reconstructed 50% + fp8_e4m3fn, remainder fp8: "
-    "8.7 GB (0.075 / 0.092).\n"
-    "- 8-12 GB: GGUF Q4_0 (8.1 GB, 0.064 / 0.072); reconstructed 45% + int4, remainder fp8: 6.8 GB "
-    "(0.075 / 0.089).\n"
-    "- 6-8 GB: reconstructed 50% + int4, remainder fp8: 6.6 GB (0.082 / 0.103), better than GGUF Q3_K.\n"
-    "- under 6 GB: reconstructed 52% + int4, remainder int4: 4.9 GB (0.10 / 0.12); 50% + int3, "
-    "remainder int4: 4.5 GB (0.12 / 0.15).\n"
-    "Mask-only pruning saved as int4 is far worse at the same size (50% + int4: 0.19 / 0.25)."
+    + tier_advice()
 )
 REMAINDER_TOOLTIP = (
     "compressed only: how the layers that stay dense (adaLN modulation, embedders, final layer: 28% of "
-    "FLUX.1-dev, 6.6 GB in bf16) are stored; norms and biases always keep their dtype. keep: as they "
-    "are. fp8: e4m3fn with a scale per row (3.3 GB). int8: 8-bit codes, a scale per 128 weights "
-    "(3.4 GB). int4: 4-bit codes, a scale and zero point per 128 weights (1.7 GB: what a FLUX.1-dev "
-    "file under 5 GB needs, as GGUF Q4 files do; not free: on MiniFlux-A it raised the error of a "
-    "52% + int4 model from 0.086 to 0.101). What each costs on final samples: 'remainder' in "
-    "docs/bench/lowbit.md and the 'rest int4' points of docs/bench/pareto.md."
+    "FLUX.1-dev) are stored; norms and biases always keep their dtype. keep: as they are. fp8: e4m3fn "
+    "with a scale per row (half of bf16). int8: 8-bit codes, a scale per 128 weights (about half). "
+    "int4: 4-bit codes, a scale and zero point per 128 weights (about a quarter: what a FLUX.1-dev file "
+    "under 5 GB needs, as GGUF Q4 files do; not free). What each costs in size and on final samples: "
+    "'remainder' in docs/bench/lowbit.md, the 'rest int4' points of docs/bench/pareto.md, and the tier "
+    "choices above."
 )
 
 

@@ -429,3 +429,21 @@ def test_quantised_weights_are_refused_with_the_reason(comfy: Comfy) -> None:
     layer.weight = torch.nn.Parameter(layer.weight.detach().as_subclass(QuantTensor), requires_grad=False)
     with pytest.raises(ValueError, match=r"'single_blocks\.0\.linear1' is stored as QuantTensor.*quantised"):
         apply(comfy, model, saliency(comfy, None, "magnitude"))
+
+
+def test_save_tooltip_quotes_the_tiers_table_not_a_copy(comfy: Comfy, tmp_path: Path) -> None:
+    """The VRAM advice in Save's `values` tooltip is written from docs/bench/vram_tiers.json (the
+    table the per-GPU workflows come from): every tier's figures appear, and a missing table gives a
+    pointer instead of stale figures."""
+    import sys
+
+    save_module = sys.modules[comfy.node("DitPruneSavePrunedModel").__module__]
+    tiers = json.loads(save_module.TIERS_FILE.read_text())["tiers"]
+    tooltip = next(
+        i.tooltip for i in comfy.node("DitPruneSavePrunedModel").GET_SCHEMA().inputs if i.id == "values"
+    )
+    for tier in tiers:
+        assert f"- {tier['vram_gib']} GB:" in tooltip
+        if tier["verdict"] == "ditprune":
+            assert f"{tier['file_gb']:.2f} GB" in tooltip and f"{tier['sparsity']:.0%}" in tooltip
+    assert "docs/bench/vram_tiers.md" in save_module.tier_advice(tmp_path / "missing.json")
