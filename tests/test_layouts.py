@@ -7,6 +7,7 @@ runtime decode in test_runtime.py.
 from __future__ import annotations
 
 import torch
+from bit_equality import same_bits
 
 from ditprune_core.layouts import (
     LAYOUTS,
@@ -22,17 +23,6 @@ from ditprune_core.quantize import (
     unpack_codes,
 )
 from ditprune_core.util.packing import count_bits_per_row, pack_bits, unpack_bits
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as integers: equal bits, not merely equal values (+0.0 vs -0.0)."""
-    return t.contiguous().view(
-        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    )
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
 def test_fast_unpacking_equals_the_reference() -> None:
@@ -56,7 +46,7 @@ def test_decoded_zeros_are_positive_zero() -> None:
     assert float(q.scales[0]) < 0 and int((q.codes == 4).sum()) > 0  # code 4 = the zero point
     decoded = LAYOUTS["bitmask"].decode(LAYOUTS["bitmask"].encode_quantized(q), torch.float32)
     assert not bool(torch.signbit(decoded[decoded == 0]).any())
-    assert _same_bits(decoded, dequantize_weight(q, torch.float32))
+    assert same_bits(decoded, dequantize_weight(q, torch.float32))
 
 
 def test_spec_piece_round_trips() -> None:

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from bit_equality import same_bits
 
 from ditprune_core.layouts import LAYOUTS, Fp8Values, unpack_weight
 from ditprune_core.quantize import QuantSpec, dequantize_weight, quantize_weight
@@ -21,14 +22,6 @@ from ditprune_core.runtime import (
 from ditprune_core.save import CheckpointError
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
 def _masks(rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +41,7 @@ def _check_every_block_size(pieces: dict[str, torch.Tensor], dtype: torch.dtype,
     cols = plan.cols
     for out_dtype, block in itertools.product(OUT_DTYPES, (None, 1, 3 * cols, 0)):
         got = decode_runtime(held, plan, dtype, out_dtype=out_dtype, block_elements=block)
-        assert _same_bits(got, expected.to(out_dtype)), (label, out_dtype, block)
+        assert same_bits(got, expected.to(out_dtype)), (label, out_dtype, block)
 
 
 # shapes: cols not a multiple of 8 (bitmask padding bits) nor of 12 (2:4's last code byte)
@@ -169,7 +162,7 @@ def test_the_decode_compiles_without_a_graph_break_and_stays_bit_exact() -> None
     compiled = torch.compile(decode_all, backend="inductor", fullgraph=True)
     for (label, pieces), got in zip(layers.items(), compiled(device_pieces), strict=True):
         expected = unpack_weight(pieces, torch.bfloat16).float()
-        assert _same_bits(got, expected), label
+        assert same_bits(got, expected), label
 
 
 def test_runtime_decode_matches_the_reference_on_ragged_and_empty_rows() -> None:
@@ -187,5 +180,5 @@ def test_runtime_decode_matches_the_reference_on_ragged_and_empty_rows() -> None
             expected = dequantize_weight(q, torch.float32).to(dtype)
             for block in (None, 200, 0):  # several blocks of rows (one row each), one block
                 got = decode_runtime(fast, plan, dtype, block_elements=block)
-                assert _same_bits(got, expected), (bits, group, sym, dtype, block)
-            assert _same_bits(unpack_weight(pieces, dtype), expected), (bits, group, sym, dtype)
+                assert same_bits(got, expected), (bits, group, sym, dtype, block)
+            assert same_bits(unpack_weight(pieces, dtype), expected), (bits, group, sym, dtype)

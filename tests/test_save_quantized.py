@@ -10,6 +10,7 @@ import struct
 
 import pytest
 import torch
+from bit_equality import same_bits
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -35,17 +36,6 @@ from ditprune_core.save import (
     save_pruned_checkpoint,
     validate_compressed_state,
 )
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as integers: equal bits, not merely equal values (+0.0 vs -0.0)."""
-    return t.contiguous().view(
-        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    )
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
 def _keep(rows: int, cols: int, kind: str, gen: torch.Generator) -> torch.Tensor | None:
@@ -105,7 +95,7 @@ def test_bitmask_int4_layout_by_hand(tmp_path) -> None:
         "sym": "false",
         "grouping": "kept",
     }
-    assert _same_bits(load_pruned_checkpoint(path)["blocks.0.w"], held)
+    assert same_bits(load_pruned_checkpoint(path)["blocks.0.w"], held)
 
 
 def test_two_four_int3_layout_by_hand(tmp_path) -> None:
@@ -123,7 +113,7 @@ def test_two_four_int3_layout_by_hand(tmp_path) -> None:
         assert f.get_tensor("w.nm_codes")[0].tolist() == [76]
         assert f.get_tensor("w.qcodes").numel() == 32 * 6 * 3 // 8
         assert "w.qzeros" not in f.keys()  # noqa: SIM118 (symmetric)
-    assert _same_bits(
+    assert same_bits(
         load_pruned_checkpoint(tmp_path / "c.safetensors")["w"], _state_from_codes(q, torch.float32)
     )
 
@@ -157,7 +147,7 @@ def test_given_codes_round_trip_bit_exact_in_every_reader(tmp_path, kind: str, b
     back = load_pruned_checkpoint(path)
     assert set(back) == set(state)
     for key, tensor in state.items():
-        assert _same_bits(back[key], tensor), key
+        assert same_bits(back[key], tensor), key
     # compressed on device: validated without decoding, then decoded per forward from runtime pieces
     with safe_open(str(path), framework="pt") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -166,7 +156,7 @@ def test_given_codes_round_trip_bit_exact_in_every_reader(tmp_path, kind: str, b
         pieces = {k.removeprefix(f"{key}."): v for k, v in raw.items() if k.startswith(f"{key}.")}
         dtype = getattr(torch, info.layouts[key]["dtype"])
         held = runtime_pieces(pieces)
-        assert _same_bits(decode_runtime(held, runtime_plan(held), dtype), state[key]), key
+        assert same_bits(decode_runtime(held, runtime_plan(held), dtype), state[key]), key
     assert report.ratio < 1.0
 
 
@@ -182,7 +172,7 @@ def test_rounding_at_save_is_the_reference_quantiser_and_is_reported(tmp_path, c
     assert "rounded to int4 codes at save time" in caplog.text and "differs from the model" in caplog.text
     back = load_pruned_checkpoint(path)
     expected = fake_quantize(pruned, DEFAULT_VALUE_SPECS[4], keep=pruned != 0)
-    assert _same_bits(back["p"], expected) and _same_bits(back["d"], dense)
+    assert same_bits(back["p"], expected) and same_bits(back["d"], dense)
     err = float((back["p"].float() - pruned.float()).abs().max() / pruned.float().abs().max())
     assert 0 < err == pytest.approx(report.max_value_relative_error, rel=0.05)
     assert bool((back["p"][pruned == 0] == 0).all())  # pruned weights stay pruned
@@ -208,8 +198,8 @@ def test_remainder_stores_only_dense_2d_weights_compactly(tmp_path, remainder: s
     assert report.layouts["img_in.weight"] == "dense" and report.file_bytes < kept.file_bytes
     back = load_pruned_checkpoint(path)
     for key in ("blocks.0.mod.lin.bias", "blocks.0.norm.scale", "tiny.weight", "pos"):
-        assert _same_bits(back[key], state[key]), key
-    assert _same_bits(back["blocks.0.qkv.weight"], load_pruned_checkpoint(keep_path)["blocks.0.qkv.weight"])
+        assert same_bits(back[key], state[key]), key
+    assert same_bits(back["blocks.0.qkv.weight"], load_pruned_checkpoint(keep_path)["blocks.0.qkv.weight"])
     for key in report.remainder:
         original = state[key].float()
         if remainder != "fp8":
@@ -217,7 +207,7 @@ def test_remainder_stores_only_dense_2d_weights_compactly(tmp_path, remainder: s
         else:
             scale = original.abs().amax(dim=1, keepdim=True) / 448
             expected = ((original / scale).to(torch.float8_e4m3fn).float() * scale).to(torch.bfloat16)
-        assert _same_bits(back[key], expected), key
+        assert same_bits(back[key], expected), key
     # asymmetric groups: at most half a step, a step being at most twice the peak over 2^bits - 1;
     # codes are measured as they decode, in the file's bf16: plus bf16's rounding (2^-9 of a value)
     bound = {"fp8": 2**-4, "int8": 1 / 255 + 2**-9, "int4": 1 / 15 + 2**-9}[remainder]
