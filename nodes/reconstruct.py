@@ -107,6 +107,14 @@ class ReconstructedPatch(MaskPatch):
         )
 
 
+def default_gram_budget(model: ModelPatcher, module: torch.nn.Module, config: PruneConfig) -> int:
+    """The core's :func:`default_memory_budget` with ComfyUI's free memory of the device the MODEL
+    computes on, where the Grams accumulate (under lowvram the layers' weights sit in RAM, whose size
+    would wrongly size Grams on the GPU). Call it after the model is loaded."""
+    free = int(comfy.model_management.get_free_memory(model.load_device))
+    return default_memory_budget(select_layers(module, config), free_bytes=free)
+
+
 def reconstruct_config(
     sparsity: float,
     pattern: str,
@@ -292,10 +300,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         if memory_budget_gb > 0:
             budget = int(memory_budget_gb * _GIB)
         else:
-            # ComfyUI's free memory of the device the MODEL computes on, where the Grams accumulate: under
-            # lowvram the layers' weights sit in RAM, whose size would wrongly size Grams on the GPU
-            free = int(comfy.model_management.get_free_memory(clone.pruned.load_device))
-            budget = default_memory_budget(select_layers(dm, config), free_bytes=free)
+            budget = default_gram_budget(clone.pruned, dm, config)
         progress = Progress(describe=layer_progress)
         report = prune_sequential_(
             dm,
