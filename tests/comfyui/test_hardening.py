@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import Comfy
+from graph import apply, calibrate, saliency
+from graph import load_pruned as _load
+from graph import saved_compressed as _saved
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_nodes import apply, calibrate, saliency
-from test_packed import _load, _saved
 from tiny_models import flux_cond, flux_detection_from_shapes, flux_shapes, random_state_dict
 
 CLUSTER = {

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import NODE_IDS, Comfy
+from graph import apply, calibrate, load, saliency, sample
 from safetensors import safe_open
 from tiny_models import (
-    empty_latent,
     flux_cond,
     flux_detection_from_shapes,
     flux_shapes,
@@ -20,49 +20,6 @@ from tiny_models import (
     sd3_cond,
     sd3_shapes,
 )
-
-SAMPLE = {"steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
-APPLY = {"pattern": "unstructured", "attention": True, "mlp": True, "single_fused": True, "modulation": False}
-
-
-def load(sd: dict[str, torch.Tensor], **options: Any) -> Any:
-    import comfy.sd as csd
-
-    with flux_detection_from_shapes():
-        return csd.load_diffusion_model_state_dict(dict(sd), model_options=options)
-
-
-def sample(comfy: Comfy, model: Any, cond: list, seed: int = 7, cfg: float = 1.0) -> torch.Tensor:
-    (out,) = comfy.nodes.common_ksampler(model, seed, 3, cfg, "euler", "simple", cond, cond, empty_latent())
-    return out["samples"]
-
-
-def calibrate(comfy: Comfy, model: Any, cond_fn: Any, **kw: Any) -> Any:
-    args = {"seed": 0, **SAMPLE, "timestep_weighting": "log", **kw}
-    out = comfy.node("DitPruneCalibrate").execute(
-        model=model,
-        positive=cond_fn(batch=2),
-        negative=cond_fn(batch=2, seed=3),
-        latent_image=empty_latent(batch=2),
-        **args,
-    )
-    return out.args
-
-
-def saliency(comfy: Comfy, stats: Any, metric: str = "energy") -> Any:
-    return (
-        comfy.node("DitPruneScoreSaliency")
-        .execute(metric=metric, balance=0.4, normalize="none", ria_power=0.5, calibration=stats)
-        .args[0]
-    )
-
-
-def apply(comfy: Comfy, model: Any, sal: Any, sparsity: float = 0.5, **kw: Any) -> Any:
-    return (
-        comfy.node("DitPruneApplyPruning")
-        .execute(model=model, saliency=sal, sparsity=sparsity, **{**APPLY, **kw})
-        .args
-    )
 
 
 def test_pack_registers_every_node_with_tooltips(comfy: Comfy) -> None:

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
 import torch
 from conftest import Comfy
-from test_nodes import apply, calibrate, load, saliency, sample
-from tiny_models import random_state_dict, sd3_cond, sd3_shapes
+from graph import load_pruned as _load
+from graph import sample
+from graph import saved_compressed as _saved
+from tiny_models import sd3_cond
 
 LAYER = "joint_blocks.0.x_block.mlp.fc1"
-
-
-def _saved(comfy: Comfy, pattern: str, tag: str) -> tuple[Any, Any, str]:
-    model = load(random_state_dict(sd3_shapes(), seed=20))
-    stats, _, _ = calibrate(comfy, model, sd3_cond)
-    pruned, _report, _ = apply(comfy, model, saliency(comfy, stats), 0.5, pattern=pattern)
-    path, _size = (
-        comfy.node("DitPruneSavePrunedModel")
-        .execute(model=pruned, filename_prefix=f"runtime/{tag}", format="compressed", values="keep dtype")
-        .args
-    )
-    name = str(Path(path).relative_to(comfy.base / "models" / "diffusion_models"))
-    return model, pruned, name
-
-
-def _load(comfy: Comfy, name: str, mode: str = "compressed on device") -> Any:
-    return (
-        comfy.node("DitPruneLoadPrunedModel").execute(model_name=name, mode=mode, sparse_kernels=True).args[0]
-    )
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])

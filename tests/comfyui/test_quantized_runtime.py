@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import Comfy
+from graph import apply, calibrate, load, saliency, sample
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_nodes import apply, calibrate, load, saliency, sample
 from tiny_models import flux_cond, flux_detection_from_shapes, flux_shapes, random_state_dict
 
 LAYER = "single_blocks.0.linear2"  # 64 x 320: a full and a ragged group of kept values per row

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Comfy
-from test_nodes import SAMPLE, load, sample
-from test_reconstruct_node import reconstruct
+from graph import SAMPLE, load, reconstruct, sample
 from tiny_models import flux_cond, flux_shapes, random_state_dict, sd3_cond, sd3_shapes
 
 PREFIX = "diffusion_model."

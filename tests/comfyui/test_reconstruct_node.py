@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import Comfy
-from test_nodes import APPLY, SAMPLE, load, sample
+from graph import SAMPLE, load, reconstruct, sample
 from tiny_models import (
-    empty_latent,
     flux_cond,
     flux_detection_from_shapes,
     flux_shapes,
@@ -19,31 +18,6 @@ from tiny_models import (
     sd3_cond,
     sd3_shapes,
 )
-
-
-def reconstruct(comfy: Comfy, model: Any, cond_fn: Any, **kw: Any) -> Any:
-    args = {
-        "seed": 0,
-        **SAMPLE,
-        "timestep_weighting": "log",
-        "metric": "energy",
-        "sparsity": 0.5,
-        **APPLY,
-        "layer_regex": "",
-        "memory_budget_gb": 0.0,
-        **kw,
-    }
-    return (
-        comfy.node("DitPrunePruneAndReconstruct")
-        .execute(
-            model=model,
-            positive=cond_fn(batch=2),
-            negative=cond_fn(batch=2, seed=3),
-            latent_image=empty_latent(batch=2),
-            **args,
-        )
-        .args
-    )
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])

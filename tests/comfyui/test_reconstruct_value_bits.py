@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Comfy
-from test_nodes import load, sample
-from test_reconstruct_node import reconstruct
+from graph import load, reconstruct, sample
 from tiny_models import flux_cond, flux_shapes, random_state_dict
 
 from ditprune_core.layouts import choose_quantized_layout, storage_cost
