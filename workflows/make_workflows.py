@@ -467,6 +467,35 @@ def pruning_chain(
     return apply, pruned_bus
 
 
+def _ksampler(g: Graph, steps: int, cfg: float, label: str) -> int:
+    """A KSampler (seed 42 fixed, Euler, simple) titled by what it samples."""
+    return g.add(
+        "KSampler",
+        (0, 0),
+        [42, "fixed", steps, cfg, "euler", "simple", 1.0],
+        [
+            ("model", "MODEL"),
+            ("positive", "CONDITIONING"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+        ],
+        [("LATENT", "LATENT")],
+        title=f"KSampler ({label})",
+    )
+
+
+def _vae_decode(g: Graph, label: str) -> int:
+    """A VAE Decode titled by what it decodes."""
+    return g.add(
+        "VAEDecode",
+        (0, 0),
+        [],
+        [("samples", "LATENT"), ("vae", "VAE")],
+        [("IMAGE", "IMAGE")],
+        title=f"VAE Decode ({label})",
+    )
+
+
 def sample_compare_save(
     g: Graph,
     dense_model: int,
@@ -490,31 +519,12 @@ def sample_compare_save(
     decoded, samplers, decoders, images = {}, [], [], []
     y = TOP_B
     for label, model in (("pruned", pruned_model), ("dense", dense_model)):
-        ks = g.add(
-            "KSampler",
-            (0, 0),
-            [42, "fixed", steps, cfg, "euler", "simple", 1.0],
-            [
-                ("model", "MODEL"),
-                ("positive", "CONDITIONING"),
-                ("negative", "CONDITIONING"),
-                ("latent_image", "LATENT"),
-            ],
-            [("LATENT", "LATENT")],
-            title=f"KSampler ({label})",
-        )
+        ks = _ksampler(g, steps, cfg, label)
         g.place(ks, X["ksampler"], y, W)
         g.link(model, 0, ks, "model", via=ks_bus if label == "pruned" else None)
         for src, name in ((pos, "positive"), (neg, "negative"), (latent, "latent_image")):
             g.link(src, 0, ks, name)
-        dec = g.add(
-            "VAEDecode",
-            (0, 0),
-            [],
-            [("samples", "LATENT"), ("vae", "VAE")],
-            [("IMAGE", "IMAGE")],
-            title=f"VAE Decode ({label})",
-        )
+        dec = _vae_decode(g, label)
         g.place(dec, X["decode"], y, 200)
         g.link(ks, 0, dec, "samples")
         g.link(vae, vae_slot, dec, "vae", via=vae_bus1)
@@ -885,19 +895,7 @@ def reconstruct_chain(
     decoded, samplers, decoders, ks_ys = {}, [], [], []
     y = top_b
     for label, source in (("reconstructed", recon), ("dense", model)):
-        ks = g.add(
-            "KSampler",
-            (0, 0),
-            [42, "fixed", steps, cfg, "euler", "simple", 1.0],
-            [
-                ("model", "MODEL"),
-                ("positive", "CONDITIONING"),
-                ("negative", "CONDITIONING"),
-                ("latent_image", "LATENT"),
-            ],
-            [("LATENT", "LATENT")],
-            title=f"KSampler ({label})",
-        )
+        ks = _ksampler(g, steps, cfg, label)
         g.place(ks, XR["recon"], y, W)
         if label == "reconstructed":
             g.wrap(recon, 0, ks, "model")
@@ -908,14 +906,7 @@ def reconstruct_chain(
             g.link(source, 0, ks, "model", via=drop)
         for src, name in ((pos, "positive"), (neg, "negative"), (latent, "latent_image")):
             g.link(src, 0, ks, name)
-        dec = g.add(
-            "VAEDecode",
-            (0, 0),
-            [],
-            [("samples", "LATENT"), ("vae", "VAE")],
-            [("IMAGE", "IMAGE")],
-            title=f"VAE Decode ({label})",
-        )
+        dec = _vae_decode(g, label)
         g.place(dec, XR["decode"], y, 200)
         g.link(ks, 0, dec, "samples")
         if label == "reconstructed":
