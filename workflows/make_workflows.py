@@ -496,6 +496,40 @@ def _vae_decode(g: Graph, label: str) -> int:
     )
 
 
+def _compare_group(
+    g: Graph,
+    decoded: dict[str, int],
+    pruned: str,
+    images: list[int],
+    columns: tuple[int, int],
+    ks_ys: list[int],
+    top: int,
+    note: str,
+    number: str,
+) -> None:
+    """The Compare group: the ``pruned`` and dense images, Compare between them, its metrics and
+    difference image, and its note, in the images and metrics ``columns`` beside the samplers."""
+    x_images, x_metrics = columns
+    images.append(_image_out(g, decoded[pruned], 0, x_images, ks_ys[0] - TITLE, pruned, 220))
+    compare = g.add(
+        "DitPruneCompare",
+        (0, 0),
+        [4.0],
+        [("dense", "IMAGE"), ("pruned", "IMAGE")],
+        [("metrics", "STRING"), ("difference", "IMAGE")],
+    )
+    g.place(compare, x_images, ks_ys[0] + 220 + 10, WP)
+    g.link(decoded["dense"], 0, compare, "dense")
+    g.link(decoded[pruned], 0, compare, "pruned")
+    images.append(_image_out(g, decoded["dense"], 0, x_images, ks_ys[1] - TITLE + 60, "dense", 200))
+    compare_y = g.nodes[compare - 1]["pos"][1]
+    metrics = _text_out(g, compare, 0, x_metrics, top, f"metrics ({pruned} vs dense)", 120)
+    diff = _image_out(g, compare, 1, x_metrics, compare_y - TITLE + 20, "difference x4", 200)
+    about = g.note((0, 0), WP, 100, note, "About: compare")
+    g.place(about, x_metrics, compare_y + 20 + 200 + 20, WP, 100)
+    g.group(f"{number} · Compare", COLOURS["compare"], [*images, compare, metrics, diff, about])
+
+
 def sample_compare_save(
     g: Graph,
     dense_model: int,
@@ -537,24 +571,9 @@ def sample_compare_save(
     g.group("5 · Sample dense vs pruned", COLOURS["sample"], [*samplers, *decoders, note5])
 
     ks_ys = [g.nodes[s - 1]["pos"][1] for s in samplers]
-    images.append(_image_out(g, decoded["pruned"], 0, X["images"], ks_ys[0] - TITLE, "pruned", 220))
-    compare = g.add(
-        "DitPruneCompare",
-        (0, 0),
-        [4.0],
-        [("dense", "IMAGE"), ("pruned", "IMAGE")],
-        [("metrics", "STRING"), ("difference", "IMAGE")],
+    _compare_group(
+        g, decoded, "pruned", images, (X["images"], X["metrics"]), ks_ys, TOP_B, NOTES["compare"], "6"
     )
-    g.place(compare, X["images"], ks_ys[0] + 220 + 10, WP)
-    g.link(decoded["dense"], 0, compare, "dense")
-    g.link(decoded["pruned"], 0, compare, "pruned")
-    images.append(_image_out(g, decoded["dense"], 0, X["images"], ks_ys[1] - TITLE + 60, "dense", 200))
-    compare_y = g.nodes[compare - 1]["pos"][1]
-    metrics = _text_out(g, compare, 0, X["metrics"], TOP_B, "metrics (pruned vs dense)", 120)
-    diff = _image_out(g, compare, 1, X["metrics"], compare_y - TITLE + 20, "difference x4", 200)
-    note6 = g.note((0, 0), WP, 100, NOTES["compare"], "About: compare")
-    g.place(note6, X["metrics"], compare_y + 20 + 200 + 20, WP, 100)
-    g.group("6 · Compare", COLOURS["compare"], [*images, compare, metrics, diff, note6])
 
     save = g.add(
         "DitPruneSavePrunedModel",
@@ -923,26 +942,9 @@ def reconstruct_chain(
     g.place(note3, XR["decode"], top_b + TITLE + 46 + 30, 200, 150)
     g.group("3 · Sample dense vs reconstructed", COLOURS["sample"], [*samplers, *decoders, note3])
 
-    images = [
-        _image_out(g, decoded["reconstructed"], 0, XR["images"], ks_ys[0] - TITLE, "reconstructed", 220)
-    ]
-    compare = g.add(
-        "DitPruneCompare",
-        (0, 0),
-        [4.0],
-        [("dense", "IMAGE"), ("pruned", "IMAGE")],
-        [("metrics", "STRING"), ("difference", "IMAGE")],
+    _compare_group(
+        g, decoded, "reconstructed", [], (XR["images"], XR["metrics"]), ks_ys, top_b, notes["compare"], "4"
     )
-    g.place(compare, XR["images"], ks_ys[0] + 220 + 10, WP)
-    g.link(decoded["dense"], 0, compare, "dense")
-    g.link(decoded["reconstructed"], 0, compare, "pruned")
-    images.append(_image_out(g, decoded["dense"], 0, XR["images"], ks_ys[1] - TITLE + 60, "dense", 200))
-    compare_y = g.nodes[compare - 1]["pos"][1]
-    metrics = _text_out(g, compare, 0, XR["metrics"], top_b, "metrics (reconstructed vs dense)", 120)
-    diff = _image_out(g, compare, 1, XR["metrics"], compare_y - TITLE + 20, "difference x4", 200)
-    note4 = g.note((0, 0), WP, 100, notes["compare"], "About: compare")
-    g.place(note4, XR["metrics"], compare_y + 20 + 200 + 20, WP, 100)
-    g.group("4 · Compare", COLOURS["compare"], [*images, compare, metrics, diff, note4])
     g.group("5 · Save", COLOURS["save"], [save, path, size, note5])
 
 
