@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .prompts import merge_records, record_of
 from .util.blocks import HOOK_ELEMENTS, row_blocks
 from .util.safetensors_io import checksum_mismatch, read_checksums, read_metadata, write_safetensors
 
@@ -351,7 +352,10 @@ class CalibrationStats:
             acc = mine.accumulator()
             acc.merge(theirs.accumulator())
             merged[name] = LayerStats.from_accumulator(acc, mine.out_features, mine.weight_sample)
-        settings = {"merged": [dict(self.settings), dict(other.settings)]}
+        settings: dict[str, Any] = {"merged": [dict(self.settings), dict(other.settings)]}
+        mine_record, their_record = record_of(self.settings), record_of(other.settings)
+        if mine_record is not None and their_record is not None:  # what both saw, together
+            settings["record"] = merge_records(mine_record, their_record)
         return CalibrationStats(merged, self.architecture, settings)
 
     def validate_for(
