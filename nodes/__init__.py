@@ -8,7 +8,9 @@ from ..ditprune_core.util.io import install_cleanup_handlers
 from .calibrate import DitPruneCalibrate, DitPruneLoadCalibration
 from .choices import ensure_calibration_folder
 from .compare import DitPruneCompare
+from .heldout import DitPruneHeldOutCheck
 from .load import DitPruneLoadPrunedModel
+from .prompts import DitPrunePromptSet
 from .prune import DitPruneApplyPruning, DitPruneClusterWeights, DitPruneScoreSaliency
 from .reconstruct import DitPrunePruneAndReconstruct
 from .save import DitPruneSavePrunedModel
@@ -18,6 +20,7 @@ from .save import DitPruneSavePrunedModel
 install_cleanup_handlers()
 
 NODES: list[type[io.ComfyNode]] = [
+    DitPrunePromptSet,
     DitPruneCalibrate,
     DitPruneLoadCalibration,
     DitPruneScoreSaliency,
@@ -27,6 +30,7 @@ NODES: list[type[io.ComfyNode]] = [
     DitPruneSavePrunedModel,
     DitPruneLoadPrunedModel,
     DitPruneCompare,
+    DitPruneHeldOutCheck,
 ]
 
 

@@ -10,6 +10,7 @@ from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from ..ditprune_core.calibrate import Calibrator
+from ..ditprune_core.prompts import record_text
 from ..ditprune_core.stats import CalibrationStats
 from ..ditprune_core.util.io import FileExistsRefusal, check_name_fits
 from .choices import NO_CALIBRATIONS, calibration_options, refuse_placeholder
@@ -17,14 +18,16 @@ from .common import (
     CALIBRATION_FOLDER,
     CATEGORY,
     CalibrationType,
+    Progress,
     SamplerRun,
     calibration_dir,
     diffusion_model,
     safe_child,
-    sample_calibrating,
     sampling_inputs,
+    show_text,
     weight_fn_for,
 )
+from .prompts import CalibrationPlan, EncodedPrompts, prompt_inputs, sample_plan
 
 
 def calibration_target(save_name: str) -> Path | None:
@@ -55,7 +58,8 @@ class DitPruneCalibrate(io.ComfyNode):
             display_name="DiT-Pruning Calibrate",
             category=CATEGORY,
             description="Runs ComfyUI's sampler on the model and records, for every block layer, the mean "
-            "square of its inputs per channel (both CFG halves, every step).",
+            "square of its inputs per channel (both CFG halves, every step). With a prompt set it samples "
+            "every calibration prompt (x seeds x sizes): sampler runs x prompts x steps.",
             inputs=[
                 *sampling_inputs("The FLUX / SD3 model to calibrate. It is not changed."),
                 io.String.Input(
@@ -67,8 +71,9 @@ class DitPruneCalibrate(io.ComfyNode):
                 CalibrationType.Input(
                     "calibration",
                     optional=True,
-                    tooltip="A calibration to merge with (chain Calibrate nodes for many prompts).",
+                    tooltip="A calibration to merge with (its record of prompts, seeds and sizes is merged too).",
                 ),
+                *prompt_inputs(),
             ],
             outputs=[
                 CalibrationType.Output(
@@ -76,11 +81,13 @@ class DitPruneCalibrate(io.ComfyNode):
                     tooltip="Per-layer input statistics; feed Score Saliency (or merge into another Calibrate).",
                 ),
                 io.Latent.Output(
-                    display_name="LATENT", tooltip="What the model drew while being calibrated."
+                    display_name="LATENT",
+                    tooltip="What the model drew while being calibrated (with a prompt set: the first prompt).",
                 ),
                 io.String.Output(
                     display_name="summary",
-                    tooltip="Layers and tokens recorded, and the model fingerprint; connect Preview Any to read it.",
+                    tooltip="Layers and tokens recorded, the model fingerprint, the sampler runs it cost and "
+                    "what it saw (prompts, seeds, sizes); connect Preview Any to read it.",
                 ),
             ],
         )
@@ -100,14 +107,19 @@ class DitPruneCalibrate(io.ComfyNode):
         timestep_weighting: str,
         save_name: str = "",
         calibration: CalibrationStats | None = None,
+        prompt_set: EncodedPrompts | None = None,
+        seeds_per_prompt: int = 1,
+        sizes: str = "",
     ) -> io.NodeOutput:
         target = calibration_target(save_name)  # before sampling: a bad name must not cost the run
         dm = diffusion_model(model, action="calibrate it")
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
+        plan = CalibrationPlan.of(run, prompt_set, seeds_per_prompt, sizes, dm)
+        settings = {**run.settings(), "record": plan.record(timestep_weighting)}
         with Calibrator(
-            dm, weighting=timestep_weighting, settings=run.settings(), weight_fn=weight_fn_for(model)
+            dm, weighting=timestep_weighting, settings=settings, weight_fn=weight_fn_for(model)
         ) as cal:
-            samples = sample_calibrating(cal, model, run)
+            samples = sample_plan(cal, model, plan, Progress())
         stats = cal.stats
         if calibration is not None:
             stats = calibration.merge(stats)
@@ -117,7 +129,7 @@ class DitPruneCalibrate(io.ComfyNode):
         text = (
             f"{s['layers']} layers of a {s['architecture']} model, "
             f"{s['tokens_per_layer_min']:,}-{s['tokens_per_layer_max']:,} tokens per layer, "
-            f"fingerprint {s['fingerprint']}"
+            f"fingerprint {s['fingerprint']}\n{plan.cost_text()}\nrecorded: {record_text(stats.settings)}"
         )
         return io.NodeOutput(stats, samples, text)
 
@@ -142,7 +154,12 @@ class DitPruneLoadCalibration(io.ComfyNode):
             outputs=[
                 CalibrationType.Output(
                     display_name="calibration", tooltip="The saved statistics; feed Score Saliency."
-                )
+                ),
+                io.String.Output(
+                    display_name="record",
+                    tooltip="What it was calibrated on: prompts (count, hash, the first few), seeds, sizes, "
+                    "steps and weighting; connect Preview Any to read it.",
+                ),
             ],
         )
 
@@ -150,7 +167,10 @@ class DitPruneLoadCalibration(io.ComfyNode):
     def execute(cls, calibration_name: str) -> io.NodeOutput:
         refuse_placeholder(calibration_name, NO_CALIBRATIONS, CALIBRATION_FOLDER)
         path = folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration_name)
-        return io.NodeOutput(CalibrationStats.load(path))
+        stats = CalibrationStats.load(path)
+        text = f"{calibration_name}: {record_text(stats.settings)}"
+        show_text(text)
+        return io.NodeOutput(stats, text)
 
 
 __all__ = ["DitPruneCalibrate", "DitPruneLoadCalibration"]

@@ -211,6 +211,12 @@ class Progress:
         self.current_phase = text
         self._show(text)
 
+    def detail(self, text: str) -> None:
+        """A step inside the current phase (``prompt 3 of 96, seed 0, 1024x1024``): shown under the
+        phase; it is an interrupt point."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self._show(f"{self.current_phase}\n{text}" if self.current_phase else text)
+
     def _show(self, text: str) -> None:
         self.shown.append(text)
         show_text(text)

@@ -28,9 +28,9 @@ from .common import (
     original_weight,
     pruning_choice,
     pruning_inputs,
-    sample_calibrating,
     sampling_inputs,
 )
+from .prompts import CalibrationPlan, EncodedPrompts, prompt_inputs, sample_plan
 
 _GIB = 1 << 30
 VALUE_BITS_CHOICES = ("none", "8", "4", "3")
@@ -194,7 +194,8 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             "whose input Gram matrices fit the memory budget; the sampler runs once per group, on the model "
             "pruned so far, so each layer compensates the error upstream of it. The incoming model is "
             "never changed; the output holds the reconstructed weights compactly (1 bit per weight plus the "
-            "kept values).",
+            "kept values). With a prompt set every pass samples every calibration prompt (x seeds x sizes): "
+            "the cost is sampler runs x prompts x steps, stated in the report.",
             inputs=[
                 *sampling_inputs("The model to prune. It is cloned, never changed."),
                 io.Combo.Input(
@@ -245,12 +246,14 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     optional=True,
                     tooltip="Optional, from Cluster Weights: the comparison groups.",
                 ),
+                *prompt_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The pruned, reconstructed model."),
                 io.String.Output(
                     display_name="report",
-                    tooltip="Passes, per-layer sparsity and output error; connect Preview Any to read it.",
+                    tooltip="The calibration's cost (sampler runs x prompts x steps), passes, per-layer "
+                    "sparsity and output error; connect Preview Any to read it.",
                 ),
             ],
         )
@@ -281,6 +284,9 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         block_refine_steps: int | None = None,
         saliency: SaliencySpec | None = None,
         clusters: GroupingSpec | None = None,
+        prompt_set: EncodedPrompts | None = None,
+        seeds_per_prompt: int = 1,
+        sizes: str = "",
     ) -> io.NodeOutput:
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = reconstruct_config(
@@ -295,8 +301,9 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             clusters,
         )
         dm = diffusion_model(model, action="prune and reconstruct it")
-        clone = ReconstructingClone(model)
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
+        plan = CalibrationPlan.of(run, prompt_set, seeds_per_prompt, sizes, dm)  # checked before loading
+        clone = ReconstructingClone(model)
         if memory_budget_gb > 0:
             budget = int(memory_budget_gb * _GIB)
         else:
@@ -304,7 +311,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         progress = Progress(describe=layer_progress)
         report = prune_sequential_(
             dm,
-            lambda cal: sample_calibrating(cal, clone.pruned, run),
+            lambda cal: sample_plan(cal, clone.pruned, plan, progress),
             config,
             memory_budget_bytes=budget,
             weighting=timestep_weighting,
@@ -319,5 +326,13 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             "sparsity": report.sparsity.sparsity,
             "passes": len(report.passes),
             "bits_per_weight": report.bits_per_weight,
+            "calibration": plan.record(timestep_weighting),
         }
-        return io.NodeOutput(clone.pruned, report.to_text())
+        sampler_runs = len(report.passes) + len(report.blocks)
+        cost = (
+            f"calibration {plan.cost_text()}; {sampler_runs} calibration runs of the set "
+            f"({len(report.passes)} pass(es) + {len(report.blocks)} block refinement(s)) = "
+            f"{sampler_runs * plan.runs_per_pass} sampler runs of {steps} steps"
+        )
+        first, *rest = report.to_text().split("\n")
+        return io.NodeOutput(clone.pruned, "\n".join([first, cost, *rest]))

@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_IDS = (
+    "DitPrunePromptSet",
     "DitPruneCalibrate",
     "DitPruneScoreSaliency",
     "DitPruneClusterWeights",
@@ -26,6 +27,7 @@ NODE_IDS = (
     "DitPrunePruneAndReconstruct",
     "DitPruneSavePrunedModel",
     "DitPruneCompare",
+    "DitPruneHeldOutCheck",
     "DitPruneLoadCalibration",
     "DitPruneLoadPrunedModel",
 )
