@@ -291,7 +291,7 @@ def test_reconstruct_samples_every_prompt_in_every_pass(
     shown: list[str] = []
     monkeypatch.setattr(_module(comfy, "common"), "show_text", shown.append)
     dm = model.model.diffusion_model
-    linears = [m for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in n]
+    linears = [m for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear) and "attn." in n]
     grams = [m.in_features**2 * 4 for m in linears]
     budget_gb = max(max(grams), sum(grams) / 2.5) / (1 << 30)  # a few passes
     pos, neg = _encode(clip, "x", guidance), _encode(clip, "", guidance)
@@ -303,6 +303,7 @@ def test_reconstruct_samples_every_prompt_in_every_pass(
         prompt_set=encoded,
         memory_budget_gb=budget_gb,
         block_refine_steps=2 if guidance else 0,
+        layer_regex=r"attn\.",  # the attention layers only: the passes are about the prompts, not the maths
     )
     passes = int(report.splitlines()[0].split()[0])
     blocks = sum("refined: output error" in line for line in report.splitlines())
@@ -315,7 +316,7 @@ def test_reconstruct_samples_every_prompt_in_every_pass(
     )
     assert "3 sampler run(s) (3 prompt(s) x 1 seed(s) x 1 size(s)) x 1 steps" in report.splitlines()[1]
     assert any("calibration pass 2 of" in s and "prompt 3 of 3" in s for s in shown)
-    assert any("refining" in s or "recording" in s for s in shown)
+    assert not guidance or any("refining" in s or "recording its calls" in s for s in shown)
     assert pruned.model_options["ditprune"]["calibration"]["prompt_count"] == 3
 
 
