@@ -337,10 +337,9 @@ class DitPrunePromptSet(io.ComfyNode):
             ],
             outputs=[
                 PromptsType.Output(
-                    display_name="prompt_set", tooltip="The encoded prompts and their held-out split."
-                ),
-                io.String.Output(
-                    display_name="summary", tooltip="How many prompts, the split and the set's hash."
+                    display_name="prompt_set",
+                    tooltip="The encoded prompts and their held-out split (the node shows how many, and "
+                    "the set's hash).",
                 ),
             ],
         )
@@ -356,7 +355,7 @@ class DitPrunePromptSet(io.ComfyNode):
             f"{prompts.source} (hash {prompts.hash}), conditioning {encoded.context_width} wide"
         )
         show_text(summary)
-        return io.NodeOutput(encoded, summary)
+        return io.NodeOutput(encoded, ui={"text": [summary]})
 
 
 __all__ = [

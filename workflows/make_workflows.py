@@ -48,6 +48,8 @@ MIN_HEIGHT = {
     "DitPrunePruneAndReconstruct": 542,
     "PreviewAny": 88,
     "Note": 88,
+    "DitPrunePromptSet": 200,
+    "DitPruneHeldOutCheck": 330,
 }
 # the frontend draws these; the backend has no such node
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
@@ -62,6 +64,7 @@ COLOURS = {
     "compare": "#b06634",
     "save": "#8AA",
     "reconstruct": "#b58b2a",
+    "held_out": "#3f5f5f",
 }
 
 # where each model file comes from and which models/ folder it goes in (the frontend offers the
@@ -136,6 +139,7 @@ class Graph:
         self.link_parents: dict[int, int] = {}
         self.view: dict[str, Any] | None = None
         self.placed = False  # set by place(): the layout is by hand, arrange() is not used
+        self.named: dict[str, int] = {}  # nodes a later group links from (the text encoder)
 
     def add(
         self,
@@ -395,7 +399,7 @@ def pruning_chain(
     cal = g.add(
         "DitPruneCalibrate",
         (0, 0),
-        [0, "fixed", 8, cfg, "euler", "simple", "log", ""],
+        [0, "fixed", 8, cfg, "euler", "simple", "log", "", 1, ""],
         [
             ("model", "MODEL"),
             ("positive", "CONDITIONING"),
@@ -639,6 +643,7 @@ def _flux_loaders(g: Graph, note: str = NOTES["load"]) -> tuple[int, int, int, i
     )
     latent = g.add("EmptySD3LatentImage", (0, 0), [512, 512, 1], [], [("LATENT", "LATENT")])
     vae = g.add("VAELoader", (0, 0), ["ae.safetensors"], [], [("VAE", "VAE")])
+    g.named["clip"] = clip
     members = _load_column(
         g, [(unet, 82), (clip, 130), (text, 110), (pos, 58), (neg, 88), (latent, 106), (vae, 58)], note
     )
@@ -696,6 +701,7 @@ def _sd35_loaders(g: Graph, note: str = NOTES["load"]) -> tuple[int, int, int, i
         title="negative",
     )
     latent = g.add("EmptySD3LatentImage", (0, 0), [1024, 1024, 1], [], [("LATENT", "LATENT")])
+    g.named["clip"] = clip
     members = _load_column(g, [(ckpt, 98), (clip, 106), (pos, 120), (neg, 100), (latent, 106)], note)
     margin = g.wrap(clip, 0, pos, "clip")
     g.wrap(clip, 0, neg, "clip", via=margin)
@@ -847,8 +853,9 @@ def reconstruct_chain(
     notes: dict[str, str],
     prefix: str,
     setting: dict[str, Any],
-) -> None:
+) -> tuple[int, int]:
     """Groups 2-5: Prune and Reconstruct -> sample it and the dense model, compare / save it.
+    Returns (Prune and Reconstruct, the reroute on the MODEL bus its output reaches Save through).
 
     ``setting``: ``sparsity``, ``value_bits`` ("none" or "8" / "4" / "3") and Save's ``values`` and
     ``remainder``."""
@@ -862,6 +869,8 @@ def reconstruct_chain(
             0.0,  # memory_budget_gb
             setting["value_bits"],  # the kept values' codes, chosen jointly (Save stores them exactly)
             100,  # block_refine_steps: the default (one more sampler run per block)
+            1,  # seeds_per_prompt
+            "",  # sizes: the latent's
         ],
         [
             ("model", "MODEL"),
@@ -870,6 +879,7 @@ def reconstruct_chain(
             ("latent_image", "LATENT"),
             ("saliency", "DITPRUNE_SALIENCY"),
             ("clusters", "DITPRUNE_CLUSTERS"),
+            ("prompt_set", "DITPRUNE_PROMPTS"),
         ],
         [("MODEL", "MODEL"), ("report", "STRING")],
     )
@@ -899,7 +909,8 @@ def reconstruct_chain(
     )
     _x, save_bottom = g.place(save, XR["save"], TOP_A, W)
     bus = g.reroute((XR["side"] - 20, LANE_TOP))
-    g.link(recon, 0, save, "model", via=g.reroute((XR["save"] - 30, LANE_TOP), bus))
+    save_via = g.reroute((XR["save"] - 30, LANE_TOP), bus)
+    g.link(recon, 0, save, "model", via=save_via)
     path = _text_out(g, save, 0, XR["save_out"], TOP_A, "saved file", 110)
     size = _text_out(g, save, 1, XR["save_out"], TOP_A + TITLE + 110 + 24, "size, bits per weight, VRAM", 200)
     note5 = g.note((0, 0), W, 200, notes["save"], "About: save")
@@ -946,6 +957,145 @@ def reconstruct_chain(
         g, decoded, "reconstructed", [], (XR["images"], XR["metrics"]), ks_ys, top_b, notes["compare"], "4"
     )
     g.group("5 · Save", COLOURS["save"], [save, path, size, note5])
+    return recon, save_via
+
+
+# --- the prompt set and the held-out check (the reconstruction workflows) ---------------------------
+#
+# A column group right of Save: the Prompt Set (the shipped 103 + 16 prompts, encoded with the
+# workflow's text encoder) feeding Prune and Reconstruct over a lane just above the groups, and the
+# Held-out Check of the dense vs the reconstructed model, its report and image grid. The links from
+# the Load column run down the gap beside it, along lanes under the rows and up the gap left of
+# this group; the reconstructed MODEL branches off the MODEL bus.
+XH = {"lane": 1752, "col1": 1800, "col2": 2090}
+WH = 300  # the grid and report width
+HELD_OUT_NOTE = (
+    "Prompt Set: the shipped prompts (103 calibrated on, 16 held out; written for ditprune), encoded "
+    "with this workflow's text encoder. Prune and Reconstruct samples every calibration prompt in "
+    "every pass: its cost is sampler runs x prompts x steps (its report says how many).\n\n"
+    "Held-out Check: 4 held-out and 4 calibration prompts, dense vs reconstructed from the same noise "
+    "at 4 steps. Held-out error well above seen (ratio 2 and more): the result fitted its prompts."
+)
+
+
+def _output_y(g: Graph, node: int, slot: int) -> int:
+    return int(g.nodes[node - 1]["pos"][1] + (slot + 0.7) * SLOT)
+
+
+def _input_y(g: Graph, node: int, name: str) -> int:
+    slot = next(i for i, inp in enumerate(g.nodes[node - 1]["inputs"]) if inp["name"] == name)
+    return int(g.nodes[node - 1]["pos"][1] + (slot + 0.7) * SLOT)
+
+
+def _route(g: Graph, src: int, slot: int, dst: int, name: str, points: list[tuple[int, int]]) -> None:
+    """Link through a chain of reroutes at ``points``."""
+    parent = None
+    for point in points:
+        parent = g.reroute(point, parent)
+    g.link(src, slot, dst, name, via=parent)
+
+
+def held_out_group(
+    g: Graph,
+    *,
+    dense: int,
+    recon: int,
+    recon_via: int,
+    neg: int,
+    latent: int,
+    vae: int,
+    vae_slot: int,
+    cfg: float,
+) -> None:
+    """Group 6: Prompt Set -> Prune and Reconstruct, and the Held-out Check with its report and grid."""
+    bottom = max(grp["bounding"][1] + grp["bounding"][3] for grp in g.groups)
+    prompts = g.add(
+        "DitPrunePromptSet",
+        (0, 0),
+        ["(shipped default set)", "", 256, 0.0],
+        [("clip", "CLIP")],
+        [("prompt_set", "DITPRUNE_PROMPTS")],
+        title="prompt set (calibration + held-out)",
+    )
+    _x, y = g.place(prompts, XH["col1"], TOP_A, W)
+    check = g.add(
+        "DitPruneHeldOutCheck",
+        (0, 0),
+        [0, "fixed", 4, cfg, "euler", "simple", 4, 4],
+        [
+            ("model", "MODEL"),
+            ("pruned_model", "MODEL"),
+            ("prompt_set", "DITPRUNE_PROMPTS"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+            ("vae", "VAE"),
+        ],
+        [("report", "STRING"), ("grid", "IMAGE")],
+    )
+    _x, _bottom = g.place(check, XH["col1"], y + 40, W)
+    check_y = g.nodes[check - 1]["pos"][1] - TITLE
+    note = g.note((0, 0), WH, 200, HELD_OUT_NOTE, "About: prompt set & held-out check")
+    _x, note_bottom = g.place(note, XH["col2"], TOP_A, WH, 200)
+    report = _text_out(
+        g, check, 0, XH["col2"], max(check_y, note_bottom + 24), "held-out check report", 200, WH
+    )
+    _x, report_bottom = g.place(report, XH["col2"], max(check_y, note_bottom + 24), WH, 200)
+    grid = g.add("PreviewImage", (0, 0), [], [("images", "IMAGE")], [], title="held-out grid")
+    g.place(grid, XH["col2"], report_bottom + 24, WH, 320)
+    g.link(check, 1, grid, "images", via=g.reroute((XH["col1"] + W + 8, _input_y(g, grid, "images"))))
+    g.wrap(prompts, 0, check, "prompt_set")
+    # the set to Prune and Reconstruct: up the gap right of the Prompt Set, left along a lane just
+    # above the groups, down the gap beside the Load column
+    top_lane = LANE_TOP + 18
+    out_x = XH["col1"] + W + 14
+    _route(
+        g,
+        prompts,
+        0,
+        recon,
+        "prompt_set",
+        [
+            (out_x, _output_y(g, prompts, 0)),
+            (out_x, top_lane),
+            (X["load"] + W + 48, top_lane),
+            (X["load"] + W + 48, _input_y(g, recon, "prompt_set")),
+        ],
+    )
+    # the reconstructed MODEL: off the MODEL bus, down the gap left of this group
+    drop = g.reroute((XH["lane"] + 8, LANE_TOP), recon_via)
+    g.link(
+        recon,
+        0,
+        check,
+        "pruned_model",
+        via=g.reroute((XH["lane"] + 8, _input_y(g, check, "pruned_model")), drop),
+    )
+    # from the Load column: down the gap beside it, along the lanes under the rows, up to the check
+    sources = [
+        (dense, 0, check, "model"),
+        (neg, 0, check, "negative"),
+        (latent, 0, check, "latent_image"),
+        (vae, vae_slot, check, "vae"),
+        (g.named["clip"], 0, prompts, "clip"),
+    ]
+    for i, (src, slot, dst, name) in enumerate(sources):
+        gap_x = X["load"] + W + 18 + 5 * i
+        lane_y = bottom + 8 + 6 * i
+        right_x = XH["lane"] + 4 * (i if i < 2 else i + 1)
+        _route(
+            g,
+            src,
+            slot,
+            dst,
+            name,
+            [
+                (gap_x, _output_y(g, src, slot)),
+                (gap_x, lane_y),
+                (right_x, lane_y),
+                (right_x, _input_y(g, dst, name)),
+            ],
+        )
+    g.group("6 · Prompt set & held-out check", COLOURS["held_out"], [note, prompts, check, report, grid])
 
 
 def _reconstruct_notes(
@@ -1041,8 +1191,11 @@ def flux_dev_reconstruct(tier: dict[str, Any] | None = None) -> dict[str, Any]:
     prefix = (
         "ditprune/flux1-dev-reconstructed" if tier is None else f"ditprune/flux1-dev-{tier['vram_gib']}gb"
     )
-    reconstruct_chain(
+    recon, recon_via = reconstruct_chain(
         g, unet, pos, neg, latent, vae, 0, cfg=1.0, steps=20, notes=notes, prefix=prefix, setting=setting
+    )
+    held_out_group(
+        g, dense=unet, recon=recon, recon_via=recon_via, neg=neg, latent=latent, vae=vae, vae_slot=0, cfg=1.0
     )
     g.fit_view()
     return g.to_json()
@@ -1052,7 +1205,7 @@ def sd35_reconstruct() -> dict[str, Any]:
     notes = _reconstruct_notes("SD3.5 Large", steps=28, cfg=4.5, gram_gib=GRAM_GIB["sd3.5-large"], size="")
     g = Graph()
     ckpt, pos, neg, latent = _sd35_loaders(g, notes["load"])
-    reconstruct_chain(
+    recon, recon_via = reconstruct_chain(
         g,
         ckpt,
         pos,
@@ -1065,6 +1218,9 @@ def sd35_reconstruct() -> dict[str, Any]:
         notes=notes,
         prefix="ditprune/sd3.5-large-reconstructed",
         setting=PLAIN_SETTING,
+    )
+    held_out_group(
+        g, dense=ckpt, recon=recon, recon_via=recon_via, neg=neg, latent=latent, vae=ckpt, vae_slot=2, cfg=4.5
     )
     g.fit_view()
     return g.to_json()

@@ -38,9 +38,11 @@ def _model(arch: str, seed: int = 11) -> Any:
     return load(random_state_dict(shapes, seed=seed))
 
 
-def _prompt_set(comfy: Comfy, clip: Any, text: str = PROMPTS, **kw: Any) -> Any:
+def _prompt_set(comfy: Comfy, clip: Any, text: str = PROMPTS, **kw: Any) -> tuple[Any, str]:
+    """The node's output and the summary it shows on itself."""
     args = {"source": "(the text below)", "text": text, "max_prompts": 256, "held_out_fraction": 0.0, **kw}
-    return comfy.node("DitPrunePromptSet").execute(clip=clip, **args).args
+    out = comfy.node("DitPrunePromptSet").execute(clip=clip, **args)
+    return out.args[0], out.ui["text"][0]
 
 
 def _encode(clip: Any, text: str, guidance: bool) -> list:

@@ -197,6 +197,7 @@ def test_every_text_output_is_shown_by_preview_any(path: Path, all_nodes: dict[s
     ]
     assert path.name not in RECONSTRUCT_WORKFLOWS or sorted(shown) == [
         "DitPruneCompare.metrics",
+        "DitPruneHeldOutCheck.report",
         "DitPrunePruneAndReconstruct.report",
         "DitPruneSavePrunedModel.path",
         "DitPruneSavePrunedModel.size",
@@ -268,8 +269,22 @@ def test_reconstruction_variant_matches_its_plain_workflow(name: str, all_nodes:
     # seed, control, steps, cfg, sampler, scheduler, weighting: as the plain workflow calibrates
     assert recon["widgets_values"][:7] == calibrate["widgets_values"][:7]
     assert sources(variant, recon) == {
-        k: v for k, v in sources(plain, calibrate).items() if k != "calibration"
+        **{k: v for k, v in sources(plain, calibrate).items() if k != "calibration"},
+        "prompt_set": ("DitPrunePromptSet", 0),  # calibrated on the shipped prompt set
     }
+    # the held-out check: dense vs reconstructed on the same set, shown as text and a grid
+    (check,) = by_type(variant, "DitPruneHeldOutCheck")
+    assert {k: v[0] for k, v in sources(variant, check).items()} == {
+        "model": sources(variant, recon)["model"][0],
+        "pruned_model": "DitPrunePruneAndReconstruct",
+        "prompt_set": "DitPrunePromptSet",
+        "negative": sources(variant, recon)["negative"][0],
+        "latent_image": "EmptySD3LatentImage",
+        "vae": "VAELoader" if "flux" in name else "CheckpointLoaderSimple",
+    }
+    (prompts,) = by_type(variant, "DitPrunePromptSet")
+    assert prompts["widgets_values"][0] == "(shipped default set)"
+    assert sources(variant, prompts)["clip"][0] in ("DualCLIPLoader", "TripleCLIPLoader")
     # the reconstructed and the dense model, sampled alike, decoded, compared
     samplers = by_type(variant, "KSampler")
     assert [sources(variant, s)["model"][0] for s in samplers] == [
@@ -289,6 +304,7 @@ def test_reconstruction_variant_matches_its_plain_workflow(name: str, all_nodes:
         "3 · Sample dense vs reconstructed",
         "4 · Compare",
         "5 · Save",
+        "6 · Prompt set & held-out check",
     ]
     notes = " ".join(n["widgets_values"][0] for n in by_type(variant, "Note"))
     assert "the sampler runs once per pass" in notes and "models/diffusion_models/" in notes
