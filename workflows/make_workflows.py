@@ -824,7 +824,8 @@ RECONSTRUCT_NOTES = {
     "and both samplers below.",
     "reconstruct": "{setting}Prunes a copy of the model (the input is unchanged) and updates the weights "
     "it keeps, so that each layer's output on these prompts changes as little as possible.\n\n"
-    "Cost: the sampler runs once per pass ({steps} steps at this latent size{cfg_note}). {model} "
+    "Cost: the sampler runs once per pass for every calibration prompt of the prompt set (103 here, "
+    "{steps} steps each at this latent size{cfg_note}; fewer prompts in the set cost less). {model} "
     "needs {total} GiB of Gram matrices: {passes_8} passes at an 8 GiB budget, {passes_4} at 4 "
     "(memory_budget_gb 0: a quarter of the free memory, at most 8). Block refinement (100 steps) "
     "adds one sampler run per block ({blocks}); block_refine_steps 0 skips it. The node shows its "
