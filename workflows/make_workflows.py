@@ -48,7 +48,7 @@ MIN_HEIGHT = {
     "DitPrunePruneAndReconstruct": 542,
     "PreviewAny": 88,
     "Note": 88,
-    "DitPrunePromptSet": 200,
+    "DitPrunePromptSet": 160,
     "DitPruneHeldOutCheck": 330,
 }
 # the frontend draws these; the backend has no such node
@@ -341,6 +341,7 @@ X = {  # left edge of each column
     "metrics": 1260,
     "save": 1570,
     "save_out": 1890,
+    "held_out": 2180,  # the Held-out Check, right of Save's outputs (with a prompt set)
 }
 TOP_A = ROW_A + GROUP_HEAD + 10  # title-bar top of a group's first node
 TOP_B = ROW_B + GROUP_HEAD + 10
@@ -363,6 +364,11 @@ NOTES = {
     "format dense: as large as the source; opens in the stock Load Diffusion Model.",
 }
 SAVE_OUTPUTS = [("path", "STRING"), ("size", "STRING")]
+SAVE_HELD_OUT_NOTE = (
+    "\n\nHeld-out Check (right): 4 of the prompt set's held-out prompts and 4 calibrated ones, dense vs "
+    "pruned from the same noise at 4 steps; held-out error well above seen means the masks fit "
+    "their calibration prompts."
+)
 
 
 def _text_out(
@@ -391,8 +397,10 @@ def pruning_chain(
     *,
     cfg: float,
     plot_layer: str,
+    prompt_set: bool = False,
 ) -> tuple[int, int]:
-    """Calibrate -> Score -> Cluster -> Apply (row A); returns (Apply node, its MODEL reroute)."""
+    """Calibrate -> Score -> Cluster -> Apply (row A); returns (Apply node, its MODEL reroute).
+    With ``prompt_set``, a Prompt Set (the shipped prompts) feeds Calibrate."""
     # Calibrate: UNET's model output sits level with Calibrate's model input
     note = g.note((0, 0), W, 120, NOTES["calibrate"], "About: calibrate")
     g.place(note, X["cal"], TOP_A, W, 120)
@@ -406,6 +414,7 @@ def pruning_chain(
             ("negative", "CONDITIONING"),
             ("latent_image", "LATENT"),
             ("calibration", "DITPRUNE_CALIBRATION"),
+            *([("prompt_set", "DITPRUNE_PROMPTS")] if prompt_set else []),
         ],
         [("calibration", "DITPRUNE_CALIBRATION"), ("LATENT", "LATENT"), ("summary", "STRING")],
     )
@@ -413,8 +422,44 @@ def pruning_chain(
     for src, name in ((model, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
         g.link(src, 0, cal, name)
     cal_y = g.nodes[cal - 1]["pos"][1]
+    members = [note, cal]
+    if prompt_set:  # the shipped prompt set, at the top of the output column (above the
+        # calibration's link to Score), feeding Calibrate
+        prompts = _prompt_set_node(g)
+        _x, bottom = g.place(prompts, X["cal_out"], TOP_A, WP)
+        assert bottom < cal_y + 0.7 * SLOT - 8, "the Prompt Set would hide Calibrate's link to Score"
+        g.named["prompt_set"] = prompts
+        top_lane = LANE_TOP + 18  # between the MODEL bus and the groups
+        _route(
+            g,
+            g.named["clip"],
+            0,
+            prompts,
+            "clip",
+            [
+                (X["load"] + W + 27, _output_y(g, g.named["clip"], 0)),
+                (X["load"] + W + 27, top_lane),
+                (X["cal_out"] - 15, top_lane),
+                (X["cal_out"] - 15, _input_y(g, prompts, "clip")),
+            ],
+        )
+        back = top_lane - 6
+        _route(
+            g,
+            prompts,
+            0,
+            cal,
+            "prompt_set",
+            [
+                (X["cal_out"] + WP + 10, _output_y(g, prompts, 0)),
+                (X["cal_out"] + WP + 10, back),
+                (X["load"] + W + 33, back),
+                (X["load"] + W + 33, _input_y(g, cal, "prompt_set")),
+            ],
+        )
+        members.append(prompts)
     cal_summary = _text_out(g, cal, 2, X["cal_out"], cal_y + 40, "calibration summary", 140)
-    g.group("2 · Calibrate", COLOURS["calibrate"], [note, cal, cal_summary])
+    g.group("2 · Calibrate", COLOURS["calibrate"], [*members, cal_summary])
 
     # Score level with Calibrate's calibration output; its saliency runs straight to Apply
     note3 = g.note((0, 0), WP, 120, NOTES["score"], "About: score & cluster")
@@ -433,6 +478,7 @@ def pruning_chain(
     bus0 = g.reroute((X["cal"] - 35, LANE_TOP))
     bus1 = g.reroute((X["cluster"] - 25, LANE_TOP), bus0)
     bus2 = g.reroute((X["apply"] - 30, LANE_TOP), bus1)
+    g.named["model_bus"] = bus2
     cluster = g.add(
         "DitPruneClusterWeights",
         (0, 0),
@@ -590,9 +636,68 @@ def sample_compare_save(
     g.link(pruned_model, 0, save, "model", via=save_bus)
     path = _text_out(g, save, 0, X["save_out"], TOP_B, "saved file", 120)
     size = _text_out(g, save, 1, X["save_out"], TOP_B + TITLE + 120 + 24, "size, bits per weight, VRAM", 170)
-    note7 = g.note((0, 0), W, 170, NOTES["save"], "About: save")
-    g.place(note7, X["save"], save_bottom + 24, W, 170)
-    g.group("7 · Save", COLOURS["save"], [save, path, size, note7])
+    if "prompt_set" not in g.named:
+        note7 = g.note((0, 0), W, 170, NOTES["save"], "About: save")
+        g.place(note7, X["save"], save_bottom + 24, W, 170)
+        g.group("7 · Save", COLOURS["save"], [save, path, size, note7])
+        return
+    # with a prompt set: the held-out check joins the group, in a column right of Save's outputs,
+    # its report and grid under them
+    note7 = g.note((0, 0), W, 170, NOTES["save"] + SAVE_HELD_OUT_NOTE, "About: save & held-out check")
+    _x, note_bottom = g.place(note7, X["save"], save_bottom + 24, W, 170)
+    check = _held_out_node(g, cfg)
+    _x, check_bottom = g.place(check, X["held_out"], TOP_B, WP)
+    report = g.add("PreviewAny", (0, 0), [], [("source", "*")], [], title="held-out check report")
+    _x, report_bottom = g.place(report, X["held_out"], check_bottom + 24, WP, 88)
+    grid = g.add("PreviewImage", (0, 0), [], [("images", "IMAGE")], [], title="held-out grid")
+    g.place(grid, X["held_out"], report_bottom + 24, WP, 130)
+    # both outputs return under the check and run down its left margin (Graph.wrap's route)
+    cx, cy, cw, ch = g.box(check)
+    for slot, node, name, offset in ((0, report, "source", 0), (1, grid, "images", 5)):
+        _route(
+            g,
+            check,
+            slot,
+            node,
+            name,
+            [
+                (cx + cw + 8 + offset, cy + ch + 8 + offset),
+                (cx - 6 - offset, cy + ch + 8 + offset),
+                (cx - 6 - offset, _input_y(g, node, name)),
+            ],
+        )
+    lanes = {  # input -> (source, slot, reroute it continues from or None, the lane it runs down)
+        "model": (dense_model, 0, g.named["model_bus"]),
+        "pruned_model": (pruned_model, 0, pruned_bus),
+        "prompt_set": (g.named["prompt_set"], 0, None),
+        "negative": (neg, 0, None),
+        "latent_image": (latent, 0, None),
+        "vae": (vae, vae_slot, None),
+    }
+    for i, (name, (src, slot, parent)) in enumerate(lanes.items()):
+        down = X["held_out"] - 36 + 5 * i
+        if parent is not None:  # off a bus, straight down the lane beside the check
+            top = g.reroute((down, g.reroutes[parent - 1]["pos"][1]), parent)
+            g.link(src, slot, check, name, via=g.reroute((down, _input_y(g, check, name)), top))
+            continue
+        lane_y = LANE_MID + 16 + 4 * i  # between the rows, under the VAE lane
+        start_x = (
+            X["cal_out"] + WP + 16 if name == "prompt_set" else X["load"] + W + 14 + 4 * i
+        )  # out of the Prompt Set, or down the gap beside the Load column
+        _route(
+            g,
+            src,
+            slot,
+            check,
+            name,
+            [
+                (start_x, _output_y(g, src, slot)),
+                (start_x, lane_y),
+                (down, lane_y),
+                (down, _input_y(g, check, name)),
+            ],
+        )
+    g.group("7 · Save & held-out check", COLOURS["save"], [save, path, size, note7, check, report, grid])
 
 
 def _load_column(g: Graph, nodes: list[tuple[int, int]], text: str = NOTES["load"]) -> list[int]:
@@ -658,7 +763,7 @@ def flux_dev() -> dict[str, Any]:
     g = Graph()
     unet, pos, neg, latent, vae = _flux_loaders(g)
     apply, pruned_bus = pruning_chain(
-        g, unet, pos, neg, latent, cfg=1.0, plot_layer="single_blocks.0.linear1"
+        g, unet, pos, neg, latent, cfg=1.0, plot_layer="single_blocks.0.linear1", prompt_set=True
     )
     sample_compare_save(
         g, unet, apply, pruned_bus, pos, neg, latent, vae, 0, steps=20, cfg=1.0, prefix="ditprune/flux1-dev"
@@ -713,7 +818,7 @@ def sd35() -> dict[str, Any]:
     g = Graph()
     ckpt, pos, neg, latent = _sd35_loaders(g)
     apply, pruned_bus = pruning_chain(
-        g, ckpt, pos, neg, latent, cfg=4.5, plot_layer="joint_blocks.0.x_block.attn.qkv"
+        g, ckpt, pos, neg, latent, cfg=4.5, plot_layer="joint_blocks.0.x_block.attn.qkv", prompt_set=True
     )
     sample_compare_save(
         g,
@@ -979,6 +1084,36 @@ HELD_OUT_NOTE = (
 )
 
 
+def _prompt_set_node(g: Graph) -> int:
+    """A Prompt Set of the shipped prompts (103 calibration + 16 held out)."""
+    return g.add(
+        "DitPrunePromptSet",
+        (0, 0),
+        ["(shipped default set)", "", 256, 0.0],
+        [("clip", "CLIP")],
+        [("prompt_set", "DITPRUNE_PROMPTS")],
+        title="prompt set (calibration + held-out)",
+    )
+
+
+def _held_out_node(g: Graph, cfg: float) -> int:
+    """A Held-out Check: 4 held-out and 4 calibration prompts at 4 steps, seed 0."""
+    return g.add(
+        "DitPruneHeldOutCheck",
+        (0, 0),
+        [0, "fixed", 4, cfg, "euler", "simple", 4, 4],
+        [
+            ("model", "MODEL"),
+            ("pruned_model", "MODEL"),
+            ("prompt_set", "DITPRUNE_PROMPTS"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+            ("vae", "VAE"),
+        ],
+        [("report", "STRING"), ("grid", "IMAGE")],
+    )
+
+
 def _output_y(g: Graph, node: int, slot: int) -> int:
     return int(g.nodes[node - 1]["pos"][1] + (slot + 0.7) * SLOT)
 
@@ -1010,29 +1145,9 @@ def held_out_group(
 ) -> None:
     """Group 6: Prompt Set -> Prune and Reconstruct, and the Held-out Check with its report and grid."""
     bottom = max(grp["bounding"][1] + grp["bounding"][3] for grp in g.groups)
-    prompts = g.add(
-        "DitPrunePromptSet",
-        (0, 0),
-        ["(shipped default set)", "", 256, 0.0],
-        [("clip", "CLIP")],
-        [("prompt_set", "DITPRUNE_PROMPTS")],
-        title="prompt set (calibration + held-out)",
-    )
+    prompts = _prompt_set_node(g)
     _x, y = g.place(prompts, XH["col1"], TOP_A, W)
-    check = g.add(
-        "DitPruneHeldOutCheck",
-        (0, 0),
-        [0, "fixed", 4, cfg, "euler", "simple", 4, 4],
-        [
-            ("model", "MODEL"),
-            ("pruned_model", "MODEL"),
-            ("prompt_set", "DITPRUNE_PROMPTS"),
-            ("negative", "CONDITIONING"),
-            ("latent_image", "LATENT"),
-            ("vae", "VAE"),
-        ],
-        [("report", "STRING"), ("grid", "IMAGE")],
-    )
+    check = _held_out_node(g, cfg)
     _x, _bottom = g.place(check, XH["col1"], y + 40, W)
     check_y = g.nodes[check - 1]["pos"][1] - TITLE
     note = g.note((0, 0), WH, 200, HELD_OUT_NOTE, "About: prompt set & held-out check")

@@ -192,6 +192,7 @@ def test_every_text_output_is_shown_by_preview_any(path: Path, all_nodes: dict[s
         "DitPruneCalibrate.summary",
         "DitPruneClusterWeights.summary",
         "DitPruneCompare.metrics",
+        "DitPruneHeldOutCheck.report",
         "DitPruneSavePrunedModel.path",
         "DitPruneSavePrunedModel.size",
     ]
@@ -361,7 +362,7 @@ def test_layout_nodes_apart_and_inside_their_groups(path: Path) -> None:
         "4 · Prune",
         "5 · Sample dense vs pruned",
         "6 · Compare",
-        "7 · Save",
+        "7 · Save & held-out check",
     ]
     rects = [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in groups)]
     for a, b in itertools.combinations(range(len(rects)), 2):
