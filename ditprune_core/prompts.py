@@ -355,7 +355,10 @@ class HeldOutCheck:
 
     @property
     def ratio(self) -> float:
+        """Held-out over seen mean relative error (NaN without seen prompts; inf when seen is exact)."""
         seen = self.seen_error
+        if math.isnan(seen):
+            return math.nan
         return self.held_out_error / seen if seen > 0 else math.inf
 
     def verdict(self) -> str:

@@ -183,3 +183,9 @@ def test_held_out_check_text_and_verdict() -> None:
     assert "OVERFITTED" in text and "held-out / seen error 2.50" in text and "new c" in text
     fine = HeldOutCheck((PromptScore("a", False, 0.1, 30.0), PromptScore("b", True, 0.11, 29.0)))
     assert "holds on unseen prompts" in fine.to_text()
+
+
+def test_held_out_check_without_seen_prompts_has_no_ratio() -> None:
+    alone = HeldOutCheck((PromptScore("b", True, 0.2, 20.0),))
+    assert math.isnan(alone.ratio)
+    assert "no seen prompt to compare with" in alone.to_text()
