@@ -5,8 +5,8 @@
 Protocol: each MiniFlux test-bed (classes = digits, like prompts) is pruned by
 :func:`~ditprune_core.sequential.prune_sequential_` with ``update="obs"`` at 50% sparsity, every
 other setting at the product's default except block refinement, which is off (on the CPU it makes a
-run ten times slower; the curve is about what the OBS reconstruction fits), calibrated on the first ``k`` classes
-of one half of the digits (:data:`HALVES`: 0-4, then the swap 5-9) and ``n`` samples in all, the
+run ten times slower; the curve is about what the OBS reconstruction fits), calibrated on the first
+``k`` classes of one half of the digits (:data:`HALVES`: 0-4, then the swap 5-9) and ``n`` samples in all, the
 classes taken in turn (``k`` in :data:`CLASSES`, ``n`` in :data:`SAMPLES`); one calibration seed
 (1000), 20 Euler steps, cfg 2, log timestep weighting. The evaluation samples 10 digits of every
 class of the *other* half (held out: disjoint from every calibration of that split) and 10 of each

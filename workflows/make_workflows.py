@@ -644,7 +644,7 @@ def sample_compare_save(
     # with a prompt set: the held-out check joins the group, in a column right of Save's outputs,
     # its report and grid under them
     note7 = g.note((0, 0), W, 170, NOTES["save"] + SAVE_HELD_OUT_NOTE, "About: save & held-out check")
-    _x, note_bottom = g.place(note7, X["save"], save_bottom + 24, W, 170)
+    g.place(note7, X["save"], save_bottom + 24, W, 170)
     check = _held_out_node(g, cfg)
     _x, check_bottom = g.place(check, X["held_out"], TOP_B, WP)
     report = g.add("PreviewAny", (0, 0), [], [("source", "*")], [], title="held-out check report")
