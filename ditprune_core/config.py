@@ -47,7 +47,7 @@ ALLOCATIONS = ("uniform", "block")
 @dataclass(frozen=True)
 class ReconstructParams:
     """How ``update="obs"`` reconstructs a layer; the defaults are what the reconstruction
-    benchmark measured best (``python -m ditprune_core.bench.reconstruction_lab``).
+    benchmark measured best (``python -m bench.reconstruction_lab``).
 
     Attributes:
         mask: ``"metric"``: the config's own mask (metric, granularity, pattern: DiT-Pruning energy by

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ditprune_core.bench.pareto import FLUX_REST, FLUX_SHAPES, _flux_gb, flux_bytes
-from ditprune_core.bench.quant_groups import Point, choose_defaults, frontier
+from bench.pareto import FLUX_REST, FLUX_SHAPES, _flux_gb, flux_bytes
+from bench.quant_groups import Point, choose_defaults, frontier
 from ditprune_core.calibrate import recording_grams
 from ditprune_core.quantize import QuantSpec
 
@@ -56,7 +56,7 @@ def test_flux_projection_matches_the_known_files() -> None:
 
 
 def test_the_held_out_split_is_disjoint_and_deterministic() -> None:
-    from ditprune_core.bench.refine_holdout import SPLITS, class_split
+    from bench.refine_holdout import SPLITS, class_split
 
     for split in SPLITS:
         seen, held = class_split(split)

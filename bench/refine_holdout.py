@@ -1,6 +1,6 @@
 """Block refinement held out: does each refinement setting lower the error on classes it never saw?
 
-    python -m ditprune_core.bench refine_holdout      # writes docs/bench/refine_holdout.md
+    python -m bench refine_holdout      # writes docs/bench/refine_holdout.md
 
 Protocol (the generalisation issue's): each MiniFlux model is calibrated on half of its digit
 classes (:data:`SPLITS`: 0-4, then the swap 5-9), 10 samples a class per calibration seed (1000,
@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PruneConfig, ReconstructParams
-from ..miniflux.pipeline import MiniFluxPipeline, load_bundled
-from ..sequential import prune_sequential_
-from ..util.metrics import relative_squared_error
+from ditprune_core.config import PruneConfig, ReconstructParams
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
+from ditprune_core.sequential import prune_sequential_
+from ditprune_core.util.metrics import relative_squared_error
+
 from . import write_report
 
 __all__ = ["SETTINGS", "SPLITS", "HoldoutRow", "class_split", "run_refine_holdout", "write_refine_holdout"]
