@@ -142,7 +142,8 @@ class ReconstructParams:
             raise ValueError(f"block_refine_holdout must be in [0, 1), got {self.block_refine_holdout}")
         if self.block_refine_patience < 0:
             raise ValueError(
-                f"block_refine_patience must be >= 0 (0: refine every block), got {self.block_refine_patience}"
+                "block_refine_patience must be >= 0 (0: refine every block), "
+                f"got {self.block_refine_patience}"
             )
 
 
