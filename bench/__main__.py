@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.5, 0.7], help="refine_holdout: sparsities"
+    )
+    parser.add_argument(
+        "--settings", nargs="+", default=None, help="refine_holdout: setting names (default: all)"
+    )
+    parser.add_argument(
         "--from-markdown",
         action="store_true",
         help="pareto: rewrite pareto.json and the plots from the pareto.md of the last run (no re-run)",
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "refine_holdout":
         from .refine_holdout import run_refine_holdout, write_refine_holdout
 
-        path = write_refine_holdout(run_refine_holdout(args.models), args.out, command)
+        rows = run_refine_holdout(args.models, args.sparsities, args.settings)
+        path = write_refine_holdout(rows, args.out, command)
         print(path.read_text())
         return 0
     if args.which == "checkpoint":
