@@ -143,7 +143,7 @@ class ParetoPoint:
         return float(np.mean(self.metrics["rel_mse"]))
 
 
-def _flux_gb(prunable_bytes: float) -> tuple[float, float, float]:
+def flux_gb(prunable_bytes: float) -> tuple[float, float, float]:
     """Projected FLUX.1-dev GB with the other weights in bf16, fp8 (a scale per row) and int4."""
     return (
         (prunable_bytes + 2 * FLUX_REST) / 1e9,
@@ -569,7 +569,7 @@ def run_pareto(
         name: str, family: str, pipe: MiniFluxPipeline, bpw: float, flux_bytes: float, rest: str, start: float
     ) -> None:
         metrics = _evaluate(ctx, pipe, velocity=velocity)
-        rest_bf16, rest_fp8, rest_int4 = _flux_gb(flux_bytes)
+        rest_bf16, rest_fp8, rest_int4 = flux_gb(flux_bytes)
         flux_bpw = 8 * flux_bytes / FLUX_PRUNABLE
         points.append(ParetoPoint(name, family, bpw, flux_bpw, rest_bf16, rest_fp8, metrics, rest_int4, rest))
         log.info(
