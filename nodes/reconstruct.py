@@ -328,7 +328,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             "bits_per_weight": report.bits_per_weight,
             "calibration": plan.record(timestep_weighting),
         }
-        sampler_runs = len(report.passes) + len(report.blocks)
+        sampler_runs = report.sampler_runs
         cost = (
             f"calibration {plan.cost_text()}; {sampler_runs} calibration runs of the set "
             f"({len(report.passes)} pass(es) + {len(report.blocks)} block refinement(s)) = "
