@@ -75,7 +75,7 @@ def test_every_output_has_a_tooltip_and_every_node_a_description(comfy: Comfy) -
         for out in comfy.node(node_id).define_schema().outputs
         if out.get_io_type() == "STRING"
     ]
-    assert len(text_outputs) == 7  # Save has two: path and size
+    assert len(text_outputs) == 9  # Save has two: path and size; Load Calibration its record
     for node_id, name in text_outputs:
         tooltip = next(
             o.tooltip for o in comfy.node(node_id).define_schema().outputs if o.display_name == name

@@ -156,8 +156,9 @@ def test_calibration_files_round_trip(comfy: Comfy) -> None:
     load_node = comfy.node("DitPruneLoadCalibration")
     options = load_node.GET_SCHEMA().inputs[0].options
     assert "tiny_flux.safetensors" in options
-    (loaded,) = load_node.execute(calibration_name="tiny_flux.safetensors").args
+    loaded, record = load_node.execute(calibration_name="tiny_flux.safetensors").args
     assert loaded.fingerprint == stats.fingerprint
+    assert record.startswith("tiny_flux.safetensors: 1 prompt(s)") and "steps 3" in record
     with pytest.raises(FileExistsError, match="already exists"):
         calibrate(comfy, model, flux_cond, save_name="tiny_flux")
     with pytest.raises(ValueError, match="outside"):
@@ -176,11 +177,12 @@ def test_interrupted_calibrate_leaves_no_hooks_and_runs_again(comfy: Comfy) -> N
 
     def server_like_hook(value: int, total: int, preview: Any = None, node_id: Any = None) -> None:
         calls["n"] += 1
+        if calls["n"] == 1:  # the user presses Cancel during the first sampler step
+            mm.interrupt_current_processing(True)
         mm.throw_exception_if_processing_interrupted()
 
     cu.set_progress_bar_global_hook(server_like_hook)
     try:
-        mm.interrupt_current_processing(True)
         with pytest.raises(mm.InterruptProcessingException):
             calibrate(comfy, model, flux_cond)
     finally:
