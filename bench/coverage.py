@@ -147,13 +147,20 @@ def write_coverage(rows: Sequence[CoverageRow], out_dir: Path, command: str) -> 
             f"| {r.model} | {r.classes} | {r.samples} | {seen:.5f} | {held:.5f} | {held / seen:.2f} | "
             f"{np.mean(r.seconds):.0f} |"
         )
+    models = list(dict.fromkeys(r.model for r in rows))
+    if len(models) < 2:  # say when a run left a test-bed out
+        lines += [
+            "",
+            f"Reduced run: {', '.join(models)} only (the other MiniFlux test-bed was not run; "
+            "`python -m bench coverage` runs both).",
+        ]
     md = out_dir / "coverage.md"
     md.write_text("\n".join(lines).rstrip("\n") + "\n")
 
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     FigureCanvasAgg(figure)  # no pyplot state
     axes = figure.add_subplot()
-    for model in dict.fromkeys(r.model for r in rows):
+    for model in models:
         for k in dict.fromkeys(r.classes for r in rows):
             mine = sorted((r for r in rows if r.model == model and r.classes == k), key=lambda r: r.samples)
             axes.plot(

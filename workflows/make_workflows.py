@@ -680,7 +680,7 @@ def sample_compare_save(
             top = g.reroute((down, g.reroutes[parent - 1]["pos"][1]), parent)
             g.link(src, slot, check, name, via=g.reroute((down, _input_y(g, check, name)), top))
             continue
-        lane_y = LANE_MID + 16 + 4 * i  # between the rows, under the VAE lane
+        lane_y = LANE_MID + 10 + 3 * i  # between the rows, under the VAE lane
         start_x = (
             X["cal_out"] + WP + 16 if name == "prompt_set" else X["load"] + W + 14 + 4 * i
         )  # out of the Prompt Set, or down the gap beside the Load column
@@ -1073,7 +1073,7 @@ def reconstruct_chain(
 # Held-out Check of the dense vs the reconstructed model, its report and image grid. The links from
 # the Load column run down the gap beside it, along lanes under the rows and up the gap left of
 # this group; the reconstructed MODEL branches off the MODEL bus.
-XH = {"lane": 1752, "col1": 1800, "col2": 2090}
+XH = {"lane": 1752, "col1": 1800, "col2": 2116}  # col2 clear of the lane right of col1 (link corners bulge)
 WH = 300  # the grid and report width
 HELD_OUT_NOTE = (
     "Prompt Set: the shipped prompts (103 calibrated on, 16 held out; written for ditprune), encoded "
@@ -1158,12 +1158,13 @@ def held_out_group(
     _x, report_bottom = g.place(report, XH["col2"], max(check_y, note_bottom + 24), WH, 200)
     grid = g.add("PreviewImage", (0, 0), [], [("images", "IMAGE")], [], title="held-out grid")
     g.place(grid, XH["col2"], report_bottom + 24, WH, 320)
-    g.link(check, 1, grid, "images", via=g.reroute((XH["col1"] + W + 8, _input_y(g, grid, "images"))))
+    lane = XH["col1"] + W + 12
+    _route(g, check, 1, grid, "images", [(lane, _output_y(g, check, 1)), (lane, _input_y(g, grid, "images"))])
     g.wrap(prompts, 0, check, "prompt_set")
     # the set to Prune and Reconstruct: up the gap right of the Prompt Set, left along a lane just
     # above the groups, down the gap beside the Load column
     top_lane = LANE_TOP + 18
-    out_x = XH["col1"] + W + 14
+    out_x = XH["col1"] + W + 22
     _route(
         g,
         prompts,
