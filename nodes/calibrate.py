@@ -108,13 +108,11 @@ class DitPruneCalibrate(io.ComfyNode):
         save_name: str = "",
         calibration: CalibrationStats | None = None,
         prompt_set: EncodedPrompts | None = None,
-        seeds_per_prompt: int = 1,
-        sizes: str = "",
     ) -> io.NodeOutput:
         target = calibration_target(save_name)  # before sampling: a bad name must not cost the run
         dm = diffusion_model(model, action="calibrate it")
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
-        plan = CalibrationPlan.of(run, prompt_set, seeds_per_prompt, sizes, dm)
+        plan = CalibrationPlan.of(run, prompt_set, dm)
         settings = {**run.settings(), "record": plan.record(timestep_weighting)}
         with Calibrator(
             dm, weighting=timestep_weighting, settings=settings, weight_fn=weight_fn_for(model)

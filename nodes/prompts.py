@@ -43,6 +43,8 @@ class EncodedPrompts:
     held_out: tuple[list, ...]
     context_width: int
     pooled_width: int | None
+    seeds: int = 1  # every prompt is sampled from seed, seed + 1, ... (the calibrating node's seed)
+    sizes: tuple[tuple[int, int], ...] = ()  # (width, height) in pixels; empty: the node's LATENT
 
 
 def conditioning_widths(cond: Any) -> tuple[int, int | None]:
@@ -77,7 +79,9 @@ def read_prompts(source: str, text: str, *, max_prompts: int, held_out_fraction:
     return read_prompt_file(path, max_prompts=max_prompts, held_out_fraction=held_out_fraction)
 
 
-def encode_prompts(clip: Any, prompts: PromptSet) -> EncodedPrompts:
+def encode_prompts(
+    clip: Any, prompts: PromptSet, *, seeds: int = 1, sizes: tuple[tuple[int, int], ...] = ()
+) -> EncodedPrompts:
     """Encode every prompt as CLIPTextEncode does (``clip.encode_from_tokens_scheduled(clip.tokenize(text))``),
     showing ``encoding prompt k of n`` and honouring interrupts between prompts."""
     if clip is None:
@@ -90,7 +94,7 @@ def encode_prompts(clip: Any, prompts: PromptSet) -> EncodedPrompts:
         conds.append(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
     context, pooled = conditioning_widths(conds[0])
     n = len(prompts.calibration)
-    return EncodedPrompts(prompts, tuple(conds[:n]), tuple(conds[n:]), context, pooled)
+    return EncodedPrompts(prompts, tuple(conds[:n]), tuple(conds[n:]), context, pooled, seeds, sizes)
 
 
 def with_settings_of(cond: list, template: Any) -> list:
@@ -174,20 +178,13 @@ class CalibrationPlan:
     sizes: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def of(
-        cls,
-        base: SamplerRun,
-        prompts: EncodedPrompts | None,
-        seeds: int,
-        sizes: str,
-        module: nn.Module,
-    ) -> CalibrationPlan:
-        """The plan from the node's inputs, checked (prompt set of this model family, sizes)."""
-        if prompts is not None:
-            check_prompts_fit(prompts, base.positive, module)
-        if seeds < 1:
-            raise ValueError(f"seeds_per_prompt must be at least 1, got {seeds}")
-        plan = cls(base, prompts, int(seeds), parse_sizes(sizes))
+    def of(cls, base: SamplerRun, prompts: EncodedPrompts | None, module: nn.Module) -> CalibrationPlan:
+        """The plan of a calibrating node's run (the set's seeds and sizes), checked: the set is
+        of this model family, and sizes need an image LATENT."""
+        if prompts is None:
+            return cls(base)
+        check_prompts_fit(prompts, base.positive, module)
+        plan = cls(base, prompts, prompts.seeds, prompts.sizes)
         if plan.sizes:
             latent_of_size(base.latent_image, plan.sizes[0])  # refuses a video latent now, not mid-run
         return plan
@@ -262,30 +259,15 @@ def sample_plan(cal: Any, model: Any, plan: CalibrationPlan, progress: Progress)
 
 
 def prompt_inputs() -> list[io.Input]:
-    """The optional inputs of a calibrating node that take a prompt set (after its old inputs, so that
-    saved workflows and API prompts without them still load and run as before)."""
+    """The optional input of a calibrating node that takes a prompt set (after its old inputs, so that
+    saved workflows and API prompts without it still load and run as before)."""
     return [
         PromptsType.Input(
             "prompt_set",
             optional=True,
-            tooltip="Optional, from Prompt Set: calibrate on all its calibration prompts instead of "
-            "'positive' (whose other settings, e.g. FLUX guidance, apply to every prompt). Cost per "
-            "calibration pass: prompts x seeds x sizes sampler runs, each of 'steps' steps.",
-        ),
-        io.Int.Input(
-            "seeds_per_prompt",
-            default=1,
-            min=1,
-            max=64,
-            optional=True,
-            tooltip="Sample every prompt from this many seeds (seed, seed+1, ...); multiplies the cost.",
-        ),
-        io.String.Input(
-            "sizes",
-            default="",
-            optional=True,
-            tooltip="Optional picture sizes, e.g. '1024x1024, 832x1216': every prompt is sampled at each "
-            "(multiplies the cost). Empty: the LATENT's size.",
+            tooltip="Optional, from Prompt Set: calibrate on all its calibration prompts (x its seeds x "
+            "its sizes) instead of 'positive' (whose other settings, e.g. FLUX guidance, apply to every "
+            "prompt). Cost per calibration pass: prompts x seeds x sizes sampler runs of 'steps' steps.",
         ),
     ]
 
@@ -334,6 +316,21 @@ class DitPrunePromptSet(io.ComfyNode):
                     tooltip="When the set has no '[held-out]' line: hold out this fraction of its prompts, "
                     "spread evenly over the list (the same list, the same split).",
                 ),
+                io.Int.Input(
+                    "seeds_per_prompt",
+                    default=1,
+                    min=1,
+                    max=64,
+                    tooltip="Calibration samples every prompt from this many seeds (the calibrating node's "
+                    "seed, seed+1, ...); multiplies the cost. 1 is the advice of the coverage benchmark: "
+                    "more prompts help, more samples of the same prompt do not.",
+                ),
+                io.String.Input(
+                    "sizes",
+                    default="",
+                    tooltip="Optional picture sizes, e.g. '1024x1024, 832x1216': calibration samples every "
+                    "prompt at each (multiplies the cost). Empty: the calibrating node's LATENT size.",
+                ),
             ],
             outputs=[
                 PromptsType.Output(
@@ -346,10 +343,20 @@ class DitPrunePromptSet(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, clip: Any, source: str, text: str, max_prompts: int, held_out_fraction: float
+        cls,
+        clip: Any,
+        source: str,
+        text: str,
+        max_prompts: int,
+        held_out_fraction: float,
+        seeds_per_prompt: int = 1,
+        sizes: str = "",
     ) -> io.NodeOutput:
+        if seeds_per_prompt < 1:
+            raise ValueError(f"seeds_per_prompt must be at least 1, got {seeds_per_prompt}")
+        picture_sizes = parse_sizes(sizes)  # before encoding: a typo must not cost the run
         prompts = read_prompts(source, text, max_prompts=max_prompts, held_out_fraction=held_out_fraction)
-        encoded = encode_prompts(clip, prompts)
+        encoded = encode_prompts(clip, prompts, seeds=seeds_per_prompt, sizes=picture_sizes)
         summary = (
             f"{len(prompts.calibration)} calibration + {len(prompts.held_out)} held-out prompts from "
             f"{prompts.source} (hash {prompts.hash}), conditioning {encoded.context_width} wide"

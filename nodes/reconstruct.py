@@ -285,8 +285,6 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         saliency: SaliencySpec | None = None,
         clusters: GroupingSpec | None = None,
         prompt_set: EncodedPrompts | None = None,
-        seeds_per_prompt: int = 1,
-        sizes: str = "",
     ) -> io.NodeOutput:
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = reconstruct_config(
@@ -302,7 +300,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         )
         dm = diffusion_model(model, action="prune and reconstruct it")
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
-        plan = CalibrationPlan.of(run, prompt_set, seeds_per_prompt, sizes, dm)  # checked before loading
+        plan = CalibrationPlan.of(run, prompt_set, dm)  # checked before loading
         clone = ReconstructingClone(model)
         if memory_budget_gb > 0:
             budget = int(memory_budget_gb * _GIB)

@@ -36,7 +36,7 @@ MIN_HEIGHT = {
     "CLIPTextEncode": 88,
     "FluxGuidance": 58,
     "EmptySD3LatentImage": 106,
-    "DitPruneCalibrate": 306,
+    "DitPruneCalibrate": 326,  # 306 + the prompt_set socket
     "DitPruneScoreSaliency": 130,
     "DitPruneClusterWeights": 290,
     "DitPruneApplyPruning": 242,
@@ -45,10 +45,10 @@ MIN_HEIGHT = {
     "PreviewImage": 26,
     "DitPruneCompare": 78,
     "DitPruneSavePrunedModel": 160,
-    "DitPrunePruneAndReconstruct": 542,
+    "DitPrunePruneAndReconstruct": 562,  # 542 + the prompt_set socket
     "PreviewAny": 88,
     "Note": 88,
-    "DitPrunePromptSet": 160,
+    "DitPrunePromptSet": 208,
     "DitPruneHeldOutCheck": 330,
 }
 # the frontend draws these; the backend has no such node
@@ -407,7 +407,7 @@ def pruning_chain(
     cal = g.add(
         "DitPruneCalibrate",
         (0, 0),
-        [0, "fixed", 8, cfg, "euler", "simple", "log", "", 1, ""],
+        [0, "fixed", 8, cfg, "euler", "simple", "log", ""],
         [
             ("model", "MODEL"),
             ("positive", "CONDITIONING"),
@@ -427,8 +427,8 @@ def pruning_chain(
         # calibration's link to Score), feeding Calibrate
         prompts = _prompt_set_node(g)
         _x, bottom = g.place(prompts, X["cal_out"], TOP_A, WP)
-        assert bottom < cal_y + 0.7 * SLOT - 8, "the Prompt Set would hide Calibrate's link to Score"
         g.named["prompt_set"] = prompts
+        g.named["under_prompt_set"] = bottom + 20  # Calibrate's link to Score passes under it
         top_lane = LANE_TOP + 18  # between the MODEL bus and the groups
         _route(
             g,
@@ -458,7 +458,8 @@ def pruning_chain(
             ],
         )
         members.append(prompts)
-    cal_summary = _text_out(g, cal, 2, X["cal_out"], cal_y + 40, "calibration summary", 140)
+    summary_top = cal_y + 40 if not prompt_set else g.named["under_prompt_set"] + 24
+    cal_summary = _text_out(g, cal, 2, X["cal_out"], summary_top, "calibration summary", 140)
     g.group("2 · Calibrate", COLOURS["calibrate"], [*members, cal_summary])
 
     # Score level with Calibrate's calibration output; its saliency runs straight to Apply
@@ -472,7 +473,15 @@ def pruning_chain(
         [("saliency", "DITPRUNE_SALIENCY")],
     )
     g.place(score, X["score"], cal_y - TITLE, WP)
-    g.link(cal, 0, score, "calibration")
+    if prompt_set:  # under the Prompt Set, through the gap above the summary
+        under = g.named["under_prompt_set"]
+        out_y = _output_y(g, cal, 0)
+        left, right = X["cal"] + W + 14, X["cal_out"] + WP + 24
+        _route(
+            g, cal, 0, score, "calibration", [(left, out_y), (left, under), (right, under), (right, out_y)]
+        )
+    else:
+        g.link(cal, 0, score, "calibration")
     saliency_y = cal_y + 0.7 * SLOT
     # MODEL bus above row A, dropping into Cluster and Apply
     bus0 = g.reroute((X["cal"] - 35, LANE_TOP))
@@ -975,8 +984,6 @@ def reconstruct_chain(
             0.0,  # memory_budget_gb
             setting["value_bits"],  # the kept values' codes, chosen jointly (Save stores them exactly)
             100,  # block_refine_steps: the default (one more sampler run per block)
-            1,  # seeds_per_prompt
-            "",  # sizes: the latent's
         ],
         [
             ("model", "MODEL"),
@@ -1089,7 +1096,7 @@ def _prompt_set_node(g: Graph) -> int:
     return g.add(
         "DitPrunePromptSet",
         (0, 0),
-        ["(shipped default set)", "", 256, 0.0],
+        ["(shipped default set)", "", 256, 0.0, 1, ""],  # ..., seeds_per_prompt, sizes (the latent's)
         [("clip", "CLIP")],
         [("prompt_set", "DITPRUNE_PROMPTS")],
         title="prompt set (calibration + held-out)",
@@ -1197,7 +1204,7 @@ def held_out_group(
     ]
     for i, (src, slot, dst, name) in enumerate(sources):
         gap_x = X["load"] + W + 18 + 5 * i
-        lane_y = bottom + 8 + 6 * i
+        lane_y = bottom + 6 + 4 * i
         right_x = XH["lane"] + 4 * (i if i < 2 else i + 1)
         _route(
             g,

@@ -40,7 +40,15 @@ def _model(arch: str, seed: int = 11) -> Any:
 
 def _prompt_set(comfy: Comfy, clip: Any, text: str = PROMPTS, **kw: Any) -> tuple[Any, str]:
     """The node's output and the summary it shows on itself."""
-    args = {"source": "(the text below)", "text": text, "max_prompts": 256, "held_out_fraction": 0.0, **kw}
+    args = {
+        "source": "(the text below)",
+        "text": text,
+        "max_prompts": 256,
+        "held_out_fraction": 0.0,
+        "seeds_per_prompt": 1,
+        "sizes": "",
+        **kw,
+    }
     out = comfy.node("DitPrunePromptSet").execute(clip=clip, **args)
     return out.args[0], out.ui["text"][0]
 
@@ -178,7 +186,7 @@ def test_seeds_and_sizes_multiply_the_runs(
 ) -> None:
     clip = clips["flux"]
     model = _model("flux")
-    encoded, _ = _prompt_set(comfy, clip, text="one\ntwo")
+    encoded, _ = _prompt_set(comfy, clip, text="one\ntwo", seeds_per_prompt=2, sizes="64x64, 32x64")
     calls: list[tuple[int, tuple[int, ...]]] = []
     original = comfy.nodes.common_ksampler
 
@@ -193,8 +201,6 @@ def test_seeds_and_sizes_multiply_the_runs(
         _encode(clip, "x", True),
         _encode(clip, "", True),
         prompt_set=encoded,
-        seeds_per_prompt=2,
-        sizes="64x64, 32x64",
         seed=5,
     )
     assert len(calls) == 2 * 2 * 2
@@ -203,9 +209,19 @@ def test_seeds_and_sizes_multiply_the_runs(
     record = stats.settings["record"]
     assert record["seeds"] == [5, 6] and record["sizes"] == ["32x64", "64x64"] and record["steps"] == [2]
     assert "8 sampler run(s) (2 prompt(s) x 2 seed(s) x 2 size(s))" in summary
-    with pytest.raises(ValueError, match="multiples of 16"):
-        _calibrate(
-            comfy, model, _encode(clip, "x", True), _encode(clip, "", True), prompt_set=encoded, sizes="50x50"
+    with pytest.raises(ValueError, match="multiples of 16"):  # refused before any prompt is encoded
+        _prompt_set(comfy, clip, sizes="50x50")
+    with pytest.raises(ValueError, match="image LATENT"):  # sizes on a video latent: refused up front
+        video = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+        comfy.node("DitPruneCalibrate").execute(
+            model=model,
+            positive=_encode(clip, "x", True),
+            negative=_encode(clip, "", True),
+            latent_image=video,
+            seed=0,
+            **SAMPLE,
+            timestep_weighting="log",
+            prompt_set=encoded,
         )
 
 
@@ -329,8 +345,7 @@ def test_old_workflows_without_the_new_inputs(comfy: Comfy, clips: dict[str, Any
     for node_id in ("DitPruneCalibrate", "DitPrunePruneAndReconstruct"):
         spec = comfy.node(node_id).INPUT_TYPES()
         names = [*spec["required"], *spec.get("optional", {})]
-        new = ["prompt_set", "seeds_per_prompt", "sizes"]
-        assert names[-3:] == new and not set(new) & set(spec["required"])
+        assert names[-1] == "prompt_set" and "prompt_set" not in spec["required"]
     clip = clips["flux"]
     model = _model("flux")
     pos, neg = _encode(clip, "x", True), _encode(clip, "", True)
