@@ -163,7 +163,7 @@ def test_a_set_of_three_is_three_one_prompt_calibrations_merged(
     dm = model.model.diffusion_model
     names = list(together.layers)[:3]
     run = common.SamplerRun(positive, negative, empty_latent(), 0, 2, 1.0, "euler", "simple")
-    plan = prompts_mod.CalibrationPlan.of(run, encoded, 1, "", dm)
+    plan = prompts_mod.CalibrationPlan.of(run, encoded, dm)
     with Calibrator(dm, {n: dm.get_submodule(n) for n in names}, weighting="log", grams=names) as cal:
         prompts_mod.sample_plan(cal, model, plan, common.Progress())
     grams = {n: cal.gram(n) for n in names}
