@@ -37,3 +37,17 @@ def test_comfy_registry_fields() -> None:
     assert "comfyui" not in data["project"]["name"].lower()
     assert data["project"]["urls"]["Repository"]
     assert {"PublisherId", "DisplayName"} <= set(data["tool"]["comfy"])
+
+
+def test_every_asset_ships_with_the_package() -> None:
+    """The bundled checkpoints and the default prompt set match a package-data pattern."""
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "ditprune_core"
+    ]
+    assets = sorted((ROOT / "ditprune_core" / "assets").iterdir())
+    assert any(a.name == "prompts.txt" for a in assets)
+    for asset in assets:
+        name = str(asset.relative_to(ROOT / "ditprune_core"))
+        assert any(fnmatch(name, p) for p in patterns), f"{name} is not in package-data"
