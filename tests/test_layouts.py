@@ -12,7 +12,6 @@ from bit_equality import same_bits
 
 from ditprune_core.layouts import (
     LAYOUTS,
-    _unpack_all,
     choose_quantized_layout,
     spec_piece,
 )
@@ -22,6 +21,7 @@ from ditprune_core.quantize import (
     pack_codes,
     quantize_weight,
     unpack_codes,
+    unpack_stream,
 )
 from ditprune_core.util.packing import count_bits_per_row, pack_bits, unpack_bits
 
@@ -31,7 +31,7 @@ def test_fast_unpacking_equals_the_reference() -> None:
     for bits in (2, 3, 4, 8):
         codes = torch.randint(0, 1 << bits, (1001,), generator=gen, dtype=torch.uint8)
         packed = pack_codes(codes, bits)
-        assert torch.equal(_unpack_all(packed, bits)[:1001], unpack_codes(packed, bits, 1001))
+        assert torch.equal(unpack_stream(packed, bits)[:1001], unpack_codes(packed, bits, 1001))
     mask = torch.rand(37, 83, generator=gen) > 0.5
     packed_mask = pack_bits(mask)
     assert torch.equal(unpack_bits(packed_mask, 83), mask)
