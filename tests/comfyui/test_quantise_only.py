@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import Comfy
-from graph import load, reconstruct, sample
+from graph import load, reconstruct, reconstructed_patches, sample
 from safetensors import safe_open
 from tiny_models import flux_cond, flux_detection_from_shapes, flux_shapes, random_state_dict
 
@@ -22,16 +21,6 @@ from ditprune_core.quantize import QuantSpec, dequantize_weight
 
 PREFIX = "diffusion_model."
 LAYER = "single_blocks.0.linear2"  # 64 x 320: a full and a ragged group of 128 per row
-
-
-def _patches(model: Any) -> dict[str, Any]:
-    """``{layer name: ReconstructedPatch}`` of a reconstructed MODEL."""
-    out = {}
-    for key, entries in model.patches.items():
-        patch = entries[-1][1]
-        if getattr(patch, "name", "") == "ditprune_reconstructed":
-            out[key[len(PREFIX) : -len(".weight")]] = patch
-    return out
 
 
 def _save(comfy: Comfy, model: Any, tag: str) -> tuple[Path, str]:
@@ -49,11 +38,9 @@ def _load(comfy: Comfy, path: Path, mode: str = "compressed on device", **kw: An
 
 
 def _tensor_bytes(path: Path) -> dict[str, int]:
-    raw = path.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + length])
-    header.pop("__metadata__")
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+    """Each tensor's bytes as the file stores them."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}  # noqa: SIM118
 
 
 def _forwards(model: Any, cond: list) -> list[torch.Tensor]:
@@ -80,7 +67,7 @@ def test_quantise_only_is_stored_as_dense_codes_and_loads_bit_for_bit(comfy: Com
     cond = flux_cond()
     pruned, report = reconstruct(comfy, model, flux_cond, sparsity=0.0, value_bits="4")
     assert "sparsity 0.00%" in report.splitlines()[0] and "refined" not in report  # nothing to refine
-    patches = _patches(pruned)
+    patches = reconstructed_patches(pruned)
     assert patches and all(p.mask is None and p.quantized.keep is None for p in patches.values())
     in_graph = sample(comfy, pruned, cond)  # loads the clone: its modules hold the patched weights
     modules = dict(pruned.model.diffusion_model.named_modules())
@@ -130,7 +117,7 @@ def test_quantise_only_refusals(comfy: Comfy) -> None:
     with pytest.raises(ValueError, match=r"value_bits must be None or one of \[3, 4, 8\]"):
         reconstruct(comfy, model, flux_cond, sparsity=0.5, value_bits="2")  # 2 bits: quantise only
     pruned, _report = reconstruct(comfy, model, flux_cond, sparsity=0.0, value_bits="2", layer_regex=LAYER)
-    (patch,) = _patches(pruned).values()
+    (patch,) = reconstructed_patches(pruned).values()
     spec = QuantSpec(**dataclasses.asdict(patch.quantized.spec))
     assert spec == QuantSpec(2, 128, sym=True)
     path, _text = _save(comfy, pruned, "int2")
