@@ -230,7 +230,8 @@ class PruneConfig:
             or not 0.0 <= float(self.sparsity) < 1.0
         ):
             raise ValueError(
-                f"sparsity must be in [0, 1) (0: quantise only, with value_bits), got {self.sparsity!r}"
+                "sparsity must be strictly between 0 and 1 to prune, or 0 with value_bits to quantise "
+                f"only; got {self.sparsity!r}"
             )
         check_metric(self.metric)
         if self.update not in UPDATES:
@@ -260,8 +261,8 @@ class PruneConfig:
         self._check_values()
         if self.sparsity == 0 and self.value_bits is None:
             raise ValueError(
-                "sparsity 0 prunes nothing: give value_bits (or value_spec) to quantise the layers without "
-                "pruning them (quantise only), or a sparsity in (0, 1) to prune"
+                "sparsity must be strictly between 0 and 1 to prune; sparsity 0 prunes nothing: give "
+                "value_bits (or value_spec) to quantise the layers without pruning them (quantise only)"
             )
 
     def _check_values(self) -> None:

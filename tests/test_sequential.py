@@ -259,7 +259,7 @@ def test_quantise_only_obs_compensates_the_rounding_that_round_to_nearest_leaves
 def test_quantise_only_choices_are_checked() -> None:
     with pytest.raises(ValueError, match="sparsity 0 prunes nothing: give value_bits"):
         PruneConfig(0, update="obs")
-    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match="strictly between 0 and 1 to prune, or 0 with value_bits"):
         PruneConfig(-0.1, value_bits=4)
     with pytest.raises(ValueError, match=r"value_bits must be None or one of \[3, 4, 8\]"):
         PruneConfig(0.5, update="obs", value_bits=2)  # 2 bits only for dense weights
