@@ -47,7 +47,7 @@ ALLOCATIONS = ("uniform", "block")
 @dataclass(frozen=True)
 class ReconstructParams:
     """How ``update="obs"`` reconstructs a layer; the defaults are what the reconstruction
-    benchmark measured best (``python -m ditprune_core.bench.reconstruction_lab``).
+    benchmark measured best (``python -m bench.reconstruction_lab``).
 
     Attributes:
         mask: ``"metric"``: the config's own mask (metric, granularity, pattern: DiT-Pruning energy by
@@ -92,6 +92,11 @@ class ReconstructParams:
         block_refine_holdout: fraction of a block's recorded calls held out of the fit; the fit
             whose held-out error is lowest is kept, and none that is worse on them than no fit
             (early stopping; 0: off, the fit is judged on the calls it was fitted on).
+        block_refine_patience: stop refining once this many blocks in a row gained nothing (put
+            back, or with held-out calls kept at their starting weights): the blocks after them are
+            written as reconstructed, with no sampler run to record their calls (a model on which
+            refinement does not pay costs ``passes + patience`` sampler runs, not ``passes +
+            blocks``). 0: off, every block is refined.
     """
 
     mask: str = "in-update"
@@ -109,6 +114,7 @@ class ReconstructParams:
     block_refine_calls: int = 64
     block_refine_step: str = "absolute"
     block_refine_holdout: float = 0.0
+    block_refine_patience: int = 0
 
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
@@ -134,6 +140,11 @@ class ReconstructParams:
             )
         if not 0.0 <= self.block_refine_holdout < 1.0:
             raise ValueError(f"block_refine_holdout must be in [0, 1), got {self.block_refine_holdout}")
+        if self.block_refine_patience < 0:
+            raise ValueError(
+                "block_refine_patience must be >= 0 (0: refine every block), "
+                f"got {self.block_refine_patience}"
+            )
 
 
 #: ``progress(done, total, layer_name)``

@@ -5,7 +5,7 @@
 Prints the comparison against the dense model (same seeds) and writes a sample grid PNG: the
 first row dense, then DiT-Pruning, then Wanda (two samples of every digit each), each row labelled.
 The figures are from one evaluation seed (0); the README's quality table is the mean over three
-(``python -m ditprune_core.bench quality``), so they differ a little.
+(``python -m bench quality``), so they differ a little.
 """
 
 from __future__ import annotations

@@ -435,7 +435,7 @@ def save_pruned_checkpoint(
             (:data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`; int4 is what a GGUF Q4 file does
             to these layers, and what a FLUX.1-dev file under 5 GB needs).
             Lossy: the error is reported (``max_remainder_relative_error``); its cost on final
-            samples is measured by ``python -m ditprune_core.bench lowbit``.
+            samples is measured by ``python -m bench lowbit``.
         remainder_filter: which state-dict keys the remainder applies to (default: 2-D ``*.weight``
             tensors of at least 256 values; a host passes its Linear layers' keys).
         metadata: extra string metadata (the keys in :data:`RESERVED_METADATA` are ours).

@@ -103,13 +103,25 @@ class SequentialReport:
     bits_per_weight: float = 0.0
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     blocks: tuple[BlockRefinement, ...] = ()
+    skipped_blocks: tuple[str, ...] = ()
+
+    @property
+    def sampler_runs(self) -> int:
+        """How many times ``run_calibration`` ran: once per pass, once per refined block."""
+        return len(self.passes) + len(self.blocks)
 
     def to_text(self) -> str:
         lines = [
             f"{len(self.passes)} pass(es), {len(self.layers)} layers, Gram budget "
             f"{self.memory_budget_bytes / _GIB:.2f} GiB; sparsity {self.sparsity.sparsity:.2%}, "
-            f"{self.bits_per_weight:.3f} bits per weight stored",
+            f"{self.bits_per_weight:.3f} bits per weight stored; {self.sampler_runs} sampler run(s)",
         ]
+        if self.skipped_blocks:
+            lines.append(
+                f"  block refinement stopped: it gained nothing on {len(self.blocks)} block(s) in a row "
+                f"(block_refine_patience); {len(self.skipped_blocks)} block(s) after them were not "
+                "refined, saving as many sampler runs"
+            )
         for p in self.passes:
             lines.append(
                 f"  pass of {len(p.layers)} layers: {p.gram_bytes / _GIB:.2f} GiB of Grams, {p.seconds:.1f} s"
@@ -272,6 +284,9 @@ def prune_sequential_(
     refined: list[BlockRefinement] = []
     blocks = list(dict.fromkeys(layer_block(n, target.template) for n in target.layers)) if refine else []
     blocks = [b for b in blocks if b != "other"]
+    patience = config.reconstruct.block_refine_patience
+    fruitless = 0  # blocks in a row that refinement gained nothing on
+    skipped: list[str] = []
 
     def phase(text: str) -> None:
         if on_phase is not None:
@@ -329,11 +344,15 @@ def prune_sequential_(
                 progress(len(done), len(target.layers), name)
         for block, news in pending.items():
             where = f"block {blocks.index(block) + 1} of {len(blocks)} ({block})"
-            refined.append(
-                _refine_block(
+            if patience and fruitless >= patience:
+                skipped.append(block)
+                phase(f"{where}: not refined (refinement gained nothing on {fruitless} blocks in a row)")
+            else:
+                result = _refine_block(
                     target, block, news, run_calibration, config, weighting, weight_fn, phase, where
                 )
-            )
+                refined.append(result)
+                fruitless = fruitless + 1 if _gained_nothing(result) else 0
             for name, (new, keep) in news.items():
                 layer = target.layers[name]
                 dense = weight_fn(name, layer).detach()
@@ -346,7 +365,7 @@ def prune_sequential_(
                     done[at[name]],
                     config,
                     layer.weight.dtype,
-                    refined=True,
+                    refined=not skipped or skipped[-1] != block,
                 )
                 written.write(name, layer, new, keep, q, cal)
                 del new, keep, dense, q
@@ -363,7 +382,13 @@ def prune_sequential_(
         bits,
         written.quantized,
         tuple(refined),
+        tuple(skipped),
     )
+
+
+def _gained_nothing(result: BlockRefinement) -> bool:
+    """The fit was put back, or (with held-out calls) the starting weights were the best kept."""
+    return result.reverted or result.best_step == 0
 
 
 def _finish_layer(

@@ -57,7 +57,7 @@ def tier_advice(path: Path = TIERS_FILE) -> str:
     try:
         tiers = json.loads(path.read_text())["tiers"]
     except (OSError, ValueError, KeyError):
-        return "Which to pick for your VRAM: docs/bench/vram_tiers.md (python -m ditprune_core.bench tiers)."
+        return "Which to pick for your VRAM: docs/bench/vram_tiers.md (python -m bench tiers)."
     lines = [
         "Which to pick for your VRAM (FLUX.1-dev, docs/bench/vram_tiers.md; error = relative error of "
         "final samples on MiniFlux-A / -B):"

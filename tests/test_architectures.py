@@ -1,5 +1,5 @@
 """Templates of Qwen-Image, Wan, HunyuanVideo, Chroma, HiDream and Lumina 2 on module trees with
-ComfyUI's exact names (ditprune_core.bench.dit_shapes; the node tests check those names against
+ComfyUI's exact names (ditprune_core.dit_shapes; the node tests check those names against
 ComfyUI's own classes)."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from ditprune_core import detect_architecture, find_prunable_layers
-from ditprune_core.bench.checkpoint_size import FLUX_PRUNABLE, FLUX_TOTAL
-from ditprune_core.bench.dit_shapes import FULL_CONFIGS, SHAPES, DitShapes, module_tree
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_TOTAL, FULL_CONFIGS, SHAPES, DitShapes, module_tree
 from ditprune_core.layers import (
     DEFAULT_FAMILIES,
     FAMILIES,
@@ -266,7 +265,7 @@ def test_full_size_models_detect_and_prune_most_weights(label: str, arch: str, c
 
 
 def test_projected_sizes_arithmetic() -> None:
-    from ditprune_core.bench.supported_models import ModelRow
+    from bench.supported_models import ModelRow
     from ditprune_core.layers import WAN
 
     row = ModelRow(
@@ -281,7 +280,7 @@ def test_projected_sizes_arithmetic() -> None:
 
 
 def test_video_bench_model_is_a_wan_and_gram_memory_is_in_squared() -> None:
-    from ditprune_core.bench.video_calibration import TinyWan, mask_agreement, memory_rows, sample_calibrated
+    from bench.video_calibration import TinyWan, mask_agreement, memory_rows, sample_calibrated
 
     model = TinyWan(dim=32, ffn=64, heads=2, layers=1, seed=0).eval()
     assert detect_architecture(model).name == "wan"

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from ditprune_core.bench.__main__ import main
-from ditprune_core.bench.decode_speed import (
+from bench.__main__ import main
+from bench.decode_speed import (
     GGUF_DEQUANT_ENV,
     GgufDequantMissing,
     gguf_dequant_path,

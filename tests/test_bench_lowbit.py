@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ditprune_core.bench.pareto import FLUX_REST, FLUX_SHAPES, _flux_gb, flux_bytes
-from ditprune_core.bench.quant_groups import Point, choose_defaults, frontier
+from bench.pareto import flux_bytes, flux_gb
+from bench.quant_groups import Point, choose_defaults, frontier
 from ditprune_core.calibrate import recording_grams
+from ditprune_core.dit_shapes import FLUX_REST, FLUX_SHAPES
 from ditprune_core.quantize import QuantSpec
 
 
@@ -42,9 +43,9 @@ def test_frontier_and_defaults_rule() -> None:
 
 def test_flux_projection_matches_the_known_files() -> None:
     # ComfyUI's fp8 FLUX.1-dev is 11.9 GB: every parameter in one byte
-    assert _flux_gb(flux_bytes(None, None, 8))[1] == pytest.approx(11.9, abs=0.05)
+    assert flux_gb(flux_bytes(None, None, 8))[1] == pytest.approx(11.9, abs=0.05)
     # bf16: 23.8 GB
-    assert _flux_gb(flux_bytes(None, None, 16))[0] == pytest.approx(23.8, abs=0.05)
+    assert flux_gb(flux_bytes(None, None, 16))[0] == pytest.approx(23.8, abs=0.05)
     # dense 4-bit groups of 64, symmetric: 4.25 bits + a 16-byte shape and a 16-byte spec piece per layer
     # 19 double blocks x (img, txt) x (qkv, proj, mlp.0, mlp.2) + 38 single blocks x 2:
     # 2 x 38 x 4 x 3072^2 (qkv + proj) + 2 x 38 x 8 x 3072^2 (mlp) ... = 8.607B parameters
@@ -56,7 +57,7 @@ def test_flux_projection_matches_the_known_files() -> None:
 
 
 def test_the_held_out_split_is_disjoint_and_deterministic() -> None:
-    from ditprune_core.bench.refine_holdout import SPLITS, class_split
+    from bench.refine_holdout import SPLITS, class_split
 
     for split in SPLITS:
         seen, held = class_split(split)

@@ -1,11 +1,11 @@
-"""The OBS speed benchmark (``python -m ditprune_core.bench obsspeed``) on tiny FLUX widths: its table
+"""The OBS speed benchmark (``python -m bench obsspeed``) on tiny FLUX widths: its table
 structure, and that its extrapolation is the sum over FLUX.1-dev's layer counts of the per-layer times."""
 
 from __future__ import annotations
 
 import pytest
 
-from ditprune_core.bench.obs_speed import (
+from bench.obs_speed import (
     MEASURED_LAYERS,
     ObsSpeedResult,
     flux_prunable_shapes,
@@ -122,7 +122,7 @@ def test_extrapolation_is_the_sum_over_layer_counts(tiny: ObsSpeedResult) -> Non
 
 
 def test_report_tables(tiny: ObsSpeedResult) -> None:
-    text = format_obs_speed(tiny, "python -m ditprune_core.bench obsspeed --test")
+    text = format_obs_speed(tiny, "python -m bench obsspeed --test")
     lines = text.splitlines()
     header = "| layer | out x in | mask s | obs | pcg-1 | pcg-3 | pcg-5 | exact |"
     start = lines.index(header)

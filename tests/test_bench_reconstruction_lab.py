@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditprune_core.bench.reconstruction_lab import Recipe
+from bench.reconstruction_lab import Recipe
 
 
 @pytest.mark.parametrize(

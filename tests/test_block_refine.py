@@ -281,3 +281,58 @@ def test_prune_sequential_passes_the_relative_step_and_the_held_out_calls() -> N
         ReconstructParams(block_refine_step="adaptive")
     with pytest.raises(ValueError, match="block_refine_holdout must be in"):
         ReconstructParams(block_refine_holdout=1.0)
+
+
+def test_patience_stops_refining_after_blocks_it_gained_nothing_on_and_saves_their_sampler_runs() -> None:
+    """A learning rate far too large makes every fit end worse, so every refined block is put back.
+    With ``block_refine_patience=1`` only the first block costs a sampler run; the model is exactly
+    the one without refinement, and the report counts the runs and names the skipped blocks."""
+    runs = {"n": 0}
+
+    def prune(params: ReconstructParams) -> tuple[nn.Module, object]:
+        model = _model()
+
+        def run(cal: object) -> None:
+            runs["n"] += 1
+            for seed in range(2):
+                _run(model, 4, seed)
+
+        runs["n"] = 0
+        report = prune_sequential_(model, run, PruneConfig(0.6, update="obs", reconstruct=params))
+        assert report.sampler_runs == runs["n"]
+        return model, report
+
+    plain, plain_report = prune(ReconstructParams(block_refine_steps=0))
+    blow_up = {"block_refine_steps": 3, "block_refine_lr": 50.0, "block_refine_calls": 4}
+    every, every_report = prune(ReconstructParams(**blow_up))
+    stopped, report = prune(ReconstructParams(**blow_up, block_refine_patience=1))
+
+    n_blocks = len(every_report.blocks)
+    assert n_blocks >= 2 and all(b.reverted for b in every_report.blocks)
+    assert every_report.sampler_runs == len(every_report.passes) + n_blocks
+    assert len(report.blocks) == 1 and report.blocks[0].reverted
+    assert len(report.skipped_blocks) == n_blocks - 1
+    assert report.sampler_runs == len(report.passes) + 1 == plain_report.sampler_runs + 1
+    assert "block refinement stopped" in report.to_text()
+    for name, param in plain.state_dict().items():
+        assert torch.equal(param, stopped.state_dict()[name]), name
+        assert torch.equal(param, every.state_dict()[name]), name
+    with pytest.raises(ValueError, match="block_refine_patience must be >= 0"):
+        ReconstructParams(block_refine_patience=-1)
+
+
+def test_patience_keeps_refining_while_refinement_pays() -> None:
+    model = _model()
+    params = ReconstructParams(block_refine_steps=20, block_refine_calls=8, block_refine_patience=1)
+    report = prune_sequential_(
+        model,
+        lambda cal: [_run(model, 4, seed) for seed in range(3)],
+        PruneConfig(0.6, update="obs", reconstruct=params),
+    )
+    total = len(report.blocks) + len(report.skipped_blocks)
+    assert total >= 2
+    gained = [not (b.reverted or b.best_step == 0) for b in report.blocks]
+    # refined up to and including the first block it gained nothing on, none after it
+    first_fruitless = gained.index(False) if False in gained else total
+    assert len(report.blocks) == min(first_fruitless + 1, total)
+    assert report.sampler_runs == len(report.passes) + len(report.blocks)

@@ -1,4 +1,4 @@
-"""The benchmark's GGUF reference quantisers (ditprune_core.bench.gguf_ref), checked by the gguf package."""
+"""The benchmark's GGUF reference quantisers (bench.gguf_ref), checked by the gguf package."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the GGUF reference points need `pip install gguf` (dev extra)")
 
-from ditprune_core.bench.gguf_ref import (  # noqa: E402
+from bench.gguf_ref import (  # noqa: E402
     BITS_PER_WEIGHT,
     GGUF_FORMATS,
     fp8_cast,

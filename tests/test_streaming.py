@@ -17,7 +17,7 @@ def _probe(*args: str) -> dict[str, float]:
     # a fixed mmap threshold makes glibc return freed blocks at once, so RSS tracks live memory
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "ditprune_core.bench.memprobe", "--layers", "16", *args],
+        [sys.executable, "-m", "bench.memprobe", "--layers", "16", *args],
         capture_output=True,
         text=True,
         env=env,

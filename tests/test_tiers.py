@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ditprune_core.bench.pareto import read_markdown, to_json
-from ditprune_core.bench.tiers import (
+from bench.pareto import read_markdown, to_json
+from ditprune_core.tiers import (
     FLUX_LARGEST_DECODED_BYTES,
     GIB,
     choose_tier,

@@ -986,7 +986,7 @@ GRAM_GIB: dict[str, tuple[float, int, int]] = {"flux1-dev": (60.1, 8, 17), "sd3.
 BLOCKS = {"FLUX.1-dev": 57, "SD3.5 Large": 38}
 #: the unquantised reconstruction: values in the model's dtype, the rest as it is
 PLAIN_SETTING = {"sparsity": 0.5, "value_bits": "none", "values": "keep dtype", "remainder": "keep"}
-#: the size–fidelity table's choice per GPU, written by ``python -m ditprune_core.bench tiers``
+#: the size–fidelity table's choice per GPU, written by ``python -m bench tiers``
 TIERS_JSON = Path(__file__).resolve().parent.parent / "docs" / "bench" / "vram_tiers.json"
 
 

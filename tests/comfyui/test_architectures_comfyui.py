@@ -19,7 +19,7 @@ from conftest import Comfy
 from safetensors import safe_open
 from tiny_dits import TINY_DITS, TinyDit, dit_detection_from_shapes, random_weights
 
-from ditprune_core.bench.dit_shapes import FULL_CONFIGS, SHAPES
+from ditprune_core.dit_shapes import FULL_CONFIGS, SHAPES
 
 STEPS = 2
 APPLY = {"pattern": "unstructured", "attention": True, "mlp": True, "single_fused": True, "modulation": False}

@@ -258,7 +258,7 @@ def test_per_gpu_workflows_carry_what_their_notes_promise(path: Path, results: d
     """The per-GPU workflows, as the frontend loaded them: Prune and Reconstruct's and Save's widgets
     are the size–fidelity table's choice for that card (docs/bench/pareto.json through the chooser),
     and the note names the same setting and figures."""
-    from ditprune_core.bench.tiers import choose_tier
+    from ditprune_core.tiers import choose_tier
 
     gib = int(re.search(r"_(\d+)gb\.json$", path.name)[1])  # type: ignore[index]
     choice = choose_tier(json.loads((REPO / "docs" / "bench" / "pareto.json").read_text()), gib)

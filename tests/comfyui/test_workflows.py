@@ -55,7 +55,7 @@ def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
     """Each per-GPU workflow's Prune and Reconstruct and Save widgets are the setting the chooser
     picks from docs/bench/pareto.json for its card (not copied by hand), and its note says what that
     costs and gives, in the table's figures."""
-    from ditprune_core.bench.tiers import choose_tier
+    from ditprune_core.tiers import choose_tier
 
     table = json.loads((REPO / "docs" / "bench" / "pareto.json").read_text())
     for name in TIER_WORKFLOWS:
@@ -302,8 +302,8 @@ def test_reconstruction_notes_quote_the_passes_the_planner_makes(comfy: Comfy) -
 
     from tiny_models import sd3_shapes
 
-    from ditprune_core.bench.dit_shapes import SHAPES, DitShapes, module_tree
     from ditprune_core.config import PruneConfig
+    from ditprune_core.dit_shapes import SHAPES, DitShapes, module_tree
     from ditprune_core.prune import select_layers
     from ditprune_core.reconstruct import plan_groups
 

@@ -1,5 +1,5 @@
 """Tiny random Qwen-Image, Wan, HunyuanVideo, Chroma, HiDream and Lumina 2 models with ComfyUI's
-exact key names (from ditprune_core.bench.dit_shapes), their conditioning and latents, and the
+exact key names (from ditprune_core.dit_shapes), their conditioning and latents, and the
 detection override for the sizes ComfyUI hard-codes. Builds tensors without ComfyUI; the override
 patches comfy.model_detection."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ditprune_core.bench.dit_shapes import SHAPES, DitShapes
+from ditprune_core.dit_shapes import SHAPES, DitShapes
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What the calibration fingerprint detects: ``python -m ditprune_core.bench.fingerprint``.
+"""What the calibration fingerprint detects: ``python -m bench.fingerprint``.
 
 A calibration stores, per layer, :func:`~ditprune_core.stats.weight_sample_hash` of the weight it
 was recorded on: 16 evenly strided entries, rounded to 6 decimals, hashed. Pruning refuses a
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..stats import weight_sample_hash
+from ditprune_core.dit_shapes import FLUX_LAYERS
+from ditprune_core.stats import weight_sample_hash
+
 from . import write_report
-from .dit_shapes import FLUX_LAYERS
 
 LAYERS = FLUX_LAYERS  # the distinct large shapes of FLUX.1-dev's prunable layers
 FLUX_BLOCK_LAYERS = 19 * 2 * 5 + 38 * 3  # double: mod, qkv, proj, mlp.0, mlp.2 per stream; single: 3
@@ -138,12 +139,10 @@ def write_fingerprint_bench(out: Path, command: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench.fingerprint", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.fingerprint", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/bench"))
     args = parser.parse_args(argv)
-    command = "python -m ditprune_core.bench.fingerprint " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = "python -m bench.fingerprint " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_fingerprint_bench(args.out, command.strip())
     print(path.read_text())
     return 0

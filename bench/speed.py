@@ -1,6 +1,6 @@
 """Speed and memory of mask computation on FLUX.1-dev-shaped layers (random weights, real sizes).
 
-    python -m ditprune_core.bench speed        # writes docs/bench/speed.md
+    python -m bench speed        # writes docs/bench/speed.md
 
 One double-stream and one single-stream block of FLUX.1-dev (hidden 3072, MLP 12288, heads 24) in
 bf16. For every metric x granularity x pattern it times computing the masks of the default layer
@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibrate import Calibrator
-from ..config import GRANULARITIES, PruneConfig
-from ..miniflux.model import DoubleStreamBlock, SingleStreamBlock, rope_frequencies
-from ..prune import iter_masks
-from ..score import METRICS
-from ..stats import CalibrationStats
+from ditprune_core.calibrate import Calibrator
+from ditprune_core.config import GRANULARITIES, PruneConfig
+from ditprune_core.miniflux.model import DoubleStreamBlock, SingleStreamBlock, rope_frequencies
+from ditprune_core.prune import iter_masks
+from ditprune_core.score import METRICS
+from ditprune_core.stats import CalibrationStats
+
 from . import write_report
 from .memprobe import PeakRSS, synthetic_stats
 
@@ -168,7 +169,7 @@ def run_speed(selected: Sequence[str] | None = None, repeats: int = 2) -> str:
     lines = [
         "# Speed benchmark (generated)",
         "",
-        "Command: `python -m ditprune_core.bench speed`. Written by `ditprune_core/bench/speed.py`.",
+        "Command: `python -m bench speed`. Written by `bench/speed.py`.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, CPU.",
         f"Memory: peak extra RSS while computing masks, as a multiple of the largest pruned layer in "

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..calibrate import GramRecorder
-from ..miniflux.pipeline import MiniFluxPipeline
+from ditprune_core.calibrate import GramRecorder
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline
 
 __all__ = ["miniflux_grams"]
 

@@ -1,6 +1,6 @@
 """Quality benchmark on the trained MiniFlux models: pruned vs dense at the same seed.
 
-    python -m ditprune_core.bench quality            # writes docs/bench/quality.md + PNG grids
+    python -m bench quality            # writes docs/bench/quality.md + PNG grids
 
 For each model the dense sampler runs once per evaluation seed; every (method, sparsity) then
 samples from the same noise and labels and is compared with it:
@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import PruneConfig
-from ..miniflux.judge import load_judge
-from ..miniflux.pipeline import MiniFluxPipeline
-from ..util.imaging import image_grid, write_png
+from ditprune_core.config import PruneConfig
+from ditprune_core.miniflux.judge import load_judge
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline
+from ditprune_core.util.imaging import image_grid, write_png
+
 from . import write_report
 from .context import SETTINGS, BenchContext, fmt_stat
 from .reconstruction_lab import Lab, sparsegpt_layer
@@ -203,7 +204,7 @@ def write_quality(results: Sequence[QualityResult], out_dir: Path, command: str)
     parts = [
         "# Quality benchmark (generated)",
         "",
-        f"Command: `{command}`. Written by `ditprune_core/bench/quality.py`; do not edit by hand.",
+        f"Command: `{command}`. Written by `bench/quality.py`; do not edit by hand.",
         "",
         "Mean ± std over evaluation seeds. Rel. error, PSNR and velocity error compare the pruned",
         "model with the dense one from the same noise; accuracy and FD judge the digits themselves.",

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PruneConfig
-from ..miniflux.judge import load_judge
-from ..miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled, sigma_schedule
-from ..prune import apply_masks_, compute_masks
-from ..stats import CalibrationStats
-from ..util.metrics import psnr, relative_error, relative_squared_error
+from ditprune_core.config import PruneConfig
+from ditprune_core.miniflux.judge import load_judge
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline, calibrate, load_bundled, sigma_schedule
+from ditprune_core.prune import apply_masks_, compute_masks
+from ditprune_core.stats import CalibrationStats
+from ditprune_core.util.metrics import psnr, relative_error, relative_squared_error
 
 __all__ = ["SETTINGS", "BenchContext", "DenseRun", "fmt_stat"]
 

@@ -1,6 +1,6 @@
 """Which group size, symmetry and (for pruned layers) grouping the low-bit values should use.
 
-    python -m ditprune_core.bench quantgroups        # writes docs/bench/quant_groups.md
+    python -m bench quantgroups        # writes docs/bench/quant_groups.md
 
 On both MiniFlux models, every prunable layer is quantised by round to nearest (dense, or only its
 kept values after the DiT-Pruning mask) and scored by its output error on the calibration inputs:
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import PruneConfig
-from ..layouts import storage_cost
-from ..miniflux.pipeline import calibrate, load_bundled
-from ..prune import compute_masks, select_layers
-from ..quantize import QuantSpec, fake_quantize
+from ditprune_core.config import PruneConfig
+from ditprune_core.dit_shapes import FLUX_PRUNABLE
+from ditprune_core.layouts import storage_cost
+from ditprune_core.miniflux.pipeline import calibrate, load_bundled
+from ditprune_core.prune import compute_masks, select_layers
+from ditprune_core.quantize import QuantSpec, fake_quantize
+
 from . import write_report
-from .dit_shapes import FLUX_PRUNABLE
 from .grams import miniflux_grams
 from .pareto import flux_bytes
 
@@ -183,8 +184,7 @@ def run_quant_groups(models: Sequence[str]) -> str:
     lines = [
         "# Low-bit group settings (generated)",
         "",
-        "Command: `python -m ditprune_core.bench quantgroups`. Written by "
-        "`ditprune_core/bench/quant_groups.py`.",
+        "Command: `python -m bench quantgroups`. Written by `bench/quant_groups.py`.",
         "",
         "Each cell: relative layer output error (sum over the prunable layers of tr(E H E^T) over",
         "sum of tr(W H W^T), H from the calibration sampling) @ stored bits per original weight of",

@@ -1,13 +1,13 @@
 """Step time and memory of every format on a GPU (or, as a smoke run, on the CPU).
 
-    python -m ditprune_core.bench gpu_step --device cuda --gguf-dequant /path/to/ComfyUI-GGUF/dequant.py
-    python -m ditprune_core.bench gpu_step --device cpu --quick --gguf-dequant ...   # the tested smoke run
+    python -m bench gpu_step --device cuda --gguf-dequant /path/to/ComfyUI-GGUF/dequant.py
+    python -m bench gpu_step --device cpu --quick --gguf-dequant ...   # the tested smoke run
 
 FLUX.1-dev's four prunable layer shapes (``--quick``: every side / 8), random weights pruned 50 %
 by magnitude, inputs of 4096 tokens (a 1024² image; ``--quick``: 64) in the compute dtype (bf16 on
 a GPU, float32 on the CPU, as ComfyUI computes there). Every format's layers are held on the
 device as its ComfyUI runtime holds them, and each step makes every layer's weight the way that
-runtime does (:mod:`~ditprune_core.bench.decode_speed`): dense (nothing to decode), ComfyUI's fp8
+runtime does (:mod:`~bench.decode_speed`): dense (nothing to decode), ComfyUI's fp8
 (cast to the compute dtype), GGUF Q8_0 / Q4_0 / Q3_K / Q2_K through ComfyUI-GGUF's own
 ``dequant.py`` (its default ``dequant_dtype``), and ditprune's runtime decode of a bf16 file.
 Formats interleaved, best of ``--repeats``; with ``--compile``, ditprune's decode also runs under
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditprune_core.dit_shapes import FLUX_LAYERS
+
 from . import write_report
 from .decode_speed import (
     DITPRUNE_FORMATS,
@@ -40,7 +42,6 @@ from .decode_speed import (
     make_loras,
     reference_formats,
 )
-from .dit_shapes import FLUX_LAYERS
 
 log = logging.getLogger("ditprune")
 
@@ -174,7 +175,7 @@ def write_gpu_step(
     lines = [
         f"# Step time and memory per format, {name} (generated)",
         "",
-        f"Command: `{command}`. Written by `ditprune_core/bench/gpu_step.py`; do not edit by hand.",
+        f"Command: `{command}`. Written by `bench/gpu_step.py`; do not edit by hand.",
         f"torch {torch.__version__}; {sizes}; best of {repeats}, interleaved.",
         "",
         "| format | held MB | step s (4 layers) | vs dense | vs GGUF Q4_0 | peak MB added by a step | "

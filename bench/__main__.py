@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m ditprune_core.bench WHICH [--out DIR]``.
+"""Benchmarks: ``python -m bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
 decode, gpu_step, refine_holdout, tiers.
@@ -22,7 +22,7 @@ def _one_thread() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ditprune_core.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "which",
         choices=(
@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.5, 0.7], help="refine_holdout: sparsities"
+    )
+    parser.add_argument(
+        "--settings", nargs="+", default=None, help="refine_holdout: setting names (default: all)"
+    )
+    parser.add_argument(
         "--from-markdown",
         action="store_true",
         help="pareto: rewrite pareto.json and the plots from the pareto.md of the last run (no re-run)",
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="gpu_step: also ditprune's decode compiled")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    command = "python -m ditprune_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.which == "quality":
         from .quality import run_quality, write_quality
 
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "refine_holdout":
         from .refine_holdout import run_refine_holdout, write_refine_holdout
 
-        path = write_refine_holdout(run_refine_holdout(args.models), args.out, command)
+        rows = run_refine_holdout(args.models, args.sparsities, args.settings)
+        path = write_refine_holdout(rows, args.out, command)
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

@@ -1,6 +1,6 @@
 """Parameter sweep that chose the DiT-Pruning defaults (relative error vs dense, both MiniFlux).
 
-    python -m ditprune_core.bench sweep            # writes docs/bench/sweep.md
+    python -m bench sweep            # writes docs/bench/sweep.md
 
 Stage "metric": energy balance x normalisation x {layer, row} groups, with the baselines. Stage
 "cluster": the cluster granularity's allocation and comparison for the best metric settings.
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cluster import ClusterParams
-from ..config import PruneConfig
-from ..score import MetricParams
+from ditprune_core.cluster import ClusterParams
+from ditprune_core.config import PruneConfig
+from ditprune_core.score import MetricParams
+
 from . import write_report
 from .context import BenchContext
 
@@ -93,7 +94,7 @@ def run_sweep(models: Sequence[str] = ("miniflux-a", "miniflux-b"), seeds: Seque
     lines = [
         "# DiT-Pruning parameter sweep (generated)",
         "",
-        "Command: `python -m ditprune_core.bench sweep`. Relative error of final samples vs dense,",
+        "Command: `python -m bench sweep`. Relative error of final samples vs dense,",
         f"mean over {', '.join(models)} and seeds {list(seeds)} (100 samples each).",
         "",
         f"Best: **{best[0]}** (mean {np.mean(best[2]):.4f}).",

@@ -1,6 +1,6 @@
 """Peak-RSS probe: prune a synthetic layer stack in a fresh process and report the peak extra memory.
 
-    python -m ditprune_core.bench.memprobe --layers 24 --width 1024 [--granularity cluster]
+    python -m bench.memprobe --layers 24 --width 1024 [--granularity cluster]
 
 Prints one JSON line: ``peak_extra_bytes`` (peak RSS during pruning minus RSS before it) and
 ``largest_layer_fp32_bytes``. Linux only (``/proc/self/status``, ``/proc/self/clear_refs``).
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PruneConfig
-from ..prune import prune_model_
-from ..stats import CalibrationStats, LayerStats, weight_sample_hash
+from ditprune_core.config import PruneConfig
+from ditprune_core.prune import prune_model_
+from ditprune_core.stats import CalibrationStats, LayerStats, weight_sample_hash
 
 
 def _status_kb(field: str) -> int:

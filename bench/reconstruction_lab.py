@@ -1,7 +1,7 @@
 """Reconstruction lab: mask-only pruning vs SparseGPT vs DiT-Pruning with OBS update / refit, on MiniFlux.
 
-    python -m ditprune_core.bench.reconstruction_lab                 # final table, both models
-    python -m ditprune_core.bench.reconstruction_lab --quick --variants sparsegpt-seq energy-refit-seq
+    python -m bench.reconstruction_lab                 # final table, both models
+    python -m bench.reconstruction_lab --quick --variants sparsegpt-seq energy-refit-seq
 
 Same calibration (2 seeds x 10 digits per class, 20 Euler steps, cfg 2, log timestep weighting, as
 ``bench/quality.py``), same evaluation (relative error of the final samples against the dense model
@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import Calibrator, GramRecorder
-from ..config import PruneConfig, ReconstructParams
-from ..mask import layer_keep_mask
-from ..miniflux.pipeline import MiniFluxPipeline, sigma_schedule
-from ..obs import obs_prune, relative_output_error, sparsegpt_prune
-from ..reconstruct import reconstruct_layer, refit_masked
+from ditprune_core.calibrate import Calibrator, GramRecorder
+from ditprune_core.config import PruneConfig, ReconstructParams
+from ditprune_core.mask import layer_keep_mask
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline, sigma_schedule
+from ditprune_core.obs import obs_prune, relative_output_error, sparsegpt_prune
+from ditprune_core.reconstruct import reconstruct_layer, refit_masked
+
 from . import write_report
 from .context import SETTINGS, BenchContext
 from .error_correction import PairedGramAccumulator, corrected_weight
@@ -222,7 +223,7 @@ class Lab:
         self.pipe = self.ctx.pipe
         self.layers = PruneConfig(0.5)
         self.correction_damp = 0.01
-        from ..prune import select_layers
+        from ditprune_core.prune import select_layers
 
         self._select = select_layers
         layers = select_layers(self.pipe.model, self.layers)
@@ -279,7 +280,7 @@ class Lab:
         The sampler follows the pruned model; at every step the dense model also runs on the same
         latent, so that each layer sees (pruned input, dense input) pairs.
         """
-        from ..calibrate import log_timestep_weight
+        from ditprune_core.calibrate import log_timestep_weight
 
         dense_layers = self._select(self.pipe.model, self.layers)
         accs = {n: PairedGramAccumulator(layers[n].in_features, name=n) for n in layers}
@@ -332,7 +333,7 @@ class Lab:
 
     def product(self, config: PruneConfig) -> tuple[MiniFluxPipeline, float]:
         """``prune_sequential_`` itself, one pass (every Gram fits), the lab's calibration."""
-        from ..sequential import prune_sequential_
+        from ditprune_core.sequential import prune_sequential_
 
         model = copy.deepcopy(self.pipe.model)
         pipe = MiniFluxPipeline(model, self.pipe.conditioner)
@@ -413,7 +414,7 @@ def to_markdown(rows: Sequence[Row], command: str) -> str:
     lines = [
         "# Reconstruction lab (generated)",
         "",
-        f"Command: `{command}`. Written by `ditprune_core/bench/reconstruction_lab.py`; do not edit by hand.",
+        f"Command: `{command}`. Written by `bench/reconstruction_lab.py`; do not edit by hand.",
         "",
         "Relative error of the final samples against the dense model from the same noise (mean ± std over",
         "evaluation seeds), same calibration for every row. `layer err` is the mean over layers of the",
@@ -481,9 +482,7 @@ def _ratios(rows: Sequence[Row]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ditprune_core.bench.reconstruction_lab", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.reconstruction_lab", description=__doc__)
     parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
     parser.add_argument("--variants", nargs="+", default=None)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
@@ -501,9 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.models
         for r in run_lab(m, names, args.settings, seeds=seeds, per_class=per_class, full=False)
     ]
-    command = "python -m ditprune_core.bench.reconstruction_lab " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = "python -m bench.reconstruction_lab " + " ".join(argv if argv is not None else sys.argv[1:])
     text = to_markdown(rows, command.strip())
     if args.quick:
         print(text)

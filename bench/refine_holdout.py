@@ -1,6 +1,6 @@
 """Block refinement held out: does each refinement setting lower the error on classes it never saw?
 
-    python -m ditprune_core.bench refine_holdout      # writes docs/bench/refine_holdout.md
+    python -m bench refine_holdout      # writes docs/bench/refine_holdout.md
 
 Protocol (the generalisation issue's): each MiniFlux model is calibrated on half of its digit
 classes (:data:`SPLITS`: 0-4, then the swap 5-9), 10 samples a class per calibration seed (1000,
@@ -10,7 +10,9 @@ setting's :class:`~ditprune_core.config.ReconstructParams`, everything else at i
 evaluation samples 10 digits of every class of each half (seed 0, the same noise for dense and
 pruned) and reports the relative MSE of the final samples against the dense model's: on the *seen*
 classes (calibrated on) and the *held-out* ones, each the mean over both splits; ``held/seen`` is
-their ratio. Seconds are the whole ``prune_sequential_`` run (shared CPU: compare within a column).
+their ratio. Sampler runs are ``prune_sequential_``'s calibration runs per split (passes + refined
+blocks; ``block_refine_patience`` skips blocks once refinement stopped paying). Seconds are the whole
+``prune_sequential_`` run (shared CPU: compare within a column).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PruneConfig, ReconstructParams
-from ..miniflux.pipeline import MiniFluxPipeline, load_bundled
-from ..sequential import prune_sequential_
-from ..util.metrics import relative_squared_error
+from ditprune_core.config import PruneConfig, ReconstructParams
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
+from ditprune_core.sequential import prune_sequential_
+from ditprune_core.util.metrics import relative_squared_error
+
 from . import write_report
 
 __all__ = ["SETTINGS", "SPLITS", "HoldoutRow", "class_split", "run_refine_holdout", "write_refine_holdout"]
@@ -46,6 +49,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "block_refine_step": "relative",
         "block_refine_lr": 2e-2,
         "block_refine_holdout": 0.25,
+    },
+    "relative 2e-2, 25% held out, patience 2": {
+        "block_refine_step": "relative",
+        "block_refine_lr": 2e-2,
+        "block_refine_holdout": 0.25,
+        "block_refine_patience": 2,
     },
 }
 
@@ -75,6 +84,7 @@ class HoldoutRow:
     seconds: list[float]
     reverted: int
     blocks: int
+    runs: int = 0  # sampler runs of prune_sequential_ (passes + refined blocks), summed over splits
 
 
 def _labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
@@ -86,6 +96,9 @@ def run_refine_holdout(
 ) -> list[HoldoutRow]:
     rows: dict[tuple[str, float, str], HoldoutRow] = {}
     names = list(settings or SETTINGS)
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown refine_holdout setting(s) {unknown}; choose from {list(SETTINGS)}")
     for name in models:
         pipe = load_bundled(name)
         for split in SPLITS:
@@ -119,6 +132,7 @@ def run_refine_holdout(
                     row = rows.setdefault(
                         (name, sparsity, setting), HoldoutRow(name, sparsity, setting, [], [], [], 0, 0)
                     )
+                    row.runs += report.sampler_runs
                     row.seen.append(errors["seen"])
                     row.held.append(errors["held"])
                     row.seconds.append(seconds)
@@ -136,14 +150,14 @@ def write_refine_holdout(rows: Sequence[HoldoutRow], out_dir: Path, command: str
         "Protocol" + (__doc__ or "").split("Protocol", 1)[1].rstrip(),
         "",
         "| model | sparsity | setting | seen rel. MSE | held-out rel. MSE | held/seen | blocks put back "
-        "| seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sampler runs | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         seen, held = float(np.mean(r.seen)), float(np.mean(r.held))
         lines.append(
             f"| {r.model} | {r.sparsity:.0%} | {r.setting} | {seen:.4f} | {held:.4f} | {held / seen:.2f} | "
-            f"{r.reverted} of {r.blocks} | {np.mean(r.seconds):.0f} |"
+            f"{r.reverted} of {r.blocks} | {r.runs / len(r.seen):.0f} | {np.mean(r.seconds):.0f} |"
         )
     means: dict[str, list[float]] = {}
     for r in rows:

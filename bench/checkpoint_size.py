@@ -1,6 +1,6 @@
 """Checkpoint sizes and load times: dense vs compressed (bf16 and fp8 values).
 
-    python -m ditprune_core.bench checkpoint      # writes docs/bench/checkpoint.md
+    python -m bench checkpoint      # writes docs/bench/checkpoint.md
 
 MiniFlux-A pruned with the DiT-Pruning defaults, and FLUX.1-dev-shaped layers (random bf16 weights,
 the real sizes) pruned by magnitude per row, at 50/60/70 % and 2:4. The FLUX.1-dev projection
@@ -18,15 +18,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import PruneConfig
-from ..layouts import PIECES, unpack_weight
-from ..mask import layer_keep_mask
-from ..miniflux.pipeline import calibrate, load_bundled
-from ..prune import apply_masks_, compute_masks
-from ..save import load_pruned_checkpoint, save_pruned_checkpoint
-from ..util.safetensors_io import tensor_crc32
+from ditprune_core.config import PruneConfig
+from ditprune_core.dit_shapes import FLUX_LAYERS, FLUX_PRUNABLE, FLUX_TOTAL
+from ditprune_core.layouts import PIECES, unpack_weight
+from ditprune_core.mask import layer_keep_mask
+from ditprune_core.miniflux.pipeline import calibrate, load_bundled
+from ditprune_core.prune import apply_masks_, compute_masks
+from ditprune_core.save import load_pruned_checkpoint, save_pruned_checkpoint
+from ditprune_core.util.safetensors_io import tensor_crc32
+
 from . import write_report
-from .dit_shapes import FLUX_LAYERS, FLUX_PRUNABLE, FLUX_TOTAL
 
 SETTINGS = {
     "50%": (0.5, "unstructured"),
@@ -119,8 +120,7 @@ def run_checkpoint_bench() -> str:
     lines = [
         "# Checkpoint size benchmark (generated)",
         "",
-        "Command: `python -m ditprune_core.bench checkpoint`. Written by "
-        "`ditprune_core/bench/checkpoint_size.py`.",
+        "Command: `python -m bench checkpoint`. Written by `bench/checkpoint_size.py`.",
         "",
         "File size as a fraction of the same state dict saved dense in bf16 (safetensors).",
         "",

@@ -1,8 +1,8 @@
 """Which ditprune setting for which GPU: the size–fidelity table's choice per VRAM tier.
 
-    python -m ditprune_core.bench tiers      # reads docs/bench/pareto.json, writes vram_tiers.json/.md
+    python -m bench tiers      # reads docs/bench/pareto.json, writes vram_tiers.json/.md (bench/tiers.py)
 
-The size–fidelity benchmark (:mod:`.pareto`) writes every point it measured to ``pareto.json``:
+The size–fidelity benchmark (``bench/pareto.py``) writes every point it measured to ``pareto.json``:
 its projected FLUX.1-dev file with the layers that stay dense stored as trained (bf16), fp8 or int4,
 and its relative error on both MiniFlux models. For each tier this module picks, among the files
 Prune and Reconstruct + Save Pruned Model make (``ditprune+OBS`` points with block refinement), the
@@ -43,7 +43,6 @@ __all__ = [
     "comfy_reserve_bytes",
     "load_pareto",
     "parse_setting",
-    "write_tiers",
 ]
 
 GIB = 1 << 30
@@ -218,55 +217,3 @@ def choose_tier(table: dict[str, Any], vram_gib: int) -> TierChoice:
 
 def choose_tiers(table: dict[str, Any], tiers: tuple[int, ...] = TIERS_GIB) -> list[TierChoice]:
     return [choose_tier(table, gib) for gib in tiers]
-
-
-def to_markdown(choices: list[TierChoice], source: str) -> str:
-    models = list(choices[0].errors)
-    lines = [
-        "# Which setting for which GPU (generated)",
-        "",
-        f"Command: `python -m ditprune_core.bench tiers`, from `{source}`. Written by",
-        "`ditprune_core/bench/tiers.py`; the FLUX.1-dev workflows `workflows/ditprune_flux1_dev_<N>gb.json`",
-        "are made from `vram_tiers.json` (one per tier whose verdict is ditprune). Do not edit by hand.",
-        "",
-        "Each tier gets the Prune and Reconstruct + Save setting with the least mean relative error",
-        "(MiniFlux, final samples against dense) whose FLUX.1-dev file, plus its largest decoded layer",
-        f"({FLUX_LARGEST_DECODED_BYTES / 1e6:.0f} MB) plus ComfyUI's own reserve for sampling at 1024x1024 "
-        f"({comfy_reserve_bytes() / 1e9:.2f} GB), fits the card without offloading. A file that ComfyUI's",
-        "own fp8 cast beats in both size and error is never chosen; where the fp8 cast fits and has less",
-        "error, the verdict is to use it and no workflow is made.",
-        "",
-        "| card | verdict | setting | sparsity | value bits | Save values | remainder | file GB "
-        f"| VRAM GB (file + layer) | {' | '.join(f'rel. error {m}' for m in models)} "
-        "| ComfyUI fp8 (11.9 GB) |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(models) + "---|",
-    ]
-    for c in choices:
-        fp8 = (
-            f"fits, error {' / '.join(f'{e:.3f}' for e in c.fp8_errors.values())}: better"
-            if c.fp8_fits
-            else "does not fit"
-        )
-        lines.append(
-            f"| {c.vram_gib} GB | {'ComfyUI fp8' if c.verdict == 'fp8' else 'ditprune'} | {c.point} | "
-            f"{c.sparsity:.0%} {c.pattern} | "
-            f"{c.value_bits if c.value_bits else 'none'} | {c.values} | {c.remainder} | {c.file_gb:.2f} | "
-            f"{c.vram_gb:.2f} | {' | '.join(f'{e:.4f}' for e in c.errors.values())} | {fp8} |"
-        )
-    return "\n".join(lines)
-
-
-def write_tiers(pareto_json: Path, out_dir: Path) -> Path:
-    """Choose every tier from ``pareto_json``; write ``vram_tiers.json`` and ``vram_tiers.md``."""
-    choices = choose_tiers(load_pareto(pareto_json))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = {
-        "source": pareto_json.name,
-        "reserve_bytes": comfy_reserve_bytes(),
-        "largest_decoded_bytes": FLUX_LARGEST_DECODED_BYTES,
-        "tiers": [c.to_dict() for c in choices],
-    }
-    (out_dir / "vram_tiers.json").write_text(json.dumps(data, indent=1) + "\n")
-    md = out_dir / "vram_tiers.md"
-    md.write_text(to_markdown(choices, pareto_json.name) + "\n")
-    return md

@@ -1,6 +1,6 @@
 """Size–fidelity benchmark: ditprune against what ComfyUI users run instead, on both MiniFlux models.
 
-    python -m ditprune_core.bench pareto         # writes docs/bench/pareto.md + pareto_<model>.png
+    python -m bench pareto         # writes docs/bench/pareto.md + pareto_<model>.png
 
 Every point changes only the prunable layers (attention, MLP, fused single-block layers: what
 DiT-Pruning prunes), so all points are compared on the same weights; modulation, embedders and the
@@ -52,26 +52,27 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..config import PruneConfig, ReconstructParams
-from ..layouts import StorageCost, storage_cost
-from ..miniflux.judge import load_judge
-from ..miniflux.pipeline import MiniFluxPipeline
-from ..obs import gptq_quantize
-from ..prune import compute_masks, select_layers
-from ..quantize import (
+from ditprune_core.config import PruneConfig, ReconstructParams
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_SHAPES
+from ditprune_core.layouts import StorageCost, storage_cost
+from ditprune_core.miniflux.judge import load_judge
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline
+from ditprune_core.obs import gptq_quantize
+from ditprune_core.prune import compute_masks, select_layers
+from ditprune_core.quantize import (
     DEFAULT_DENSE_SPECS,
     DEFAULT_VALUE_SPECS,
     QuantSpec,
     dequantize_weight,
     fake_quantize,
 )
-from ..save import is_remainder_weight
-from ..sequential import prune_sequential_
-from ..util.io import atomic_path
-from ..util.metrics import psnr, relative_error, relative_squared_error
+from ditprune_core.save import is_remainder_weight
+from ditprune_core.sequential import prune_sequential_
+from ditprune_core.util.io import atomic_path
+from ditprune_core.util.metrics import psnr, relative_error, relative_squared_error
+
 from . import write_report
 from .context import SETTINGS, BenchContext, fmt_stat
-from .dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_SHAPES
 from .gguf_ref import BITS_PER_WEIGHT, GGUF_FORMATS, fp8_cast, gguf_fake_quantize
 from .grams import miniflux_grams
 from .lowbit import flux_rest_gb
@@ -142,7 +143,7 @@ class ParetoPoint:
         return float(np.mean(self.metrics["rel_mse"]))
 
 
-def _flux_gb(prunable_bytes: float) -> tuple[float, float, float]:
+def flux_gb(prunable_bytes: float) -> tuple[float, float, float]:
     """Projected FLUX.1-dev GB with the other weights in bf16, fp8 (a scale per row) and int4."""
     return (
         (prunable_bytes + 2 * FLUX_REST) / 1e9,
@@ -568,7 +569,7 @@ def run_pareto(
         name: str, family: str, pipe: MiniFluxPipeline, bpw: float, flux_bytes: float, rest: str, start: float
     ) -> None:
         metrics = _evaluate(ctx, pipe, velocity=velocity)
-        rest_bf16, rest_fp8, rest_int4 = _flux_gb(flux_bytes)
+        rest_bf16, rest_fp8, rest_int4 = flux_gb(flux_bytes)
         flux_bpw = 8 * flux_bytes / FLUX_PRUNABLE
         points.append(ParetoPoint(name, family, bpw, flux_bpw, rest_bf16, rest_fp8, metrics, rest_int4, rest))
         log.info(
@@ -748,7 +749,7 @@ def write_pareto(results: Sequence[ParetoResult], out_dir: Path, command: str) -
     parts = [
         "# Size–fidelity benchmark (generated)",
         "",
-        f"Command: `{command}`. Written by `ditprune_core/bench/pareto.py`; do not edit by hand.",
+        f"Command: `{command}`. Written by `bench/pareto.py`; do not edit by hand.",
         "",
         "Only the prunable layers change (attention, MLP, fused single-block layers); bits/weight (b/w)",
         "is their exact stored size per original weight: on FLUX.1-dev's layers (what a user's file",

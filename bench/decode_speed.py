@@ -1,6 +1,6 @@
 """Decode speed: ditprune's per-forward decode beside ComfyUI-GGUF's own dequantisation.
 
-    python -m ditprune_core.bench decode --gguf-dequant /path/to/ComfyUI-GGUF/dequant.py
+    python -m bench decode --gguf-dequant /path/to/ComfyUI-GGUF/dequant.py
 
 writes docs/bench/decode_speed.md. FLUX.1-dev's four prunable layer shapes (random weights, the
 real sizes), pruned 50 % by magnitude over the layer (rows keep different counts, as DiT-Pruning's
@@ -12,7 +12,7 @@ weight the way its ComfyUI runtime does every forward:
 - GGUF Q8_0 / Q4_0 / Q3_K / Q2_K: ComfyUI-GGUF's ``dequantize`` (from its ``dequant.py``, loaded
   from the path given: it is not part of ditprune) with its default ``dequant_dtype``, then cast
   to float32, as ``GGMLLayer.get_weight`` does; the blocks are made by llama.cpp's ``gguf``
-  package (:mod:`~ditprune_core.bench.gguf_ref`) from a tile of the layer repeated over its rows
+  package (:mod:`~bench.gguf_ref`) from a tile of the layer repeated over its rows
   (the decode reads every block alike, whatever it holds);
 - ditprune: :func:`~ditprune_core.runtime.decode_runtime` on the runtime pieces of a bf16 file
   (what ``PackedLinear`` runs), to float32.
@@ -40,13 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PruneConfig
-from ..layouts import LAYOUTS, Fp8Values
-from ..mask import layer_keep_mask
-from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
-from ..runtime import decode_runtime, runtime_pieces, runtime_plan
+from ditprune_core.config import PruneConfig
+from ditprune_core.dit_shapes import FLUX_LAYERS
+from ditprune_core.layouts import LAYOUTS, Fp8Values
+from ditprune_core.mask import layer_keep_mask
+from ditprune_core.quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
+from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
+
 from . import write_report
-from .dit_shapes import FLUX_LAYERS
 from .gguf_ref import gguf_block_size, gguf_quantize_blocks
 
 log = logging.getLogger("ditprune")
@@ -427,7 +428,7 @@ def write_decode_speed(
     lines = [
         "# Decode speed beside ComfyUI-GGUF (generated)",
         "",
-        f"Command: `{command}`. Written by `ditprune_core/bench/decode_speed.py`; do not edit by hand.",
+        f"Command: `{command}`. Written by `bench/decode_speed.py`; do not edit by hand.",
         f"CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; ComfyUI-GGUF's "
         "`dequant.py` loaded from its own file. Best of "
         f"{repeats}, formats interleaved; the CPU is shared, so only the ratios measured side by side "

@@ -1,6 +1,6 @@
 """Low-bit files: what the remainder choice costs, and what per-layer dequantisation costs a step.
 
-    python -m ditprune_core.bench lowbit         # writes docs/bench/lowbit.md
+    python -m bench lowbit         # writes docs/bench/lowbit.md
 
 1. **Remainder.** Both MiniFlux models pruned with the DiT-Pruning defaults at 50 % (bitmask) and
    saved with int4 values (:data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS`, rounded at save
@@ -29,17 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import PruneConfig
-from ..layouts import LAYOUTS, Fp8Values, storage_cost
-from ..mask import layer_keep_mask
-from ..miniflux.pipeline import MiniFluxPipeline
-from ..prune import apply_masks_, compute_masks
-from ..quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
-from ..runtime import decode_runtime, runtime_pieces, runtime_plan
-from ..save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
+from ditprune_core.config import PruneConfig
+from ditprune_core.dit_shapes import FLUX_LAYERS, FLUX_REST
+from ditprune_core.layouts import LAYOUTS, Fp8Values, storage_cost
+from ditprune_core.mask import layer_keep_mask
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline
+from ditprune_core.prune import apply_masks_, compute_masks
+from ditprune_core.quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
+from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
+from ditprune_core.save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
+
 from . import write_report
 from .context import BenchContext, fmt_stat
-from .dit_shapes import FLUX_LAYERS, FLUX_REST
 
 log = logging.getLogger("ditprune")
 
@@ -247,7 +248,7 @@ def write_lowbit(
     lines = [
         "# Low-bit files: the remainder's error and the step time of per-layer dequantisation (generated)",
         "",
-        f"Command: `{command}`. Written by `ditprune_core/bench/lowbit.py`; do not edit by hand.",
+        f"Command: `{command}`. Written by `bench/lowbit.py`; do not edit by hand.",
         "",
         "## What the remainder costs",
         "",

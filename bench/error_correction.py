@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..obs import dampened
-from ..stats import CalibrationError, GramAccumulator, check_gram
+from ditprune_core.obs import dampened
+from ditprune_core.stats import CalibrationError, GramAccumulator, check_gram
 
 __all__ = ["PairedGramAccumulator", "corrected_weight"]
 

@@ -1,15 +1,15 @@
 """Time and memory of the OBS reconstruction on FLUX.1-dev-width layers, against the mask-only pass.
 
-    python -m ditprune_core.bench obsspeed                 # writes docs/bench/obs_speed.md
-    python -m ditprune_core.bench obsspeed --quick         # widths / 4 -> docs/bench/obs_speed_quick.md
-    python -m ditprune_core.bench obsspeed --device cuda   # -> docs/bench/obs_speed_cuda.md
+    python -m bench obsspeed                 # writes docs/bench/obs_speed.md
+    python -m bench obsspeed --quick         # widths / 4 -> docs/bench/obs_speed_quick.md
+    python -m bench obsspeed --device cuda   # -> docs/bench/obs_speed_cuda.md
 
 ``--threads N`` sets torch's CPU threads for the run. The committed figures use ``--threads 1``: on
 a 2-core machine shared with other jobs, two threads spent most of the small-tensor operations of
 the mask-only pass waiting on each other (4x slower than one thread), which would skew the ratios.
 
 Four layers at FLUX.1-dev width (hidden 3072, MLP 12288), shapes from
-:func:`~ditprune_core.bench.dit_shapes.flux_shapes`: ``single_blocks.0.linear1`` (21504 x 3072),
+:func:`~ditprune_core.dit_shapes.flux_shapes`: ``single_blocks.0.linear1`` (21504 x 3072),
 ``single_blocks.0.linear2`` (3072 x 15360), ``double_blocks.0.img_attn.qkv`` (9216 x 3072) and
 ``double_blocks.0.img_mlp.2`` (3072 x 12288). For each, in one process and one run:
 
@@ -49,13 +49,14 @@ from typing import TypeVar
 
 import torch
 
-from ..config import PruneConfig
-from ..layers import DEFAULT_FAMILIES, FLUX
-from ..mask import layer_keep_mask
-from ..reconstruct import obs_prune, refit_masked
-from ..stats import GramAccumulator
+from ditprune_core.config import PruneConfig
+from ditprune_core.dit_shapes import FLUX_DEV, flux_shapes
+from ditprune_core.layers import DEFAULT_FAMILIES, FLUX
+from ditprune_core.mask import layer_keep_mask
+from ditprune_core.reconstruct import obs_prune, refit_masked
+from ditprune_core.stats import GramAccumulator
+
 from . import write_report
-from .dit_shapes import FLUX_DEV, flux_shapes
 from .memprobe import PeakRSS
 from .speed import limit_malloc_caching
 
@@ -561,8 +562,7 @@ def format_obs_speed(result: ObsSpeedResult, command: str) -> str:
     lines = [
         "# OBS update and refit: time and memory against the mask-only pass (generated)",
         "",
-        f"Command: `{command}`. Written by `ditprune_core/bench/obs_speed.py` in "
-        f"{_duration(result.wall_seconds)}.",
+        f"Command: `{command}`. Written by `bench/obs_speed.py` in {_duration(result.wall_seconds)}.",
         f"Machine: {platform.machine()}, {result.threads} torch thread(s), torch {torch.__version__}, "
         f"device {result.device}, {os.cpu_count()} cores; 1-minute load average "
         f"{result.load_average[0]:.1f} at the start, {result.load_average[1]:.1f} at the end (other jobs "
