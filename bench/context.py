@@ -83,7 +83,7 @@ class BenchContext:
     @torch.no_grad()
     def evaluate(self, pipe: MiniFluxPipeline, *, full: bool = True) -> dict[str, list[float]]:
         """Metrics per evaluation seed; ``full=False`` computes the relative error only."""
-        judge = load_judge() if full else None
+        judge = load_judge(self.pipe.config.image_size) if full else None
         out: dict[str, list[float]] = {
             "rel_err": [],
             "rel_mse": [],

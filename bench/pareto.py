@@ -538,7 +538,7 @@ def _evaluate(ctx: BenchContext, pipe: MiniFluxPipeline, *, velocity: bool) -> d
     costs as many model calls as sampling)."""
     if velocity:
         return ctx.evaluate(pipe)
-    judge = load_judge()
+    judge = load_judge(ctx.pipe.config.image_size)
     out: dict[str, list[float]] = {"rel_err": [], "rel_mse": [], "psnr": [], "acc": [], "fd": []}
     for run in ctx.dense.values():
         images = pipe.sample(run.labels, seed=0, steps=ctx.steps, cfg=ctx.cfg, noise=run.noise)

@@ -166,7 +166,7 @@ def run_quality(
     settings: Sequence[str] = tuple(SETTINGS),
 ) -> QualityResult:
     ctx = BenchContext.build(model, seeds=seeds, per_class=per_class)
-    judge = load_judge()
+    judge = load_judge(ctx.pipe.config.image_size)
     first = ctx.dense[seeds[0]]
     dense_metrics = {
         "acc": [judge.accuracy(r.images, r.labels) for r in ctx.dense.values()],

@@ -14,12 +14,13 @@ from typing import Any
 
 from .cluster import ClusterParams
 from .layers import DEFAULT_FAMILIES, FAMILIES, LayerFilter
-from .quantize import DEFAULT_VALUE_SPECS, VALUE_BITS, QuantSpec
+from .quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, VALUE_BITS, QuantSpec
 from .refine import REFINE_STEPS
 from .score import MetricParams, check_metric, needs_calibration
 
 __all__ = [
     "ALLOCATIONS",
+    "DENSE_VALUE_BITS",
     "GRANULARITIES",
     "PATTERNS",
     "REFITS",
@@ -42,6 +43,8 @@ REFITS = ("none", "auto", "exact", "pcg")
 OBS_MASKS = ("metric", "in-update")
 #: how update="obs" shares a transformer block's prune count among its layers
 ALLOCATIONS = ("uniform", "block")
+#: value bits of a quantise-only config (sparsity 0): those of kept values, and 2
+DENSE_VALUE_BITS = tuple(sorted(DEFAULT_DENSE_SPECS))
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,12 @@ class PruneConfig:
     """What to prune and how. The defaults are DiT-Pruning as chosen by the quality benchmark.
 
     Attributes:
-        sparsity: fraction of weights removed in every selected layer, in (0, 1). For an N:M
-            pattern it must equal ``1 - N/M`` (0.5 for 2:4 and 4:8).
+        sparsity: fraction of weights removed in every selected layer, in [0, 1). For an N:M
+            pattern it must equal ``1 - N/M`` (0.5 for 2:4 and 4:8). 0 is **quantise only** and needs
+            ``value_bits``: nothing is pruned, every selected layer is quantised whole
+            (:func:`~ditprune_core.sequential.prune_sequential_`; with ``update="obs"`` by the same
+            OBS sweep as the kept values of a pruned layer, on a mask that keeps every weight) and
+            stored with no mask (the dense layout).
         metric: ``magnitude``, ``wanda``, ``ria`` or ``energy``.
         granularity: comparison group: ``layer``, ``row`` (output channel), ``column`` (input
             channel) or ``cluster``. Ignored by N:M patterns, whose groups are M inputs of a row.
@@ -200,8 +207,9 @@ class PruneConfig:
             weights from each layer's input Gram (:func:`~ditprune_core.sequential.prune_sequential_`).
         reconstruct: how ``update="obs"`` reconstructs.
         value_bits: None (kept values stay in the model's dtype) or 8, 4, 3
-            (:data:`~ditprune_core.quantize.VALUE_BITS`): the kept values of every pruned layer are
-            quantised to that many bits, in groups, with the measured defaults
+            (:data:`~ditprune_core.quantize.VALUE_BITS`; also 2 when quantising only, with the
+            dense defaults :data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`): the kept values of
+            every pruned layer are quantised to that many bits, in groups, with the measured defaults
             :data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS` (groups of 128 kept values,
             asymmetric at 8 and 4 bits, symmetric at 3). With ``update="obs"`` the rounding is
             chosen inside an OBS pass that compensates it (:func:`~ditprune_core.reconstruct.obs_quantize`);
@@ -227,8 +235,15 @@ class PruneConfig:
     filter_fn: LayerFilter | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
-            raise ValueError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
+        if (
+            isinstance(self.sparsity, bool)
+            or not isinstance(self.sparsity, (int, float))
+            or not 0.0 <= float(self.sparsity) < 1.0
+        ):
+            raise ValueError(
+                "sparsity must be strictly between 0 and 1 to prune, or 0 with value_bits to quantise "
+                f"only; got {self.sparsity!r}"
+            )
         check_metric(self.metric)
         if self.update not in UPDATES:
             raise ValueError(f"unknown update {self.update!r}; choose from {list(UPDATES)}")
@@ -255,6 +270,11 @@ class PruneConfig:
                 ) from exc
 
         self._check_values()
+        if self.sparsity == 0 and self.value_bits is None:
+            raise ValueError(
+                "sparsity must be strictly between 0 and 1 to prune; sparsity 0 prunes nothing: give "
+                "value_bits (or value_spec) to quantise the layers without pruning them (quantise only)"
+            )
 
     def _check_values(self) -> None:
         bits, spec = self.value_bits, self.value_spec
@@ -265,11 +285,12 @@ class PruneConfig:
             object.__setattr__(self, "value_bits", bits)
         if bits is None:
             return
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALUE_BITS:
+        allowed = DENSE_VALUE_BITS if self.sparsity == 0 else VALUE_BITS
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
             raise ValueError(
-                f"value_bits must be None or one of {list(VALUE_BITS)} (got {bits!r}): the kept values of a "
+                f"value_bits must be None or one of {list(allowed)} (got {bits!r}): the kept values of a "
                 "pruned layer are quantised to 8, 4 or 3 bits; 2 bits is only offered for dense baselines "
-                "(quantize.gptq_quantize)"
+                "(quantise only: sparsity 0; or quantize.gptq_quantize)"
             )
         if spec is not None and spec.bits != bits:
             raise ValueError(
@@ -282,11 +303,20 @@ class PruneConfig:
         return needs_calibration(self.metric)
 
     @property
+    def quantize_only(self) -> bool:
+        """Sparsity 0 with ``value_bits``: every selected layer is quantised whole, nothing pruned (no
+        mask; a file stores it in the dense layout, codes and scales only)."""
+        return self.sparsity == 0
+
+    @property
     def value_quant(self) -> QuantSpec | None:
         """The :class:`~ditprune_core.quantize.QuantSpec` of the kept values, or None (unquantised)."""
         if self.value_bits is None:
             return None
-        return self.value_spec if self.value_spec is not None else DEFAULT_VALUE_SPECS[self.value_bits]
+        if self.value_spec is not None:
+            return self.value_spec
+        defaults = DEFAULT_DENSE_SPECS if self.quantize_only else DEFAULT_VALUE_SPECS
+        return defaults[self.value_bits]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``filter_fn`` excluded)."""

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .layouts import LAYOUTS, PIECES, CheckpointError, spec_of_piece
+from .errors import CheckpointError
+from .layouts import LAYOUTS, PIECES, spec_of_piece
 from .quantize import GROUPINGS, SUPPORTED_BITS, QuantSpec
 from .util.safetensors_io import CHECKSUM_KEY, checksum_mismatch, read_checksums, read_metadata
 

@@ -154,6 +154,12 @@ def iter_masks(
             "only sequential calibration passes provide: use prune_sequential_(model, run_calibration, "
             "config) (in ComfyUI: the Prune and Reconstruct node)"
         )
+    if config.quantize_only:
+        raise ValueError(
+            "sparsity 0 (quantise only) prunes nothing, so there is no mask to compute: quantise with "
+            "prune_sequential_(model, run_calibration, config) (in ComfyUI: Prune and Reconstruct with "
+            "sparsity 0 and value bits), or give a sparsity in (0, 1)"
+        )
     target = PruneTarget.of(model, config)
     if config.needs_calibration:
         if stats is None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .util.dtypes import cast_saturating
+from .util.dtypes import cast_saturating, storage_view
 
 __all__ = [
     "DEFAULT_DENSE_SPECS",
@@ -64,6 +64,7 @@ __all__ = [
     "quantize_weight",
     "round_to_grid",
     "unpack_codes",
+    "unpack_stream",
 ]
 
 log = logging.getLogger("ditprune")
@@ -269,6 +270,8 @@ def _group_slots(
         valid = torch.nn.functional.pad(valid, (0, per_row * g - cols), value=False)
         return valid.reshape(rows * per_row, g)
     counts = kept_per_row(keep).to(device)
+    if bool((counts % g == 0).all()):  # every group full (2:4 rows, say): the grid is the values
+        return None
     groups = _groups_per_row(shape, spec, counts)
     total = int(groups.sum())
     row_of_group = torch.repeat_interleave(torch.arange(rows, device=device), groups)
@@ -438,17 +441,19 @@ def dequantize_weight(
     zero: torch.Tensor | int = spec.sym_zero if q.zeros is None else q.zeros
     flat = q.codes.reshape(-1)
     g = spec.group_width(cols)
-    if q.keep is None and slots is None:
+    if slots is None:
         grid = flat.reshape(q.n_groups, g)
     else:
         grid = torch.zeros(q.n_groups, g, dtype=torch.uint8, device=device)
-        grid.masked_scatter_(slots, flat)  # type: ignore[arg-type]
+        grid.masked_scatter_(slots, flat)
     z = zero if isinstance(zero, int) else zero[:, None]
     values = _from_grid(dequantize_codes(grid, q.scales[:, None], z), slots)
     if q.keep is None:
         return cast_saturating(values.reshape(rows, cols), dtype)
     out = torch.zeros(rows, cols, dtype=dtype, device=device)
-    return out.masked_scatter_(q.keep.to(device), cast_saturating(values, dtype))
+    # on the bytes: fp8 has no masked_scatter (and its zero is the zero byte)
+    storage_view(out).masked_scatter_(q.keep.to(device), storage_view(cast_saturating(values, dtype)))
+    return out
 
 
 def fake_quantize(
@@ -526,3 +531,30 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, *, where: str = "c
     if bool(flat[count:].any()):
         raise QuantizationError(f"{where}: padding bits after the last of {count} codes are set (corrupted)")
     return flat[:count]
+
+
+def unpack_stream(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Every code of a packed stream, the last word's padding included: uint8, a few vectorised
+    byte operations and no checks (the readers' fast unpacking, after :func:`unpack_codes`, the
+    checked reference, has validated the stream, or where it is trusted)."""
+    if bits == 8:
+        return packed
+    if bits == 4:
+        return torch.stack((packed & 15, packed >> 4), dim=1).reshape(-1)
+    if bits == 2:
+        return torch.stack((packed & 3, (packed >> 2) & 3, (packed >> 4) & 3, packed >> 6), dim=1).reshape(-1)
+    b = packed.reshape(-1, 3)
+    b0, b1, b2 = b[:, 0], b[:, 1], b[:, 2]
+    return torch.stack(
+        (
+            b0 & 7,
+            (b0 >> 3) & 7,
+            (b0 >> 6) | ((b1 & 1) << 2),
+            (b1 >> 1) & 7,
+            (b1 >> 4) & 7,
+            (b1 >> 7) | ((b2 & 3) << 1),
+            (b2 >> 2) & 7,
+            b2 >> 5,
+        ),
+        dim=1,
+    ).reshape(-1)

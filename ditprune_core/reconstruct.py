@@ -376,7 +376,7 @@ def reconstruct_layer(
 def quantize_layer(
     name: str,
     reconstructed: torch.Tensor,
-    keep: torch.Tensor,
+    keep: torch.Tensor | None,
     gram: torch.Tensor,
     config: PruneConfig,
     *,
@@ -386,12 +386,15 @@ def quantize_layer(
 
     ``update="obs"``: :func:`obs_quantize` from the reconstructed weight on its mask (grids fit
     lazily), so the rounding error is compensated like the pruning error; ``update="none"``: round
-    to nearest (:func:`~ditprune_core.quantize.quantize_weight` with the keep mask).
+    to nearest (:func:`~ditprune_core.quantize.quantize_weight` with the keep mask). With ``keep``
+    None (quantise only) the whole weight is quantised: under ``update="obs"`` by the same sweep on
+    a mask that keeps every weight (GPTQ, compensating the value the model holds), and the codes
+    come back dense (no keep mask: what the dense layout stores).
 
     Args:
         name: the layer's name, for messages.
         reconstructed: (out, in) pruned weight (zeros off the mask), float32 preferably.
-        keep: (out, in) bool keep mask.
+        keep: (out, in) bool keep mask, or None: every weight kept (quantise only).
         gram: (in, in) input Gram (used by ``update="obs"``).
         config: a config with ``value_bits`` set.
         held_dtype: the dtype the model holds the layer's weight in.
@@ -403,14 +406,18 @@ def quantize_layer(
         raise ValueError(f"quantize_layer of {name!r}: the config has no value_bits")
     if config.update == "obs":
         params = config.reconstruct
-        return obs_quantize(
+        whole = torch.ones(reconstructed.shape, dtype=torch.bool, device=reconstructed.device)
+        q = obs_quantize(
             reconstructed,
             gram,
-            keep,
+            whole if keep is None else keep,
             spec,
             held_dtype=held_dtype,
             blocksize=params.blocksize,
             damp=params.damp,
             name=name,
         )
+        if keep is None:  # every weight kept: the same codes and groups, as a dense weight's
+            q = QuantizedWeight(q.codes.reshape(q.shape), q.scales, q.zeros, q.shape, q.spec)
+        return q
     return quantize_weight(reconstructed, spec, keep=keep, where=name)

@@ -41,16 +41,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .layouts import (
-    CheckpointError,
-    _group_sizes,
-    _unpack_all,
-    is_quantized,
-    layout_of,
-    spec_of_piece,
-    unpack_weight,
-)
-from .quantize import WORDS, dequantize_codes, pack_codes, unpack_codes
+from .errors import CheckpointError
+from .layouts import is_quantized, layout_of, spec_of_piece, unpack_weight
+from .layouts.two_four import MAX_TRIPLE_CODE, PAIRS
+from .quantize import WORDS, dequantize_codes, pack_codes, unpack_codes, unpack_stream
 from .util.dtypes import cast_saturating, storage_view, to_float32
 from .util.packing import unpack_bits
 
@@ -86,12 +80,10 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 def _triple_ranks() -> torch.Tensor:
     """(256, 12) int32: for an ``nm_codes`` byte (three groups of 4) and a position, its slot among
     the byte's six values (two per group, in order); _PRUNED if not kept or the byte is invalid."""
-    from .layouts import _MAX_TRIPLE_CODE, _PAIRS
-
     table = torch.full((256, 12), _PRUNED, dtype=torch.int32)
-    for byte in range(_MAX_TRIPLE_CODE + 1):
+    for byte in range(MAX_TRIPLE_CODE + 1):
         for group, code in enumerate((byte % 6, (byte // 6) % 6, byte // 36)):
-            for slot, pos in enumerate(_PAIRS[code]):
+            for slot, pos in enumerate(PAIRS[code]):
                 table[byte, 4 * group + pos] = 2 * group + slot
     return table
 
@@ -134,6 +126,20 @@ def _row_starts(counts: torch.Tensor) -> torch.Tensor:
     starts = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(counts, 0, out=starts[1:])
     return starts.to(torch.int32) if int(starts[-1]) < 2**31 else starts
+
+
+def _group_sizes(keep: torch.Tensor, g: int, n_groups: int, padded: int) -> torch.Tensor:
+    """Values in each of the ``n_groups`` groups of G kept values (row-major, a row's last group
+    shorter), plus one last entry for the ``padded`` stream's tail: (n_groups + 1,) int64 summing to
+    ``padded``. Computed on the device without reading anything back."""
+    counts = keep.sum(dim=1)
+    row_groups = (counts + g - 1) // g
+    ends = torch.cumsum(row_groups, 0)
+    sizes = torch.full((n_groups + 1,), g, dtype=torch.int64, device=keep.device)
+    last = torch.where(row_groups > 0, ends - 1, n_groups)  # an empty row writes the tail slot
+    sizes.scatter_(0, last, counts - (row_groups - 1) * g)
+    sizes[n_groups] = padded - counts.sum()
+    return sizes
 
 
 def runtime_pieces(pieces: Mapping[str, torch.Tensor], where: str = "weight") -> dict[str, torch.Tensor]:
@@ -233,7 +239,7 @@ def _unpack_range(packed: torch.Tensor, bits: int, start: int, count: int) -> to
     per_word, word_bytes = WORDS[bits]
     first = start // per_word
     end = -(-(start + count) // per_word)
-    codes = _unpack_all(packed[first * word_bytes : end * word_bytes], bits)
+    codes = unpack_stream(packed[first * word_bytes : end * word_bytes], bits)
     offset = start - first * per_word
     return codes[offset : offset + count]
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .layouts import (
     LAYOUTS,
-    CheckpointError,
     Fp8Values,
     Layout,
     PieceSpec,

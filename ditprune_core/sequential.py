@@ -186,6 +186,8 @@ def _block_counts(
     params = config.reconstruct
     if config.update != "obs" or params.allocation != "block" or parse_pattern(config.pattern) is not None:
         return {}
+    if config.quantize_only:  # nothing to share
+        return {}
     blocks: dict[str, list[str]] = {}
     for name in group:
         blocks.setdefault(layer_block(name, target.template), []).append(name)
@@ -237,6 +239,13 @@ def prune_sequential_(
     With ``config.update == "none"`` the passes still run (each layer then gets the config's mask on
     the calibrated model upstream of it) but no weight is updated.
 
+    With ``config.quantize_only`` (sparsity 0 and ``value_bits``) nothing is pruned: each layer is
+    quantised whole, in the same passes, by the same OBS sweep (``update="obs"``) on a mask that keeps
+    every weight, and its codes are dense (``q.keep`` None: the file's dense layout, no mask bits);
+    ``write_fn`` gets an all-True keep mask. There is no refit (nothing was pruned) and no block
+    refinement: a block whose weights are all kept is the dense block, which it would be fitted to
+    (for a pruned layer too, refinement fits the pruned weights before they are quantised).
+
     With ``config.value_bits`` every pruned layer's kept values are quantised
     (:func:`~ditprune_core.reconstruct.quantize_layer`: with ``update="obs"`` inside an OBS pass
     that compensates the rounding error, else round to nearest), and the model holds exactly the
@@ -278,7 +287,8 @@ def prune_sequential_(
     passes: list[PassReport] = []
     spec = config.value_quant
     written = _Written(collect_quantized, write_fn)
-    refine = config.update == "obs" and config.reconstruct.block_refine_steps > 0
+    # quantise only: a block whose weights are all kept is the dense block, refinement has nothing to fit
+    refine = config.update == "obs" and config.reconstruct.block_refine_steps > 0 and not config.quantize_only
     pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     at: dict[str, int] = {}  # a pending layer's index in ``done``
     refined: list[BlockRefinement] = []
@@ -312,7 +322,10 @@ def prune_sequential_(
             weight = weight_fn(name, layer).detach()
             gram = cal.gram(name)
             held = layer.weight.dtype
-            if config.update == "obs":
+            if config.quantize_only:  # nothing pruned, nothing to update: the whole weight is quantised
+                new, keep = weight.float(), torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+                report = LayerReconstruction(name, 0.0, 0.0, 0.0, 0.0, None)
+            elif config.update == "obs":
                 layer_config = config
                 if name in counts:
                     layer_config = replace(config, sparsity=counts[name] / weight.numel())
@@ -413,7 +426,10 @@ def _finish_layer(
             report = replace(report, output_error=relative_output_error(out.float(), weight.float(), gram))
         return out, None, report
     began = time.perf_counter()
-    q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held)
+    if config.quantize_only:  # the whole weight: dense codes, no mask
+        q = quantize_layer(name, new.float(), None, gram, config, held_dtype=held)
+    else:
+        q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held)
     out = dequantize_weight(q, held, check=False)
     error = relative_output_error(out.float(), weight.float(), gram)
     seconds = report.seconds + time.perf_counter() - began

@@ -311,16 +311,23 @@ def sampling_inputs(model_tooltip: str) -> list[io.Input]:
     ]
 
 
-def pruning_inputs() -> list[io.Input]:
-    """Sparsity, pattern and layer families, as Apply Pruning and Prune and Reconstruct take them."""
+def pruning_inputs(*, quantize_only: bool = False) -> list[io.Input]:
+    """Sparsity, pattern and layer families, as Apply Pruning and Prune and Reconstruct take them
+    (``quantize_only``: sparsity 0 is offered, which quantises the layers without pruning them)."""
+    tooltip = "Fraction of weights removed in every selected layer (0.5 for 2:4 and 4:8)."
+    if quantize_only:
+        tooltip += (
+            " 0 with value bits: quantise only (nothing pruned; each layer's codes are fitted by the same "
+            "OBS update, and a compressed file stores them with no mask)."
+        )
     return [
         io.Float.Input(
             "sparsity",
             default=0.5,
-            min=0.01,
+            min=0.0 if quantize_only else 0.01,
             max=0.99,
             step=0.01,
-            tooltip="Fraction of weights removed in every selected layer (0.5 for 2:4 and 4:8).",
+            tooltip=tooltip,
         ),
         io.Combo.Input(
             "pattern",

@@ -106,6 +106,12 @@ class DitPruneLoadPrunedModel(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         info = read_checkpoint_info(path)
         layouts = info.layouts
+        if sparse_kernels and layouts and all(entry["layout"] == "dense" for entry in layouts.values()):
+            raise ValueError(
+                f"{path}: sparse_kernels runs 2:4-pruned layers with sparse kernels, but this file has no "
+                "pruned layer (quantise only: every compressed layer is dense codes, no mask); turn "
+                "sparse_kernels off to load it"
+            )
         if mode == "densify at load" or not layouts:
             state = load_pruned_checkpoint(path)  # checks every piece and checksum as it decodes
             model = comfy.sd.load_diffusion_model_state_dict(state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import comfy.model_management
 import torch
 from comfy.model_patcher import ModelPatcher
+from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.latest import io
 
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
@@ -18,7 +19,6 @@ from .common import (
     CATEGORY,
     PREFIX,
     ClustersType,
-    MaskPatch,
     Progress,
     SaliencyType,
     SamplerRun,
@@ -33,10 +33,10 @@ from .common import (
 from .prompts import CalibrationPlan, EncodedPrompts, prompt_inputs, sample_plan
 
 _GIB = 1 << 30
-VALUE_BITS_CHOICES = ("none", "8", "4", "3")
+VALUE_BITS_CHOICES = ("none", "8", "4", "3", "2")
 
 
-class ReconstructedPatch(MaskPatch):
+class ReconstructedPatch(WeightAdapterBase):
     """A reconstructed weight held compactly: 1 bit per weight plus the kept values.
 
     ComfyUI calls :meth:`calculate_weight` when it loads the weight (every forward in lowvram mode);
@@ -44,6 +44,7 @@ class ReconstructedPatch(MaskPatch):
     quantised kept values (``value_bits``) the patch holds their codes (one byte each), group scales
     and zero points instead of the values, and decodes them as the file's reader does
     (``dequantize_weight(quantized, dtype)``): bit for bit what ``prune_sequential_`` computed.
+    Quantise only (sparsity 0): ``mask`` is None and the codes are dense (no bit per weight).
     """
 
     name = "ditprune_reconstructed"
@@ -51,20 +52,35 @@ class ReconstructedPatch(MaskPatch):
 
     def __init__(
         self,
-        mask: PackedMask,
+        mask: PackedMask | None,
         values: torch.Tensor | None,
         layer: str,
         *,
         quantized: QuantizedWeight | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(mask, layer)
+        if mask is not None:
+            shape = mask.shape
+        elif quantized is not None and quantized.keep is None:
+            shape = (int(quantized.shape[0]), int(quantized.shape[1]))
+        else:
+            raise ValueError(f"{layer!r}: a reconstructed patch without a mask needs dense quantised codes")
+        self.loaded_keys: set[str] = set()
+        self.weights: list[torch.Tensor] = []
+        self.mask, self.layer, self.shape = mask, layer, shape
         self.values = values
         self.dtype = dtype  # the dtype the quantised values are decoded to (the model's)
         self._codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, QuantSpec] | None = None
         if quantized is not None:
             zeros = None if quantized.zeros is None else quantized.zeros.cpu()
             self._codes = (quantized.codes.cpu(), quantized.scales.cpu(), zeros, quantized.spec)
+
+    def check_shape(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(
+                f"ditprune reconstruction of {self.layer!r} has shape {self.shape} but the weight is "
+                f"{tuple(weight.shape)}: the model changed after {self.made_by}; run it again"
+            )
 
     @property
     def quantized(self) -> QuantizedWeight | None:
@@ -79,9 +95,9 @@ class ReconstructedPatch(MaskPatch):
             codes.to(device),
             scales.to(device),
             None if zeros is None else zeros.to(device),
-            self.mask.shape,
+            self.shape,
             spec,
-            self.mask.to_bool(device),
+            None if self.mask is None else self.mask.to_bool(device),
         )
 
     def calculate_weight(
@@ -100,7 +116,7 @@ class ReconstructedPatch(MaskPatch):
         if quantized is not None:
             held = dequantize_weight(quantized, self.dtype or weight.dtype, check=False)
             return held.to(weight.dtype)
-        assert self.values is not None  # one of values / quantized is set at construction
+        assert self.values is not None and self.mask is not None  # set at construction, or quantized
         out = torch.zeros_like(weight)
         return out.masked_scatter_(
             self.mask.to_bool(weight.device), self.values.to(weight.device, weight.dtype)
@@ -173,6 +189,10 @@ class ReconstructingClone:
         quantized: QuantizedWeight | None,
     ) -> None:
         keep = keep.cpu()
+        if quantized is not None and quantized.keep is None:  # quantise only: dense codes, no mask
+            patch = ReconstructedPatch(None, None, name, quantized=quantized, dtype=new.dtype)
+            self.pruned.add_patches({f"{PREFIX}{name}.weight": patch}, 1.0)
+            return
         mask = PackedMask.from_bool(keep)
         if quantized is not None:  # new is its decode in the model's dtype
             patch = ReconstructedPatch(mask, None, name, quantized=quantized, dtype=new.dtype)
@@ -194,8 +214,9 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             "whose input Gram matrices fit the memory budget; the sampler runs once per group, on the model "
             "pruned so far, so each layer compensates the error upstream of it. The incoming model is "
             "never changed; the output holds the reconstructed weights compactly (1 bit per weight plus the "
-            "kept values). With a prompt set every pass samples every calibration prompt (x seeds x sizes): "
-            "the cost is sampler runs x prompts x steps, stated in the report.",
+            "kept values). Sparsity 0 with value bits quantises without pruning (dense codes, no mask). "
+            "With a prompt set every pass samples every calibration prompt (x seeds x sizes): the cost is "
+            "sampler runs x prompts x steps, stated in the report.",
             inputs=[
                 *sampling_inputs("The model to prune. It is cloned, never changed."),
                 io.Combo.Input(
@@ -204,7 +225,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     default="energy",
                     tooltip="The mask's metric (energy = DiT-Pruning); its statistics come from each pass.",
                 ),
-                *pruning_inputs(),
+                *pruning_inputs(quantize_only=True),
                 io.Float.Input(
                     "memory_budget_gb",
                     default=0.0,
@@ -221,7 +242,9 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     default="none",
                     optional=True,  # prompts and workflows saved before it still run (unquantised)
                     tooltip="Quantise the kept values to 8, 4 or 3 bits (groups of 128 kept values, scale "
-                    "per group), the rounding compensated inside the OBS update. none: keep the model's dtype.",
+                    "per group), the rounding compensated inside the OBS update. none: keep the model's dtype. "
+                    "With sparsity 0, quantise only: every selected layer whole (GPTQ-style, 2 bits too), "
+                    "no mask.",
                 ),
                 io.Int.Input(
                     "block_refine_steps",

@@ -150,8 +150,9 @@ class DitPruneSavePrunedModel(io.ComfyNode):
             category=CATEGORY,
             description="Writes the diffusion model, pruning baked in, to models/diffusion_models/. 'dense' files open "
             "in the stock Load Diffusion Model node; 'compressed' files (pruned layers at 50% sparsity: about 56% "
-            "of bf16, 31% with fp8 values, 19% with int4) open in DiT-Pruning Load Pruned Model. Never overwrites "
-            "a file.",
+            "of bf16, 31% with fp8 values, 19% with int4) open in DiT-Pruning Load Pruned Model. A model from "
+            "Prune and Reconstruct with value bits is stored with its own codes: pruned layers with their mask, "
+            "quantise-only layers (sparsity 0) as dense codes with no mask. Never overwrites a file.",
             inputs=[
                 io.Model.Input("model", tooltip="A model from Apply Pruning (any MODEL can be saved)."),
                 io.String.Input(
@@ -164,8 +165,8 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                     options=["dense", "compressed"],
                     default="dense",
                     tooltip="dense: same size as the original, opens in the stock Load Diffusion Model; "
-                    "compressed: bitmask or 2:4 packing of pruned weights, opens only in DiT-Pruning Load "
-                    "Pruned Model.",
+                    "compressed: bitmask or 2:4 packing of pruned weights, the codes of quantised layers "
+                    "(quantise only: no mask), opens only in DiT-Pruning Load Pruned Model.",
                 ),
                 io.Combo.Input(
                     "values",

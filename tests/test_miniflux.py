@@ -9,6 +9,7 @@ from ditprune_core import PruneConfig, apply_masks_, compute_masks, find_prunabl
 from ditprune_core.miniflux.judge import frechet_distance, load_judge
 from ditprune_core.miniflux.model import MiniFluxConfig, patchify, unpatchify
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline, bundled_checkpoints, calibrate, load_bundled
+from ditprune_core.miniflux.train import RECIPES
 from ditprune_core.util.metrics import psnr, relative_error, relative_squared_error
 
 
@@ -16,7 +17,7 @@ def test_bundled_checkpoints_are_small_and_load() -> None:
     for name, path in bundled_checkpoints().items():
         assert path.stat().st_size <= 10 * 1024 * 1024, name
         pipe = load_bundled(name)
-        assert pipe.model.config.depth == 2
+        assert pipe.model.config == RECIPES[name].config
     with pytest.raises(ValueError, match="unknown MiniFlux checkpoint"):
         load_bundled("miniflux-z")
 

@@ -457,10 +457,9 @@ LYING = [
 ]
 
 
-@pytest.mark.parametrize(("change", "message"), LYING)
-def test_lying_quantised_files_are_refused_naming_file_and_key(tmp_path, change, message) -> None:
-    _path, meta, data = _saved(tmp_path)
-    change(meta, data)
+def _refused(tmp_path, meta: dict, data: dict, message: str) -> None:
+    """The crafted file of ``meta`` and ``data`` is refused by the reader and by the validation of
+    a loaded state, with ``message`` after the file's name."""
     meta.pop("tensor_crc32")  # a crafted file: the checks behind the checksums refuse it
     meta.pop("layouts_crc32")
     bad = tmp_path / "bad.safetensors"
@@ -469,6 +468,13 @@ def test_lying_quantised_files_are_refused_naming_file_and_key(tmp_path, change,
         load_pruned_checkpoint(bad)
     with pytest.raises(CheckpointError, match=rf"bad\.safetensors.*{message}"):
         validate_compressed_state(data, bad)
+
+
+@pytest.mark.parametrize(("change", "message"), LYING)
+def test_lying_quantised_files_are_refused_naming_file_and_key(tmp_path, change, message) -> None:
+    _path, meta, data = _saved(tmp_path)
+    change(meta, data)
+    _refused(tmp_path, meta, data, message)
 
 
 def test_symmetric_codes_with_zero_points_and_2_4_masks_are_checked(tmp_path) -> None:
@@ -527,3 +533,40 @@ def test_version_2_files_name_the_version_to_an_old_reader(tmp_path) -> None:
     save_file(data, str(bad), metadata={**meta, "format_version": "3"})
     with pytest.raises(CheckpointError, match="version '3'; this ditprune reads version 1 or 2"):
         read_checkpoint_info(bad)
+
+
+DENSE_LYING = [
+    (
+        lambda m, d: d.__setitem__("w.qcodes", d["w.qcodes"][:-2].clone()),
+        r"'w': codes: packed codes of shape \(1022,\) .* do not hold 2048 4-bit codes",
+    ),
+    (
+        lambda m, d: d.__setitem__("w.qscales", d["w.qscales"][:-1].clone()),
+        r"'w': scales of shape \(127,\) .* do not fit: 128 groups of 16",
+    ),
+    (
+        lambda m, d: d.__setitem__("w.qzeros", d["w.qzeros"][:-1].clone()),
+        r"'w': zero points: packed codes of shape \(63,\)",
+    ),
+    (
+        lambda m, d: d.__setitem__("w.shape", torch.tensor([32, 128])),
+        r"'w': codes: packed codes of shape \(1024,\) .* do not hold 4096 4-bit codes",
+    ),
+    (
+        lambda m, d: d.__setitem__("w.shape", torch.tensor([16, 64])),
+        r"'w': codes: packed codes of shape \(1024,\) .* do not hold 1024 4-bit codes",
+    ),
+    # a quantise-only weight under an entry that says it has a mask
+    (lambda m, d: m.__setitem__("layouts", _entry(m, layout="bitmask")), r"'w' has no 'bitmask' piece"),
+    (lambda m, d: m.__setitem__("layouts", _entry(m, layout="2:4")), r"'w' has no 'nm_codes' piece"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), DENSE_LYING)
+def test_dense_quantised_files_whose_codes_scales_or_shape_disagree_are_refused(
+    tmp_path, change, message
+) -> None:
+    _path, meta, data = _saved(tmp_path, kind="dense")  # quantise only: codes and scales, no mask
+    assert json.loads(meta["layouts"])["w"]["layout"] == "dense" and "w.bitmask" not in data
+    change(meta, data)
+    _refused(tmp_path, meta, data, message)

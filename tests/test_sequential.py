@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from tiny_miniflux_models import tiny_miniflux as _model
 from tiny_miniflux_models import tiny_miniflux_forward as _run
 
@@ -16,7 +17,11 @@ from ditprune_core import (
     prune_sequential_,
 )
 from ditprune_core.config import ReconstructParams
+from ditprune_core.layouts import unpack_weight
+from ditprune_core.quantize import DEFAULT_DENSE_SPECS, dequantize_weight
 from ditprune_core.reconstruct import relative_output_error
+from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
+from ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info, save_pruned_checkpoint
 from ditprune_core.stats import GramAccumulator
 
 #: the OBS machinery itself: uniform allocation, no block refinement (tests/test_block_refine.py)
@@ -187,3 +192,82 @@ def test_a_whole_layer_pruned_quantises_to_no_codes() -> None:
     q = report.quantized["double_blocks.0.img_attn.proj"]
     assert q.codes.numel() == 0 and q.scales.numel() == 0
     assert not bool(find_prunable_layers(model)["double_blocks.0.img_attn.proj"].weight.any())
+
+
+# --- quantise only: sparsity 0 with value_bits ------------------------------------------------------
+
+
+def _file_bytes(path) -> dict[str, int]:
+    """Each tensor's bytes as the file stores them."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize(("update", "bits"), [("obs", 4), ("obs", 2), ("none", 3)])
+def test_quantise_only_writes_dense_codes_whose_bits_per_weight_are_the_files(tmp_path, update, bits) -> None:
+    model = _model(11)
+    config = PruneConfig(0, update=update, value_bits=bits)
+    assert config.quantize_only and config.value_quant == DEFAULT_DENSE_SPECS[bits]
+    report = prune_sequential_(model, _calibration(model), config)
+    layers = find_prunable_layers(model)
+    assert list(report.quantized) == list(layers) and report.sparsity.sparsity == 0.0
+    assert report.blocks == ()  # nothing pruned: no block to refine
+    for name, layer in layers.items():
+        q = report.quantized[name]
+        assert q.keep is None and tuple(q.codes.shape) == tuple(layer.weight.shape), name
+        assert torch.equal(dequantize_weight(q, layer.weight.dtype), layer.weight), name
+    assert all(r.output_error > 0 and r.unquantized_error == 0 for r in report.layers)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "q.safetensors"
+    saved = save_pruned_checkpoint(state, path, quantized=report.quantized)
+    keys = {f"{n}.weight" for n in layers}
+    assert saved.layouts == dict.fromkeys(keys, "dense") and set(saved.stored_codes) == keys
+    entries = read_checkpoint_info(path).layouts
+    assert {e["values"] for e in entries.values()} == {f"int{bits}"}
+    sizes = _file_bytes(path)
+    assert not any(k.endswith((".bitmask", ".nm_codes")) for k in sizes)  # no mask bit anywhere
+    stored = sum(size for k, size in sizes.items() if k.rpartition(".")[0] in keys or k in keys)
+    weights = sum(layer.weight.numel() for layer in layers.values())
+    assert report.bits_per_weight == 8.0 * stored / weights  # exact: the writer's own bytes
+    loaded = load_pruned_checkpoint(path)
+    with safe_open(str(path), framework="pt") as f:
+        for key in keys:
+            assert torch.equal(loaded[key], state[key]), key
+            pieces = {p: f.get_tensor(f"{key}.{p}") for p in ("shape", "qcodes", "qscales", "qspec")}
+            if f"{key}.qzeros" in f.keys():  # noqa: SIM118
+                pieces["qzeros"] = f.get_tensor(f"{key}.qzeros")
+            held = runtime_pieces(pieces)
+            assert torch.equal(decode_runtime(held, runtime_plan(held), state[key].dtype), state[key])
+            assert torch.equal(unpack_weight(pieces, state[key].dtype), state[key])
+
+
+def test_quantise_only_obs_compensates_the_rounding_that_round_to_nearest_leaves() -> None:
+    # one pass: every layer's Gram is the dense model's, so the two runs see the same inputs
+    errors = {}
+    for update in ("obs", "none"):
+        model = _model(12)
+        report = prune_sequential_(
+            model,
+            _calibration(model),
+            PruneConfig(0, update=update, value_bits=3),
+            memory_budget_bytes=1 << 30,
+        )
+        errors[update] = {r.name: r.output_error for r in report.layers}
+    assert all(errors["obs"][n] < errors["none"][n] for n in errors["obs"]), errors
+
+
+def test_quantise_only_choices_are_checked() -> None:
+    with pytest.raises(ValueError, match="sparsity 0 prunes nothing: give value_bits"):
+        PruneConfig(0, update="obs")
+    with pytest.raises(ValueError, match="strictly between 0 and 1 to prune, or 0 with value_bits"):
+        PruneConfig(-0.1, value_bits=4)
+    with pytest.raises(ValueError, match=r"value_bits must be None or one of \[3, 4, 8\]"):
+        PruneConfig(0.5, update="obs", value_bits=2)  # 2 bits only for dense weights
+    assert PruneConfig(0, update="obs", value_bits=2).value_bits == 2
+    with pytest.raises(ValueError, match="pattern 2:4 prunes exactly 50%"):
+        PruneConfig(0, pattern="2:4", value_bits=4)
+    config = PruneConfig(0, update="obs", value_bits=4)
+    assert PruneConfig.from_dict(config.to_dict()) == config
+    model = _model()
+    with pytest.raises(ValueError, match=r"sparsity 0 \(quantise only\) prunes nothing, so there is no mask"):
+        compute_masks(model, None, PruneConfig(0, metric="magnitude", value_bits=4))

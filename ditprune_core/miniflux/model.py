@@ -6,7 +6,8 @@ layer template and every pruning code path that runs on FLUX runs on MiniFlux un
 written from the published FLUX architecture, not copied from any implementation.
 
 Differences from FLUX.1, all of scale only: hidden width, head count and depth are tiny; images are
-8x8 single-channel digits patchified 2x2 (16 tokens of 4 channels); the "text encoder" is a fixed,
+single-channel digits, 8x8 patchified 2x2 (16 tokens of 4 channels; miniflux-a and -b) or 32x32
+patchified 4x4 (64 tokens of 16 channels; miniflux-c), in pixel space; the "text encoder" is a fixed,
 seeded table of context tokens per class (see :class:`ClassConditioner`); no guidance embedder
 (like FLUX.1-schnell).
 """

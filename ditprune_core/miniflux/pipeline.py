@@ -23,6 +23,7 @@ StepCallback = Callable[[int, float], None]
 BUNDLED = {
     "miniflux-a": "miniflux_a.safetensors",
     "miniflux-b": "miniflux_b.safetensors",
+    "miniflux-c": "miniflux_c.safetensors",
 }
 
 
@@ -33,7 +34,8 @@ def sigma_schedule(steps: int) -> torch.Tensor:
 
 @dataclass
 class MiniFluxPipeline:
-    """A trained MiniFlux with its conditioner. Images are (B, 1, 8, 8) in [-1, 1]."""
+    """A trained MiniFlux with its conditioner. Images are (B, 1, S, S) in [-1, 1], S the config's
+    ``image_size``."""
 
     model: MiniFlux
     conditioner: ClassConditioner
@@ -79,7 +81,7 @@ class MiniFluxPipeline:
         on_step: StepCallback | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Generate digits for ``labels`` (B,) -> images (B, 1, 8, 8).
+        """Generate digits for ``labels`` (B,) -> images (B, 1, S, S).
 
         ``on_step(step_index, sigma)`` is called before each model evaluation (the calibration
         hooks use it to weight timesteps).
@@ -140,7 +142,7 @@ def bundled_checkpoints() -> dict[str, Path]:
 
 
 def load_bundled(name: str = "miniflux-a") -> MiniFluxPipeline:
-    """Load a shipped, trained MiniFlux (``miniflux-a`` or ``miniflux-b``)."""
+    """Load a shipped, trained MiniFlux (``miniflux-a``, ``miniflux-b`` or ``miniflux-c``), as float32."""
     paths = bundled_checkpoints()
     if name not in paths:
         raise ValueError(f"unknown MiniFlux checkpoint {name!r}; bundled: {sorted(paths)}")

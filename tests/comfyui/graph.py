@@ -20,6 +20,7 @@ __all__ = [
     "load",
     "load_pruned",
     "reconstruct",
+    "reconstructed_patches",
     "saliency",
     "sample",
     "saved_compressed",
@@ -92,6 +93,16 @@ def reconstruct(comfy: Comfy, model: Any, cond_fn: Any, **kw: Any) -> Any:
         )
         .args
     )
+
+
+def reconstructed_patches(model: Any) -> dict[str, Any]:
+    """``{layer name: ReconstructedPatch}`` of a MODEL from Prune and Reconstruct (each key's last patch)."""
+    out = {}
+    for key, entries in model.patches.items():
+        patch = entries[-1][1]
+        if getattr(patch, "name", "") == "ditprune_reconstructed":
+            out[key.removeprefix("diffusion_model.").removesuffix(".weight")] = patch
+    return out
 
 
 def saved_compressed(comfy: Comfy, pattern: str, tag: str) -> tuple[Any, Any, str]:

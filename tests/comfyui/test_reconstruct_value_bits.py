@@ -4,28 +4,15 @@ loaded weights are exactly their decode."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import pytest
 import torch
 from conftest import Comfy
-from graph import load, reconstruct, sample
+from graph import load, reconstruct, reconstructed_patches, sample
 from tiny_models import flux_cond, flux_shapes, random_state_dict
 
 from ditprune_core.layouts import choose_quantized_layout, storage_cost
 from ditprune_core.quantize import QuantSpec, dequantize_weight
-
-PREFIX = "diffusion_model."
-
-
-def _patches(model: Any) -> dict[str, Any]:
-    """``{layer name: ReconstructedPatch}`` of a reconstructed MODEL."""
-    out = {}
-    for key, entries in model.patches.items():
-        patch = entries[-1][1]
-        if getattr(patch, "name", "") == "ditprune_reconstructed":
-            out[key[len(PREFIX) : -len(".weight")]] = patch
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -37,7 +24,7 @@ def test_value_bits_4_patches_hold_the_codes_the_model_computes_with(
     pruned, report = reconstruct(comfy, model, flux_cond, value_bits="4")
     assert "bits per weight stored" in report.splitlines()[0]
     bits = float(report.splitlines()[0].split(", ")[-1].split()[0])
-    patches = _patches(pruned)
+    patches = reconstructed_patches(pruned)
     assert patches and all(p.quantized is not None for p in patches.values())
     stored = weights = 0
     for patch in patches.values():  # the pack's own QuantSpec class differs from this import's
@@ -71,7 +58,7 @@ def test_value_bits_4_patches_hold_the_codes_the_model_computes_with(
 def test_value_bits_none_keeps_the_unquantised_patch(comfy: Comfy) -> None:
     model = load(random_state_dict(flux_shapes(), seed=22))
     pruned, _report = reconstruct(comfy, model, flux_cond, value_bits="none")
-    patches = _patches(pruned)
+    patches = reconstructed_patches(pruned)
     assert patches and all(p.quantized is None for p in patches.values())
     sample(comfy, pruned, flux_cond())
     modules = dict(pruned.model.diffusion_model.named_modules())
