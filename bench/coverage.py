@@ -32,6 +32,8 @@ from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.util.metrics import relative_squared_error
 
+from .refine_holdout import SPLITS, class_labels, class_split
+
 __all__ = [
     "CLASSES",
     "HALVES",
@@ -42,7 +44,8 @@ __all__ = [
     "write_coverage",
 ]
 
-HALVES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+#: the two halves of the digits, as the held-out refinement benchmark splits them
+HALVES = SPLITS
 CLASSES = (1, 2, 5)
 SAMPLES = (8, 32, 128)
 CAL_SEED, EVAL_PER_CLASS, STEPS, CFG, SPARSITY = 1000, 10, 20, 2.0, 0.5
@@ -69,10 +72,6 @@ class CoverageRow:
     seconds: list[float]
 
 
-def _eval_labels(classes: Sequence[int]) -> torch.Tensor:
-    return torch.tensor(list(classes)).repeat_interleave(EVAL_PER_CLASS)
-
-
 def run_coverage(
     models: Sequence[str],
     classes: Sequence[int] = CLASSES,
@@ -82,12 +81,13 @@ def run_coverage(
     rows: dict[tuple[str, int, int], CoverageRow] = {}
     for name in models:
         pipe = load_bundled(name)
-        for index, half in enumerate(halves):
-            held_out = halves[1 - index] if len(halves) == 2 else [c for c in range(10) if c not in half]
-            dense_held = pipe.sample(_eval_labels(held_out), seed=0, steps=STEPS, cfg=CFG)
+        for half in halves:
+            held_labels = class_labels(class_split(half, pipe.config.num_classes)[1], EVAL_PER_CLASS)
+            dense_held = pipe.sample(held_labels, seed=0, steps=STEPS, cfg=CFG)
             for k in classes:
                 seen = list(half[:k])
-                dense_seen = pipe.sample(_eval_labels(seen), seed=0, steps=STEPS, cfg=CFG)
+                seen_labels = class_labels(seen, EVAL_PER_CLASS)
+                dense_seen = pipe.sample(seen_labels, seed=0, steps=STEPS, cfg=CFG)
                 for n in samples:
                     model = copy.deepcopy(pipe.model)
                     pruned = MiniFluxPipeline(model, pipe.conditioner)
@@ -112,12 +112,12 @@ def run_coverage(
                     row = rows.setdefault((name, k, n), CoverageRow(name, k, n, [], [], []))
                     row.seen.append(
                         relative_squared_error(
-                            pruned.sample(_eval_labels(seen), seed=0, steps=STEPS, cfg=CFG), dense_seen
+                            pruned.sample(seen_labels, seed=0, steps=STEPS, cfg=CFG), dense_seen
                         )
                     )
                     row.held.append(
                         relative_squared_error(
-                            pruned.sample(_eval_labels(held_out), seed=0, steps=STEPS, cfg=CFG), dense_held
+                            pruned.sample(held_labels, seed=0, steps=STEPS, cfg=CFG), dense_held
                         )
                     )
                     row.seconds.append(seconds)

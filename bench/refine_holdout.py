@@ -34,7 +34,15 @@ from ditprune_core.util.metrics import relative_squared_error
 
 from . import write_report
 
-__all__ = ["SETTINGS", "SPLITS", "HoldoutRow", "class_split", "run_refine_holdout", "write_refine_holdout"]
+__all__ = [
+    "SETTINGS",
+    "SPLITS",
+    "HoldoutRow",
+    "class_labels",
+    "class_split",
+    "run_refine_holdout",
+    "write_refine_holdout",
+]
 
 #: calibration classes of each split; the evaluation's held-out classes are the other ones
 SPLITS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
@@ -87,7 +95,8 @@ class HoldoutRow:
     runs: int = 0  # sampler runs of prune_sequential_ (passes + refined blocks), summed over splits
 
 
-def _labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
+def class_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
+    """``per_class`` labels of each class, class by class."""
     return torch.tensor(list(classes)).repeat_interleave(per_class)
 
 
@@ -103,8 +112,8 @@ def run_refine_holdout(
         pipe = load_bundled(name)
         for split in SPLITS:
             seen, held = class_split(split, pipe.config.num_classes)
-            cal_labels = _labels(seen, CAL_PER_CLASS)
-            evals = {"seen": _labels(seen, EVAL_PER_CLASS), "held": _labels(held, EVAL_PER_CLASS)}
+            cal_labels = class_labels(seen, CAL_PER_CLASS)
+            evals = {"seen": class_labels(seen, EVAL_PER_CLASS), "held": class_labels(held, EVAL_PER_CLASS)}
             dense = {k: pipe.sample(v, seed=0, steps=STEPS, cfg=CFG) for k, v in evals.items()}
             for sparsity in sparsities:
                 for setting in names:
