@@ -37,6 +37,7 @@ the reader.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -345,6 +346,55 @@ def _gather_index(
     return index.view(-1)
 
 
+def _decode_block(
+    pieces: Mapping[str, torch.Tensor],
+    plan: RuntimePlan,
+    b: int,
+    e: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Plan blocks ``b .. e`` decoded: written into their rows of ``out``, or (``out`` None, under
+    ``torch.compile``) returned as a fresh (rows, cols) tensor."""
+    rows, cols = plan.rows, plan.cols
+    r0, r1 = b * plan.block_rows, min(e * plan.block_rows, rows)
+    v0, v1 = plan.block_starts[b], plan.block_starts[e]
+    values = _block_values(pieces, plan, r0, r1, v0, v1, dtype)
+    target = None if out is None else out[r0:r1]
+    if plan.layout == "dense":
+        block = values.reshape(r1 - r0, cols)
+        if target is None:
+            return block.to(out_dtype)
+        return target.copy_(block)
+    padded = torch.empty(v1 - v0 + 1, dtype=out_dtype, device=values.device)
+    padded[: v1 - v0].copy_(values)
+    storage_view(padded)[v1 - v0 :].zero_()
+    index = _gather_index(pieces, plan, r0, r1, v0, v1)
+    if target is None:
+        return storage_view(padded).index_select(0, index).view(r1 - r0, cols)
+    torch.index_select(storage_view(padded), 0, index, out=storage_view(target).view(-1))
+    return target
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads for the CPU decode (made once per size).
+
+    Most of the decode is gathers that torch runs on one thread whatever ``torch.get_num_threads()``
+    says, so the CPU decode splits a layer's blocks of rows among as many Python threads (torch
+    releases the GIL inside every op): each writes its own rows of the output. Each pool thread
+    runs its ops on one torch thread (``torch.set_num_threads`` is per thread under OpenMP), so
+    the workers do not start a team of OpenMP threads each and oversubscribe the cores."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(
+            workers, thread_name_prefix="ditprune-decode", initializer=torch.set_num_threads, initargs=(1,)
+        )
+    return _POOLS[workers]
+
+
 def decode_runtime(
     pieces: Mapping[str, torch.Tensor],
     plan: RuntimePlan,
@@ -382,30 +432,23 @@ def decode_runtime(
         max(1, block_elements // max(plan.block_rows * cols, 1)) if block_elements else len(plan.block_starts)
     )
     starts = plan.block_starts
-    out = None if compiling else torch.empty(rows, cols, dtype=out_dtype, device=device)
-    blocks = []
-    for b in range(0, len(starts) - 1, step):
-        e = min(b + step, len(starts) - 1)
-        r0, r1 = b * plan.block_rows, min(e * plan.block_rows, rows)
-        v0, v1 = starts[b], starts[e]
-        values = _block_values(pieces, plan, r0, r1, v0, v1, dtype)
-        target = None if out is None else out[r0:r1]
-        if plan.layout == "dense":
-            block = values.reshape(r1 - r0, cols)
-            if target is None:
-                blocks.append(block.to(out_dtype))
-            else:
-                target.copy_(block)
-            continue
-        padded = torch.empty(v1 - v0 + 1, dtype=out_dtype, device=device)
-        padded[: v1 - v0].copy_(values)
-        storage_view(padded)[v1 - v0 :].zero_()
-        index = _gather_index(pieces, plan, r0, r1, v0, v1)
-        if target is None:
-            blocks.append(storage_view(padded).index_select(0, index).view(r1 - r0, cols))
-        else:
-            torch.index_select(storage_view(padded), 0, index, out=storage_view(target).view(-1))
-    if out is not None:
+    spans = [(b, min(b + step, len(starts) - 1)) for b in range(0, len(starts) - 1, step)]
+    if compiling:
+        blocks = [_decode_block(pieces, plan, b, e, dtype, out_dtype, None) for b, e in spans]
+        whole = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return whole.view(out_dtype) if whole.dtype != out_dtype else whole
+    out = torch.empty(rows, cols, dtype=out_dtype, device=device)
+    workers = min(torch.get_num_threads(), len(spans)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for b, e in spans:
+            _decode_block(pieces, plan, b, e, dtype, out_dtype, out)
         return out
-    whole = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    return whole.view(out_dtype) if whole.dtype != out_dtype else whole
+    share = -(-len(spans) // workers)  # each worker a run of neighbouring blocks: disjoint rows of out
+
+    def work(part: list[tuple[int, int]]) -> None:
+        for b, e in part:
+            _decode_block(pieces, plan, b, e, dtype, out_dtype, out)
+
+    for done in [_pool(workers).submit(work, spans[i : i + share]) for i in range(0, len(spans), share)]:
+        done.result()
+    return out

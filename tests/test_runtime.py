@@ -182,3 +182,33 @@ def test_runtime_decode_matches_the_reference_on_ragged_and_empty_rows() -> None
                 got = decode_runtime(fast, plan, dtype, block_elements=block)
                 assert same_bits(got, expected), (bits, group, sym, dtype, block)
             assert same_bits(unpack_weight(pieces, dtype), expected), (bits, group, sym, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_cpu_decode_splits_rows_among_threads_and_stays_bit_exact(threads: int) -> None:
+    """With several torch threads the CPU decode hands runs of blocks to a pool of as many Python
+    threads, each writing its own rows: the weight is the reader's bit for bit, whatever the split
+    (a ragged last share, fewer blocks than threads, one block)."""
+    import ditprune_core.runtime as runtime
+
+    gen = torch.Generator().manual_seed(7)
+    w, keep, two_four = _masks(600, 512, gen)  # the plan's finest block: 128 rows, so 5 blocks
+    files = {
+        "bitmask int4": LAYOUTS["bitmask"].encode_quantized(quantize_weight(w, QuantSpec(4, 16), keep=keep)),
+        "bitmask bf16": LAYOUTS["bitmask"].encode((w * keep).to(torch.bfloat16))[0],
+        "2:4 int3": LAYOUTS["2:4"].encode_quantized(quantize_weight(w, QuantSpec(3, 8), keep=two_four)),
+        "dense int8": LAYOUTS["dense"].encode_quantized(quantize_weight(w, QuantSpec(8, 16))),
+    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for label, pieces in files.items():
+            expected = unpack_weight(pieces, torch.bfloat16)
+            held = runtime_pieces(pieces)
+            plan = runtime_plan(held)
+            for block in (1, 3 * 128 * 512, None):  # 5 spans (3 workers: 2 + 2 + 1), 2 spans, 1
+                got = decode_runtime(held, plan, torch.bfloat16, out_dtype=torch.float32, block_elements=block)
+                assert same_bits(got, expected.float()), (label, threads, block)
+    finally:
+        torch.set_num_threads(before)
+    assert (threads in runtime._POOLS) == (threads > 1)
