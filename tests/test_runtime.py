@@ -207,7 +207,8 @@ def test_the_cpu_decode_splits_rows_among_threads_and_stays_bit_exact(threads: i
             held = runtime_pieces(pieces)
             plan = runtime_plan(held)
             for block in (1, 3 * 128 * 512, None):  # 5 spans (3 workers: 2 + 2 + 1), 2 spans, 1
-                got = decode_runtime(held, plan, torch.bfloat16, out_dtype=torch.float32, block_elements=block)
+                out_dtype = torch.float32
+                got = decode_runtime(held, plan, torch.bfloat16, out_dtype=out_dtype, block_elements=block)
                 assert same_bits(got, expected.float()), (label, threads, block)
     finally:
         torch.set_num_threads(before)
