@@ -20,6 +20,15 @@ from ditprune_core.refine import (
     refine_block_,
 )
 
+#: refinement as it ran before its defaults changed (absolute step, fitted and judged on every call,
+#: no patience): the driver's tests pin it, since they check what refinement does, not its defaults
+FIT_ALL = {
+    "block_refine_step": "absolute",
+    "block_refine_lr": 3e-3,
+    "block_refine_holdout": 0.0,
+    "block_refine_patience": 0,
+}
+
 
 def _twin_input_calls() -> list[BlockCall]:
     """Inputs (tokens, 3) whose first two channels are equal: x = (a, a, b)."""
@@ -115,7 +124,7 @@ def test_prune_sequential_refines_each_block_with_the_masks_and_sparsity_unchang
         return lambda cal: [_run(model, 4, seed) for seed in range(3)]
 
     base = PruneConfig(0.6, update="obs", reconstruct=ReconstructParams(block_refine_steps=0))
-    config = PruneConfig(0.6, update="obs", reconstruct=ReconstructParams(block_refine_steps=60))
+    config = PruneConfig(0.6, update="obs", reconstruct=ReconstructParams(block_refine_steps=60, **FIT_ALL))
     plain_report = prune_sequential_(plain, calibration(plain), base, memory_budget_bytes=1 << 30)
     report = prune_sequential_(refined, calibration(refined), config, memory_budget_bytes=1 << 30)
     assert [b.block for b in report.blocks] == ["double_blocks.0", "single_blocks.0"]
@@ -143,7 +152,7 @@ def test_refinement_then_joint_quantisation_stores_codes_on_the_grid() -> None:
     def calibration(model: nn.Module):
         return lambda cal: [_run(model, 4, seed) for seed in range(3)]
 
-    params = ReconstructParams(block_refine_steps=40)
+    params = ReconstructParams(block_refine_steps=40, **FIT_ALL)
     report = prune_sequential_(
         quant,
         calibration(quant),
@@ -303,9 +312,9 @@ def test_patience_stops_refining_after_blocks_it_gained_nothing_on_and_saves_the
         return model, report
 
     plain, plain_report = prune(ReconstructParams(block_refine_steps=0))
-    blow_up = {"block_refine_steps": 3, "block_refine_lr": 50.0, "block_refine_calls": 4}
+    blow_up = {**FIT_ALL, "block_refine_steps": 3, "block_refine_lr": 50.0, "block_refine_calls": 4}
     every, every_report = prune(ReconstructParams(**blow_up))
-    stopped, report = prune(ReconstructParams(**blow_up, block_refine_patience=1))
+    stopped, report = prune(ReconstructParams(**{**blow_up, "block_refine_patience": 1}))
 
     n_blocks = len(every_report.blocks)
     assert n_blocks >= 2 and all(b.reverted for b in every_report.blocks)
@@ -323,7 +332,9 @@ def test_patience_stops_refining_after_blocks_it_gained_nothing_on_and_saves_the
 
 def test_patience_keeps_refining_while_refinement_pays() -> None:
     model = _model()
-    params = ReconstructParams(block_refine_steps=20, block_refine_calls=8, block_refine_patience=1)
+    params = ReconstructParams(
+        **{**FIT_ALL, "block_refine_steps": 20, "block_refine_calls": 8, "block_refine_patience": 1}
+    )
     report = prune_sequential_(
         model,
         lambda cal: [_run(model, 4, seed) for seed in range(3)],
@@ -336,3 +347,23 @@ def test_patience_keeps_refining_while_refinement_pays() -> None:
     first_fruitless = gained.index(False) if False in gained else total
     assert len(report.blocks) == min(first_fruitless + 1, total)
     assert report.sampler_runs == len(report.passes) + len(report.blocks)
+
+
+def test_refinement_is_off_by_default_and_costs_no_sampler_run() -> None:
+    """The defaults (README, "Block refinement"): off; when asked for, a step relative to each
+    layer's weight RMS, a quarter of the calls held out, patience 2. Off, a run is its passes."""
+    params = ReconstructParams()
+    assert params.block_refine_steps == 0
+    assert (params.block_refine_step, params.block_refine_holdout, params.block_refine_patience) == (
+        "relative",
+        0.25,
+        2,
+    )
+    model = _model()
+    runs = []
+    report = prune_sequential_(
+        model,
+        lambda cal: runs.append([_run(model, 4, seed) for seed in range(2)]),
+        PruneConfig(0.6, update="obs"),
+    )
+    assert report.blocks == () and report.sampler_runs == len(report.passes) == len(runs)

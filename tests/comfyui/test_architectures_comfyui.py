@@ -421,12 +421,13 @@ def test_reconstruction_flow(comfy: Comfy, arch: str) -> None:
             sparsity=0.5,
             layer_regex="",
             memory_budget_gb=0.0,
+            block_refine_steps=100,
             **APPLY,
         )
         .args
     )
     assert "sparsity 50.00%" in report.splitlines()[0]
-    # every layer reported; block refinement (the default) ran on the architecture's blocks and
+    # every layer reported; block refinement (asked for: off by default) ran on the architecture's blocks and
     # never left a block worse than the OBS reconstruction (a worse fit is put back)
     assert re.findall(r"output error ([\d.e+-]+) \(mask only ([\d.e+-]+)\)", report)
     refined = re.findall(r"refined: output error ([\d.e+-]+) -> ([\d.e+-]+)", report)

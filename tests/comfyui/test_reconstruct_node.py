@@ -40,25 +40,29 @@ def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(
         if isinstance(m, torch.nn.Linear) and "blocks." in n and "mod" not in n and "adaLN" not in n
     )
     budget_gb = widest * widest * 4 * 1.0001 / (1 << 30)
-    pruned, report = reconstruct(comfy, model, cond_fn, memory_budget_gb=budget_gb)
+    pruned, report = reconstruct(comfy, model, cond_fn, memory_budget_gb=budget_gb, block_refine_steps=100)
     first = report.splitlines()[0]
     assert "pass(es)" in first and int(first.split()[0]) > 1 and "sparsity 50.00%" in first
     out = sample(comfy, pruned, cond)
     assert torch.equal(sample(comfy, model, cond), dense)  # the incoming model still draws dense
-    # every layer is reported; block refinement (the default) ran on every block, each block's output
-    # error on its calibration calls went down (the layers' own errors may then go up: the block's
-    # output is what is fitted), and the masks are still exact
+    # every layer is reported; block refinement (asked for: off by default) ran on every block,
+    # each block's output error on its calibration calls went down (the layers' own errors may then
+    # go up: the block's output is what is fitted), and the masks are still exact
     layer_lines = [line for line in report.splitlines() if "(mask only" in line]
     assert len(layer_lines) == int(first.split()[2]) > 0
     block_lines = [line for line in report.splitlines() if "refined: output error" in line]
     blocks = {n.split(".")[0] + "." + n.split(".")[1] for n in _pruned_names(pruned)}
-    assert {line.split()[1] for line in block_lines} == blocks
+    refined = {line.split()[1] for line in block_lines}
+    # every block, unless refinement gained nothing on 2 blocks in a row (block_refine_patience's
+    # default: on the tiny SD3 a fit on its 2 recorded calls never beats the reconstruction)
+    stopped = "block refinement stopped: it gained nothing on 2 block(s) in a row" in report
+    assert refined == blocks or (stopped and refined < blocks), (refined, blocks)
     improved = 0
     for line in block_lines:
         before, after = (float(x) for x in re.findall(r"output error ([\d.e+-]+) -> ([\d.e+-]+)", line)[0])
         assert after < before or (after == before and "(worse: put back)" in line), line
         improved += after < before
-    assert improved > 0
+    assert improved > 0 or stopped
     assert not torch.equal(out, dense)
     # the phase and its position, in order: pass p of P, then block b of B recording / refining
     passes = int(first.split()[0])
@@ -70,8 +74,8 @@ def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(
         re.fullmatch(rf"calibration pass \d+ of {passes}: .*\nlayer \d+ of \d+: \S+", t) for t in shown
     )
     refining = [t for t in shown if t.endswith("refining its kept weights (100 Adam steps)")]
-    assert refining[0].startswith(f"block 1 of {len(blocks)} (")
-    assert {re.search(r"\((\S+)\): refining", t)[1] for t in refining} == blocks  # type: ignore[index]
+    assert refining[0].startswith("block 1 of ")
+    assert {re.search(r"\((\S+)\): refining", t)[1] for t in refining} == refined  # type: ignore[index]
     assert any("sampling to record its calls (block refinement)" in t for t in shown)
     folder = comfy.base / "models" / "diffusion_models"
     for fmt in ("dense", "compressed"):
