@@ -444,10 +444,14 @@ def decode_runtime(
             _decode_block(pieces, plan, b, e, dtype, out_dtype, out)
         return out
     share = -(-len(spans) // workers)  # each worker a run of neighbouring blocks: disjoint rows of out
+    # inference and grad mode are per thread: the workers take the caller's (ComfyUI samples under
+    # inference_mode, and an inference tensor may not be written outside it)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def work(part: list[tuple[int, int]]) -> None:
-        for b, e in part:
-            _decode_block(pieces, plan, b, e, dtype, out_dtype, out)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for b, e in part:
+                _decode_block(pieces, plan, b, e, dtype, out_dtype, out)
 
     for done in [_pool(workers).submit(work, spans[i : i + share]) for i in range(0, len(spans), share)]:
         done.result()

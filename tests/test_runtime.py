@@ -213,3 +213,28 @@ def test_the_cpu_decode_splits_rows_among_threads_and_stays_bit_exact(threads: i
     finally:
         torch.set_num_threads(before)
     assert (threads in runtime._POOLS) == (threads > 1)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_the_threaded_decode_runs_in_the_callers_mode(mode: str) -> None:
+    """ComfyUI samples under ``torch.inference_mode``, which is per thread: the decode's pool threads
+    take the caller's mode, so they may write the inference tensor they were given (a worker outside
+    inference mode may not), and the weight comes back as a plain decode would."""
+    gen = torch.Generator().manual_seed(3)
+    w, keep, _ = _masks(600, 512, gen)
+    pieces = LAYOUTS["bitmask"].encode_quantized(quantize_weight(w, QuantSpec(4, 16), keep=keep))
+    held = runtime_pieces(pieces)
+    plan = runtime_plan(held)
+    expected = unpack_weight(pieces, torch.bfloat16).float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[
+        mode
+    ]
+    try:
+        with context():
+            got = decode_runtime(held, plan, torch.bfloat16, out_dtype=torch.float32, block_elements=1)
+            assert got.is_inference() == (mode == "inference_mode") and not got.requires_grad
+    finally:
+        torch.set_num_threads(before)
+    assert same_bits(got, expected)
