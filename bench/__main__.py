@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
-decode, gpu_step, refine_holdout, tiers, coverage.
+decode, gpu_step, refine_holdout, tiers, coverage, generalisation.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_OUT = Path("docs/bench")
+#: the MiniFlux test-beds (the held-out benchmarks run all three by default)
+ALL_MODELS = ("miniflux-a", "miniflux-b", "miniflux-c")
 
 
 def _one_thread() -> None:
@@ -41,18 +43,32 @@ def main(argv: list[str] | None = None) -> int:
             "refine_holdout",
             "tiers",
             "coverage",
+            "generalisation",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
-    parser.add_argument("--models", nargs="+", default=["miniflux-a", "miniflux-b"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="MiniFlux test-beds (default: miniflux-a and -b; refine_holdout, coverage and "
+        "generalisation: all three)",
+    )
     parser.add_argument(
         "--per-class", type=int, default=10, help="pareto, lowbit: samples of each digit per seed"
     )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     parser.add_argument(
-        "--sparsities", type=float, nargs="+", default=[0.5, 0.7], help="refine_holdout: sparsities"
+        "--sparsities",
+        type=float,
+        nargs="+",
+        default=None,
+        help="refine_holdout (default 0.5 0.7), generalisation (default 0.5 0.6 0.7): sparsities",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="generalisation: method names (default: all)"
     )
     parser.add_argument(
         "--settings", nargs="+", default=None, help="refine_holdout: setting names (default: all)"
@@ -63,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         help="pareto: rewrite pareto.json and the plots from the pareto.md of the last run (no re-run)",
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, help="quality, pareto: models run in parallel processes"
+        "--jobs",
+        type=int,
+        default=1,
+        help="quality, pareto, generalisation: models run in parallel processes",
     )
     parser.add_argument(
         "--quick",
@@ -84,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    held_out_benches = ("refine_holdout", "coverage", "generalisation")
+    if args.models is None:
+        args.models = list(ALL_MODELS if args.which in held_out_benches else ALL_MODELS[:2])
     if args.which == "quality":
         from .quality import run_quality, write_quality
 
@@ -183,8 +205,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "refine_holdout":
         from .refine_holdout import run_refine_holdout, write_refine_holdout
 
-        rows = run_refine_holdout(args.models, args.sparsities, args.settings)
+        rows = run_refine_holdout(args.models, args.sparsities or (0.5, 0.7), args.settings)
         path = write_refine_holdout(rows, args.out, command)
+        print(path.read_text())
+        return 0
+    if args.which == "generalisation":
+        import torch
+
+        from .generalisation import (
+            SPARSITIES,
+            merge_rows,
+            run_generalisation,
+            run_split,
+            write_generalisation,
+        )
+
+        torch.set_num_threads(2)  # the machine's two cores; the table's seconds say so
+        kwargs = {
+            "sparsities": tuple(args.sparsities or SPARSITIES),
+            "methods": args.methods,
+            "eval_seeds": tuple(args.seeds),
+        }
+        if args.jobs > 1:  # the same rows, side by side, one thread a process
+            from concurrent.futures import ProcessPoolExecutor
+            from functools import partial
+
+            from .refine_holdout import SPLITS
+
+            # one process per (model, split), the last model's (the largest) first
+            tasks = [(m, split) for m in reversed(args.models) for split in SPLITS]
+            with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+                parts = pool.map(partial(run_split, **kwargs), *zip(*tasks, strict=True))
+                generalisation = merge_rows(list(parts))
+            generalisation.sort(key=lambda r: args.models.index(r.model))
+        else:
+            generalisation = run_generalisation(args.models, **kwargs)
+        path = write_generalisation(generalisation, args.out, command)
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.generalisation import METHODS, GenRow, checks, run_generalisation, write_generalisation
 
@@ -57,18 +56,14 @@ def test_an_unknown_method_is_refused() -> None:
 
 
 def test_one_real_split_of_the_bundled_test_bed() -> None:
-    """Mask-only pruning and GGUF Q2_K on miniflux-a, calibrated on classes 0-1 only: every row has
-    one seen and one held-out error per (split, seed), and pruning moves the samples."""
-    torch.manual_seed(0)
-    rows = run_generalisation(
-        ["miniflux-a"], [0.5], ["mask-only defaults", "GGUF Q2_K"], splits=[(0, 1)], eval_seeds=(0,)
-    )
-    assert [(r.sparsity, r.method) for r in rows] == [(0.5, "mask-only defaults"), (0.0, "GGUF Q2_K")]
-    for r in rows:
-        assert len(r.seen) == len(r.held) == 1
-        assert 0 < r.seen[0] < 1 and 0 < r.held[0] < 1
-    assert rows[1].bits[0] == pytest.approx(2.62, abs=0.01)
-    assert set(METHODS) >= {"obs defaults", "SparseGPT one-shot"}
+    """Mask-only pruning of miniflux-a calibrated on class 0 only: one seen and one held-out error
+    per (split, seed), and pruning moves the samples."""
+    rows = run_generalisation(["miniflux-a"], [0.5], ["mask-only defaults"], splits=[(0,)], eval_seeds=(0,))
+    assert [(r.sparsity, r.method) for r in rows] == [(0.5, "mask-only defaults")]
+    assert len(rows[0].seen) == len(rows[0].held) == 1
+    assert 0 < rows[0].seen[0] < 1 and 0 < rows[0].held[0] < 1
+    assert rows[0].bits == [] and rows[0].runs == [0]
+    assert set(METHODS) >= {"obs defaults", "SparseGPT one-shot", "GGUF Q2_K"}
 
 
 def test_rows_of_parallel_splits_merge_into_one_table() -> None:
