@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         nargs="+",
         default=None,
-        help="refine_holdout (default 0.5 0.7), generalisation (default 0.5 0.6 0.7): sparsities",
+        help="refine_holdout (default 0.5 0.7), generalisation (default: each method's own): sparsities",
     )
     parser.add_argument(
         "--methods", nargs="+", default=None, help="generalisation: method names (default: all)"
+    )
+    parser.add_argument(
+        "--table", default=None, help="generalisation: the table's file name (generalisation.md)"
     )
     parser.add_argument(
         "--settings", nargs="+", default=None, help="refine_holdout: setting names (default: all)"
@@ -213,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from .generalisation import (
-            SPARSITIES,
             merge_rows,
             run_generalisation,
             run_split,
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(2)  # the machine's two cores; the table's seconds say so
         kwargs = {
-            "sparsities": tuple(args.sparsities or SPARSITIES),
+            "sparsities": args.sparsities,
             "methods": args.methods,
             "eval_seeds": tuple(args.seeds),
         }
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             generalisation.sort(key=lambda r: args.models.index(r.model))
         else:
             generalisation = run_generalisation(args.models, **kwargs)
-        path = write_generalisation(generalisation, args.out, command)
+        path = write_generalisation(generalisation, args.out, command, args.table or "generalisation.md")
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

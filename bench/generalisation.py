@@ -20,6 +20,9 @@ that same calibration and nothing else:
   patience 2): is refinement worth turning on by default? At 50% only (it costs sampler runs);
 - ``obs + int4`` / ``obs + int3``: the defaults with ``value_bits`` 4 / 3, at 50% (the size-fidelity
   points);
+- ``dense int4 / int3 / int2 + OBS (quantise only)``: ``PruneConfig(0, update="obs", value_bits=B)``,
+  nothing pruned, every prunable layer quantised by the same OBS sweep (GPTQ's update, the dense
+  defaults: groups of 128), the like-for-like dense baseline of the frontier issue;
 - ``GGUF Q3_K`` / ``GGUF Q2_K``: every prunable layer quantised by ggml's reference algorithm
   (:mod:`bench.gguf_ref`), no calibration.
 
@@ -57,12 +60,14 @@ from .gguf_ref import BITS_PER_WEIGHT, gguf_fake_quantize
 from .refine_holdout import SPLITS, class_labels, class_split
 
 __all__ = [
+    "BUDGETS",
     "EVAL_SEEDS",
     "METHODS",
     "MODELS",
     "GenRow",
     "Split",
     "checks",
+    "frontier",
     "merge_rows",
     "run_generalisation",
     "run_split",
@@ -139,8 +144,9 @@ def _gguf(fmt: str) -> Method:
     return method
 
 
-#: name -> (method, the sparsities it runs at: None every one asked for, () once at sparsity 0 for a
-#: method that does not prune); the size-fidelity points run at 50% only (their bits/weight)
+#: name -> (method, the sparsities it runs at by default: None every one of :data:`SPARSITIES`, () once
+#: at sparsity 0 for a method that does not prune); the size-fidelity points run at 50% only by
+#: default. Sparsities given to :func:`run_generalisation` replace every pruning method's own.
 METHODS: dict[str, tuple[Method, tuple[float, ...] | None]] = {
     "mask-only defaults": (_mask_only, None),
     "SparseGPT one-shot": (_sparsegpt, None),
@@ -149,6 +155,9 @@ METHODS: dict[str, tuple[Method, tuple[float, ...] | None]] = {
     "obs + block refinement": (_obs(reconstruct=ReconstructParams(block_refine_steps=100)), (0.5,)),
     "obs + int4": (_obs(value_bits=4), (0.5,)),
     "obs + int3": (_obs(value_bits=3), (0.5,)),
+    "dense int4 + OBS (quantise only)": (_obs(value_bits=4), ()),
+    "dense int3 + OBS (quantise only)": (_obs(value_bits=3), ()),
+    "dense int2 + OBS (quantise only)": (_obs(value_bits=2), ()),
     "GGUF Q3_K": (_gguf("Q3_K"), ()),
     "GGUF Q2_K": (_gguf("Q2_K"), ()),
 }
@@ -186,7 +195,7 @@ def _split(pipe: MiniFluxPipeline, seen: Sequence[int]) -> Split:
 
 def run_generalisation(
     models: Sequence[str] = MODELS,
-    sparsities: Sequence[float] = SPARSITIES,
+    sparsities: Sequence[float] | None = None,
     methods: Sequence[str] | None = None,
     splits: Sequence[Sequence[int]] = SPLITS,
     eval_seeds: Sequence[int] = EVAL_SEEDS,
@@ -209,9 +218,12 @@ def run_generalisation(
             }
             for name in names:
                 method, only = METHODS[name]
-                runs_at = (
-                    sparsities if only is None else [s for s in sparsities if s in only] if only else [0.0]
-                )
+                if only == ():
+                    runs_at: Sequence[float] = [0.0]
+                elif sparsities is not None:
+                    runs_at = sparsities
+                else:
+                    runs_at = SPARSITIES if only is None else only
                 for s in runs_at:
                     start = time.perf_counter()
                     pruned, bits, runs = method(split, s)
@@ -293,7 +305,10 @@ def checks(rows: Sequence[GenRow]) -> list[tuple[str, bool]]:
             fits = [
                 (float(np.mean(r.held)), r)
                 for r in rows
-                if r.model == model and r.bits and float(np.mean(r.bits)) <= budget and r.sparsity > 0
+                if r.model == model
+                and r.bits
+                and float(np.mean(r.bits)) <= budget
+                and not r.method.startswith("GGUF")
             ]
             if ref is None or not fits:
                 continue
@@ -313,7 +328,27 @@ def _mean(values: Sequence[float]) -> str:
     return f"{np.mean(values):.0f}" if len(values) else "-"
 
 
-def write_generalisation(rows: Sequence[GenRow], out_dir: Path, command: str) -> Path:
+#: the frontier issue's bit budgets
+BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 8.0)
+
+
+def frontier(
+    rows: Sequence[GenRow], budgets: Sequence[float] = BUDGETS
+) -> list[tuple[str, float, GenRow | None]]:
+    """``(model, budget, the row with the least held-out error at most that many bits/weight)``, for
+    every model and budget (None: no row fits)."""
+    out: list[tuple[str, float, GenRow | None]] = []
+    for model in dict.fromkeys(r.model for r in rows):
+        sized = [r for r in rows if r.model == model and r.bits]
+        for budget in budgets:
+            fits = [r for r in sized if float(np.mean(r.bits)) <= budget]
+            out.append((model, budget, min(fits, key=lambda r: float(np.mean(r.held))) if fits else None))
+    return out
+
+
+def write_generalisation(
+    rows: Sequence[GenRow], out_dir: Path, command: str, name: str = "generalisation.md"
+) -> Path:
     lines = [
         "# Generalisation: held out, on every test-bed (generated)",
         "",
@@ -340,6 +375,24 @@ def write_generalisation(rows: Sequence[GenRow], out_dir: Path, command: str) ->
     lines += ["| sparsity | method | mean held-out rel. MSE |", "|---|---|---|"]
     for (s, method), v in means.items():
         lines.append(f"| {f'{s:.0%}' if s > 0 else '-'} | {method} | {np.mean(v):.5f} |")
+    lines += ["", "## Frontier (held out)", ""]
+    lines += [
+        "For each bit budget, the point of this table with the least held-out error whose bits/weight fit "
+        "in it (GGUF and ditprune alike), and whether it prunes. Only the rows run are candidates.",
+        "",
+        "| model | budget (bits/weight) | best point | its bits/weight | held-out rel. MSE | sparse? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, budget, best in frontier(rows):
+        if best is None:
+            lines.append(f"| {model} | {budget:.1f} | none fits | - | - | - |")
+            continue
+        label = best.method if best.sparsity == 0 else f"{best.method} {best.sparsity:.0%}"
+        sparse = "yes" if best.sparsity > 0 else "no"
+        lines.append(
+            f"| {model} | {budget:.1f} | {label} | {np.mean(best.bits):.2f} | "
+            f"{np.mean(best.held):.5f} | {sparse} |"
+        )
     lines += ["", "## Targets (held out)", ""]
     lines += [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in checks(rows)]
     missing = [m for m in MODELS if m not in models]
@@ -348,4 +401,4 @@ def write_generalisation(rows: Sequence[GenRow], out_dir: Path, command: str) ->
             "",
             f"Reduced run: {', '.join(missing)} not run (`python -m bench generalisation` runs all).",
         ]
-    return write_report(out_dir, "generalisation.md", "\n".join(lines))
+    return write_report(out_dir, name, "\n".join(lines))

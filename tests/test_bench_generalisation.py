@@ -80,3 +80,22 @@ def test_rows_of_parallel_splits_merge_into_one_table() -> None:
         ("n", [0.1], [0.2], [1.0]),
     ]
     assert first[0].seen == [0.01]  # the parts are not changed
+
+
+def test_the_frontier_takes_the_least_held_out_error_within_each_budget() -> None:
+    from bench.generalisation import frontier
+
+    rows = [
+        *_rows(),
+        GenRow("m", 0.0, "dense int3 + OBS (quantise only)", [0.01], [0.02], [3.13], [1], [1.0]),
+    ]
+    best = {
+        budget: (r.method, r.sparsity) if r else None
+        for _m, budget, r in frontier(rows, (2.0, 2.7, 3.3, 3.5))
+    }
+    assert best[2.0] is None  # nothing is that small
+    assert best[2.7] == ("obs + int3", 0.5)  # 2.70 b/w, 0.05 against GGUF Q2_K's 0.09 at 2.62
+    assert best[3.3] == ("dense int3 + OBS (quantise only)", 0.0)  # 0.02 beats int4's 0.03 and int3's 0.05
+    assert best[3.5] == ("dense int3 + OBS (quantise only)", 0.0)
+    # and the size targets count dense ditprune points too: <= 3.5 b/w, 0.02 < Q3_K's 0.025
+    assert [ok for text, ok in checks(rows) if "Q3_K" in text] == [True]
