@@ -11,3 +11,18 @@ def write_report(out_dir: Path, filename: str, text: str) -> Path:
     path = out_dir / filename
     path.write_text(text.rstrip("\n") + "\n")
     return path
+
+
+def table_head(title: str, command: str, doc: str | None, columns: list[str]) -> list[str]:
+    """The first lines of a generated held-out table: its title, the command that wrote it, the
+    module docstring from its ``Protocol`` paragraph on, and the table's header row."""
+    return [
+        f"# {title} (generated)",
+        "",
+        f"`{command}`",
+        "",
+        "Protocol" + (doc or "").split("Protocol", 1)[1].rstrip(),
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]

@@ -32,6 +32,7 @@ from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.util.metrics import relative_squared_error
 
+from . import table_head
 from .refine_holdout import SPLITS, class_labels, class_split
 
 __all__ = [
@@ -131,16 +132,12 @@ def write_coverage(rows: Sequence[CoverageRow], out_dir: Path, command: str) -> 
     from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Calibration coverage (generated)",
-        "",
-        f"`{command}`",
-        "",
-        "Protocol" + (__doc__ or "").split("Protocol", 1)[1].rstrip(),
-        "",
-        "| model | classes | samples | seen rel. MSE | held-out rel. MSE | held/seen | seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "Calibration coverage",
+        command,
+        __doc__,
+        ["model", "classes", "samples", "seen rel. MSE", "held-out rel. MSE", "held/seen", "seconds"],
+    )
     for r in rows:
         seen, held = float(np.mean(r.seen)), float(np.mean(r.held))
         lines.append(

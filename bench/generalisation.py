@@ -55,7 +55,7 @@ from ditprune_core.sequential import prune_sequential_
 from ditprune_core.stats import CalibrationStats
 from ditprune_core.util.metrics import relative_squared_error
 
-from . import write_report
+from . import table_head, write_report
 from .gguf_ref import BITS_PER_WEIGHT, gguf_fake_quantize
 from .refine_holdout import SPLITS, class_labels, class_split
 
@@ -349,17 +349,22 @@ def frontier(
 def write_generalisation(
     rows: Sequence[GenRow], out_dir: Path, command: str, name: str = "generalisation.md"
 ) -> Path:
-    lines = [
-        "# Generalisation: held out, on every test-bed (generated)",
-        "",
-        f"`{command}`",
-        "",
-        "Protocol" + (__doc__ or "").split("Protocol", 1)[1].rstrip(),
-        "",
-        "| model | sparsity | method | bits/weight | seen rel. MSE | held-out rel. MSE | held/seen "
-        "| sampler runs | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "Generalisation: held out, on every test-bed",
+        command,
+        __doc__,
+        [
+            "model",
+            "sparsity",
+            "method",
+            "bits/weight",
+            "seen rel. MSE",
+            "held-out rel. MSE",
+            "held/seen",
+            "sampler runs",
+            "seconds",
+        ],
+    )
     for r in rows:
         bits = f"{np.mean(r.bits):.2f}" if r.bits else "-"
         sparsity = f"{r.sparsity:.0%}" if r.sparsity > 0 else "-"

@@ -32,7 +32,7 @@ from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.util.metrics import relative_squared_error
 
-from . import write_report
+from . import table_head, write_report
 
 __all__ = [
     "SETTINGS",
@@ -151,17 +151,22 @@ def run_refine_holdout(
 
 
 def write_refine_holdout(rows: Sequence[HoldoutRow], out_dir: Path, command: str) -> Path:
-    lines = [
-        "# Block refinement held out (generated)",
-        "",
-        f"`{command}`",
-        "",
-        "Protocol" + (__doc__ or "").split("Protocol", 1)[1].rstrip(),
-        "",
-        "| model | sparsity | setting | seen rel. MSE | held-out rel. MSE | held/seen | blocks put back "
-        "| sampler runs | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "Block refinement held out",
+        command,
+        __doc__,
+        [
+            "model",
+            "sparsity",
+            "setting",
+            "seen rel. MSE",
+            "held-out rel. MSE",
+            "held/seen",
+            "blocks put back",
+            "sampler runs",
+            "seconds",
+        ],
+    )
     for r in rows:
         seen, held = float(np.mean(r.seen)), float(np.mean(r.held))
         lines.append(
