@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditprune_core.calibrate import Calibrator, GramRecorder
+from ditprune_core.calibrate import Calibrator
 from ditprune_core.config import PruneConfig, ReconstructParams
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
 from ditprune_core.obs import sparsegpt_prune
@@ -89,9 +89,14 @@ class Split:
     stats: CalibrationStats  # mask-only's statistics
     grams: dict[str, torch.Tensor]  # the dense model's Grams (SparseGPT one-shot)
 
-    def calibrate(self, pipe: MiniFluxPipeline, cal: Calibrator | GramRecorder) -> None:
-        for seed in CAL_SEEDS:
-            pipe.sample(self.labels, seed=seed, steps=STEPS, cfg=CFG, on_step=cal.on_step)
+    def calibrate(self, pipe: MiniFluxPipeline, cal: Calibrator) -> None:
+        _calibrate(pipe, self.labels, cal)
+
+
+def _calibrate(pipe: MiniFluxPipeline, labels: torch.Tensor, cal: Calibrator) -> None:
+    """The split's calibration: ``labels`` sampled once per calibration seed, recorded by ``cal``."""
+    for seed in CAL_SEEDS:
+        pipe.sample(labels, seed=seed, steps=STEPS, cfg=CFG, on_step=cal.on_step)
 
 
 #: a method: (split, sparsity) -> (pruned pipeline, bits/weight or None, sampler runs)
@@ -180,17 +185,13 @@ class GenRow:
 
 
 def _split(pipe: MiniFluxPipeline, seen: Sequence[int]) -> Split:
+    """The calibration on ``seen``: one sampler run a seed records mask-only's statistics and the
+    dense model's Grams of every prunable layer together."""
     labels = class_labels(seen, CAL_PER_CLASS)
-
-    def run(cal: Calibrator | GramRecorder) -> None:
-        for seed in CAL_SEEDS:
-            pipe.sample(labels, seed=seed, steps=STEPS, cfg=CFG, on_step=cal.on_step)
-
-    with Calibrator(pipe.model, weighting="log") as cal:
-        run(cal)
-    with GramRecorder(select_layers(pipe.model, PruneConfig(0.5)), weighting="log") as rec:
-        run(rec)
-    return Split(pipe, labels, cal.stats, rec.grams())
+    names = list(select_layers(pipe.model, PruneConfig(0.5)))
+    with Calibrator(pipe.model, weighting="log", grams=names) as cal:
+        _calibrate(pipe, labels, cal)
+    return Split(pipe, labels, cal.stats, {name: cal.gram(name) for name in names})
 
 
 def run_generalisation(
