@@ -438,12 +438,6 @@ def decode_runtime(
         whole = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         return whole.view(out_dtype) if whole.dtype != out_dtype else whole
     out = torch.empty(rows, cols, dtype=out_dtype, device=device)
-    workers = min(torch.get_num_threads(), len(spans)) if device.type == "cpu" else 1
-    if workers <= 1:
-        for b, e in spans:
-            _decode_block(pieces, plan, b, e, dtype, out_dtype, out)
-        return out
-    share = -(-len(spans) // workers)  # each worker a run of neighbouring blocks: disjoint rows of out
     # inference and grad mode are per thread: the workers take the caller's (ComfyUI samples under
     # inference_mode, and an inference tensor may not be written outside it)
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
@@ -453,6 +447,11 @@ def decode_runtime(
             for b, e in part:
                 _decode_block(pieces, plan, b, e, dtype, out_dtype, out)
 
+    workers = min(torch.get_num_threads(), len(spans)) if device.type == "cpu" else 1
+    if workers <= 1:
+        work(spans)
+        return out
+    share = -(-len(spans) // workers)  # each worker a run of neighbouring blocks: disjoint rows of out
     for done in [_pool(workers).submit(work, spans[i : i + share]) for i in range(0, len(spans), share)]:
         done.result()
     return out
