@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
-decode, gpu_step, refine_holdout, tiers, coverage, generalisation.
+decode, gpu_step, refine_holdout, tiers, coverage, generalisation, frontier.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             "tiers",
             "coverage",
             "generalisation",
+            "frontier",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    held_out_benches = ("refine_holdout", "coverage", "generalisation")
+    held_out_benches = ("refine_holdout", "coverage", "generalisation", "frontier")
     if args.models is None:
         args.models = list(ALL_MODELS if args.which in held_out_benches else ALL_MODELS[:2])
     if args.which == "quality":
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "tiers":
         from .tiers import write_tiers
 
-        path = write_tiers(args.out / "pareto.json", args.out)
+        path = write_tiers(args.out / "frontier.json", args.out)
         print(path.read_text())
         return 0
     if args.which == "pareto" and args.from_markdown:
@@ -243,6 +244,27 @@ def main(argv: list[str] | None = None) -> int:
         else:
             generalisation = run_generalisation(args.models, **kwargs)
         path = write_generalisation(generalisation, args.out, command, args.table or "generalisation.md")
+        print(path.read_text())
+        return 0
+    if args.which == "frontier":
+        import torch
+
+        from .frontier import rows_by_model, run_frontier, run_split, write_frontier
+
+        torch.set_num_threads(2)
+        if args.jobs > 1:  # one process per (model, split), one thread each; the largest model first
+            from concurrent.futures import ProcessPoolExecutor
+            from functools import partial
+
+            from .refine_holdout import SPLITS
+
+            tasks = [(m, split) for m in reversed(args.models) for split in SPLITS]
+            with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+                parts = pool.map(partial(run_split, eval_seeds=tuple(args.seeds)), *zip(*tasks, strict=True))
+                rows = rows_by_model(list(parts), args.models)
+        else:
+            rows = run_frontier(args.models, eval_seeds=tuple(args.seeds))
+        path = write_frontier(rows, args.out, command, previous=args.out / "frontier.json")
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

@@ -152,8 +152,11 @@ def flux_gb(prunable_bytes: float) -> tuple[float, float, float]:
     )
 
 
-def flux_bytes(values: QuantSpec | torch.dtype | None, setting: str | None, fixed_bpw: float = 0.0) -> float:
-    """Bytes of FLUX.1-dev's prunable layers in a format (exact layout arithmetic)."""
+def flux_bytes(
+    values: QuantSpec | torch.dtype | None, setting: str | float | None, fixed_bpw: float = 0.0
+) -> float:
+    """Bytes of FLUX.1-dev's prunable layers in a format (exact layout arithmetic); ``setting``: a
+    name of :data:`OBS_SETTINGS`, or a sparsity (unstructured, kept values spread evenly over rows)."""
     if values is None:
         return FLUX_PRUNABLE * fixed_bpw / 8
     total = 0
@@ -163,7 +166,7 @@ def flux_bytes(values: QuantSpec | torch.dtype | None, setting: str | None, fixe
         elif setting == "2:4":
             cost = storage_cost((rows, cols), values, layout="2:4")
         else:
-            keep_fraction = 1 - OBS_SETTINGS[setting][0]
+            keep_fraction = 1 - (setting if isinstance(setting, float) else OBS_SETTINGS[setting][0])
             kept = torch.full((rows,), round(cols * keep_fraction), dtype=torch.int64)
             cost = storage_cost((rows, cols), values, layout="bitmask", kept=kept)
         total += count * cost.total_bytes

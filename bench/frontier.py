@@ -1,0 +1,546 @@
+"""The size–fidelity frontier, held out: the best file for every size, dense and sparse given the
+same reconstruction.
+
+    python -m bench frontier --jobs 2     # writes docs/bench/frontier.md, frontier.json, frontier.png
+
+Protocol (the generalisation protocol of :mod:`bench.generalisation`): each MiniFlux test-bed is
+calibrated on half of its digit classes (0-4, then the swap 5-9), 10 samples a class per calibration
+seed (1000, 1001), 20 Euler steps, cfg 2, log timestep weighting, and evaluated on 10 digits of every
+class of the seen half and of the held-out half with evaluation seeds 0, 1 and 2 (the same noise for
+dense and compressed): relative MSE of the final samples against the dense model's, the mean over
+both splits and the three seeds. Every reconstructed point, dense or sparse, is the same
+``prune_sequential_(model, run_calibration, PruneConfig(s, update="obs", value_bits=B))`` with the
+product's defaults (one OBS sweep: OBS update, refit, block allocation; block refinement off, as
+shipped), so dense and sparse get exactly the same reconstruction:
+
+- ``dense intB + OBS``: sparsity 0, the whole weight quantised in the sweep (GPTQ's update, groups
+  of 128), stored as dense codes with no mask (what Prune and Reconstruct with sparsity 0 makes);
+- ``S% + intB + OBS``: S% pruned, the kept values quantised jointly in the sweep (B = 4, 3);
+- ``S% + fp8 + OBS``: S% pruned with the kept values reconstructed in bf16, then rounded to fp8 with a
+  scale per row, as Save Pruned Model (values fp8_e4m3fn) stores them;
+- ``..., rest int4``: the same with the layers that stay dense (modulation, embedders, final layer)
+  rounded as ``remainder="int4"`` stores them: the whole file's error (what a file under 5 GB needs);
+- the references, no calibration: ComfyUI's fp8 cast, GGUF (``Q8_0`` ... ``Q2_K``, :mod:`.gguf_ref`),
+  round-to-nearest (``RTN``) at 4 and 3 bits.
+
+Bits/weight (b/w) are those of FLUX.1-dev's prunable layers stored in the point's format (exact
+layout arithmetic on FLUX.1-dev's shapes; kept values spread evenly over rows; mask, codes, scales
+and zero points included); the MiniFlux column is the same format on the test-bed. The FLUX.1-dev
+file adds its other 3.29B parameters (modulation, embedders, final layer) in bf16, fp8 (a scale per
+row) or int4 (groups of 128). The frontier takes, for each budget of bits/weight, the point with
+the least held-out error, per test-bed and by the mean over the test-beds that measured every point
+(miniflux-c runs a reduced set: each of its OBS runs takes 100-200 s on this machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ditprune_core.config import PruneConfig
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
+from ditprune_core.prune import select_layers
+from ditprune_core.quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, fake_quantize
+from ditprune_core.sequential import prune_sequential_
+from ditprune_core.util.io import atomic_path
+from ditprune_core.util.metrics import relative_squared_error
+
+from . import table_head, write_report
+from .generalisation import CFG, EVAL_PER_CLASS, EVAL_SEEDS, STEPS, GenRow, Split, _split, merge_rows
+from .gguf_ref import BITS_PER_WEIGHT, fp8_cast, gguf_fake_quantize
+from .lowbit import flux_rest_gb
+from .pareto import _fp8_values, _round_remainder, flux_bytes
+from .refine_holdout import SPLITS, class_labels, class_split
+
+__all__ = [
+    "BUDGETS",
+    "FULL",
+    "REDUCED",
+    "Point",
+    "best_for_budget",
+    "points_for",
+    "run_frontier",
+    "run_split",
+    "to_table",
+    "write_frontier",
+]
+
+MODELS = ("miniflux-a", "miniflux-b", "miniflux-c")
+#: the frontier issue's budgets, bits/weight of FLUX.1-dev's prunable layers
+BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 8.0)
+#: the remainders a file can have, and the bytes a parameter of FLUX.1-dev's remainder takes in each
+REMAINDERS = ("keep", "fp8", "int4")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One file format of the prunable layers (and, with ``rest_int4``, of the rest too).
+
+    ``kind``: ``"sparse"`` / ``"dense"`` (Prune and Reconstruct makes them: reconstructed), or a
+    reference made without calibration: ``"gguf"``, ``"fp8 cast"``, ``"rtn"``. ``values``: ``int4``,
+    ``int3``, ``int2``, ``fp8`` or a GGUF format's name."""
+
+    kind: str
+    values: str
+    sparsity: float = 0.0
+    rest_int4: bool = False
+
+    @property
+    def name(self) -> str:
+        base = {
+            "sparse": f"{self.sparsity:.0%} + {self.values} + OBS",
+            "dense": f"dense {self.values} + OBS",
+            "gguf": f"GGUF {self.values}",
+            "fp8 cast": "fp8 cast (ComfyUI)",
+            "rtn": f"RTN {self.values}",
+        }[self.kind]
+        return base + (", rest int4" if self.rest_int4 else "")
+
+    @property
+    def reconstructed(self) -> bool:
+        """Made by Prune and Reconstruct (+ Save Pruned Model): a choice the nodes can offer."""
+        return self.kind in ("sparse", "dense")
+
+    @property
+    def value_bits(self) -> int | None:
+        """Prune and Reconstruct's value bits (None: the kept values stay in the model's dtype)."""
+        return int(self.values[3:]) if self.reconstructed and self.values.startswith("int") else None
+
+    def flux_bits_per_weight(self) -> float:
+        """Bits per weight of FLUX.1-dev's prunable layers stored in this format."""
+        if self.kind == "gguf":
+            return BITS_PER_WEIGHT[self.values]
+        if self.kind == "fp8 cast":
+            return 8.0
+        if self.values == "fp8":
+            stored = flux_bytes(torch.float8_e4m3fn, self.sparsity)
+        elif self.kind == "sparse":
+            stored = flux_bytes(DEFAULT_VALUE_SPECS[int(self.values[3:])], self.sparsity)
+        else:  # dense codes (reconstructed or round to nearest)
+            stored = flux_bytes(DEFAULT_DENSE_SPECS[int(self.values[3:])], None)
+        return 8 * stored / FLUX_PRUNABLE
+
+    def flux_gb(self) -> dict[str, float]:
+        """The FLUX.1-dev file in GB with the remainder kept (bf16), fp8 or int4."""
+        prunable = self.flux_bits_per_weight() * FLUX_PRUNABLE / 8e9
+        return {r: round(prunable + flux_rest_gb(r), 3) for r in REMAINDERS}
+
+
+def _sparse(values: Sequence[str], sparsities: Sequence[float]) -> list[Point]:
+    return [Point("sparse", v, s) for v in values for s in sparsities]
+
+
+def _dense(bits: Sequence[int]) -> list[Point]:
+    return [Point("dense", f"int{b}") for b in bits]
+
+
+def _whole(points: Sequence[Point]) -> list[Point]:
+    return [Point(p.kind, p.values, p.sparsity, rest_int4=True) for p in points]
+
+
+#: every point on miniflux-a and -b (their OBS runs take seconds): sparse from 20% to 75%
+_FULL_RECON = [
+    *_dense((4, 3, 2)),
+    *_sparse(("int4",), (0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.75)),
+    *_sparse(("int3",), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75)),
+    *_sparse(("fp8",), (0.2, 0.3, 0.5)),
+]
+FULL: tuple[Point, ...] = (
+    Point("fp8 cast", "fp8"),
+    *(Point("gguf", f) for f in ("Q8_0", "Q5_0", "Q4_0", "Q3_K", "Q2_K")),
+    Point("rtn", "int4"),
+    Point("rtn", "int3"),
+    *_FULL_RECON,
+    *_whole([p for p in _FULL_RECON if p.values != "fp8"]),
+)
+#: miniflux-c's reduced set (each OBS run 100-200 s, each evaluation 90 s on one core): the points
+#: near the file-size targets (5 GB and 4 GB whole files) and the dense baselines
+_REDUCED_RECON = [
+    *_dense((4, 3, 2)),
+    *_sparse(("int4",), (0.3, 0.5, 0.55, 0.7)),
+    *_sparse(("int3",), (0.5, 0.7, 0.75)),
+]
+REDUCED: tuple[Point, ...] = (
+    Point("fp8 cast", "fp8"),
+    *(Point("gguf", f) for f in ("Q3_K", "Q2_K")),
+    *_REDUCED_RECON,
+    *_whole([Point("dense", "int2"), Point("sparse", "int4", 0.55), Point("sparse", "int3", 0.75)]),
+)
+
+
+def points_for(model: str) -> tuple[Point, ...]:
+    return REDUCED if model == "miniflux-c" else FULL
+
+
+class _Maker:
+    """Makes the compressed pipeline of every point of one split; one OBS run per (sparsity, value
+    bits), shared by the fp8 and rest-int4 points built on it."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+        self.runs: dict[tuple[float, int | None], tuple[MiniFluxPipeline, float, int]] = {}
+
+    def _copy(self) -> MiniFluxPipeline:
+        return MiniFluxPipeline(copy.deepcopy(self.split.pipe.model), self.split.pipe.conditioner)
+
+    def obs(self, sparsity: float, bits: int | None) -> tuple[MiniFluxPipeline, float, int]:
+        key = (sparsity, bits)
+        if key not in self.runs:
+            pipe = self._copy()
+            report = prune_sequential_(
+                pipe.model,
+                lambda cal: self.split.calibrate(pipe, cal),
+                PruneConfig(sparsity, update="obs", value_bits=bits),
+                memory_budget_bytes=1 << 34,
+                weighting="log",
+            )
+            self.runs[key] = (pipe, report.bits_per_weight, report.sampler_runs)
+        return self.runs[key]
+
+    @torch.no_grad()
+    def _each_layer(self, fn: Any) -> MiniFluxPipeline:
+        pipe = self._copy()
+        for name, layer in select_layers(pipe.model, PruneConfig(0.5)).items():
+            layer.weight.copy_(fn(name, layer.weight.detach()))
+        return pipe
+
+    def make(self, point: Point) -> tuple[MiniFluxPipeline, float, int]:
+        """(pipeline, MiniFlux bits/weight of the prunable layers, sampler runs)."""
+        if point.kind == "gguf":
+            return (
+                self._each_layer(lambda n, w: gguf_fake_quantize(w, point.values)),
+                BITS_PER_WEIGHT[point.values],
+                0,
+            )
+        if point.kind == "fp8 cast":
+            return self._each_layer(lambda n, w: fp8_cast(w)), 8.0, 0
+        if point.kind == "rtn":
+            spec = DEFAULT_DENSE_SPECS[int(point.values[3:])]
+            pipe = self._each_layer(lambda n, w: fake_quantize(w, spec, where=n))
+            return pipe, point.flux_bits_per_weight(), 0
+        if point.values == "fp8":
+            base, _, runs = self.obs(point.sparsity, None)
+            pipe, bits = _fp8_values(base, "bitmask")
+        else:
+            pipe, bits, runs = self.obs(point.sparsity, point.value_bits)
+        return (_round_remainder(pipe) if point.rest_int4 else pipe), bits, runs
+
+
+def run_frontier(
+    models: Sequence[str] = MODELS,
+    splits: Sequence[Sequence[int]] = SPLITS,
+    eval_seeds: Sequence[int] = EVAL_SEEDS,
+    points: Sequence[Point] | None = None,
+) -> list[GenRow]:
+    """One :class:`~.generalisation.GenRow` per (model, point): ``method`` is the point's name."""
+    rows: dict[tuple[str, str], GenRow] = {}
+    for model in models:
+        pipe = load_bundled(model)
+        for half in splits:
+            seen, held = class_split(half, pipe.config.num_classes)
+            split = _split(pipe, seen)
+            evals = {"seen": class_labels(seen, EVAL_PER_CLASS), "held": class_labels(held, EVAL_PER_CLASS)}
+            dense = {
+                (k, seed): pipe.sample(v, seed=seed, steps=STEPS, cfg=CFG)
+                for k, v in evals.items()
+                for seed in eval_seeds
+            }
+            maker = _Maker(split)
+            for point in points if points is not None else points_for(model):
+                start = time.perf_counter()
+                made, bits, runs = maker.make(point)
+                seconds = time.perf_counter() - start
+                row = rows.setdefault((model, point.name), GenRow(model, point.sparsity, point.name))
+                for seed in eval_seeds:
+                    for k, v in evals.items():
+                        error = relative_squared_error(
+                            made.sample(v, seed=seed, steps=STEPS, cfg=CFG), dense[(k, seed)]
+                        )
+                        (row.seen if k == "seen" else row.held).append(error)
+                row.bits.append(bits)
+                row.runs.append(runs)
+                row.seconds.append(seconds)
+    return list(rows.values())
+
+
+def run_split(model: str, split: Sequence[int], **kwargs: Any) -> list[GenRow]:
+    """:func:`run_frontier` of one model calibrated on one split (a process's share)."""
+    return run_frontier([model], splits=[split], **kwargs)
+
+
+ALL_POINTS = {p.name: p for p in (*FULL, *REDUCED)}
+
+
+def to_table(rows: Sequence[GenRow], command: str) -> dict[str, Any]:
+    """The frontier table as ``frontier.json`` holds it: every point with its settings, its FLUX.1-dev
+    file and its errors on each test-bed that measured it. The tier chooser and the size target of
+    Prune and Reconstruct read it (:mod:`ditprune_core.tiers`)."""
+    models = list(dict.fromkeys(r.model for r in rows))
+    out_points = []
+    for name, point in ALL_POINTS.items():
+        measured = {r.model: r for r in rows if r.method == name}
+        if not measured:
+            continue
+        out_points.append(
+            {
+                "name": name,
+                "kind": point.kind,
+                "sparsity": point.sparsity,
+                "values": point.values,
+                "value_bits": point.value_bits,
+                "remainder_measured": "int4" if point.rest_int4 else "as trained",
+                "reconstructed": point.reconstructed,
+                "flux_bits_per_weight": round(point.flux_bits_per_weight(), 4),
+                "flux_gb": point.flux_gb(),
+                "models": {
+                    m: {
+                        "held": round(float(np.mean(r.held)), 6),
+                        "seen": round(float(np.mean(r.seen)), 6),
+                        "bits_per_weight": round(float(np.mean(r.bits)), 4),
+                    }
+                    for m, r in measured.items()
+                },
+            }
+        )
+    return {
+        "command": command,
+        "metric": "held-out relative MSE of final samples against dense (generalisation protocol)",
+        "models": models,
+        "flux_prunable_params": FLUX_PRUNABLE,
+        "flux_rest_params": FLUX_REST,
+        "rest_bytes_per_param": {r: flux_rest_gb(r) * 1e9 / FLUX_REST for r in REMAINDERS},
+        "points": out_points,
+    }
+
+
+def _full_models(table: dict[str, Any]) -> list[str]:
+    """The test-beds that measured every point of the table (the choice is made on their mean)."""
+    return [m for m in table["models"] if all(m in p["models"] for p in table["points"])]
+
+
+def _mean_held(point: dict[str, Any], models: Sequence[str]) -> float:
+    return float(np.mean([point["models"][m]["held"] for m in models]))
+
+
+def best_for_budget(
+    table: dict[str, Any], budget: float, model: str | None = None, whole_file: bool = False
+) -> dict[str, Any] | None:
+    """The point with the least held-out error (on ``model``, or the mean over the test-beds that
+    measured every point) whose FLUX.1-dev prunable layers fit ``budget`` bits/weight; with
+    ``whole_file``, only points whose remainder error was measured (rest int4) or references."""
+    models = [model] if model else _full_models(table)
+    fits = [
+        p
+        for p in table["points"]
+        if p["flux_bits_per_weight"] <= budget
+        and all(m in p["models"] for m in models)
+        and (not whole_file or p["remainder_measured"] == "int4" or not p["reconstructed"])
+    ]
+    return min(fits, key=lambda p: _mean_held(p, models)) if fits else None
+
+
+def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The frontier issue's file-size targets, per test-bed, on whole files (rest int4 measured)."""
+    out = []
+    for model in table["models"]:
+        ref = {p["name"]: p for p in table["points"] if model in p["models"]}
+        for gb, fmt, factor, words in (
+            (5.0, "GGUF Q3_K", 0.5, "at most half of"),
+            (4.0, "GGUF Q2_K", 1.0, "below"),
+        ):
+            if fmt not in ref:
+                continue
+            q = ref[fmt]["models"][model]["held"]
+            fits = [
+                p
+                for p in ref.values()
+                if p["reconstructed"] and p["remainder_measured"] == "int4" and p["flux_gb"]["int4"] <= gb
+            ]
+            if not fits:
+                out.append((f"{model}: no measured whole file (rest int4) of at most {gb:.0f} GB", False))
+                continue
+            best = min(fits, key=lambda p: p["models"][model]["held"])
+            e = best["models"][model]["held"]
+            ok = e <= factor * q if factor < 1 else e < q
+            out.append(
+                (
+                    f"{model}: best FLUX.1-dev file <= {gb:.0f} GB is {best['name']} "
+                    f"({best['flux_gb']['int4']:.2f} GB), "
+                    f"held-out {e:.5f} vs {fmt} {q:.5f} ({e / q:.2f}x; target {words} {fmt}'s)",
+                    ok,
+                )
+            )
+    return out
+
+
+def write_frontier(rows: Sequence[GenRow], out_dir: Path, command: str, previous: Path | None = None) -> Path:
+    """frontier.json, frontier.md and frontier.png. ``previous``: a frontier.json whose test-beds not
+    in ``rows`` are kept (a run of one test-bed adds to the others')."""
+    table = to_table(rows, command)
+    if previous is not None and previous.exists():
+        old = json.loads(previous.read_text())
+        kept = [m for m in old["models"] if m not in table["models"]]
+        if kept:
+            table = _merge_tables(old, table, kept)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "frontier.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+    _plot(table, out_dir / "frontier.png")
+    return write_report(out_dir, "frontier.md", _markdown(table))
+
+
+def _merge_tables(old: dict[str, Any], new: dict[str, Any], kept: Sequence[str]) -> dict[str, Any]:
+    points = {p["name"]: p for p in new["points"]}
+    for p in old["points"]:
+        entries = {m: v for m, v in p["models"].items() if m in kept}
+        if not entries:
+            continue
+        if p["name"] in points:
+            points[p["name"]]["models"].update(entries)
+        else:
+            points[p["name"]] = {**p, "models": entries}
+    order = [n for n in ALL_POINTS if n in points]
+    models = [
+        m for m in dict.fromkeys((*MODELS, *old["models"], *new["models"])) if m in kept or m in new["models"]
+    ]
+    commands = old["command"] if isinstance(old["command"], list) else [old["command"]]
+    return {
+        **new,
+        "command": [*commands, new["command"]],
+        "models": models,
+        "points": [
+            {**points[n], "models": {m: points[n]["models"][m] for m in models if m in points[n]["models"]}}
+            for n in order
+        ],
+    }
+
+
+def _markdown(table: dict[str, Any]) -> str:
+    models = table["models"]
+    commands = table["command"] if isinstance(table["command"], list) else [table["command"]]
+    lines = table_head(
+        "The size–fidelity frontier, held out",
+        "`, then `".join(commands),
+        __doc__,
+        [
+            "point",
+            "sparse?",
+            "FLUX.1-dev b/w",
+            "FLUX.1-dev GB (rest bf16 / fp8 / int4)",
+            *[f"{m} held-out (seen, b/w)" for m in models],
+        ],
+    )
+    for p in table["points"]:
+        cells = []
+        for m in models:
+            e = p["models"].get(m)
+            cells.append(
+                "-" if e is None else f"{e['held']:.5f} ({e['seen']:.5f}, {e['bits_per_weight']:.2f})"
+            )
+        gb = p["flux_gb"]
+        lines.append(
+            f"| {p['name']} | {'yes' if p['sparsity'] > 0 else 'no'} | {p['flux_bits_per_weight']:.2f} | "
+            f"{gb['keep']:.2f} / {gb['fp8']:.2f} / {gb['int4']:.2f} | {' | '.join(cells)} |"
+        )
+    full = _full_models(table)
+    lines += [
+        "",
+        "## The frontier",
+        "",
+        f"For each budget (bits/weight of FLUX.1-dev's prunable layers), the point with the least mean "
+        f"held-out error over {', '.join(full)} (the test-beds that measured every point), and each "
+        "test-bed's own best. `sparse?` says whether the winner prunes: where it says no, sparsity is "
+        "not on the frontier.",
+        "",
+        "| budget | best point (mean) | sparse? | b/w | FLUX.1-dev GB (rest fp8 / int4) | mean held-out | "
+        + " | ".join(f"best on {m}" for m in models)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(models),
+    ]
+    for budget in BUDGETS:
+        best = best_for_budget(table, budget)
+        per = []
+        for m in models:
+            b = best_for_budget(table, budget, m)
+            per.append("none fits" if b is None else f"{b['name']} {b['models'][m]['held']:.5f}")
+        if best is None:
+            lines.append(f"| {budget:.1f} | none fits | - | - | - | - | {' | '.join(per)} |")
+            continue
+        lines.append(
+            f"| {budget:.1f} | {best['name']} | {'yes' if best['sparsity'] > 0 else 'no'} | "
+            f"{best['flux_bits_per_weight']:.2f} | "
+            f"{best['flux_gb']['fp8']:.2f} / {best['flux_gb']['int4']:.2f} | "
+            f"{_mean_held(best, full):.5f} | {' | '.join(per)} |"
+        )
+    lines += ["", "## File-size targets (whole files: the remainder's int4 rounding measured too)", ""]
+    lines += [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in _claims(table)]
+    lines += [
+        "",
+        "Plot: `frontier.png` (held-out error against FLUX.1-dev bits/weight, one panel per test-bed).",
+    ]
+    return "\n".join(lines)
+
+
+_STYLE = {
+    "sparse": ("tab:red", "o"),
+    "dense": ("tab:blue", "s"),
+    "gguf": ("tab:green", "^"),
+    "rtn": ("tab:gray", "x"),
+    "fp8 cast": ("black", "D"),
+}
+
+
+def _plot(table: dict[str, Any], path: Path) -> None:
+    models = table["models"]
+    fig = Figure(figsize=(5 * len(models), 4.2))
+    FigureCanvasAgg(fig)
+    for i, model in enumerate(models):
+        ax = fig.add_subplot(1, len(models), i + 1)
+        pts = [p for p in table["points"] if model in p["models"] and p["remainder_measured"] != "int4"]
+        for kind, (color, marker) in _STYLE.items():
+            sel = [p for p in pts if p["kind"] == kind]
+            if sel:
+                ax.scatter(
+                    [p["flux_bits_per_weight"] for p in sel],
+                    [p["models"][model]["held"] for p in sel],
+                    c=color,
+                    marker=marker,
+                    label={"sparse": "sparse + OBS", "dense": "dense + OBS"}.get(kind, kind),
+                )
+        # the frontier: the least error at or below each point's size
+        pts.sort(key=lambda p: p["flux_bits_per_weight"])
+        xs, ys, best = [], [], float("inf")
+        for p in pts:
+            e = p["models"][model]["held"]
+            if e < best:
+                best = e
+                xs.append(p["flux_bits_per_weight"])
+                ys.append(e)
+        ax.step(xs, ys, where="post", color="tab:purple", lw=1, label="frontier")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits/weight (FLUX.1-dev prunable layers)")
+        ax.set_ylabel("held-out relative MSE")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+
+
+def rows_by_model(parts: Sequence[Sequence[GenRow]], models: Sequence[str]) -> list[GenRow]:
+    rows = merge_rows(parts)
+    rows.sort(key=lambda r: models.index(r.model))
+    return rows

@@ -1,0 +1,109 @@
+"""The held-out frontier benchmark's pieces by hand (its figures come from ``python -m bench
+frontier``): each format's bits per weight on FLUX.1-dev, the table the chooser reads, the frontier
+per budget, the file-size targets, a run of one test-bed added to the others', and a real tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.frontier import FULL, REDUCED, Point, best_for_budget, run_frontier, to_table, write_frontier
+from bench.generalisation import GenRow
+from bench.lowbit import flux_rest_gb
+from ditprune_core.dit_shapes import FLUX_PRUNABLE
+
+
+def test_bits_per_weight_of_each_format_on_flux_by_hand() -> None:
+    # dense int3: 3-bit codes, a 16-bit scale per 128 weights (symmetric): 3 + 16/128
+    assert Point("dense", "int3").flux_bits_per_weight() == pytest.approx(3.125, abs=1e-4)
+    # dense int4: 4-bit codes, a 16-bit scale and a 4-bit zero point per 128 weights
+    dense4 = Point("dense", "int4").flux_bits_per_weight()
+    assert dense4 == pytest.approx(4 + 20 / 128, abs=1e-4)
+    # 50% + int4: 1 mask bit per weight, half the weights kept (FLUX's rows keep whole groups of 128)
+    assert Point("sparse", "int4", 0.5).flux_bits_per_weight() == pytest.approx(1 + dense4 / 2, abs=1e-4)
+    # fp8 kept values: 8 bits each, a float32 scale per row, and the mask
+    assert Point("sparse", "fp8", 0.5).flux_bits_per_weight() == pytest.approx(1 + 4, abs=0.03)
+    assert Point("gguf", "Q2_K").flux_bits_per_weight() == 2.625
+    assert Point("fp8 cast", "fp8").flux_bits_per_weight() == 8.0
+    gb = Point("dense", "int3").flux_gb()
+    assert gb["int4"] == pytest.approx(3.125 * FLUX_PRUNABLE / 8e9 + flux_rest_gb("int4"), abs=2e-3)
+
+
+def test_names_and_what_the_nodes_can_make() -> None:
+    assert Point("sparse", "int3", 0.75, rest_int4=True).name == "75% + int3 + OBS, rest int4"
+    assert Point("dense", "int2").name == "dense int2 + OBS" and Point("dense", "int2").value_bits == 2
+    assert Point("sparse", "fp8", 0.3).value_bits is None and Point("sparse", "fp8", 0.3).reconstructed
+    assert not Point("gguf", "Q3_K").reconstructed and Point("gguf", "Q3_K").value_bits is None
+    # the sets: sparse from 20% to 75%, dense 2-4 bits, fp8, the references; miniflux-c a subset
+    names = {p.name for p in FULL}
+    assert {"20% + int4 + OBS", "75% + int3 + OBS", "dense int2 + OBS", "GGUF Q3_K", "RTN int4"} <= names
+    assert {p.name for p in REDUCED} <= names
+
+
+def _rows() -> list[GenRow]:
+    return [
+        GenRow("a", 0.0, "GGUF Q3_K", [0.02], [0.02], [3.4375]),
+        GenRow("a", 0.0, "GGUF Q2_K", [0.06], [0.06], [2.625]),
+        GenRow("a", 0.0, "dense int3 + OBS", [0.01], [0.03], [3.2]),  # 3.125 b/w on FLUX
+        GenRow("a", 0.5, "50% + int4 + OBS", [0.01], [0.025], [3.2]),  # 3.078
+        GenRow("a", 0.75, "75% + int3 + OBS, rest int4", [0.03], [0.05], [1.8]),  # 1.781, 3.63 GB
+        GenRow("a", 0.0, "dense int2 + OBS, rest int4", [0.05], [0.08], [2.2]),  # 2.125, 4.00 GB
+        GenRow("a", 0.55, "55% + int4 + OBS, rest int4", [0.004], [0.008], [2.9]),  # 2.871, 4.80 GB
+    ]
+
+
+def test_the_table_the_chooser_reads_and_the_frontier_per_budget() -> None:
+    table = to_table(_rows(), "cmd")
+    assert table["models"] == ["a"] and table["command"] == "cmd"
+    by_name = {p["name"]: p for p in table["points"]}
+    assert by_name["50% + int4 + OBS"]["models"]["a"] == {"held": 0.025, "seen": 0.01, "bits_per_weight": 3.2}
+    assert by_name["50% + int4 + OBS"]["value_bits"] == 4 and by_name["50% + int4 + OBS"]["reconstructed"]
+    assert by_name["75% + int3 + OBS, rest int4"]["remainder_measured"] == "int4"
+    assert table["rest_bytes_per_param"]["int4"] < table["rest_bytes_per_param"]["fp8"] < 2.0
+    best = {b: (p or {}).get("name") for b in (1.5, 2.0, 3.0, 3.1, 3.5) for p in [best_for_budget(table, b)]}
+    assert best == {
+        1.5: None,  # nothing is that small
+        2.0: "75% + int3 + OBS, rest int4",
+        3.0: "55% + int4 + OBS, rest int4",  # 0.008 beats Q2_K's 0.06
+        3.1: "55% + int4 + OBS, rest int4",
+        3.5: "55% + int4 + OBS, rest int4",  # below Q3_K (0.02) and dense int3 (0.03)
+    }
+
+
+def test_markdown_states_the_frontier_and_the_file_size_targets(tmp_path: Path) -> None:
+    text = write_frontier(_rows(), tmp_path, "cmd").read_text()
+    assert "| 3.5 | 55% + int4 + OBS, rest int4 | yes | 2.87 |" in text
+    # <= 5 GB: 55% + int4 whole file (4.80 GB) 0.008 vs Q3_K 0.02: 0.40x, at most half: met
+    assert "- met: a: best FLUX.1-dev file <= 5 GB is 55% + int4 + OBS, rest int4 (4.80 GB)" in text
+    # <= 4 GB: 75% + int3 whole file (3.63 GB) 0.05 vs Q2_K 0.06: below: met (dense int2, 4.00 GB: 0.08)
+    assert "- met: a: best FLUX.1-dev file <= 4 GB is 75% + int3 + OBS, rest int4 (3.63 GB)" in text
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert saved["points"] == to_table(_rows(), "cmd")["points"]
+
+
+def test_a_run_of_one_test_bed_is_added_to_the_others(tmp_path: Path) -> None:
+    write_frontier(_rows(), tmp_path, "first")
+    other = [GenRow("miniflux-c", 0.0, "GGUF Q3_K", [0.01], [0.01], [3.4375])]
+    write_frontier(other, tmp_path, "second", previous=tmp_path / "frontier.json")
+    table = json.loads((tmp_path / "frontier.json").read_text())
+    assert table["command"] == ["first", "second"]
+    assert table["models"] == ["miniflux-c", "a"] or set(table["models"]) == {"a", "miniflux-c"}
+    q3 = next(p for p in table["points"] if p["name"] == "GGUF Q3_K")
+    assert set(q3["models"]) == {"a", "miniflux-c"}
+    assert "`first`, then `second`" in (tmp_path / "frontier.md").read_text()
+
+
+def test_one_real_split_of_the_bundled_test_bed() -> None:
+    """miniflux-a calibrated on class 0: GGUF needs no calibration; dense int2 + OBS and its whole
+    file share one OBS run; every point has one seen and one held-out error."""
+    points = [Point("gguf", "Q2_K"), Point("dense", "int2"), Point("dense", "int2", rest_int4=True)]
+    rows = run_frontier(["miniflux-a"], splits=[(0,)], eval_seeds=(0,), points=points)
+    got = {r.method: r for r in rows}
+    assert list(got) == [p.name for p in points]
+    assert got["GGUF Q2_K"].runs == [0] and got["dense int2 + OBS"].runs == [1]
+    assert got["dense int2 + OBS, rest int4"].bits == got["dense int2 + OBS"].bits
+    assert got["dense int2 + OBS, rest int4"].held != got["dense int2 + OBS"].held  # the rest rounded too
+    assert all(0 < r.held[0] < 1 and 0 < r.seen[0] < 1 for r in rows)
