@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--per-class", type=int, default=10, help="pareto, lowbit: samples of each digit per seed"
     )
+    parser.add_argument(
+        "--all-classes",
+        action="store_true",
+        help="quality: calibrate and evaluate on every class (default: held out, see its protocol)",
+    )
     parser.add_argument("--no-velocity", action="store_true", help="pareto: skip the velocity error")
     parser.add_argument(
         "--sparsities",
@@ -112,15 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         args.models = list(ALL_MODELS if args.which in held_out_benches else ALL_MODELS[:2])
     if args.which == "quality":
         from .quality import run_quality, write_quality
+        from .refine_holdout import SPLITS
 
         if args.jobs > 1:  # one process per model, one thread each
             from concurrent.futures import ProcessPoolExecutor
             from functools import partial
 
+            run = partial(run_quality, seeds=tuple(args.seeds), splits=None if args.all_classes else SPLITS)
             with ProcessPoolExecutor(min(args.jobs, len(args.models)), initializer=_one_thread) as pool:
-                results = list(pool.map(partial(run_quality, seeds=tuple(args.seeds)), args.models))
+                results = list(pool.map(run, args.models))
         else:
-            results = [run_quality(m, seeds=tuple(args.seeds)) for m in args.models]
+            splits = None if args.all_classes else SPLITS
+            results = [run_quality(m, seeds=tuple(args.seeds), splits=splits) for m in args.models]
         path = write_quality(results, args.out, command)
         print(path.read_text())
         return 0 if all(ok for r in results for _, ok in r.checks()) else 1

@@ -40,7 +40,11 @@ class DenseRun:
 
 @dataclass
 class BenchContext:
-    """A model, its calibration and the dense runs every pruned model is compared with."""
+    """A model, its calibration and the dense runs every pruned model is compared with.
+
+    Held out (``calibration_classes`` given): the calibration samples those classes only, ``dense``
+    holds runs of those classes (seen) and ``held`` runs of the other classes, and
+    :meth:`evaluate` reports every metric on both (the held-out ones prefixed ``held_``)."""
 
     name: str
     pipe: MiniFluxPipeline
@@ -50,18 +54,40 @@ class BenchContext:
     dense: dict[int, DenseRun] = field(default_factory=dict)
     #: a reconstruction lab on this context (the quality benchmark makes it when first needed)
     lab: Any = field(default=None, repr=False)
+    #: the classes the calibration sampled (None: every class)
+    calibration_classes: tuple[int, ...] | None = None
+    #: dense runs of the classes the calibration never saw, by evaluation seed
+    held: dict[int, DenseRun] = field(default_factory=dict)
 
     @classmethod
     def build(
-        cls, name: str, *, seeds: Sequence[int], per_class: int, steps: int = 20, cfg: float = 2.0
+        cls,
+        name: str,
+        *,
+        seeds: Sequence[int],
+        per_class: int,
+        steps: int = 20,
+        cfg: float = 2.0,
+        calibration_classes: Sequence[int] | None = None,
     ) -> BenchContext:
         pipe = load_bundled(name)
-        stats = calibrate(pipe, steps=steps, cfg=cfg)
-        ctx = cls(name, pipe, stats, steps, cfg)
-        labels = torch.arange(pipe.config.num_classes).repeat(per_class)
+        seen = None if calibration_classes is None else tuple(calibration_classes)
+        stats = calibrate(pipe, steps=steps, cfg=cfg, classes=seen)
+        ctx = cls(name, pipe, stats, steps, cfg, calibration_classes=seen)
+        everything = list(range(pipe.config.num_classes))
+        labels = torch.tensor(everything if seen is None else list(seen)).repeat(per_class)
         for seed in seeds:
             ctx.dense[seed] = ctx._trajectory(pipe, labels, seed)
+        if seen is not None:
+            held = torch.tensor([c for c in everything if c not in seen]).repeat(per_class)
+            for seed in seeds:
+                ctx.held[seed] = ctx._trajectory(pipe, held, seed)
         return ctx
+
+    def calibration_labels(self, per_class: int) -> torch.Tensor:
+        """The labels a calibration run samples: each calibration class ``per_class`` times."""
+        classes = self.calibration_classes or tuple(range(self.pipe.config.num_classes))
+        return torch.tensor(classes).repeat_interleave(per_class)
 
     @torch.no_grad()
     def _trajectory(self, pipe: MiniFluxPipeline, labels: torch.Tensor, seed: int) -> DenseRun:
@@ -82,7 +108,16 @@ class BenchContext:
 
     @torch.no_grad()
     def evaluate(self, pipe: MiniFluxPipeline, *, full: bool = True) -> dict[str, list[float]]:
-        """Metrics per evaluation seed; ``full=False`` computes the relative error only."""
+        """Metrics per evaluation seed; ``full=False`` computes the relative error only. Held out,
+        the same metrics on the held-out classes too, as ``held_<metric>``."""
+        out = self._metrics(pipe, self.dense, full)
+        if self.held:
+            out.update({f"held_{k}": v for k, v in self._metrics(pipe, self.held, full).items()})
+        return out
+
+    def _metrics(
+        self, pipe: MiniFluxPipeline, runs: dict[int, DenseRun], full: bool
+    ) -> dict[str, list[float]]:
         judge = load_judge(self.pipe.config.image_size) if full else None
         out: dict[str, list[float]] = {
             "rel_err": [],
@@ -92,7 +127,7 @@ class BenchContext:
             "acc": [],
             "fd": [],
         }
-        for _seed, run in self.dense.items():
+        for _seed, run in runs.items():
             images = pipe.sample(run.labels, seed=0, steps=self.steps, cfg=self.cfg, noise=run.noise)
             out["rel_err"].append(relative_error(images, run.images))
             out["rel_mse"].append(relative_squared_error(images, run.images))

@@ -235,7 +235,7 @@ class Lab:
 
     def run_calibration(self, pipe: MiniFluxPipeline, rec: GramRecorder | Calibrator) -> None:
         """The calibration of ``bench/quality.py``: both CFG halves, log weighting."""
-        labels = torch.arange(pipe.config.num_classes).repeat_interleave(CAL_PER_CLASS)
+        labels = self.ctx.calibration_labels(CAL_PER_CLASS)
         for seed in CAL_SEEDS:
             pipe.sample(labels, seed=seed, steps=self.ctx.steps, cfg=self.ctx.cfg, on_step=rec.on_step)
 
@@ -296,7 +296,7 @@ class Lab:
         handles = [layers[n].register_forward_hook(grab(n)) for n in layers]
         handles += [dense_layers[n].register_forward_hook(pair(n)) for n in layers]
         try:
-            labels = torch.arange(pipe.config.num_classes).repeat_interleave(CAL_PER_CLASS)
+            labels = self.ctx.calibration_labels(CAL_PER_CLASS)
             sigmas = sigma_schedule(self.ctx.steps)
             with torch.no_grad():
                 for seed in CAL_SEEDS:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -163,12 +163,15 @@ def calibrate(
     cfg: float = 2.0,
     weighting: str = "log",
     layers: dict[str, torch.nn.Linear] | None = None,
+    classes: Sequence[int] | None = None,
 ) -> CalibrationStats:
-    """Record calibration statistics while sampling ``per_class`` digits of every class per seed.
+    """Record calibration statistics while sampling ``per_class`` digits of every class (or of
+    ``classes`` only: a held-out protocol's calibration half) per seed.
 
     Both CFG halves (conditional and empty prompt) are seen, as in real sampling.
     """
-    labels = torch.arange(pipe.config.num_classes).repeat_interleave(per_class)
+    chosen = torch.arange(pipe.config.num_classes) if classes is None else torch.tensor(list(classes))
+    labels = chosen.repeat_interleave(per_class)
     with Calibrator(
         pipe.model,
         layers,
