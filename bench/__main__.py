@@ -269,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             tasks = [(m, split) for m in reversed(args.models) for split in SPLITS]
             with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
                 parts = pool.map(partial(run_split, eval_seeds=tuple(args.seeds)), *zip(*tasks, strict=True))
-                rows = rows_by_model(list(parts), args.models)
+                frontier_rows = rows_by_model(list(parts), args.models)
         else:
-            rows = run_frontier(args.models, eval_seeds=tuple(args.seeds))
-        path = write_frontier(rows, args.out, command, previous=args.out / "frontier.json")
+            frontier_rows = run_frontier(args.models, eval_seeds=tuple(args.seeds))
+        path = write_frontier(frontier_rows, args.out, command, previous=args.out / "frontier.json")
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

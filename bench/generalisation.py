@@ -15,6 +15,9 @@ that same calibration and nothing else:
   (SparseGPT's in-update saliency ``w² / [H⁻¹]²``; the default 0.4 was chosen on seen classes):
   the candidate that held-out trials on miniflux-a and -b chose (one split, one seed: held-out
   error 15% and 4% lower), confirmed or not here on all three, miniflux-c never tuned on;
+- ``obs damp 0.1`` / ``obs damp 1`` (at 50% and 70%): the defaults with the Gram
+  dampened by 0.1 / 1 of its mean diagonal instead of 0.01 (a stronger pull toward small updates:
+  does it fit the calibration less and hold out better?);
 - ``obs + block refinement``: the defaults with ``block_refine_steps=100`` and refinement's own
   defaults (step relative to each layer's weight RMS, rate 2e-2, a quarter of the calls held out,
   patience 2): is refinement worth turning on by default? At 50% only (it costs sampler runs);
@@ -158,6 +161,8 @@ METHODS: dict[str, tuple[Method, tuple[float, ...] | None]] = {
     "obs defaults": (_obs(), None),
     "obs balance 0.5": (_obs(reconstruct=ReconstructParams(balance=0.5)), (0.5, 0.7)),
     "obs + block refinement": (_obs(reconstruct=ReconstructParams(block_refine_steps=100)), (0.5,)),
+    "obs damp 0.1": (_obs(reconstruct=ReconstructParams(damp=0.1)), (0.5, 0.7)),
+    "obs damp 1": (_obs(reconstruct=ReconstructParams(damp=1.0)), (0.5, 0.7)),
     "obs + int4": (_obs(value_bits=4), (0.5,)),
     "obs + int3": (_obs(value_bits=3), (0.5,)),
     "dense int4 + OBS (quantise only)": (_obs(value_bits=4), ()),
