@@ -54,14 +54,13 @@ from ditprune_core.prune import select_layers
 from ditprune_core.quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, fake_quantize
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.util.io import atomic_path
-from ditprune_core.util.metrics import relative_squared_error
 
 from . import table_head, write_report
-from .generalisation import CFG, EVAL_PER_CLASS, EVAL_SEEDS, STEPS, GenRow, Split, _split, merge_rows
+from .generalisation import EVAL_SEEDS, GenRow, HeldOutEval, Split, _split, merge_rows
 from .gguf_ref import BITS_PER_WEIGHT, fp8_cast, gguf_fake_quantize
 from .lowbit import flux_rest_gb
 from .pareto import _fp8_values, _round_remainder, flux_bytes
-from .refine_holdout import SPLITS, class_labels, class_split
+from .refine_holdout import SPLITS, class_split
 
 __all__ = [
     "BUDGETS",
@@ -250,24 +249,14 @@ def run_frontier(
         for half in splits:
             seen, held = class_split(half, pipe.config.num_classes)
             split = _split(pipe, seen)
-            evals = {"seen": class_labels(seen, EVAL_PER_CLASS), "held": class_labels(held, EVAL_PER_CLASS)}
-            dense = {
-                (k, seed): pipe.sample(v, seed=seed, steps=STEPS, cfg=CFG)
-                for k, v in evals.items()
-                for seed in eval_seeds
-            }
+            evaluation = HeldOutEval.of(pipe, seen, held, eval_seeds)
             maker = _Maker(split)
             for point in points if points is not None else points_for(model):
                 start = time.perf_counter()
                 made, bits, runs = maker.make(point)
                 seconds = time.perf_counter() - start
                 row = rows.setdefault((model, point.name), GenRow(model, point.sparsity, point.name))
-                for seed in eval_seeds:
-                    for k, v in evals.items():
-                        error = relative_squared_error(
-                            made.sample(v, seed=seed, steps=STEPS, cfg=CFG), dense[(k, seed)]
-                        )
-                        (row.seen if k == "seen" else row.held).append(error)
+                evaluation.score(made, row)
                 row.bits.append(bits)
                 row.runs.append(runs)
                 row.seconds.append(seconds)

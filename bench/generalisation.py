@@ -68,6 +68,7 @@ __all__ = [
     "METHODS",
     "MODELS",
     "GenRow",
+    "HeldOutEval",
     "Split",
     "checks",
     "frontier",
@@ -189,6 +190,37 @@ class GenRow:
         return float(np.mean(self.held) / np.mean(self.seen))
 
 
+@dataclass
+class HeldOutEval:
+    """One split's evaluation: the dense model's samples of the seen and the held-out classes, per
+    evaluation seed, that every compressed model of the split is scored against."""
+
+    labels: dict[str, torch.Tensor]  # "seen" / "held" -> labels
+    dense: dict[tuple[str, int], torch.Tensor]
+    seeds: tuple[int, ...]
+
+    @classmethod
+    def of(
+        cls, pipe: MiniFluxPipeline, seen: Sequence[int], held: Sequence[int], seeds: Sequence[int]
+    ) -> HeldOutEval:
+        labels = {"seen": class_labels(seen, EVAL_PER_CLASS), "held": class_labels(held, EVAL_PER_CLASS)}
+        dense = {
+            (k, seed): pipe.sample(v, seed=seed, steps=STEPS, cfg=CFG)
+            for k, v in labels.items()
+            for seed in seeds
+        }
+        return cls(labels, dense, tuple(seeds))
+
+    def score(self, pruned: MiniFluxPipeline, row: GenRow) -> None:
+        """Append ``pruned``'s relative MSE against dense to ``row.seen`` and ``row.held``, per seed."""
+        for seed in self.seeds:
+            for k, v in self.labels.items():
+                error = relative_squared_error(
+                    pruned.sample(v, seed=seed, steps=STEPS, cfg=CFG), self.dense[(k, seed)]
+                )
+                (row.seen if k == "seen" else row.held).append(error)
+
+
 def _split(pipe: MiniFluxPipeline, seen: Sequence[int]) -> Split:
     """The calibration on ``seen``: one sampler run a seed records mask-only's statistics and the
     dense model's Grams of every prunable layer together."""
@@ -216,12 +248,7 @@ def run_generalisation(
         for half in splits:
             seen, held = class_split(half, pipe.config.num_classes)
             split = _split(pipe, seen)
-            evals = {"seen": class_labels(seen, EVAL_PER_CLASS), "held": class_labels(held, EVAL_PER_CLASS)}
-            dense = {
-                (k, seed): pipe.sample(v, seed=seed, steps=STEPS, cfg=CFG)
-                for k, v in evals.items()
-                for seed in eval_seeds
-            }
+            evaluation = HeldOutEval.of(pipe, seen, held, eval_seeds)
             for name in names:
                 method, only = METHODS[name]
                 if only == ():
@@ -235,12 +262,7 @@ def run_generalisation(
                     pruned, bits, runs = method(split, s)
                     seconds = time.perf_counter() - start
                     row = rows.setdefault((model, s, name), GenRow(model, s, name))
-                    for seed in eval_seeds:
-                        for k, v in evals.items():
-                            error = relative_squared_error(
-                                pruned.sample(v, seed=seed, steps=STEPS, cfg=CFG), dense[(k, seed)]
-                            )
-                            (row.seen if k == "seen" else row.held).append(error)
+                    evaluation.score(pruned, row)
                     if bits is not None:
                         row.bits.append(bits)
                     row.runs.append(runs)

@@ -1,12 +1,22 @@
-"""Which ditprune setting for which GPU: the size–fidelity table's choice per VRAM tier.
+"""Which ditprune file for which size or GPU: the held-out frontier's choice.
 
-    python -m bench tiers      # reads docs/bench/pareto.json, writes vram_tiers.json/.md (bench/tiers.py)
+    python -m bench frontier   # measures every point, writes docs/bench/frontier.json (bench/frontier.py)
+    python -m bench tiers      # reads frontier.json, writes vram_tiers.json/.md (bench/tiers.py)
 
-The size–fidelity benchmark (``bench/pareto.py``) writes every point it measured to ``pareto.json``:
-its projected FLUX.1-dev file with the layers that stay dense stored as trained (bf16), fp8 or int4,
-and its relative error on both MiniFlux models. For each tier this module picks, among the files
-Prune and Reconstruct + Save Pruned Model make (``ditprune+OBS`` points with block refinement), the
-one with the least mean relative error whose loaded model fits the card **without offloading**:
+The frontier benchmark writes every point it measured to ``frontier.json``: its settings, the bits
+per weight of FLUX.1-dev's prunable layers in its format, and its held-out error on each MiniFlux
+test-bed (relative MSE of final samples against dense on classes the calibration never saw). The
+files Prune and Reconstruct + Save Pruned Model make (``reconstructed`` points: sparse or dense,
+given the same OBS reconstruction) are the candidates. A candidate's file is its prunable layers
+at their bits per weight plus the other parameters stored as the Save node's ``remainder`` says:
+``keep`` or ``fp8`` for any point (the remainder's fp8 rounding measured free on MiniFlux:
+docs/bench/lowbit.md), ``int4`` only where the table measured that whole file (``rest int4`` points).
+
+:func:`choose_for_size` picks, for a file of at most N GB, the candidate with the least mean held-out
+error over the test-beds that measured every point (ties: the smaller file); Prune and Reconstruct's
+``target_file_gb`` uses it, for FLUX.1-dev or, scaled by parameter counts, any other model.
+:func:`choose_tier` does the same for a GPU: the file whose loaded model fits the card **without
+offloading**:
 
     file + largest decoded layer + ComfyUI's own inference reserve  <=  the card's memory
 
@@ -19,17 +29,13 @@ count. A smaller card still runs a larger file, with ComfyUI offloading part of 
 A file that ComfyUI's own fp8 cast beats in both size and error is never chosen (every ComfyUI user
 has that one already). Where the fp8 cast fits the card and has less error than the choice, the
 tier's ``verdict`` is ``"fp8"``: the README says to use it, and no workflow is made for that tier.
-
-Remainder choices: ``as trained`` points are offered with the remainder kept (bf16) or in fp8
-(measured free on MiniFlux: docs/bench/lowbit.md); int4 remainders only where the table measured
-their error (the ``rest int4`` points). Pure Python (json): the workflow generator and the tests
-read it without torch.
+Pure Python (json): the workflow generator and the nodes read it without torch.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +43,15 @@ from typing import Any
 __all__ = [
     "FLUX_LARGEST_DECODED_BYTES",
     "TIERS_GIB",
+    "FileChoice",
     "TierChoice",
+    "choose_for_size",
     "choose_tier",
     "choose_tiers",
     "comfy_reserve_bytes",
-    "load_pareto",
-    "parse_setting",
+    "file_budget_gb",
+    "file_candidates",
+    "load_frontier",
 ]
 
 GIB = 1 << 30
@@ -55,16 +64,16 @@ FLUX_LARGEST_DECODED_BYTES = 21504 * 3072 * 2
 #: ``minimum_inference_memory`` = 0.8 GiB + ``EXTRA_RESERVED_VRAM`` 400 MiB (comfy/model_management.py)
 FLUX_MEMORY_USAGE_FACTOR = 3.1
 COMFY_MIN_INFERENCE_BYTES = int(0.8 * GIB) + 400 * MIB
-#: the Save node's remainder choice for each column of the table
-REMAINDER_COLUMNS = {"keep": "rest_bf16", "fp8": "rest_fp8", "int4": "rest_int4"}
-#: the Save node's ``values`` choice for each kind of kept values
-SAVE_VALUES = {"bf16": "keep dtype", "fp8": "fp8_e4m3fn", "int4": "int4", "int3": "int3"}
-
-_SETTING = re.compile(
-    r"^ditprune(?P<obs>\+OBS)? (?:(?P<pct>\d+)%|(?P<nm>\d+:\d+)) \+ "
-    r"(?:(?P<dtype>bf16|fp8)|(?P<bits>\d)-bit g(?P<group>\d+) (?P<sym>a?sym))"
-    r"(?P<norefine> \(no block refinement\))?(?P<rest>, rest int4)?$"
-)
+#: the Save node's ``values`` choice for each kind of kept values (a model from Prune and
+#: Reconstruct with value bits keeps its own codes whatever ``values`` says; int2 has no widget name)
+SAVE_VALUES = {
+    "bf16": "keep dtype",
+    "fp8": "fp8_e4m3fn",
+    "int4": "int4",
+    "int3": "int3",
+    "int2": "keep dtype",
+}
+FP8_CAST = "fp8 cast (ComfyUI)"
 
 
 def comfy_reserve_bytes(width: int = 1024, height: int = 1024) -> int:
@@ -73,54 +82,32 @@ def comfy_reserve_bytes(width: int = 1024, height: int = 1024) -> int:
     return int(area * 2 * 0.01 * FLUX_MEMORY_USAGE_FACTOR * MIB) + COMFY_MIN_INFERENCE_BYTES
 
 
-def parse_setting(name: str) -> dict[str, Any] | None:
-    """The settings of a ditprune point from its name in the table, or None for other points.
-
-    ``"ditprune+OBS 52% + 4-bit g128 asym, rest int4"`` -> ``{"reconstruct": True, "sparsity": 0.52,
-    "pattern": "unstructured", "values": "int4", "value_bits": 4, "block_refine": True,
-    "rest_measured": "int4"}``.
-    """
-    m = _SETTING.match(name)
-    if m is None:
-        return None
-    bits = int(m["bits"]) if m["bits"] else None
-    kept, group = m["nm"].split(":") if m["nm"] else ("0", "1")
-    return {
-        "reconstruct": bool(m["obs"]),
-        "sparsity": int(m["pct"]) / 100 if m["pct"] else 1 - int(kept) / int(group),
-        "pattern": "unstructured" if m["pct"] else m["nm"],
-        "values": m["dtype"] or f"int{bits}",
-        "value_bits": bits,
-        "block_refine": not m["norefine"],
-        "rest_measured": "int4" if m["rest"] else "as trained",
-    }
+def file_budget_gb(vram_gib: int) -> float:
+    """The largest FLUX.1-dev file (GB, rounded down to 0.1) whose loaded model, plus its largest
+    decoded layer and ComfyUI's reserve at 1024x1024, fits a ``vram_gib`` card without offloading."""
+    free = vram_gib * GIB - FLUX_LARGEST_DECODED_BYTES - comfy_reserve_bytes()
+    return math.floor(free / 1e8) / 10
 
 
-def load_pareto(path: str | Path) -> dict[str, Any]:
-    """The size–fidelity table as :mod:`.pareto` writes it (``pareto.json``)."""
+def load_frontier(path: str | Path) -> dict[str, Any]:
+    """The held-out frontier table as :mod:`bench.frontier` writes it (``frontier.json``)."""
     return json.loads(Path(path).read_text())
 
 
 @dataclass(frozen=True)
-class TierChoice:
-    """The setting one VRAM tier gets, and what it costs and gives.
+class FileChoice:
+    """One file Prune and Reconstruct + Save Pruned Model make, and what it costs and gives.
 
     Attributes:
-        vram_gib: the card's memory.
-        point: the table's point (its name in docs/bench/pareto.md).
+        point: the table's point (its name in docs/bench/frontier.md).
         sparsity, pattern, value_bits: Prune and Reconstruct's widgets (``value_bits`` None: "none").
         values, remainder: Save Pruned Model's widgets (format compressed).
-        file_gb: the projected FLUX.1-dev file, GB.
-        vram_gb: file + largest decoded layer, GB: what Save Pruned Model reports for it.
-        needs_gb: ``vram_gb`` + ComfyUI's reserve at 1024x1024, GB (at most the card's memory).
-        bits_per_weight: of the prunable layers, on FLUX.1-dev's shapes.
-        errors: model -> mean relative error of final samples against dense (MiniFlux).
-        fp8_gb, fp8_errors: ComfyUI's own fp8 cast, for comparison.
-        fp8_fits: whether the fp8 cast fits the card without offloading.
-        verdict: ``"ditprune"``, or ``"fp8"`` where the fp8 cast fits and has less error.
+        file_gb: the file, GB (FLUX.1-dev, or the model whose parameter counts were given).
+        bits_per_weight: of the prunable layers (FLUX.1-dev's shapes).
+        errors: test-bed -> held-out relative MSE of final samples against dense (MiniFlux).
+        mean_error: the mean of ``errors`` over the test-beds the choice is made on.
     """
 
-    vram_gib: int
     point: str
     sparsity: float
     pattern: str
@@ -128,90 +115,168 @@ class TierChoice:
     values: str
     remainder: str
     file_gb: float
-    vram_gb: float
-    needs_gb: float
     bits_per_weight: float
     errors: dict[str, float]
+    mean_error: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        bits = "values in the model's dtype" if self.value_bits is None else f"{self.value_bits}-bit values"
+        kind = f"{self.sparsity:.0%} sparsity" if self.sparsity > 0 else "no pruning (quantise only)"
+        errors = ", ".join(f"{m} {e:.4f}" for m, e in self.errors.items())
+        return (
+            f"{self.point} ({kind}, {bits}; Save: values {self.values}, remainder {self.remainder}): "
+            f"{self.file_gb:.3g} GB, {self.bits_per_weight:.2f} bits/weight in the pruned layers; held-out "
+            f"error on MiniFlux {errors} (docs/bench/frontier.md)"
+        )
+
+
+def _choice_models(table: dict[str, Any]) -> list[str]:
+    """The test-beds that measured every point: the choice is made on their mean."""
+    return [m for m in table["models"] if all(m in p["models"] for p in table["points"])]
+
+
+def _point(table: dict[str, Any], name: str) -> dict[str, Any]:
+    for p in table["points"]:
+        if p["name"] == name:
+            return p
+    raise KeyError(f"{name!r} is not in the frontier table")
+
+
+def _file_gb(table: dict[str, Any], point: dict[str, Any], remainder: str, prunable: int, rest: int) -> float:
+    rest_bytes = table["rest_bytes_per_param"]["keep" if remainder == "keep" else remainder] * rest
+    return (point["flux_bits_per_weight"] * prunable / 8 + rest_bytes) / 1e9
+
+
+def file_candidates(
+    table: dict[str, Any], prunable_params: int | None = None, rest_params: int | None = None
+) -> list[FileChoice]:
+    """Every file the nodes can make from the table's reconstructed points, with the remainders it
+    measured (see the module docstring), for FLUX.1-dev or a model of these parameter counts."""
+    prunable = prunable_params or table["flux_prunable_params"]
+    rest = rest_params if rest_params is not None else table["flux_rest_params"]
+    models = _choice_models(table)
+    out = []
+    for p in table["points"]:
+        if not p["reconstructed"]:
+            continue
+        rests = ["int4"] if p["remainder_measured"] == "int4" else ["keep", "fp8"]
+        errors = {m: e["held"] for m, e in p["models"].items()}
+        for remainder in rests:
+            out.append(
+                FileChoice(
+                    point=p["name"] if remainder != "fp8" else f"{p['name']}, rest fp8",
+                    sparsity=p["sparsity"],
+                    pattern="unstructured",
+                    value_bits=p["value_bits"],
+                    values=SAVE_VALUES[p["values"]],
+                    remainder=remainder,
+                    file_gb=_file_gb(table, p, remainder, prunable, rest),
+                    bits_per_weight=round(p["flux_bits_per_weight"], 3),
+                    errors={m: round(e, 5) for m, e in errors.items()},
+                    mean_error=sum(errors[m] for m in models) / len(models),
+                )
+            )
+    return out
+
+
+def _fp8(table: dict[str, Any]) -> tuple[float, dict[str, float], float]:
+    """ComfyUI's fp8 cast: its FLUX.1-dev file GB (the rest fp8 too), errors, mean error."""
+    fp8 = _point(table, FP8_CAST)
+    errors = {m: e["held"] for m, e in fp8["models"].items()}
+    mean = sum(errors[m] for m in _choice_models(table)) / len(_choice_models(table))
+    return _file_gb(table, fp8, "fp8", table["flux_prunable_params"], table["flux_rest_params"]), errors, mean
+
+
+def choose_for_size(
+    table: dict[str, Any],
+    target_gb: float,
+    prunable_params: int | None = None,
+    rest_params: int | None = None,
+) -> FileChoice:
+    """The least-error file of at most ``target_gb`` GB (ties: the smaller file), never one that
+    ComfyUI's fp8 cast beats in both size and error.
+
+    Raises:
+        ValueError: no file of the table is that small (naming the smallest, and its size).
+    """
+    candidates = file_candidates(table, prunable_params, rest_params)
+    if not candidates:
+        raise ValueError("the frontier table has no reconstructed point; run python -m bench frontier")
+    fp8_gb, _errors, fp8_mean = _fp8(table)
+    if prunable_params is not None:  # the same fp8 file of this model
+        fp8_gb *= (prunable_params + (rest_params or 0)) / (
+            table["flux_prunable_params"] + table["flux_rest_params"]
+        )
+    fits = [
+        c
+        for c in candidates
+        if c.file_gb <= target_gb and not (fp8_gb <= c.file_gb and fp8_mean <= c.mean_error)
+    ]
+    if not fits:
+        smallest = min(candidates, key=lambda c: c.file_gb)
+        raise ValueError(
+            f"no ditprune file of the frontier table is at most {target_gb:g} GB: the smallest is "
+            f"{smallest.point} at {smallest.file_gb:.3g} GB (docs/bench/frontier.md); ask for at least that"
+        )
+    return min(fits, key=lambda c: (c.mean_error, c.file_gb))
+
+
+@dataclass(frozen=True)
+class TierChoice(FileChoice):
+    """The file one VRAM tier gets: :class:`FileChoice`'s fields (``file_gb`` rounded to 0.01), and
+
+    Attributes:
+        vram_gib: the card's memory.
+        target_file_gb: :func:`file_budget_gb`: the size target that picks this file.
+        vram_gb: file + largest decoded layer, GB: what Save Pruned Model reports for it.
+        needs_gb: ``vram_gb`` + ComfyUI's reserve at 1024x1024, GB (at most the card's memory).
+        fp8_gb, fp8_errors: ComfyUI's own fp8 cast, for comparison.
+        fp8_fits: whether the fp8 cast fits the card without offloading.
+        verdict: ``"ditprune"``, or ``"fp8"`` where the fp8 cast fits and has less error.
+    """
+
+    vram_gib: int
+    target_file_gb: float
+    vram_gb: float
+    needs_gb: float
     fp8_gb: float
     fp8_errors: dict[str, float]
     fp8_fits: bool
     verdict: str
 
-    @property
-    def mean_error(self) -> float:
-        return sum(self.errors.values()) / len(self.errors)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _candidates(table: dict[str, Any]) -> list[tuple[str, dict[str, Any], str, float, dict[str, float]]]:
-    """(point, settings, remainder, file GB, errors by model) of every file the workflows can make."""
-    models = list(table["models"])
-    first = table["models"][models[0]]
-    out = []
-    for point in first:
-        setting = parse_setting(point["name"])
-        if setting is None or not setting["reconstruct"] or not setting["block_refine"]:
-            continue
-        errors = {m: _get(table, m, point["name"])["rel_err"] for m in models}
-        rests = ["int4"] if setting["rest_measured"] == "int4" else ["keep", "fp8"]
-        for rest in rests:
-            out.append((point["name"], setting, rest, point["flux_gb"][REMAINDER_COLUMNS[rest]], errors))
-    return out
-
-
-def _get(table: dict[str, Any], model: str, name: str) -> dict[str, Any]:
-    for point in table["models"][model]:
-        if point["name"] == name:
-            return point
-    raise KeyError(f"{name!r} is not in the size–fidelity table of {model}")
-
 
 def choose_tier(table: dict[str, Any], vram_gib: int) -> TierChoice:
-    """The least-error workflow file that fits a ``vram_gib`` card without offloading (ties: the
-    smaller file).
+    """The least-error file that fits a ``vram_gib`` card without offloading (ties: the smaller).
 
     Raises:
         ValueError: no file of the table fits the card (naming the smallest and what it needs).
     """
     reserve = comfy_reserve_bytes()
     budget = vram_gib * GIB
-    models = list(table["models"])
-    fp8 = _get(table, models[0], "fp8 cast (ComfyUI)")
-    fp8_gb = fp8["flux_gb"]["rest_fp8"]
-    fp8_errors = {m: _get(table, m, fp8["name"])["rel_err"] for m in models}
-    fp8_mean = sum(fp8_errors.values()) / len(fp8_errors)
-    fits = []
-    for name, setting, rest, file_gb, errors in _candidates(table):
-        needs = file_gb * 1e9 + FLUX_LARGEST_DECODED_BYTES + reserve
-        mean = sum(errors.values()) / len(errors)
-        if needs <= budget and not (fp8_gb <= file_gb and fp8_mean <= mean):
-            fits.append((mean, file_gb, name, setting, rest, errors))
-    if not fits:
+    target = file_budget_gb(vram_gib)
+    try:
+        c = choose_for_size(table, target)
+    except ValueError as exc:
         raise ValueError(
-            f"no ditprune file of the size–fidelity table fits {vram_gib} GiB without offloading"
-        )
-    err, file_gb, name, setting, rest, errors = min(fits, key=lambda f: (f[0], f[1]))
-    vram = file_gb * 1e9 + FLUX_LARGEST_DECODED_BYTES
+            f"no ditprune file of the frontier table fits {vram_gib} GiB without offloading: {exc}"
+        ) from exc
+    fp8_gb, fp8_errors, fp8_mean = _fp8(table)
+    vram = c.file_gb * 1e9 + FLUX_LARGEST_DECODED_BYTES
     fp8_fits = fp8_gb * 1e9 + FLUX_LARGEST_DECODED_BYTES + reserve <= budget
+    chosen = {**asdict(c), "file_gb": round(c.file_gb, 2), "mean_error": round(c.mean_error, 5)}
     return TierChoice(
+        **chosen,
         vram_gib=vram_gib,
-        point=name if rest != "fp8" else f"{name}, rest fp8",
-        sparsity=setting["sparsity"],
-        pattern=setting["pattern"],
-        value_bits=setting["value_bits"],
-        values=SAVE_VALUES[setting["values"]],
-        remainder=rest,
-        file_gb=round(file_gb, 2),
+        target_file_gb=target,
         vram_gb=round(vram / 1e9, 2),
         needs_gb=round((vram + reserve) / 1e9, 2),
-        bits_per_weight=round(_get(table, models[0], name)["flux_bits_per_weight"], 3),
-        errors={m: round(e, 4) for m, e in errors.items()},
         fp8_gb=round(fp8_gb, 2),
-        fp8_errors={m: round(e, 4) for m, e in fp8_errors.items()},
+        fp8_errors={m: round(e, 5) for m, e in fp8_errors.items()},
         fp8_fits=fp8_fits,
-        verdict="fp8" if fp8_fits and fp8_mean < err else "ditprune",
+        verdict="fp8" if fp8_fits and fp8_mean < c.mean_error else "ditprune",
     )
 
 
