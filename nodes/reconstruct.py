@@ -31,6 +31,7 @@ from .common import (
     sampling_inputs,
 )
 from .prompts import CalibrationPlan, EncodedPrompts, prompt_inputs, sample_plan
+from .targets import TARGET_TOOLTIP, size_target_choice
 
 _GIB = 1 << 30
 VALUE_BITS_CHOICES = ("none", "8", "4", "3", "2")
@@ -262,6 +263,15 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     "block costs one more sampler run (FLUX.1-dev: up to 57) and, on the GPU, about two float32 "
                     "copies of a block.",
                 ),
+                io.Float.Input(
+                    "target_file_gb",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.1,
+                    optional=True,  # prompts and workflows saved before it still run
+                    tooltip=TARGET_TOOLTIP,
+                ),
                 SaliencyType.Input(
                     "saliency",
                     optional=True,
@@ -308,10 +318,17 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         memory_budget_gb: float = 0.0,
         value_bits: str = "none",
         block_refine_steps: int | None = None,
+        target_file_gb: float = 0.0,
         saliency: SaliencySpec | None = None,
         clusters: GroupingSpec | None = None,
         prompt_set: EncodedPrompts | None = None,
     ) -> io.NodeOutput:
+        dm = diffusion_model(model, action="prune and reconstruct it")
+        target = None
+        if target_file_gb > 0:  # the frontier's file for that size replaces the three widgets
+            target = size_target_choice(dm, target_file_gb, attention, mlp, single_fused, modulation)
+            sparsity, pattern = target.sparsity, target.pattern
+            value_bits = "none" if target.value_bits is None else str(target.value_bits)
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = reconstruct_config(
             sparsity,
@@ -324,7 +341,6 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             saliency,
             clusters,
         )
-        dm = diffusion_model(model, action="prune and reconstruct it")
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         plan = CalibrationPlan.of(run, prompt_set, dm)  # checked before loading
         clone = ReconstructingClone(model)
@@ -352,6 +368,8 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             "bits_per_weight": report.bits_per_weight,
             "calibration": plan.record(timestep_weighting),
         }
+        if target is not None:
+            clone.pruned.model_options["ditprune"]["size_target"] = {"gb": target_file_gb, **target.to_dict()}
         sampler_runs = report.sampler_runs
         cost = (
             f"calibration {plan.cost_text()}; {sampler_runs} calibration runs of the set "
@@ -359,4 +377,9 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             f"{sampler_runs * plan.runs_per_pass} sampler runs of {steps} steps"
         )
         first, *rest = report.to_text().split("\n")
+        if target is not None:
+            cost += (
+                f"\nsize target {target_file_gb:g} GB: {target.describe()}. Save Pruned Model: format "
+                "compressed, values and remainder 'size target'"
+            )
         return io.NodeOutput(clone.pruned, "\n".join([first, cost, *rest]))

@@ -33,6 +33,7 @@ from .common import (
     safe_child,
     stored_weight,
 )
+from .targets import FROM_TARGET, resolve_from_target
 
 log = logging.getLogger("ditprune")
 
@@ -59,19 +60,19 @@ def tier_advice(path: Path = TIERS_FILE) -> str:
     except (OSError, ValueError, KeyError):
         return "Which to pick for your VRAM: docs/bench/vram_tiers.md (python -m bench tiers)."
     lines = [
-        "Which to pick for your VRAM (FLUX.1-dev, docs/bench/vram_tiers.md; error = relative error of "
-        "final samples on MiniFlux-A / -B):"
+        "Which to pick for your VRAM (FLUX.1-dev, docs/bench/vram_tiers.md; error = held-out relative MSE "
+        "of final samples on the MiniFlux test-beds, on classes the calibration never saw):"
     ]
     for tier in tiers:
-        errors = " / ".join(f"{e:.3f}" for e in tier["errors"].values())
+        errors = " / ".join(f"{e:.4f}" for e in tier["errors"].values())
         if tier["verdict"] == "ditprune":
             lines.append(
-                f"- {tier['vram_gib']} GB: Prune and Reconstruct {tier['sparsity']:.0%} with value bits "
+                f"- {tier['vram_gib']} GB: Prune and Reconstruct {tier['sparsity']:.0%} sparsity with value bits "
                 f"{tier['value_bits']}, then values {tier['values']}, remainder {tier['remainder']}: "
                 f"{tier['file_gb']:.2f} GB ({errors})"
             )
         else:
-            fp8 = " / ".join(f"{e:.3f}" for e in tier["fp8_errors"].values())
+            fp8 = " / ".join(f"{e:.4f}" for e in tier["fp8_errors"].values())
             lines.append(
                 f"- {tier['vram_gib']} GB: ComfyUI's own fp8, {tier['fp8_gb']:.1f} GB ({fp8}): no pruning"
             )
@@ -82,8 +83,8 @@ VALUES_TOOLTIP = (
     "compressed only: how pruned layers' values are stored. keep dtype: bit-exact. fp8_e4m3fn: a "
     "scale per row. int8 / int4 / int3: codes with a scale per 128 kept values, rounded at save time "
     "(the file then differs from the model by the rounding; the node says by how much). A model from "
-    "Prune and Reconstruct with value bits keeps its own codes, stored exactly, whatever you choose here.\n"
-    + tier_advice()
+    "Prune and Reconstruct with value bits keeps its own codes, stored exactly, whatever you choose here. "
+    "size target: what Prune and Reconstruct's target_file_gb chose.\n" + tier_advice()
 )
 REMAINDER_TOOLTIP = (
     "compressed only: how the layers that stay dense (adaLN modulation, embedders, final layer: 28% of "
@@ -91,8 +92,8 @@ REMAINDER_TOOLTIP = (
     "with a scale per row (half of bf16). int8: 8-bit codes, a scale per 128 weights (about half). "
     "int4: 4-bit codes, a scale and zero point per 128 weights (about a quarter: what a FLUX.1-dev file "
     "under 5 GB needs, as GGUF Q4 files do; not free). What each costs in size and on final samples: "
-    "'remainder' in docs/bench/lowbit.md, the 'rest int4' points of docs/bench/pareto.md, and the tier "
-    "choices above."
+    "'remainder' in docs/bench/lowbit.md, the 'rest int4' points of docs/bench/frontier.md, and the tier "
+    "choices above. size target: what Prune and Reconstruct's target_file_gb chose."
 )
 
 
@@ -170,7 +171,7 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "values",
-                    options=list(VALUE_CHOICES),
+                    options=[*VALUE_CHOICES, FROM_TARGET],
                     default="keep dtype",
                     tooltip=VALUES_TOOLTIP,
                 ),
@@ -185,7 +186,7 @@ class DitPruneSavePrunedModel(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "remainder",
-                    options=list(REMAINDER_CHOICES),
+                    options=[*REMAINDER_CHOICES, FROM_TARGET],
                     default="keep",
                     optional=True,  # prompts saved before it existed still validate
                     tooltip=REMAINDER_TOOLTIP,
@@ -217,6 +218,7 @@ class DitPruneSavePrunedModel(io.ComfyNode):
         remainder: str = "keep",
     ) -> io.NodeOutput:
         dm = diffusion_model(model, action="save it again (it is saved already)")
+        values, remainder = resolve_from_target(model, format, values, remainder)
         if values not in VALUE_CHOICES:  # the widget's names; the core knows its own
             raise ValueError(f"unknown values {values!r}; choose from {list(VALUE_CHOICES)}")
         try:  # the core's one check of the options, before any tensor is made

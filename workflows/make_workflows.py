@@ -941,9 +941,8 @@ RECONSTRUCT_NOTES = {
     "Cost: the sampler runs once per pass for every calibration prompt of the prompt set (103 here, "
     "{steps} steps each at this latent size{cfg_note}; fewer prompts in the set cost less). {model} "
     "needs {total} GiB of Gram matrices: {passes_8} passes at an 8 GiB budget, {passes_4} at 4 "
-    "(memory_budget_gb 0: a quarter of the free memory, at most 8). Block refinement (100 steps) "
-    "adds one sampler run per block ({blocks}); block_refine_steps 0 skips it. The node shows its "
-    "phase while it runs.",
+    "(memory_budget_gb 0: a quarter of the free memory, at most 8). Block refinement is off (it "
+    "did not hold out); on, it adds a sampler run per block ({blocks}). The node shows its phase.",
     "sample": "Both from seed 42, {steps} steps, the same prompt: the pictures differ only by the "
     "pruning. Add Save Image to keep them.",
     "compare": "PSNR and relative error of reconstructed vs dense; the difference is amplified x4.",
@@ -983,7 +982,8 @@ def reconstruct_chain(
             *("energy", setting["sparsity"], "unstructured", True, True, True, False, ""),  # metric ..
             0.0,  # memory_budget_gb
             setting["value_bits"],  # the kept values' codes, chosen jointly (Save stores them exactly)
-            100,  # block_refine_steps: the default (one more sampler run per block)
+            0,  # block_refine_steps: the default, off (it did not hold out: docs/bench/generalisation.md)
+            setting.get("target_file_gb", 0.0),  # the size target (0: the widgets above)
         ],
         [
             ("model", "MODEL"),
@@ -1259,6 +1259,8 @@ GRAM_GIB: dict[str, tuple[float, int, int]] = {"flux1-dev": (60.1, 8, 17), "sd3.
 #: transformer blocks, each refined with one more sampler run (19 double + 38 single; 38 joint)
 BLOCKS = {"FLUX.1-dev": 57, "SD3.5 Large": 38}
 #: the unquantised reconstruction: values in the model's dtype, the rest as it is
+#: Save Pruned Model's values / remainder choice that takes them from Prune and Reconstruct's size target
+FROM_TARGET = "size target"
 PLAIN_SETTING = {"sparsity": 0.5, "value_bits": "none", "values": "keep dtype", "remainder": "keep"}
 #: the size–fidelity table's choice per GPU, written by ``python -m bench tiers``
 TIERS_JSON = Path(__file__).resolve().parent.parent / "docs" / "bench" / "vram_tiers.json"
@@ -1270,27 +1272,35 @@ def tiers() -> list[dict[str, Any]]:
 
 
 def tier_setting(tier: dict[str, Any]) -> dict[str, Any]:
-    """Prune and Reconstruct's and Save's widgets for a tier, read from the table's choice."""
+    """Prune and Reconstruct's and Save's widgets for a tier, read from the table's choice: the
+    size target is the card's file budget (the node picks the same setting from the same table), the
+    three widgets it replaces show that setting, and Save takes values and remainder from it."""
     bits = tier["value_bits"]
     return {
         "sparsity": tier["sparsity"],
         "value_bits": "none" if bits is None else str(bits),
-        "values": tier["values"],
-        "remainder": tier["remainder"],
+        "values": FROM_TARGET,
+        "remainder": FROM_TARGET,
+        "target_file_gb": tier["target_file_gb"],
     }
+
+
+def _errors(errors: dict[str, float]) -> str:
+    return " / ".join(f"{e:.4f}" for e in errors.values())
 
 
 def tier_text(tier: dict[str, Any]) -> str:
     """What a tier's workflow makes, costs and gives, from the table (its note's first paragraph)."""
-    a, b = tier["errors"].values()
-    fa, fb = tier["fp8_errors"].values()
     bits = "values in the model's dtype" if tier["value_bits"] is None else f"{tier['value_bits']}-bit values"
+    kind = f"{tier['sparsity']:.0%} sparsity" if tier["sparsity"] > 0 else "no pruning (quantise only)"
+    models = "/".join(m.removeprefix("miniflux-").upper() for m in tier["errors"])
     return (
-        f"For {tier['vram_gib']} GB GPUs (docs/bench/vram_tiers.md): {tier['sparsity']:.0%} sparsity, "
-        f"{bits}, remainder {tier['remainder']}. File {tier['file_gb']:.2f} GB; "
-        f"VRAM {tier['vram_gb']:.2f} GB loaded, {tier['needs_gb']:.2f} GB with ComfyUI's reserve at "
-        f"1024². Error vs dense (MiniFlux A / B): {a:.3f} / {b:.3f}; ComfyUI's fp8 ({tier['fp8_gb']:.1f} GB, "
-        f"{'fits' if tier['fp8_fits'] else 'does not fit'}): {fa:.3f} / {fb:.3f}.\n\n"
+        f"For {tier['vram_gib']} GB GPUs: target_file_gb {tier['target_file_gb']} picks {kind}, {bits}, "
+        f"remainder {tier['remainder']}. File {tier['file_gb']:.2f} GB, "
+        f"VRAM {tier['vram_gb']:.2f} GB ({tier['needs_gb']:.2f} GB with ComfyUI's reserve at 1024²). "
+        f"Held-out error (MiniFlux {models}): {_errors(tier['errors'])}; ComfyUI's fp8 "
+        f"({tier['fp8_gb']:.1f} GB, {'fits' if tier['fp8_fits'] else 'does not fit'}): "
+        f"{_errors(tier['fp8_errors'])}.\n\n"
     )
 
 
@@ -1392,14 +1402,14 @@ def card_text(name: str) -> tuple[str, list[str]]:
     if name in fixed:
         return fixed[name]
     tier = next(t for t in tiers() if name == f"ditprune_flux1_dev_{t['vram_gib']}gb.json")
-    a, b = tier["errors"].values()
     bits = "bf16" if tier["value_bits"] is None else f"int{tier['value_bits']}"
+    kind = f"{tier['sparsity']:.0%} pruned" if tier["sparsity"] > 0 else "dense (no pruning)"
     return (
         f"FLUX.1-dev for {tier['vram_gib']} GB GPUs",
         [
-            f"{tier['sparsity']:.0%} pruned, {bits} values, rest {tier['remainder']}",
+            f"{kind}, {bits} values, rest {tier['remainder']}",
             f"file {tier['file_gb']:.2f} GB, VRAM {tier['vram_gb']:.2f} GB",
-            f"error vs dense {a:.3f} / {b:.3f} (MiniFlux)",
+            f"held-out error {tier['mean_error']:.4f} (MiniFlux)",
         ],
     )
 

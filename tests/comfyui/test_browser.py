@@ -256,24 +256,27 @@ def test_notes_show_their_whole_text(path: Path, results: dict[str, Any]) -> Non
 )
 def test_per_gpu_workflows_carry_what_their_notes_promise(path: Path, results: dict[str, Any]) -> None:
     """The per-GPU workflows, as the frontend loaded them: Prune and Reconstruct's and Save's widgets
-    are the size–fidelity table's choice for that card (docs/bench/pareto.json through the chooser),
+    are the held-out frontier's choice for that card (docs/bench/frontier.json through the chooser),
     and the note names the same setting and figures."""
     from ditprune_core.tiers import choose_tier
 
     gib = int(re.search(r"_(\d+)gb\.json$", path.name)[1])  # type: ignore[index]
-    choice = choose_tier(json.loads((REPO / "docs" / "bench" / "pareto.json").read_text()), gib)
+    choice = choose_tier(json.loads((REPO / "docs" / "bench" / "frontier.json").read_text()), gib)
     loaded = {w["type"]: w["values"] for w in results["workflows"][path.name]["widgets"]}
     recon, save = loaded["DitPrunePruneAndReconstruct"], loaded["DitPruneSavePrunedModel"]
     # seed, control, steps, cfg, sampler, scheduler, weighting, metric, sparsity, pattern, ...
     assert (recon[8], recon[9]) == (choice.sparsity, choice.pattern)
     assert recon[16] == ("none" if choice.value_bits is None else str(choice.value_bits))
-    assert save[1:] == ["compressed", choice.values, "auto", choice.remainder]
+    assert recon[17:19] == [0, choice.target_file_gb]  # block refinement off; the size target
+    assert save[1:] == ["compressed", "size target", "auto", "size target"]
     (note,) = [
         w["values"][0]
         for w in results["workflows"][path.name]["widgets"]
         if w["type"] == "Note" and w["values"][0].startswith("For ")
     ]
-    assert f"{choice.sparsity:.0%} sparsity" in note and f"remainder {choice.remainder}" in note
+    kind = f"{choice.sparsity:.0%} sparsity" if choice.sparsity else "no pruning (quantise only)"
+    assert f"target_file_gb {choice.target_file_gb} picks {kind}" in note
+    assert f"remainder {choice.remainder}" in note
     assert f"File {choice.file_gb:.2f} GB" in note and f"VRAM {choice.vram_gb:.2f} GB" in note
 
 

@@ -53,11 +53,12 @@ def test_there_are_workflows_for_flux_and_sd35() -> None:
 
 def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
     """Each per-GPU workflow's Prune and Reconstruct and Save widgets are the setting the chooser
-    picks from docs/bench/pareto.json for its card (not copied by hand), and its note says what that
-    costs and gives, in the table's figures."""
+    picks from docs/bench/frontier.json for its card (not copied by hand): the size target that
+    picks it, the three widgets it replaces showing it, Save taking values and remainder from it; its
+    note says what that costs and gives, in the table's figures."""
     from ditprune_core.tiers import choose_tier
 
-    table = json.loads((REPO / "docs" / "bench" / "pareto.json").read_text())
+    table = json.loads((REPO / "docs" / "bench" / "frontier.json").read_text())
     for name in TIER_WORKFLOWS:
         gib = int(name.removeprefix("ditprune_flux1_dev_").removesuffix("gb.json"))
         choice = choose_tier(table, gib)
@@ -72,7 +73,8 @@ def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
         )
         assert (sparsity, pattern) == (choice.sparsity, choice.pattern), name
         assert value_bits == ("none" if choice.value_bits is None else str(choice.value_bits)), name
-        assert save["widgets_values"][1:] == ["compressed", choice.values, "auto", choice.remainder], name
+        assert recon["widgets_values"][17:19] == [0, choice.target_file_gb], name  # refinement off; target
+        assert save["widgets_values"][1:] == ["compressed", "size target", "auto", "size target"], name
         note = next(
             n["widgets_values"][0]
             for n in workflow["nodes"]
@@ -80,11 +82,12 @@ def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
         )
         assert note.startswith(f"For {gib} GB GPUs"), note
         for figure in (
-            f"{choice.sparsity:.0%} sparsity",
+            f"target_file_gb {choice.target_file_gb} picks "
+            + (f"{choice.sparsity:.0%} sparsity" if choice.sparsity else "no pruning (quantise only)"),
             f"File {choice.file_gb:.2f} GB",
             f"VRAM {choice.vram_gb:.2f} GB",
             f"remainder {choice.remainder}",
-            " / ".join(f"{e:.3f}" for e in choice.errors.values()),
+            *(f"{e:.4f}" for e in choice.errors.values()),
         ):
             assert figure in note, (name, figure)
 
