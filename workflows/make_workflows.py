@@ -45,7 +45,7 @@ MIN_HEIGHT = {
     "PreviewImage": 26,
     "DitPruneCompare": 78,
     "DitPruneSavePrunedModel": 160,
-    "DitPrunePruneAndReconstruct": 562,  # 542 + the prompt_set socket
+    "DitPrunePruneAndReconstruct": 610,  # as the frontend draws it: prompt_set socket, target_file_gb widget
     "PreviewAny": 88,
     "Note": 88,
     "DitPrunePromptSet": 208,
@@ -583,9 +583,9 @@ def _compare_group(
     images.append(_image_out(g, decoded["dense"], 0, x_images, ks_ys[1] - TITLE + 60, "dense", 200))
     compare_y = g.nodes[compare - 1]["pos"][1]
     metrics = _text_out(g, compare, 0, x_metrics, top, f"metrics ({pruned} vs dense)", 120)
-    diff = _image_out(g, compare, 1, x_metrics, compare_y - TITLE + 20, "difference x4", 200)
+    diff = _image_out(g, compare, 1, x_metrics, compare_y - TITLE + 20, "difference x4", 180)
     about = g.note((0, 0), WP, 100, note, "About: compare")
-    g.place(about, x_metrics, compare_y + 20 + 200 + 20, WP, 100)
+    g.place(about, x_metrics, compare_y + 20 + 180 + 12, WP, 100)
     g.group(f"{number} · Compare", COLOURS["compare"], [*images, compare, metrics, diff, about])
 
 
@@ -1031,7 +1031,7 @@ def reconstruct_chain(
     g.group("2 · Prune and reconstruct", COLOURS["reconstruct"], [recon, note, report])
     row_a_bottom = max(row_a_bottom, note5_bottom, TOP_A + 2 * TITLE + 110 + 24 + 200)
 
-    row_b = row_a_bottom + PAD + 40
+    row_b = row_a_bottom + PAD + 26
     top_b = row_b + GROUP_HEAD + 10
     lane = row_b - 20  # between the rows
     vae_bus = g.reroute((XR["decode"] - 30, lane), g.reroute((X["load"] + W + 30, lane)))
