@@ -257,9 +257,7 @@ def run_frontier(
                 seconds = time.perf_counter() - start
                 row = rows.setdefault((model, point.name), GenRow(model, point.sparsity, point.name))
                 evaluation.score(made, row)
-                row.bits.append(bits)
-                row.runs.append(runs)
-                row.seconds.append(seconds)
+                row.add_run(bits, runs, seconds)
     return list(rows.values())
 
 

@@ -189,6 +189,13 @@ class GenRow:
     def ratio(self) -> float:
         return float(np.mean(self.held) / np.mean(self.seen))
 
+    def add_run(self, bits: float | None, runs: int, seconds: float) -> None:
+        """Record one method run's cost (its errors come from :meth:`HeldOutEval.score`)."""
+        if bits is not None:
+            self.bits.append(bits)
+        self.runs.append(runs)
+        self.seconds.append(seconds)
+
 
 @dataclass
 class HeldOutEval:
@@ -263,10 +270,7 @@ def run_generalisation(
                     seconds = time.perf_counter() - start
                     row = rows.setdefault((model, s, name), GenRow(model, s, name))
                     evaluation.score(pruned, row)
-                    if bits is not None:
-                        row.bits.append(bits)
-                    row.runs.append(runs)
-                    row.seconds.append(seconds)
+                    row.add_run(bits, runs, seconds)
     return list(rows.values())
 
 
