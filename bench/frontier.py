@@ -34,7 +34,6 @@ the least held-out error, per test-bed and by the mean over the test-beds that m
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Sequence
@@ -49,18 +48,19 @@ from matplotlib.figure import Figure
 
 from ditprune_core.config import PruneConfig
 from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST
-from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
+from ditprune_core.miniflux.pipeline import MiniFluxPipeline
 from ditprune_core.prune import select_layers
 from ditprune_core.quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, fake_quantize
 from ditprune_core.sequential import prune_sequential_
+from ditprune_core.tiers import choice_models
 from ditprune_core.util.io import atomic_path
 
 from . import table_head, write_report
-from .generalisation import EVAL_SEEDS, GenRow, HeldOutEval, Split, _split, merge_rows
+from .generalisation import EVAL_SEEDS, GenRow, Split, _copy, calibrated_halves, merge_rows
 from .gguf_ref import BITS_PER_WEIGHT, fp8_cast, gguf_fake_quantize
 from .lowbit import flux_rest_gb
 from .pareto import _fp8_values, _round_remainder, flux_bytes
-from .refine_holdout import SPLITS, class_split
+from .refine_holdout import SPLITS
 
 __all__ = [
     "BUDGETS",
@@ -190,13 +190,10 @@ class _Maker:
         self.split = split
         self.runs: dict[tuple[float, int | None], tuple[MiniFluxPipeline, float, int]] = {}
 
-    def _copy(self) -> MiniFluxPipeline:
-        return MiniFluxPipeline(copy.deepcopy(self.split.pipe.model), self.split.pipe.conditioner)
-
     def obs(self, sparsity: float, bits: int | None) -> tuple[MiniFluxPipeline, float, int]:
         key = (sparsity, bits)
         if key not in self.runs:
-            pipe = self._copy()
+            pipe = _copy(self.split)
             report = prune_sequential_(
                 pipe.model,
                 lambda cal: self.split.calibrate(pipe, cal),
@@ -209,7 +206,7 @@ class _Maker:
 
     @torch.no_grad()
     def _each_layer(self, fn: Any) -> MiniFluxPipeline:
-        pipe = self._copy()
+        pipe = _copy(self.split)
         for name, layer in select_layers(pipe.model, PruneConfig(0.5)).items():
             layer.weight.copy_(fn(name, layer.weight.detach()))
         return pipe
@@ -244,20 +241,15 @@ def run_frontier(
 ) -> list[GenRow]:
     """One :class:`~.generalisation.GenRow` per (model, point): ``method`` is the point's name."""
     rows: dict[tuple[str, str], GenRow] = {}
-    for model in models:
-        pipe = load_bundled(model)
-        for half in splits:
-            seen, held = class_split(half, pipe.config.num_classes)
-            split = _split(pipe, seen)
-            evaluation = HeldOutEval.of(pipe, seen, held, eval_seeds)
-            maker = _Maker(split)
-            for point in points if points is not None else points_for(model):
-                start = time.perf_counter()
-                made, bits, runs = maker.make(point)
-                seconds = time.perf_counter() - start
-                row = rows.setdefault((model, point.name), GenRow(model, point.sparsity, point.name))
-                evaluation.score(made, row)
-                row.add_run(bits, runs, seconds)
+    for model, split, evaluation in calibrated_halves(models, splits, eval_seeds):
+        maker = _Maker(split)
+        for point in points if points is not None else points_for(model):
+            start = time.perf_counter()
+            made, bits, runs = maker.make(point)
+            seconds = time.perf_counter() - start
+            row = rows.setdefault((model, point.name), GenRow(model, point.sparsity, point.name))
+            evaluation.score(made, row)
+            row.add_run(bits, runs, seconds)
     return list(rows.values())
 
 
@@ -311,11 +303,6 @@ def to_table(rows: Sequence[GenRow], command: str) -> dict[str, Any]:
     }
 
 
-def _full_models(table: dict[str, Any]) -> list[str]:
-    """The test-beds that measured every point of the table (the choice is made on their mean)."""
-    return [m for m in table["models"] if all(m in p["models"] for p in table["points"])]
-
-
 def _mean_held(point: dict[str, Any], models: Sequence[str]) -> float:
     return float(np.mean([point["models"][m]["held"] for m in models]))
 
@@ -326,7 +313,7 @@ def best_for_budget(
     """The point with the least held-out error (on ``model``, or the mean over the test-beds that
     measured every point) whose FLUX.1-dev prunable layers fit ``budget`` bits/weight; with
     ``whole_file``, only points whose remainder error was measured (rest int4) or references."""
-    models = [model] if model else _full_models(table)
+    models = [model] if model else choice_models(table)
     fits = [
         p
         for p in table["points"]
@@ -440,7 +427,7 @@ def _markdown(table: dict[str, Any]) -> str:
             f"| {p['name']} | {'yes' if p['sparsity'] > 0 else 'no'} | {p['flux_bits_per_weight']:.2f} | "
             f"{gb['keep']:.2f} / {gb['fp8']:.2f} / {gb['int4']:.2f} | {' | '.join(cells)} |"
         )
-    full = _full_models(table)
+    full = choice_models(table)
     lines += [
         "",
         "## The frontier",

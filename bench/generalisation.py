@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,18 @@ class HeldOutEval:
                 (row.seen if k == "seen" else row.held).append(error)
 
 
+def calibrated_halves(
+    models: Sequence[str], splits: Sequence[Sequence[int]], eval_seeds: Sequence[int]
+) -> Iterator[tuple[str, Split, HeldOutEval]]:
+    """Each model calibrated on each half of its classes, with that half's held-out evaluation:
+    what every held-out benchmark loops over (generalisation, frontier)."""
+    for model in models:
+        pipe = load_bundled(model)
+        for half in splits:
+            seen, held = class_split(half, pipe.config.num_classes)
+            yield model, _split(pipe, seen), HeldOutEval.of(pipe, seen, held, eval_seeds)
+
+
 def _split(pipe: MiniFluxPipeline, seen: Sequence[int]) -> Split:
     """The calibration on ``seen``: one sampler run a seed records mask-only's statistics and the
     dense model's Grams of every prunable layer together."""
@@ -250,27 +262,22 @@ def run_generalisation(
     if unknown:
         raise ValueError(f"unknown generalisation method(s) {unknown}; choose from {list(METHODS)}")
     rows: dict[tuple[str, float, str], GenRow] = {}
-    for model in models:
-        pipe = load_bundled(model)
-        for half in splits:
-            seen, held = class_split(half, pipe.config.num_classes)
-            split = _split(pipe, seen)
-            evaluation = HeldOutEval.of(pipe, seen, held, eval_seeds)
-            for name in names:
-                method, only = METHODS[name]
-                if only == ():
-                    runs_at: Sequence[float] = [0.0]
-                elif sparsities is not None:
-                    runs_at = sparsities
-                else:
-                    runs_at = SPARSITIES if only is None else only
-                for s in runs_at:
-                    start = time.perf_counter()
-                    pruned, bits, runs = method(split, s)
-                    seconds = time.perf_counter() - start
-                    row = rows.setdefault((model, s, name), GenRow(model, s, name))
-                    evaluation.score(pruned, row)
-                    row.add_run(bits, runs, seconds)
+    for model, split, evaluation in calibrated_halves(models, splits, eval_seeds):
+        for name in names:
+            method, only = METHODS[name]
+            if only == ():
+                runs_at: Sequence[float] = [0.0]
+            elif sparsities is not None:
+                runs_at = sparsities
+            else:
+                runs_at = SPARSITIES if only is None else only
+            for s in runs_at:
+                start = time.perf_counter()
+                pruned, bits, runs = method(split, s)
+                seconds = time.perf_counter() - start
+                row = rows.setdefault((model, s, name), GenRow(model, s, name))
+                evaluation.score(pruned, row)
+                row.add_run(bits, runs, seconds)
     return list(rows.values())
 
 

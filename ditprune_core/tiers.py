@@ -45,6 +45,7 @@ __all__ = [
     "TIERS_GIB",
     "FileChoice",
     "TierChoice",
+    "choice_models",
     "choose_for_size",
     "choose_tier",
     "choose_tiers",
@@ -133,7 +134,7 @@ class FileChoice:
         )
 
 
-def _choice_models(table: dict[str, Any]) -> list[str]:
+def choice_models(table: dict[str, Any]) -> list[str]:
     """The test-beds that measured every point: the choice is made on their mean."""
     return [m for m in table["models"] if all(m in p["models"] for p in table["points"])]
 
@@ -157,7 +158,7 @@ def file_candidates(
     measured (see the module docstring), for FLUX.1-dev or a model of these parameter counts."""
     prunable = prunable_params or table["flux_prunable_params"]
     rest = rest_params if rest_params is not None else table["flux_rest_params"]
-    models = _choice_models(table)
+    models = choice_models(table)
     out = []
     for p in table["points"]:
         if not p["reconstructed"]:
@@ -186,7 +187,8 @@ def _fp8(table: dict[str, Any]) -> tuple[float, dict[str, float], float]:
     """ComfyUI's fp8 cast: its FLUX.1-dev file GB (the rest fp8 too), errors, mean error."""
     fp8 = _point(table, FP8_CAST)
     errors = {m: e["held"] for m, e in fp8["models"].items()}
-    mean = sum(errors[m] for m in _choice_models(table)) / len(_choice_models(table))
+    models = choice_models(table)
+    mean = sum(errors[m] for m in models) / len(models)
     return _file_gb(table, fp8, "fp8", table["flux_prunable_params"], table["flux_rest_params"]), errors, mean
 
 
