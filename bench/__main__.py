@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +22,20 @@ def _one_thread() -> None:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def bench_command(argv: list[str]) -> str:
+    """The command a table names: quoted as a shell takes it, without ``--out DIR`` (where a run
+    wrote its files is not how its figures were made)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return "python -m bench " + shlex.join(kept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
+    parser.add_argument(
+        "--points",
+        nargs="+",
+        default=None,
+        help="frontier: only these points (as frontier.md names them); the rest is kept from frontier.json",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
     parser.add_argument(
@@ -111,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="gpu_step: also ditprune's decode compiled")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = bench_command(argv if argv is not None else sys.argv[1:])
     held_out_benches = ("refine_holdout", "coverage", "generalisation", "frontier")
     if args.models is None:
         args.models = list(ALL_MODELS if args.which in held_out_benches else ALL_MODELS[:2])
@@ -257,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "frontier":
         import torch
 
-        from .frontier import rows_by_model, run_frontier, run_split, write_frontier
+        from .frontier import points_named, rows_by_model, run_frontier, run_split, write_frontier
 
         torch.set_num_threads(2)
+        points = points_named(args.points) if args.points else None
         if args.jobs > 1:  # one process per (model, split), one thread each; the largest model first
             from concurrent.futures import ProcessPoolExecutor
             from functools import partial
@@ -267,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             from .refine_holdout import SPLITS
 
             tasks = [(m, split) for m in reversed(args.models) for split in SPLITS]
+            run = partial(run_split, eval_seeds=tuple(args.seeds), points=points)
             with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-                parts = pool.map(partial(run_split, eval_seeds=tuple(args.seeds)), *zip(*tasks, strict=True))
+                parts = pool.map(run, *zip(*tasks, strict=True))
                 frontier_rows = rows_by_model(list(parts), args.models)
         else:
-            frontier_rows = run_frontier(args.models, eval_seeds=tuple(args.seeds))
+            frontier_rows = run_frontier(args.models, eval_seeds=tuple(args.seeds), points=points)
         path = write_frontier(frontier_rows, args.out, command, previous=args.out / "frontier.json")
         print(path.read_text())
         return 0

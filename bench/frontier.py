@@ -21,7 +21,12 @@ shipped), so dense and sparse get exactly the same reconstruction:
 - ``..., rest int4``: the same with the layers that stay dense (modulation, embedders, final layer)
   rounded as ``remainder="int4"`` stores them: the whole file's error (what a file under 5 GB needs);
 - the references, no calibration: ComfyUI's fp8 cast, GGUF (``Q8_0`` ... ``Q2_K``, :mod:`.gguf_ref`),
-  round-to-nearest (``RTN``) at 4 and 3 bits.
+  round-to-nearest (``RTN``) at 4 and 3 bits;
+- ``GGUF Qx file``: the whole GGUF file as ComfyUI-GGUF's converter makes it: every 2-D weight in the
+  format, the modulation layers included, the embedders and the final layer kept in 16 bits. Its
+  FLUX.1-dev size is that file's (Q3_K 5.22 GB, Q2_K 4.02 GB: the published files are 5.23 and 4.03
+  GB), and its error is measured with the modulation quantised too: the like-for-like reference for
+  our whole files (``rest int4``). The plain ``GGUF Qx`` rows quantise the prunable layers only.
 
 Bits/weight (b/w) are those of FLUX.1-dev's prunable layers stored in the point's format (exact
 layout arithmetic on FLUX.1-dev's shapes; kept values spread evenly over rows; mask, codes, scales
@@ -37,7 +42,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +52,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ditprune_core.config import PruneConfig
-from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, SHAPES
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline
 from ditprune_core.prune import select_layers
-from ditprune_core.quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, fake_quantize
+from ditprune_core.quantize import (
+    DEFAULT_DENSE_SPECS,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_VALUE_SPECS,
+    QuantSpec,
+    fake_quantize,
+)
+from ditprune_core.save import is_remainder_weight
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.tiers import choice_models
 from ditprune_core.util.io import atomic_path
@@ -67,8 +79,10 @@ __all__ = [
     "FULL",
     "REDUCED",
     "Point",
+    "as_gguf_file_",
     "best_for_budget",
     "points_for",
+    "points_named",
     "run_frontier",
     "run_split",
     "to_table",
@@ -80,6 +94,27 @@ MODELS = ("miniflux-a", "miniflux-b", "miniflux-c")
 BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 8.0)
 #: the remainders a file can have, and the bytes a parameter of FLUX.1-dev's remainder takes in each
 REMAINDERS = ("keep", "fp8", "int4")
+#: the weights ComfyUI-GGUF's converter (tools/convert.py) keeps in high precision; every other 2-D
+#: weight of a GGUF file, the modulation layers included, takes the file's format
+GGUF_KEPT = ("time_in.", "txt_in.", "vector_in.", "img_in.", "guidance_in.", "final_layer.")
+
+
+def _flux_gguf_quantised() -> int:
+    """Weights of FLUX.1-dev a GGUF file stores in its format (prunable layers and modulation)."""
+    shapes = SHAPES["flux"]().shapes
+    return sum(
+        rows * cols
+        for key, (rows, cols) in ((k, v) for k, v in shapes.items() if len(v) == 2)
+        if not _gguf_kept(key)
+    )
+
+
+def _gguf_kept(key: str) -> bool:
+    return any(k in key for k in GGUF_KEPT)
+
+
+#: FLUX.1-dev's weights in a GGUF file's format (prunable + modulation: 11.83B of its 11.90B)
+FLUX_GGUF_QUANTISED = _flux_gguf_quantised()
 
 
 @dataclass(frozen=True)
@@ -94,22 +129,36 @@ class Point:
     values: str
     sparsity: float = 0.0
     rest_int4: bool = False
+    #: values one scale covers (Prune and Reconstruct's ``value_group``), reconstructed int points
+    group: int = DEFAULT_GROUP_SIZE
+    #: a GGUF point: the whole file as ComfyUI-GGUF makes it (the modulation in the format too)
+    gguf_file: bool = False
 
     @property
     def name(self) -> str:
+        values = self.values if self.group == DEFAULT_GROUP_SIZE else f"{self.values} g{self.group}"
         base = {
-            "sparse": f"{self.sparsity:.0%} + {self.values} + OBS",
-            "dense": f"dense {self.values} + OBS",
+            "sparse": f"{self.sparsity:.0%} + {values} + OBS",
+            "dense": f"dense {values} + OBS",
             "gguf": f"GGUF {self.values}",
             "fp8 cast": "fp8 cast (ComfyUI)",
             "rtn": f"RTN {self.values}",
         }[self.kind]
+        if self.gguf_file:
+            return f"{base} file (modulation {self.values})"
         return base + (", rest int4" if self.rest_int4 else "")
 
     @property
     def reconstructed(self) -> bool:
         """Made by Prune and Reconstruct (+ Save Pruned Model): a choice the nodes can offer."""
         return self.kind in ("sparse", "dense")
+
+    def value_spec(self) -> QuantSpec | None:
+        """The codes' spec when the group is not the default (None: ``value_bits``' default)."""
+        if self.value_bits is None or self.group == DEFAULT_GROUP_SIZE:
+            return None
+        defaults = DEFAULT_DENSE_SPECS if self.kind == "dense" else DEFAULT_VALUE_SPECS
+        return replace(defaults[self.value_bits], group_size=self.group)
 
     @property
     def value_bits(self) -> int | None:
@@ -125,27 +174,41 @@ class Point:
         if self.values == "fp8":
             stored = flux_bytes(torch.float8_e4m3fn, self.sparsity)
         elif self.kind == "sparse":
-            stored = flux_bytes(DEFAULT_VALUE_SPECS[int(self.values[3:])], self.sparsity)
+            stored = flux_bytes(self.value_spec() or DEFAULT_VALUE_SPECS[int(self.values[3:])], self.sparsity)
         else:  # dense codes (reconstructed or round to nearest)
-            stored = flux_bytes(DEFAULT_DENSE_SPECS[int(self.values[3:])], None)
+            stored = flux_bytes(self.value_spec() or DEFAULT_DENSE_SPECS[int(self.values[3:])], None)
         return 8 * stored / FLUX_PRUNABLE
 
     def flux_gb(self) -> dict[str, float]:
-        """The FLUX.1-dev file in GB with the remainder kept (bf16), fp8 or int4."""
+        """The FLUX.1-dev file in GB with the remainder kept (bf16), fp8 or int4; a GGUF file's own
+        size under every key (its remainder is what the converter makes of it)."""
+        if self.gguf_file:
+            rest = 2 * (FLUX_PRUNABLE + FLUX_REST - FLUX_GGUF_QUANTISED)
+            gb = round((self.flux_bits_per_weight() * FLUX_GGUF_QUANTISED / 8 + rest) / 1e9, 3)
+            return dict.fromkeys(REMAINDERS, gb)
         prunable = self.flux_bits_per_weight() * FLUX_PRUNABLE / 8e9
         return {r: round(prunable + flux_rest_gb(r), 3) for r in REMAINDERS}
 
+    @property
+    def remainder_measured(self) -> str:
+        """What the layers outside the prunable ones held when the error was measured."""
+        if self.gguf_file:
+            return "gguf"
+        return "int4" if self.rest_int4 else "as trained"
 
-def _sparse(values: Sequence[str], sparsities: Sequence[float]) -> list[Point]:
-    return [Point("sparse", v, s) for v in values for s in sparsities]
+
+def _sparse(
+    values: Sequence[str], sparsities: Sequence[float], group: int = DEFAULT_GROUP_SIZE
+) -> list[Point]:
+    return [Point("sparse", v, s, group=group) for v in values for s in sparsities]
 
 
-def _dense(bits: Sequence[int]) -> list[Point]:
-    return [Point("dense", f"int{b}") for b in bits]
+def _dense(bits: Sequence[int], group: int = DEFAULT_GROUP_SIZE) -> list[Point]:
+    return [Point("dense", f"int{b}", group=group) for b in bits]
 
 
 def _whole(points: Sequence[Point]) -> list[Point]:
-    return [Point(p.kind, p.values, p.sparsity, rest_int4=True) for p in points]
+    return [replace(p, rest_int4=True) for p in points]
 
 
 #: every point on miniflux-a and -b (their OBS runs take seconds): sparse from 20% to 75%
@@ -155,13 +218,24 @@ _FULL_RECON = [
     *_sparse(("int3",), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75)),
     *_sparse(("fp8",), (0.2, 0.3, 0.5)),
 ]
+#: groups of 32 (Prune and Reconstruct's value_group 32): more scales, less error
+_G32_RECON = [
+    *_dense((4, 3, 2), group=32),
+    *_sparse(("int4",), (0.4, 0.5), group=32),
+    *_sparse(("int3",), (0.4, 0.5, 0.6, 0.7), group=32),
+]
+#: the GGUF files the file-size targets compare with, whole (the modulation in the format too)
+GGUF_FILES = (Point("gguf", "Q3_K", gguf_file=True), Point("gguf", "Q2_K", gguf_file=True))
 FULL: tuple[Point, ...] = (
     Point("fp8 cast", "fp8"),
     *(Point("gguf", f) for f in ("Q8_0", "Q5_0", "Q4_0", "Q3_K", "Q2_K")),
+    *GGUF_FILES,
     Point("rtn", "int4"),
     Point("rtn", "int3"),
     *_FULL_RECON,
     *_whole([p for p in _FULL_RECON if p.values != "fp8"]),
+    *_G32_RECON,
+    *_whole(_G32_RECON),
 )
 #: miniflux-c's reduced set (each OBS run 100-200 s, each evaluation 90 s on one core): the points
 #: near the file-size targets (5 GB and 4 GB whole files) and the dense baselines
@@ -173,13 +247,27 @@ _REDUCED_RECON = [
 REDUCED: tuple[Point, ...] = (
     Point("fp8 cast", "fp8"),
     *(Point("gguf", f) for f in ("Q3_K", "Q2_K")),
+    *GGUF_FILES,
     *_REDUCED_RECON,
     *_whole([Point("dense", "int2"), Point("sparse", "int4", 0.55), Point("sparse", "int3", 0.75)]),
+    *_dense((3,), group=32),
+    *_sparse(("int3",), (0.5, 0.7), group=32),
+    *_whole(_sparse(("int3",), (0.5, 0.7), group=32)),
 )
 
 
 def points_for(model: str) -> tuple[Point, ...]:
     return REDUCED if model == "miniflux-c" else FULL
+
+
+@torch.no_grad()
+def as_gguf_file_(model: torch.nn.Module, fmt: str) -> None:
+    """Round ``model`` in place to what a GGUF file of ``fmt`` holds: the prunable layers and every
+    other 2-D weight but the embedders and the final layer (:data:`GGUF_KEPT`) in the format."""
+    prunable = {f"{n}.weight" for n in select_layers(model, PruneConfig(0.5))}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in prunable or (is_remainder_weight(key, tensor) and not _gguf_kept(key)):
+            tensor.copy_(gguf_fake_quantize(tensor.detach(), fmt))
 
 
 class _Maker:
@@ -188,16 +276,18 @@ class _Maker:
 
     def __init__(self, split: Split) -> None:
         self.split = split
-        self.runs: dict[tuple[float, int | None], tuple[MiniFluxPipeline, float, int]] = {}
+        self.runs: dict[tuple[float, int | None, QuantSpec | None], tuple[MiniFluxPipeline, float, int]] = {}
 
-    def obs(self, sparsity: float, bits: int | None) -> tuple[MiniFluxPipeline, float, int]:
-        key = (sparsity, bits)
+    def obs(
+        self, sparsity: float, bits: int | None, spec: QuantSpec | None = None
+    ) -> tuple[MiniFluxPipeline, float, int]:
+        key = (sparsity, bits, spec)
         if key not in self.runs:
             pipe = _copy(self.split)
             report = prune_sequential_(
                 pipe.model,
                 lambda cal: self.split.calibrate(pipe, cal),
-                PruneConfig(sparsity, update="obs", value_bits=bits),
+                PruneConfig(sparsity, update="obs", value_bits=bits, value_spec=spec),
                 memory_budget_bytes=1 << 34,
                 weighting="log",
             )
@@ -211,9 +301,16 @@ class _Maker:
             layer.weight.copy_(fn(name, layer.weight.detach()))
         return pipe
 
+    def _gguf_file(self, fmt: str) -> MiniFluxPipeline:
+        pipe = _copy(self.split)
+        as_gguf_file_(pipe.model, fmt)
+        return pipe
+
     def make(self, point: Point) -> tuple[MiniFluxPipeline, float, int]:
         """(pipeline, MiniFlux bits/weight of the prunable layers, sampler runs)."""
         if point.kind == "gguf":
+            if point.gguf_file:
+                return self._gguf_file(point.values), BITS_PER_WEIGHT[point.values], 0
             return (
                 self._each_layer(lambda n, w: gguf_fake_quantize(w, point.values)),
                 BITS_PER_WEIGHT[point.values],
@@ -229,7 +326,7 @@ class _Maker:
             base, _, runs = self.obs(point.sparsity, None)
             pipe, bits = _fp8_values(base, "bitmask")
         else:
-            pipe, bits, runs = self.obs(point.sparsity, point.value_bits)
+            pipe, bits, runs = self.obs(point.sparsity, point.value_bits, point.value_spec())
         return (_round_remainder(pipe) if point.rest_int4 else pipe), bits, runs
 
 
@@ -261,6 +358,18 @@ def run_split(model: str, split: Sequence[int], **kwargs: Any) -> list[GenRow]:
 ALL_POINTS = {p.name: p for p in (*FULL, *REDUCED)}
 
 
+def points_named(names: Sequence[str]) -> list[Point]:
+    """The points of these names (as frontier.md writes them).
+
+    Raises:
+        ValueError: a name no point has; the message lists the names there are.
+    """
+    unknown = [n for n in names if n not in ALL_POINTS]
+    if unknown:
+        raise ValueError(f"no frontier point is named {unknown}; the points are: {', '.join(ALL_POINTS)}")
+    return [ALL_POINTS[n] for n in names]
+
+
 def to_table(rows: Sequence[GenRow], command: str) -> dict[str, Any]:
     """The frontier table as ``frontier.json`` holds it: every point with its settings, its FLUX.1-dev
     file and its errors on each test-bed that measured it. The tier chooser and the size target of
@@ -278,7 +387,8 @@ def to_table(rows: Sequence[GenRow], command: str) -> dict[str, Any]:
                 "sparsity": point.sparsity,
                 "values": point.values,
                 "value_bits": point.value_bits,
-                "remainder_measured": "int4" if point.rest_int4 else "as trained",
+                "value_group": point.group,
+                "remainder_measured": point.remainder_measured,
                 "reconstructed": point.reconstructed,
                 "flux_bits_per_weight": round(point.flux_bits_per_weight(), 4),
                 "flux_gb": point.flux_gb(),
@@ -325,17 +435,21 @@ def best_for_budget(
 
 
 def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The frontier issue's file-size targets, per test-bed, on whole files (rest int4 measured)."""
+    """The frontier issue's file-size targets, per test-bed, on whole files (rest int4 measured)
+    against the whole GGUF file (its modulation quantised too) where it was measured, else against
+    GGUF on the prunable layers only (then the reference's error leaves its remainder out)."""
     out = []
     for model in table["models"]:
         ref = {p["name"]: p for p in table["points"] if model in p["models"]}
         for gb, fmt, factor, words in (
-            (5.0, "GGUF Q3_K", 0.5, "at most half of"),
-            (4.0, "GGUF Q2_K", 1.0, "below"),
+            (5.0, "Q3_K", 0.5, "at most half of"),
+            (4.0, "Q2_K", 1.0, "below"),
         ):
-            if fmt not in ref:
+            whole, layers = ref.get(f"GGUF {fmt} file (modulation {fmt})"), ref.get(f"GGUF {fmt}")
+            reference = whole or layers
+            if reference is None:
                 continue
-            q = ref[fmt]["models"][model]["held"]
+            q = reference["models"][model]["held"]
             fits = [
                 p
                 for p in ref.values()
@@ -347,26 +461,69 @@ def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
             best = min(fits, key=lambda p: p["models"][model]["held"])
             e = best["models"][model]["held"]
             ok = e <= factor * q if factor < 1 else e < q
+            what = (
+                f"the GGUF {fmt} file ({whole['flux_gb']['int4']:.2f} GB) {q:.5f}"
+                if whole
+                else f"GGUF {fmt} (prunable layers only) {q:.5f}"
+            )
+            also = (
+                f"; GGUF {fmt} on the prunable layers only: {layers['models'][model]['held']:.5f}"
+                if whole and layers
+                else ""
+            )
             out.append(
                 (
                     f"{model}: best FLUX.1-dev file <= {gb:.0f} GB is {best['name']} "
                     f"({best['flux_gb']['int4']:.2f} GB), "
-                    f"held-out {e:.5f} vs {fmt} {q:.5f} ({e / q:.2f}x; target {words} {fmt}'s)",
+                    f"held-out {e:.5f} vs {what} ({e / q:.2f}x; target {words} GGUF {fmt}'s{also})",
                     ok,
                 )
             )
     return out
 
 
+def _bit_claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The generalisation issue's size-fidelity targets, per test-bed, held out, on the prunable
+    layers (bits/weight of FLUX.1-dev's; GGUF on the same layers): at <= 3.0 b/w at most half of
+    Q2_K's error, at <= 3.5 b/w below Q3_K's."""
+    out = []
+    for model in table["models"]:
+        ref = {p["name"]: p for p in table["points"] if model in p["models"]}
+        for budget, fmt, factor, words in (
+            (3.0, "Q2_K", 0.5, "at most half of"),
+            (3.5, "Q3_K", 1.0, "below"),
+        ):
+            if f"GGUF {fmt}" not in ref:
+                continue
+            q = ref[f"GGUF {fmt}"]["models"][model]["held"]
+            fits = [
+                p
+                for p in ref.values()
+                if p["reconstructed"]
+                and p["remainder_measured"] == "as trained"
+                and p["flux_bits_per_weight"] <= budget
+            ]
+            if not fits:
+                continue
+            best = min(fits, key=lambda p: p["models"][model]["held"])
+            e = best["models"][model]["held"]
+            out.append(
+                (
+                    f"{model}: best at <= {budget:.1f} b/w is {best['name']} "
+                    f"({best['flux_bits_per_weight']:.2f} b/w) {e:.5f} vs GGUF {fmt} {q:.5f} "
+                    f"({e / q:.2f}x; target {words} GGUF {fmt}'s)",
+                    e <= factor * q if factor < 1 else e < q,
+                )
+            )
+    return out
+
+
 def write_frontier(rows: Sequence[GenRow], out_dir: Path, command: str, previous: Path | None = None) -> Path:
-    """frontier.json, frontier.md and frontier.png. ``previous``: a frontier.json whose test-beds not
-    in ``rows`` are kept (a run of one test-bed adds to the others')."""
+    """frontier.json, frontier.md and frontier.png. ``previous``: a frontier.json whose entries the
+    new rows did not measure are kept (a run of one test-bed, or of a few points, adds to the rest)."""
     table = to_table(rows, command)
     if previous is not None and previous.exists():
-        old = json.loads(previous.read_text())
-        kept = [m for m in old["models"] if m not in table["models"]]
-        if kept:
-            table = _merge_tables(old, table, kept)
+        table = _merge_tables(json.loads(previous.read_text()), table)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "frontier.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(table, indent=1) + "\n")
@@ -374,20 +531,18 @@ def write_frontier(rows: Sequence[GenRow], out_dir: Path, command: str, previous
     return write_report(out_dir, "frontier.md", _markdown(table))
 
 
-def _merge_tables(old: dict[str, Any], new: dict[str, Any], kept: Sequence[str]) -> dict[str, Any]:
-    points = {p["name"]: p for p in new["points"]}
+def _merge_tables(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with every (point, test-bed) entry of ``old`` that ``new`` did not measure."""
+    points = {p["name"]: {**p, "models": dict(p["models"])} for p in new["points"]}
     for p in old["points"]:
-        entries = {m: v for m, v in p["models"].items() if m in kept}
-        if not entries:
-            continue
         if p["name"] in points:
-            points[p["name"]]["models"].update(entries)
+            for m, v in p["models"].items():
+                points[p["name"]]["models"].setdefault(m, v)
         else:
-            points[p["name"]] = {**p, "models": entries}
+            points[p["name"]] = {**p, "models": dict(p["models"])}
     order = [n for n in ALL_POINTS if n in points]
-    models = [
-        m for m in dict.fromkeys((*MODELS, *old["models"], *new["models"])) if m in kept or m in new["models"]
-    ]
+    measured = {*old["models"], *new["models"]}
+    models = [m for m in dict.fromkeys((*MODELS, *old["models"], *new["models"])) if m in measured]
     commands = old["command"] if isinstance(old["command"], list) else [old["command"]]
     return {
         **new,
@@ -423,9 +578,14 @@ def _markdown(table: dict[str, Any]) -> str:
                 "-" if e is None else f"{e['held']:.5f} ({e['seen']:.5f}, {e['bits_per_weight']:.2f})"
             )
         gb = p["flux_gb"]
+        size = (
+            f"{gb['int4']:.2f} (the whole file)"
+            if p["remainder_measured"] == "gguf"
+            else f"{gb['keep']:.2f} / {gb['fp8']:.2f} / {gb['int4']:.2f}"
+        )
         lines.append(
             f"| {p['name']} | {'yes' if p['sparsity'] > 0 else 'no'} | {p['flux_bits_per_weight']:.2f} | "
-            f"{gb['keep']:.2f} / {gb['fp8']:.2f} / {gb['int4']:.2f} | {' | '.join(cells)} |"
+            f"{size} | {' | '.join(cells)} |"
         )
     full = choice_models(table)
     lines += [
@@ -457,8 +617,22 @@ def _markdown(table: dict[str, Any]) -> str:
             f"{best['flux_gb']['fp8']:.2f} / {best['flux_gb']['int4']:.2f} | "
             f"{_mean_held(best, full):.5f} | {' | '.join(per)} |"
         )
-    lines += ["", "## File-size targets (whole files: the remainder's int4 rounding measured too)", ""]
+    lines += [
+        "",
+        "## File-size targets (whole files: the remainder's int4 rounding measured too)",
+        "",
+        "Like for like: each of our files is measured whole (its remainder rounded to int4) and compared "
+        "with the whole GGUF file, whose modulation layers are in the GGUF format too (the rows "
+        "`GGUF Qx file`); the error of GGUF on the prunable layers alone is given beside it.",
+        "",
+    ]
     lines += [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in _claims(table)]
+    lines += [
+        "",
+        "## Bits/weight targets (the prunable layers, as the generalisation issue sets them)",
+        "",
+    ]
+    lines += [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in _bit_claims(table)]
     lines += [
         "",
         "Plot: `frontier.png` (held-out error against FLUX.1-dev bits/weight, one panel per test-bed).",
@@ -481,7 +655,7 @@ def _plot(table: dict[str, Any], path: Path) -> None:
     FigureCanvasAgg(fig)
     for i, model in enumerate(models):
         ax = fig.add_subplot(1, len(models), i + 1)
-        pts = [p for p in table["points"] if model in p["models"] and p["remainder_measured"] != "int4"]
+        pts = [p for p in table["points"] if model in p["models"] and p["remainder_measured"] == "as trained"]
         for kind, (color, marker) in _STYLE.items():
             sel = [p for p in pts if p["kind"] == kind]
             if sel:

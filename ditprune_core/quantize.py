@@ -44,6 +44,7 @@ from .util.dtypes import cast_saturating, storage_view
 
 __all__ = [
     "DEFAULT_DENSE_SPECS",
+    "DEFAULT_GROUP_SIZE",
     "DEFAULT_VALUE_SPECS",
     "GROUPINGS",
     "SUPPORTED_BITS",
@@ -130,20 +131,23 @@ class QuantSpec:
         return 1 << (self.bits - 1)
 
 
+#: the values one scale covers in the default specs (a ``value_spec`` may choose 64 or 32: more
+#: scales, less error; docs/bench/frontier.md measures both)
+DEFAULT_GROUP_SIZE = 128
 #: Measured defaults for the kept values of a pruned layer (``value_bits``): groups of 128 kept
 #: values; asymmetric at 8 and 4 bits, symmetric at 3 (docs/bench/quant_groups.md: lowest
 #: error x 4^(bits/weight) on both MiniFlux models, at 50 % and 2:4).
 DEFAULT_VALUE_SPECS = {
-    8: QuantSpec(8, 128, sym=False),
-    4: QuantSpec(4, 128, sym=False),
-    3: QuantSpec(3, 128, sym=True),
+    8: QuantSpec(8, DEFAULT_GROUP_SIZE, sym=False),
+    4: QuantSpec(4, DEFAULT_GROUP_SIZE, sym=False),
+    3: QuantSpec(3, DEFAULT_GROUP_SIZE, sym=True),
 }
 #: Measured defaults for dense weights (round to nearest, GPTQ), same rule.
 DEFAULT_DENSE_SPECS = {
-    8: QuantSpec(8, 128, sym=False),
-    4: QuantSpec(4, 128, sym=False),
-    3: QuantSpec(3, 128, sym=True),
-    2: QuantSpec(2, 128, sym=True),
+    8: QuantSpec(8, DEFAULT_GROUP_SIZE, sym=False),
+    4: QuantSpec(4, DEFAULT_GROUP_SIZE, sym=False),
+    3: QuantSpec(3, DEFAULT_GROUP_SIZE, sym=True),
+    2: QuantSpec(2, DEFAULT_GROUP_SIZE, sym=True),
 }
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ __all__ = [
 
 GIB = 1 << 30
 MIB = 1 << 20
+#: :data:`ditprune_core.quantize.DEFAULT_GROUP_SIZE` (this module imports no torch; a test checks)
+DEFAULT_GROUP_SIZE = 128
 #: the cards the shipped FLUX.1-dev workflows are made for
 TIERS_GIB = (8, 12, 16)
 #: FLUX.1-dev's largest prunable layer, ``single_blocks.N.linear1`` (21504 x 3072), decoded to bf16
@@ -107,6 +109,7 @@ class FileChoice:
         bits_per_weight: of the prunable layers (FLUX.1-dev's shapes).
         errors: test-bed -> held-out relative MSE of final samples against dense (MiniFlux).
         mean_error: the mean of ``errors`` over the test-beds the choice is made on.
+        value_group: Prune and Reconstruct's ``value_group`` widget: values a scale covers.
     """
 
     point: str
@@ -119,12 +122,15 @@ class FileChoice:
     bits_per_weight: float
     errors: dict[str, float]
     mean_error: float
+    value_group: int = field(default=DEFAULT_GROUP_SIZE, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         bits = "values in the model's dtype" if self.value_bits is None else f"{self.value_bits}-bit values"
+        if self.value_bits is not None and self.value_group != DEFAULT_GROUP_SIZE:
+            bits += f" in groups of {self.value_group}"
         kind = f"{self.sparsity:.0%} sparsity" if self.sparsity > 0 else "no pruning (quantise only)"
         errors = ", ".join(f"{m} {e:.4f}" for m, e in self.errors.items())
         return (
@@ -172,6 +178,7 @@ def file_candidates(
                     sparsity=p["sparsity"],
                     pattern="unstructured",
                     value_bits=p["value_bits"],
+                    value_group=p.get("value_group", DEFAULT_GROUP_SIZE),
                     values=SAVE_VALUES[p["values"]],
                     remainder=remainder,
                     file_gb=_file_gb(table, p, remainder, prunable, rest),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.model_management
 import torch
 from comfy.model_patcher import ModelPatcher
@@ -11,7 +13,7 @@ from comfy_api.latest import io
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
 from ..ditprune_core.config import ReconstructParams
 from ..ditprune_core.prune import select_layers
-from ..ditprune_core.quantize import QuantizedWeight, QuantSpec, dequantize_weight
+from ..ditprune_core.quantize import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantSpec, dequantize_weight
 from ..ditprune_core.sequential import default_memory_budget, prune_sequential_
 from ..ditprune_core.specs import GroupingSpec, SaliencySpec
 from ..ditprune_core.util.packing import PackedMask
@@ -35,6 +37,8 @@ from .targets import TARGET_TOOLTIP, size_target_choice
 
 _GIB = 1 << 30
 VALUE_BITS_CHOICES = ("none", "8", "4", "3", "2")
+#: values one scale covers (the first is the default): smaller groups, less error, more bits
+VALUE_GROUP_CHOICES = (str(DEFAULT_GROUP_SIZE), "64", "32")
 
 
 class ReconstructedPatch(WeightAdapterBase):
@@ -142,11 +146,15 @@ def reconstruct_config(
     block_refine_steps: int | None,
     saliency: SaliencySpec | None,
     clusters: GroupingSpec | None,
+    value_group: str = VALUE_GROUP_CHOICES[0],
 ) -> PruneConfig:
     """The node's widgets as a :class:`PruneConfig` with ``update="obs"`` (a Score Saliency /
-    Cluster Weights input overrides the metric / comparison group)."""
+    Cluster Weights input overrides the metric / comparison group); ``value_group`` other than the
+    default gives the value bits' default spec with that group size."""
     grouping = clusters or GroupingSpec()
-    return PruneConfig(
+    if value_group not in VALUE_GROUP_CHOICES:
+        raise ValueError(f"value_group must be one of {list(VALUE_GROUP_CHOICES)}, got {value_group!r}")
+    config = PruneConfig(
         sparsity,
         metric=saliency.metric if saliency is not None else metric,
         granularity=grouping.granularity,
@@ -161,6 +169,10 @@ def reconstruct_config(
         if block_refine_steps is None
         else ReconstructParams(block_refine_steps=int(block_refine_steps)),
     )
+    spec = config.value_quant
+    if spec is None or int(value_group) == spec.group_size:
+        return config
+    return dataclasses.replace(config, value_spec=dataclasses.replace(spec, group_size=int(value_group)))
 
 
 class ReconstructingClone:
@@ -272,6 +284,16 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     optional=True,  # prompts and workflows saved before it still run
                     tooltip=TARGET_TOOLTIP,
                 ),
+                io.Combo.Input(  # last of the widgets: workflows saved before it keep their values
+                    "value_group",
+                    options=list(VALUE_GROUP_CHOICES),
+                    default=VALUE_GROUP_CHOICES[0],
+                    optional=True,
+                    tooltip="Values one scale covers when value_bits quantises: 128 (default), 64 or 32. "
+                    "Smaller groups have less error and cost bits (3-bit: 3.125, 3.25, 3.5 bits/weight "
+                    "dense); the frontier (docs/bench/frontier.md) measures where they pay. A size target "
+                    "sets it.",
+                ),
                 SaliencyType.Input(
                     "saliency",
                     optional=True,
@@ -317,6 +339,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         layer_regex: str = "",
         memory_budget_gb: float = 0.0,
         value_bits: str = "none",
+        value_group: str = VALUE_GROUP_CHOICES[0],
         block_refine_steps: int | None = None,
         target_file_gb: float = 0.0,
         saliency: SaliencySpec | None = None,
@@ -329,6 +352,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             target = size_target_choice(dm, target_file_gb, attention, mlp, single_fused, modulation)
             sparsity, pattern = target.sparsity, target.pattern
             value_bits = "none" if target.value_bits is None else str(target.value_bits)
+            value_group = str(target.value_group)
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = reconstruct_config(
             sparsity,
@@ -340,6 +364,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             block_refine_steps,
             saliency,
             clusters,
+            value_group,
         )
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         plan = CalibrationPlan.of(run, prompt_set, dm)  # checked before loading

@@ -8,11 +8,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench.frontier import FULL, REDUCED, Point, best_for_budget, run_frontier, to_table, write_frontier
+from bench.__main__ import bench_command
+from bench.frontier import (
+    FLUX_GGUF_QUANTISED,
+    FULL,
+    REDUCED,
+    Point,
+    as_gguf_file_,
+    best_for_budget,
+    points_named,
+    run_frontier,
+    to_table,
+    write_frontier,
+)
 from bench.generalisation import GenRow
 from bench.lowbit import flux_rest_gb
-from ditprune_core.dit_shapes import FLUX_PRUNABLE
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_TOTAL
+from ditprune_core.miniflux.pipeline import load_bundled
 
 
 def test_bits_per_weight_of_each_format_on_flux_by_hand() -> None:
@@ -107,3 +121,72 @@ def test_one_real_split_of_the_bundled_test_bed() -> None:
     assert got["dense int2 + OBS, rest int4"].bits == got["dense int2 + OBS"].bits
     assert got["dense int2 + OBS, rest int4"].held != got["dense int2 + OBS"].held  # the rest rounded too
     assert all(0 < r.held[0] < 1 and 0 < r.seen[0] < 1 for r in rows)
+
+
+def test_the_whole_gguf_file_has_the_published_size() -> None:
+    """ComfyUI-GGUF's converter keeps the embedders and the final layer in 16 bits and puts every other
+    2-D weight, the modulation (3.23B) included, in the format: FLUX.1-dev's Q3_K file is 5.22 GB and
+    its Q2_K file 4.02 GB (city96's published files: 5.23 and 4.03 GB)."""
+    assert FLUX_GGUF_QUANTISED - FLUX_PRUNABLE == 19 * 2 * 6 * 3072 * 3072 + 38 * 3 * 3072 * 3072
+    q3 = Point("gguf", "Q3_K", gguf_file=True)
+    kept = FLUX_TOTAL - FLUX_GGUF_QUANTISED
+    assert q3.flux_gb()["int4"] == pytest.approx((FLUX_GGUF_QUANTISED * 110 / 256 + 2 * kept) / 1e9, abs=1e-3)
+    assert q3.flux_gb()["int4"] == pytest.approx(5.22, abs=0.01)
+    assert Point("gguf", "Q2_K", gguf_file=True).flux_gb()["keep"] == pytest.approx(4.02, abs=0.01)
+    assert q3.name == "GGUF Q3_K file (modulation Q3_K)" and q3.remainder_measured == "gguf"
+    assert not q3.reconstructed and q3 in FULL and q3 in REDUCED
+
+
+def test_file_targets_compare_with_the_whole_gguf_file(tmp_path: Path) -> None:
+    rows = [
+        *_rows(),
+        GenRow("a", 0.0, "GGUF Q3_K file (modulation Q3_K)", [0.03], [0.03], [3.4375]),
+        GenRow("a", 0.0, "GGUF Q2_K file (modulation Q2_K)", [0.045], [0.045], [2.625]),
+    ]
+    text = write_frontier(rows, tmp_path, "cmd").read_text()
+    # <= 5 GB: 0.008 vs the Q3_K file's 0.03 (not the prunable layers' 0.02)
+    assert "(4.80 GB), held-out 0.00800 vs the GGUF Q3_K file (5.22 GB) 0.03000 (0.27x" in text
+    assert "GGUF Q3_K on the prunable layers only: 0.02000" in text
+    # <= 4 GB: 75% + int3 (0.05) is not below the Q2_K file's 0.045, though below Q2_K's layers' 0.06
+    assert "- **not met**: a: best FLUX.1-dev file <= 4 GB is 75% + int3 + OBS, rest int4" in text
+    assert "| GGUF Q3_K file (modulation Q3_K) | no | 3.44 | 5.22 (the whole file) |" in text
+    # the bits/weight targets, on the prunable layers (whole files are not candidates there):
+    # <= 3.0 b/w: none of the reconstructed points without rest fits but ... dense int3 is 3.125
+    assert (
+        "- met: a: best at <= 3.5 b/w is 50% + int4 + OBS (3.08 b/w) 0.02500 vs GGUF Q3_K 0.02000" not in text
+    )
+    assert (
+        "- **not met**: a: best at <= 3.5 b/w is 50% + int4 + OBS (3.08 b/w) 0.02500 vs GGUF Q3_K 0.02000"
+        in text
+    )
+
+
+def test_points_by_name_and_a_run_of_a_few_points_keeps_the_rest(tmp_path: Path) -> None:
+    assert points_named(["dense int2 + OBS"]) == [Point("dense", "int2")]
+    with pytest.raises(ValueError, match=r"no frontier point is named \['dense int5'\].*dense int2 \+ OBS"):
+        points_named(["dense int5"])
+    write_frontier(_rows(), tmp_path, "first")
+    again = [GenRow("a", 0.0, "GGUF Q3_K", [0.04], [0.04], [3.4375])]
+    write_frontier(again, tmp_path, "second", previous=tmp_path / "frontier.json")
+    points = {p["name"]: p for p in json.loads((tmp_path / "frontier.json").read_text())["points"]}
+    assert points["GGUF Q3_K"]["models"]["a"]["held"] == 0.04  # re-measured
+    assert points["dense int3 + OBS"]["models"]["a"]["held"] == 0.03  # kept
+
+
+def test_the_command_a_table_names() -> None:
+    argv = ["frontier", "--out", "/tmp/x", "--points", "GGUF Q3_K file (modulation Q3_K)", "--out=/y"]
+    assert bench_command(argv) == "python -m bench frontier --points 'GGUF Q3_K file (modulation Q3_K)'"
+
+
+def test_the_gguf_file_rounds_the_modulation_and_keeps_the_embedders() -> None:
+    pipe = load_bundled("miniflux-a")
+    before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    as_gguf_file_(pipe.model, "Q2_K")
+    after = pipe.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert (
+        "double_blocks.0.img_mod.lin.weight" in changed and "single_blocks.1.modulation.lin.weight" in changed
+    )
+    assert "double_blocks.0.img_attn.qkv.weight" in changed and "single_blocks.0.linear2.weight" in changed
+    assert not changed & {"txt_in.weight", "time_in.in_layer.weight", "final_layer.adaLN_modulation.1.weight"}
+    assert not any(after[k].dim() == 1 for k in changed)  # biases and norms stay

@@ -39,6 +39,7 @@ def _point(name: str, kind: str, bpw: float, errors: dict[str, float], **kw: obj
         "flux_bits_per_weight": bpw,
         "flux_gb": {},
         "models": {m: {"held": e, "seen": e / 2, "bits_per_weight": bpw} for m, e in errors.items()},
+        **({"value_group": kw["group"]} if "group" in kw else {}),
     }
 
 
@@ -127,6 +128,32 @@ def test_a_file_the_fp8_cast_beats_in_size_and_error_is_never_chosen() -> None:
     c = choose_for_size(table, 3.0)
     assert c.file_gb < 2.0  # the kept-rest files (2.4-2.6 GB, larger and worse) are out
     assert c.point == "50% + fp8 + OBS, rest fp8"
+
+
+def test_a_point_with_groups_of_32_is_made_with_value_group_32() -> None:
+    table = _table()
+    # dense int3 in groups of 32: 3.5 b/w = 0.4375 GB + 1 GB fp8 rest; mean error 0.0035 beats dense
+    # int4's 0.004 at 1.52 GB; tables written before value_group existed read as groups of 128
+    table["points"].append(
+        _point("dense int3 g32 + OBS", "dense", 3.5, {"a": 0.003, "b": 0.004}, values="int3", group=32)
+    )
+    c = choose_for_size(table, 1.5)
+    assert (c.point, c.value_bits, c.value_group, c.remainder) == (
+        "dense int3 g32 + OBS, rest fp8",
+        3,
+        32,
+        "fp8",
+    )
+    assert "3-bit values in groups of 32" in c.describe()
+    dense4 = next(x for x in file_candidates(table) if x.point == "dense int4 + OBS")
+    assert dense4.value_group == 128 and "in groups" not in dense4.describe()
+
+
+def test_the_tier_chooser_and_the_quantiser_agree_on_the_default_group() -> None:
+    from ditprune_core import quantize, tiers
+
+    assert tiers.DEFAULT_GROUP_SIZE == quantize.DEFAULT_GROUP_SIZE
+    assert all(s.group_size == quantize.DEFAULT_GROUP_SIZE for s in quantize.DEFAULT_DENSE_SPECS.values())
 
 
 def test_comfy_reserve_is_comfyuis_own_formula() -> None:

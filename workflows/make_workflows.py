@@ -984,6 +984,7 @@ def reconstruct_chain(
             setting["value_bits"],  # the kept values' codes, chosen jointly (Save stores them exactly)
             0,  # block_refine_steps: the default, off (it did not hold out: docs/bench/generalisation.md)
             setting.get("target_file_gb", 0.0),  # the size target (0: the widgets above)
+            setting.get("value_group", "128"),  # values a scale covers (the size target sets it too)
         ],
         [
             ("model", "MODEL"),
@@ -1279,6 +1280,7 @@ def tier_setting(tier: dict[str, Any]) -> dict[str, Any]:
     return {
         "sparsity": tier["sparsity"],
         "value_bits": "none" if bits is None else str(bits),
+        "value_group": str(tier.get("value_group", 128)),
         "values": FROM_TARGET,
         "remainder": FROM_TARGET,
         "target_file_gb": tier["target_file_gb"],
@@ -1292,6 +1294,8 @@ def _errors(errors: dict[str, float]) -> str:
 def tier_text(tier: dict[str, Any]) -> str:
     """What a tier's workflow makes, costs and gives, from the table (its note's first paragraph)."""
     bits = "values in the model's dtype" if tier["value_bits"] is None else f"{tier['value_bits']}-bit values"
+    if tier["value_bits"] is not None and tier.get("value_group", 128) != 128:
+        bits += f" in groups of {tier['value_group']}"
     kind = f"{tier['sparsity']:.0%} sparsity" if tier["sparsity"] > 0 else "no pruning (quantise only)"
     models = "/".join(m.removeprefix("miniflux-").upper() for m in tier["errors"])
     return (

@@ -267,7 +267,7 @@ def test_per_gpu_workflows_carry_what_their_notes_promise(path: Path, results: d
     # seed, control, steps, cfg, sampler, scheduler, weighting, metric, sparsity, pattern, ...
     assert (recon[8], recon[9]) == (choice.sparsity, choice.pattern)
     assert recon[16] == ("none" if choice.value_bits is None else str(choice.value_bits))
-    assert recon[17:19] == [0, choice.target_file_gb]  # block refinement off; the size target
+    assert recon[17:20] == [0, choice.target_file_gb, str(choice.value_group)]  # refinement, target, group
     assert save[1:] == ["compressed", "size target", "auto", "size target"]
     (note,) = [
         w["values"][0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,50 @@ def test_quantise_only_refusals(comfy: Comfy) -> None:
     with pytest.raises(ValueError, match=r"int2_00001\.safetensors: sparse_kernels .* has no pruned layer"):
         _load(comfy, path, sparse_kernels=True)
     assert _load(comfy, path) is not None  # without it, the file loads
+
+
+@pytest.mark.parametrize(("sparsity", "bits"), [(0.0, "3"), (0.5, "4")], ids=["dense-int3", "sparse-int4"])
+def test_value_group_32_is_made_stored_and_drawn_bit_for_bit(
+    comfy: Comfy, sparsity: float, bits: str
+) -> None:
+    """Prune and Reconstruct's value_group: the codes carry groups of 32 (the bits' default symmetry
+    kept), Save stores them with that group size, the loaded file draws what the graph drew, and the
+    reported bits per weight are the file's (more scales than groups of 128)."""
+    model = load(random_state_dict(flux_shapes(), seed=43))
+    cond = flux_cond()
+    runs = {}
+    for group in ("128", "32"):
+        pruned, _ = reconstruct(
+            comfy, model, flux_cond, sparsity=sparsity, value_bits=bits, value_group=group, layer_regex=LAYER
+        )
+        (patch,) = reconstructed_patches(pruned).values()
+        default = QuantSpec(3, 128, sym=True) if bits == "3" else QuantSpec(4, 128, sym=False)
+        # the pack's QuantSpec is ComfyUI's import of it (another class object): compare the fields
+        want = dataclasses.asdict(dataclasses.replace(default, group_size=int(group)))
+        assert dataclasses.asdict(patch.quantized.spec) == want
+        assert pruned.model_options["ditprune"]["config"]["value_spec"] == (
+            None if group == "128" else dataclasses.asdict(patch.quantized.spec)
+        )
+        runs[group] = pruned
+    assert (
+        runs["32"].model_options["ditprune"]["bits_per_weight"]
+        > runs["128"].model_options["ditprune"]["bits_per_weight"]
+    )
+    pruned = runs["32"]
+    path, _text = _save(comfy, pruned, f"g32-{bits}")
+    with safe_open(str(path), framework="pt") as f:
+        entry = json.loads(f.metadata()["layouts"])[f"{LAYER}.weight"]
+    assert (entry["values"], entry["group_size"]) == (f"int{bits}", "32")
+    sizes = _tensor_bytes(path)
+    key = f"{LAYER}.weight"
+    stored = sum(size for k, size in sizes.items() if k == key or k.rpartition(".")[0] == key)
+    assert pruned.model_options["ditprune"]["bits_per_weight"] == 8.0 * stored / (64 * 320)
+    assert torch.equal(sample(comfy, _load(comfy, path), cond), sample(comfy, pruned, cond))
+
+
+def test_value_group_refusal(comfy: Comfy) -> None:
+    node_module = sys.modules[comfy.node("DitPrunePruneAndReconstruct").__module__]
+    with pytest.raises(ValueError, match=r"value_group must be one of \['128', '64', '32'\], got '48'"):
+        node_module.reconstruct_config(
+            0.5, "unstructured", ("attention",), "energy", "", "4", None, None, None, "48"
+        )

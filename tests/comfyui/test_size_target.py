@@ -57,6 +57,7 @@ def test_the_size_target_takes_the_frontiers_file_and_save_stores_it(comfy: Comf
             assert patch.quantized is None, name
         else:
             assert patch.quantized.spec.bits == expected.value_bits, name
+            assert patch.quantized.spec.group_size == expected.value_group, name
         assert (patch.mask is None) == (expected.sparsity == 0), name
     assert f"sparsity {expected.sparsity:.2%}" in report.splitlines()[0]
     path = _save(comfy, pruned, "chosen", values="size target", remainder="size target")

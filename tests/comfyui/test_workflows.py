@@ -73,7 +73,7 @@ def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
         )
         assert (sparsity, pattern) == (choice.sparsity, choice.pattern), name
         assert value_bits == ("none" if choice.value_bits is None else str(choice.value_bits)), name
-        assert recon["widgets_values"][17:19] == [0, choice.target_file_gb], name  # refinement off; target
+        assert recon["widgets_values"][17:20] == [0, choice.target_file_gb, str(choice.value_group)], name
         assert save["widgets_values"][1:] == ["compressed", "size target", "auto", "size target"], name
         note = next(
             n["widgets_values"][0]
