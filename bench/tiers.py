@@ -40,7 +40,7 @@ def to_markdown(choices: list[TierChoice], source: str) -> str:
         "own fp8 cast beats in both size and error is never chosen; where the fp8 cast fits and has less",
         "error, the verdict is to use it and no workflow is made.",
         "",
-        "| card | verdict | setting | sparsity | value bits | Save values | remainder | file GB "
+        "| card | verdict | setting | sparsity | value bits (group) | Save values | remainder | file GB "
         f"| VRAM GB (file + layer) | {' | '.join(f'held-out rel. MSE {m}' for m in models)} "
         "| ComfyUI fp8 (11.9 GB) |",
         "|---|---|---|---|---|---|---|---|---|" + "---|" * len(models) + "---|",
@@ -54,7 +54,8 @@ def to_markdown(choices: list[TierChoice], source: str) -> str:
         lines.append(
             f"| {c.vram_gib} GB | {'ComfyUI fp8' if c.verdict == 'fp8' else 'ditprune'} | {c.point} | "
             f"{c.sparsity:.0%} {c.pattern} | "
-            f"{c.value_bits if c.value_bits else 'none'} | {c.values} | {c.remainder} | {c.file_gb:.2f} | "
+            f"{f'{c.value_bits} ({c.value_group})' if c.value_bits else 'none'} | {c.values} | "
+            f"{c.remainder} | {c.file_gb:.2f} | "
             f"{c.vram_gb:.2f} | {' | '.join(_cell(c.errors.get(m)) for m in models)} | {fp8} |"
         )
     return "\n".join(lines)

@@ -45,7 +45,7 @@ MIN_HEIGHT = {
     "PreviewImage": 26,
     "DitPruneCompare": 78,
     "DitPruneSavePrunedModel": 160,
-    "DitPrunePruneAndReconstruct": 610,  # as the frontend draws it: prompt_set socket, target_file_gb widget
+    "DitPrunePruneAndReconstruct": 636,  # as the frontend draws it: prompt_set, target_file_gb, value_group
     "PreviewAny": 88,
     "Note": 88,
     "DitPrunePromptSet": 208,
@@ -322,6 +322,7 @@ class Graph:
 # no node occupies: the MODEL bus above row A, the pruned-MODEL and VAE lanes between the rows.
 W = 270  # ordinary node width
 WP = 230  # preview width
+DIFF_HEIGHT = 154  # the difference image: the Compare group's bottom is the graph's (zoom >= 0.6)
 ROW_A = 0  # top of row A's groups
 ROW_B = 650  # top of row B's groups
 LANE_TOP = ROW_A - 40  # the MODEL bus
@@ -583,9 +584,9 @@ def _compare_group(
     images.append(_image_out(g, decoded["dense"], 0, x_images, ks_ys[1] - TITLE + 60, "dense", 200))
     compare_y = g.nodes[compare - 1]["pos"][1]
     metrics = _text_out(g, compare, 0, x_metrics, top, f"metrics ({pruned} vs dense)", 120)
-    diff = _image_out(g, compare, 1, x_metrics, compare_y - TITLE + 20, "difference x4", 180)
+    diff = _image_out(g, compare, 1, x_metrics, compare_y - TITLE + 20, "difference x4", DIFF_HEIGHT)
     about = g.note((0, 0), WP, 100, note, "About: compare")
-    g.place(about, x_metrics, compare_y + 20 + 180 + 12, WP, 100)
+    g.place(about, x_metrics, compare_y + 20 + DIFF_HEIGHT + 12, WP, 100)
     g.group(f"{number} · Compare", COLOURS["compare"], [*images, compare, metrics, diff, about])
 
 
@@ -624,7 +625,7 @@ def sample_compare_save(
         samplers.append(ks)
         decoders.append(dec)
         decoded[label] = dec
-        y += TITLE + 262 + 40
+        y += TITLE + 262 + 20  # the samplers close together: the graph opens at a 0.6 zoom
     note5 = g.note((0, 0), 200, 150, NOTES["sample"], "About: sample")
     g.place(note5, X["decode"], TOP_B + 130, 200, 150)
     g.group("5 · Sample dense vs pruned", COLOURS["sample"], [*samplers, *decoders, note5])
@@ -1062,7 +1063,7 @@ def reconstruct_chain(
         decoders.append(dec)
         decoded[label] = dec
         ks_ys.append(g.nodes[ks - 1]["pos"][1])
-        y += TITLE + 262 + 40
+        y += TITLE + 262 + 20  # the samplers close together: the graph opens at a 0.6 zoom
     note3 = g.note((0, 0), 200, 150, notes["sample"], "About: sample")
     g.place(note3, XR["decode"], top_b + TITLE + 46 + 30, 200, 150)
     g.group("3 · Sample dense vs reconstructed", COLOURS["sample"], [*samplers, *decoders, note3])
