@@ -68,7 +68,7 @@ from ditprune_core.tiers import choice_models
 from ditprune_core.util.io import atomic_path
 
 from . import table_head, write_report
-from .generalisation import EVAL_SEEDS, GenRow, Split, _copy, calibrated_halves, merge_rows
+from .generalisation import EVAL_SEEDS, GenRow, Split, _copy, calibrated_halves, meets_target, merge_rows
 from .gguf_ref import BITS_PER_WEIGHT, fp8_cast, gguf_fake_quantize
 from .lowbit import flux_rest_gb
 from .pareto import _fp8_values, _round_remainder, flux_bytes
@@ -460,7 +460,7 @@ def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
                 continue
             best = min(fits, key=lambda p: p["models"][model]["held"])
             e = best["models"][model]["held"]
-            ok = e <= factor * q if factor < 1 else e < q
+            ok = meets_target(e, q, factor)
             what = (
                 f"the GGUF {fmt} file ({whole['flux_gb']['int4']:.2f} GB) {q:.5f}"
                 if whole
@@ -512,7 +512,7 @@ def _bit_claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
                     f"{model}: best at <= {budget:.1f} b/w is {best['name']} "
                     f"({best['flux_bits_per_weight']:.2f} b/w) {e:.5f} vs GGUF {fmt} {q:.5f} "
                     f"({e / q:.2f}x; target {words} GGUF {fmt}'s)",
-                    e <= factor * q if factor < 1 else e < q,
+                    meets_target(e, q, factor),
                 )
             )
     return out

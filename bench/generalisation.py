@@ -357,7 +357,7 @@ def checks(rows: Sequence[GenRow]) -> list[tuple[str, bool]]:
                     f"{model}: best held-out point at <= {budget} bits/weight is {r.method} {r.sparsity:.0%} "
                     f"({float(np.mean(r.bits)):.2f} b/w) {best:.5f}, {fmt} {ref:.5f}: {best / ref:.2f}x "
                     f"(target {words})",
-                    best <= factor * ref if factor < 1 else best < ref,
+                    meets_target(best, ref, factor),
                 )
             )
     return out
@@ -383,6 +383,11 @@ def frontier(
             fits = [r for r in sized if float(np.mean(r.bits)) <= budget]
             out.append((model, budget, min(fits, key=lambda r: float(np.mean(r.held))) if fits else None))
     return out
+
+
+def meets_target(error: float, reference: float, factor: float) -> bool:
+    """A target against a reference's error: at most ``factor`` of it (factor < 1), or below it."""
+    return error <= factor * reference if factor < 1 else error < reference
 
 
 def write_generalisation(
