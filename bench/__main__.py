@@ -289,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             from .refine_holdout import SPLITS
 
             tasks = [(m, split) for m in reversed(args.models) for split in SPLITS]
-            run = partial(run_split, eval_seeds=tuple(args.seeds), points=points)
+            run_part = partial(run_split, eval_seeds=tuple(args.seeds), points=points)
             with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-                parts = pool.map(run, *zip(*tasks, strict=True))
+                parts = pool.map(run_part, *zip(*tasks, strict=True))
                 frontier_rows = rows_by_model(list(parts), args.models)
         else:
             frontier_rows = run_frontier(args.models, eval_seeds=tuple(args.seeds), points=points)
