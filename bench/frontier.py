@@ -16,6 +16,8 @@ shipped), so dense and sparse get exactly the same reconstruction:
 - ``dense intB + OBS``: sparsity 0, the whole weight quantised in the sweep (GPTQ's update, groups
   of 128), stored as dense codes with no mask (what Prune and Reconstruct with sparsity 0 makes);
 - ``S% + intB + OBS``: S% pruned, the kept values quantised jointly in the sweep (B = 4, 3);
+- ``... intB g32 ...``: the same with a scale for every 32 values instead of 128 (Prune and
+  Reconstruct's ``value_group`` 32: more scales, less error, more bits);
 - ``S% + fp8 + OBS``: S% pruned with the kept values reconstructed in bf16, then rounded to fp8 with a
   scale per row, as Save Pruned Model (values fp8_e4m3fn) stores them;
 - ``..., rest int4``: the same with the layers that stay dense (modulation, embedders, final layer)
@@ -250,7 +252,7 @@ REDUCED: tuple[Point, ...] = (
     *GGUF_FILES,
     *_REDUCED_RECON,
     *_whole([Point("dense", "int2"), Point("sparse", "int4", 0.55), Point("sparse", "int3", 0.75)]),
-    *_dense((3,), group=32),
+    *_dense((4, 3), group=32),  # dense int4 g32: the 12 GB tier's file
     *_sparse(("int3",), (0.5, 0.7), group=32),
     *_whole(_sparse(("int3",), (0.5, 0.7), group=32)),
 )
