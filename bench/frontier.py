@@ -64,7 +64,6 @@ from ditprune_core.quantize import (
     QuantSpec,
     fake_quantize,
 )
-from ditprune_core.save import is_remainder_weight
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.tiers import choice_models
 from ditprune_core.util.io import atomic_path
@@ -73,7 +72,7 @@ from . import table_head, write_report
 from .generalisation import EVAL_SEEDS, GenRow, Split, _copy, calibrated_halves, meets_target, merge_rows
 from .gguf_ref import BITS_PER_WEIGHT, fp8_cast, gguf_fake_quantize
 from .lowbit import flux_rest_gb
-from .pareto import _fp8_values, _round_remainder, flux_bytes
+from .pareto import _fp8_values, _round_remainder, flux_bytes, round_remainder_
 from .refine_holdout import SPLITS
 
 __all__ = [
@@ -266,10 +265,15 @@ def points_for(model: str) -> tuple[Point, ...]:
 def as_gguf_file_(model: torch.nn.Module, fmt: str) -> None:
     """Round ``model`` in place to what a GGUF file of ``fmt`` holds: the prunable layers and every
     other 2-D weight but the embedders and the final layer (:data:`GGUF_KEPT`) in the format."""
-    prunable = {f"{n}.weight" for n in select_layers(model, PruneConfig(0.5))}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if key in prunable or (is_remainder_weight(key, tensor) and not _gguf_kept(key)):
-            tensor.copy_(gguf_fake_quantize(tensor.detach(), fmt))
+    _round_prunable_(model, lambda name, w: gguf_fake_quantize(w, fmt))
+    round_remainder_(model, lambda w, key: gguf_fake_quantize(w, fmt), skip=_gguf_kept)
+
+
+@torch.no_grad()
+def _round_prunable_(model: torch.nn.Module, fn: Any) -> None:
+    """Replace in place the weight of every prunable layer by ``fn(layer name, weight)``."""
+    for name, layer in select_layers(model, PruneConfig(0.5)).items():
+        layer.weight.copy_(fn(name, layer.weight.detach()))
 
 
 class _Maker:
@@ -299,8 +303,7 @@ class _Maker:
     @torch.no_grad()
     def _each_layer(self, fn: Any) -> MiniFluxPipeline:
         pipe = _copy(self.split)
-        for name, layer in select_layers(pipe.model, PruneConfig(0.5)).items():
-            layer.weight.copy_(fn(name, layer.weight.detach()))
+        _round_prunable_(pipe.model, fn)
         return pipe
 
     def _gguf_file(self, fmt: str) -> MiniFluxPipeline:

@@ -418,16 +418,26 @@ def _fp8_values(pipe: MiniFluxPipeline, layout: str) -> tuple[MiniFluxPipeline, 
     return MiniFluxPipeline(model, pipe.conditioner), bits / weights
 
 
-def _round_remainder(pipe: MiniFluxPipeline) -> MiniFluxPipeline:
-    """A copy whose remainder weights (2-D weights outside the prunable layers, as the writer picks
-    them) hold what ``remainder="int4"`` stores: 4-bit asymmetric groups of 128, round to nearest."""
-    model = copy.deepcopy(pipe.model)
+@torch.no_grad()
+def round_remainder_(
+    model: torch.nn.Module,
+    fn: Callable[[torch.Tensor, str], torch.Tensor],
+    skip: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Replace in place every remainder weight of ``model`` (2-D weights outside the prunable layers,
+    as the writer picks them) whose key ``skip`` does not name by ``fn(weight, key)``."""
     prunable = {f"{n}.weight" for n in select_layers(model, PruneConfig())}
-    with torch.no_grad():
-        for key, tensor in model.state_dict(keep_vars=True).items():
-            if key in prunable or not is_remainder_weight(key, tensor):
-                continue
-            tensor.copy_(fake_quantize(tensor.detach(), REMAINDER_SPEC, where=key))
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in prunable or not is_remainder_weight(key, tensor) or skip(key):
+            continue
+        tensor.copy_(fn(tensor.detach(), key))
+
+
+def _round_remainder(pipe: MiniFluxPipeline) -> MiniFluxPipeline:
+    """A copy whose remainder weights hold what ``remainder="int4"`` stores: 4-bit asymmetric groups
+    of 128, round to nearest."""
+    model = copy.deepcopy(pipe.model)
+    round_remainder_(model, lambda w, key: fake_quantize(w, REMAINDER_SPEC, where=key))
     return MiniFluxPipeline(model, pipe.conditioner)
 
 

@@ -1281,7 +1281,7 @@ def tier_setting(tier: dict[str, Any]) -> dict[str, Any]:
     return {
         "sparsity": tier["sparsity"],
         "value_bits": "none" if bits is None else str(bits),
-        "value_group": str(tier.get("value_group", 128)),
+        "value_group": str(tier["value_group"]),
         "values": FROM_TARGET,
         "remainder": FROM_TARGET,
         "target_file_gb": tier["target_file_gb"],
@@ -1295,7 +1295,7 @@ def _errors(errors: dict[str, float]) -> str:
 def tier_text(tier: dict[str, Any]) -> str:
     """What a tier's workflow makes, costs and gives, from the table (its note's first paragraph)."""
     bits = "values in the model's dtype" if tier["value_bits"] is None else f"{tier['value_bits']}-bit values"
-    if tier["value_bits"] is not None and tier.get("value_group", 128) != 128:
+    if tier["value_bits"] is not None and tier["value_group"] != 128:
         bits += f" in groups of {tier['value_group']}"
     kind = f"{tier['sparsity']:.0%} sparsity" if tier["sparsity"] > 0 else "no pruning (quantise only)"
     models = "/".join(m.removeprefix("miniflux-").upper() for m in tier["errors"])
