@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="frontier: only these points (as frontier.md names them); the rest is kept from frontier.json",
     )
+    parser.add_argument(
+        "--clip",
+        choices=("range", "mse"),  # ditprune_core.quantize.CLIPS (the parser imports no torch)
+        default="range",
+        help="frontier: the range rule of every integer grid (range: the product's; mse: the least-error "
+        "clipped ranges, written to docs/bench/clip_mse unless --out names another folder)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
     parser.add_argument(
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(2)
         points = points_named(args.points) if args.points else None
+        if args.clip != "range" and args.out == DEFAULT_OUT:  # never mixed into the product's table
+            args.out = DEFAULT_OUT / f"clip_{args.clip}"
         if args.jobs > 1:  # one process per (model, split), one thread each; the largest model first
             from concurrent.futures import ProcessPoolExecutor
             from functools import partial
@@ -289,13 +298,17 @@ def main(argv: list[str] | None = None) -> int:
             from .refine_holdout import SPLITS
 
             tasks = [(m, split) for m in reversed(args.models) for split in SPLITS]
-            run_part = partial(run_split, eval_seeds=tuple(args.seeds), points=points)
+            run_part = partial(run_split, eval_seeds=tuple(args.seeds), points=points, clip=args.clip)
             with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
                 parts = pool.map(run_part, *zip(*tasks, strict=True))
                 frontier_rows = rows_by_model(list(parts), args.models)
         else:
-            frontier_rows = run_frontier(args.models, eval_seeds=tuple(args.seeds), points=points)
-        path = write_frontier(frontier_rows, args.out, command, previous=args.out / "frontier.json")
+            frontier_rows = run_frontier(
+                args.models, eval_seeds=tuple(args.seeds), points=points, clip=args.clip
+            )
+        path = write_frontier(
+            frontier_rows, args.out, command, previous=args.out / "frontier.json", clip=args.clip
+        )
         print(path.read_text())
         return 0
     if args.which == "checkpoint":

@@ -72,7 +72,7 @@ from . import table_head, write_report
 from .generalisation import EVAL_SEEDS, GenRow, Split, _copy, calibrated_halves, meets_target, merge_rows
 from .gguf_ref import BITS_PER_WEIGHT, fp8_cast, gguf_fake_quantize
 from .lowbit import flux_rest_gb
-from .pareto import _fp8_values, _round_remainder, flux_bytes, round_remainder_
+from .pareto import REMAINDER_SPEC, _fp8_values, _round_remainder, flux_bytes, round_remainder_
 from .refine_holdout import SPLITS
 
 __all__ = [
@@ -280,8 +280,8 @@ class _Maker:
     """Makes the compressed pipeline of every point of one split; one OBS run per (sparsity, value
     bits), shared by the fp8 and rest-int4 points built on it."""
 
-    def __init__(self, split: Split) -> None:
-        self.split = split
+    def __init__(self, split: Split, clip: str = "range") -> None:
+        self.split, self.clip = split, clip
         self.runs: dict[tuple[float, int | None, QuantSpec | None], tuple[MiniFluxPipeline, float, int]] = {}
 
     def obs(
@@ -290,15 +290,22 @@ class _Maker:
         key = (sparsity, bits, spec)
         if key not in self.runs:
             pipe = _copy(self.split)
+            config = PruneConfig(sparsity, update="obs", value_bits=bits, value_spec=spec)
+            if config.value_quant is not None:
+                config = replace(config, value_spec=self._clipped(config.value_quant))
             report = prune_sequential_(
                 pipe.model,
                 lambda cal: self.split.calibrate(pipe, cal),
-                PruneConfig(sparsity, update="obs", value_bits=bits, value_spec=spec),
+                config,
                 memory_budget_bytes=1 << 34,
                 weighting="log",
             )
             self.runs[key] = (pipe, report.bits_per_weight, report.sampler_runs)
         return self.runs[key]
+
+    def _clipped(self, spec: QuantSpec) -> QuantSpec:
+        """``spec`` with the run's range rule (``--clip``)."""
+        return replace(spec, clip=self.clip)
 
     @torch.no_grad()
     def _each_layer(self, fn: Any) -> MiniFluxPipeline:
@@ -324,7 +331,7 @@ class _Maker:
         if point.kind == "fp8 cast":
             return self._each_layer(lambda n, w: fp8_cast(w)), 8.0, 0
         if point.kind == "rtn":
-            spec = DEFAULT_DENSE_SPECS[int(point.values[3:])]
+            spec = self._clipped(DEFAULT_DENSE_SPECS[int(point.values[3:])])
             pipe = self._each_layer(lambda n, w: fake_quantize(w, spec, where=n))
             return pipe, point.flux_bits_per_weight(), 0
         if point.values == "fp8":
@@ -332,7 +339,8 @@ class _Maker:
             pipe, bits = _fp8_values(base, "bitmask")
         else:
             pipe, bits, runs = self.obs(point.sparsity, point.value_bits, point.value_spec())
-        return (_round_remainder(pipe) if point.rest_int4 else pipe), bits, runs
+        rest = self._clipped(REMAINDER_SPEC)
+        return (_round_remainder(pipe, rest) if point.rest_int4 else pipe), bits, runs
 
 
 def run_frontier(
@@ -340,11 +348,16 @@ def run_frontier(
     splits: Sequence[Sequence[int]] = SPLITS,
     eval_seeds: Sequence[int] = EVAL_SEEDS,
     points: Sequence[Point] | None = None,
+    clip: str = "range",
 ) -> list[GenRow]:
-    """One :class:`~.generalisation.GenRow` per (model, point): ``method`` is the point's name."""
+    """One :class:`~.generalisation.GenRow` per (model, point): ``method`` is the point's name.
+
+    ``clip``: the range rule of every integer grid the points make (kept values, dense codes, the
+    round-to-nearest references and the int4 remainder; :data:`~ditprune_core.quantize.CLIPS`):
+    ``"range"`` is the product's; ``"mse"`` measures the least-error clipped ranges instead."""
     rows: dict[tuple[str, str], GenRow] = {}
     for model, split, evaluation in calibrated_halves(models, splits, eval_seeds):
-        maker = _Maker(split)
+        maker = _Maker(split, clip)
         for point in points if points is not None else points_for(model):
             start = time.perf_counter()
             made, bits, runs = maker.make(point)
@@ -523,12 +536,25 @@ def _bit_claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
     return out
 
 
-def write_frontier(rows: Sequence[GenRow], out_dir: Path, command: str, previous: Path | None = None) -> Path:
+def write_frontier(
+    rows: Sequence[GenRow], out_dir: Path, command: str, previous: Path | None = None, clip: str = "range"
+) -> Path:
     """frontier.json, frontier.md and frontier.png. ``previous``: a frontier.json whose entries the
-    new rows did not measure are kept (a run of one test-bed, or of a few points, adds to the rest)."""
-    table = to_table(rows, command)
+    new rows did not measure are kept (a run of one test-bed, or of a few points, adds to the rest);
+    ``clip``: the range rule the rows were measured with (:func:`run_frontier`).
+
+    Raises:
+        ValueError: ``previous`` measured with another range rule (tables of two rules never mix).
+    """
+    table = {**to_table(rows, command), "clip": clip}
     if previous is not None and previous.exists():
-        table = _merge_tables(json.loads(previous.read_text()), table)
+        old = json.loads(previous.read_text())
+        if old.get("clip", "range") != clip:
+            raise ValueError(
+                f"{previous} was measured with clip {old.get('clip', 'range')!r}, this run with {clip!r}: "
+                "write it to another --out folder"
+            )
+        table = _merge_tables(old, table)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "frontier.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(table, indent=1) + "\n")
@@ -563,10 +589,18 @@ def _merge_tables(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def _markdown(table: dict[str, Any]) -> str:
     models = table["models"]
     commands = table["command"] if isinstance(table["command"], list) else [table["command"]]
+    protocol = __doc__ or ""
+    if table.get("clip", "range") != "range":
+        protocol += (
+            f"\n**Range rule: `clip={table['clip']!r}`** (`--clip`): every integer grid of these points "
+            "(kept values, dense codes, RTN, the int4 remainder) clips each group's range by the least-error "
+            "search (:data:`~ditprune_core.quantize.CLIP_SHRINKS`) instead of keeping it, the product's "
+            "rule; compare each row with the same row of `docs/bench/frontier.md`.\n"
+        )
     lines = table_head(
         "The size–fidelity frontier, held out",
         "`, then `".join(commands),
-        __doc__,
+        protocol,
         [
             "point",
             "sparse?",

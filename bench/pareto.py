@@ -433,11 +433,11 @@ def round_remainder_(
         tensor.copy_(fn(tensor.detach(), key))
 
 
-def _round_remainder(pipe: MiniFluxPipeline) -> MiniFluxPipeline:
+def _round_remainder(pipe: MiniFluxPipeline, spec: QuantSpec = REMAINDER_SPEC) -> MiniFluxPipeline:
     """A copy whose remainder weights hold what ``remainder="int4"`` stores: 4-bit asymmetric groups
-    of 128, round to nearest."""
+    of 128, round to nearest (``spec``: another grid for them)."""
     model = copy.deepcopy(pipe.model)
-    round_remainder_(model, lambda w, key: fake_quantize(w, REMAINDER_SPEC, where=key))
+    round_remainder_(model, lambda w, key: fake_quantize(w, spec, where=key))
     return MiniFluxPipeline(model, pipe.conditioner)
 
 

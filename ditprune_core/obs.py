@@ -596,14 +596,20 @@ class RoundKept:
             if i:
                 right = right - err1[rows, :i] @ u[i1 : i1 + i, i2 : col + span]
             current = torch.cat([current, right], dim=1)
+        price = None  # clip="mse" weighs each value's rounding error by its column's price, 1 / U_jj**2
+        if spec.clip == "mse":
+            price = u.diagonal()[col : col + span].square().reciprocal().expand(rows.numel(), span)
         if spec.grouping == "kept":
             count = member.sum(dim=1)
             valid = torch.arange(g, device=w.device)[None, :] < count[:, None]
             grid = torch.zeros(rows.numel(), g, dtype=torch.float32, device=w.device)
             grid.masked_scatter_(valid, current[member[:, :span]])
+            weights = None
+            if price is not None:
+                weights = torch.zeros_like(grid).masked_scatter_(valid, price[member[:, :span]])
         else:
-            grid, valid = current, member
-        return fit_groups(grid, spec, valid=valid, where=self.name)
+            grid, valid, weights = current, member, price
+        return fit_groups(grid, spec, valid=valid, weights=weights, where=self.name)
 
 
 @torch.no_grad()

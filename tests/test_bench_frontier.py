@@ -110,6 +110,27 @@ def test_a_run_of_one_test_bed_is_added_to_the_others(tmp_path: Path) -> None:
     assert "`first`, then `second`" in (tmp_path / "frontier.md").read_text()
 
 
+def test_a_table_of_clipped_ranges_is_its_own(tmp_path: Path) -> None:
+    write_frontier(_rows(), tmp_path, "first", clip="mse")
+    table = json.loads((tmp_path / "frontier.json").read_text())
+    assert table["clip"] == "mse"
+    assert "**Range rule: `clip='mse'`**" in (tmp_path / "frontier.md").read_text()
+    with pytest.raises(ValueError, match="measured with clip 'mse', this run with 'range'"):
+        write_frontier(_rows(), tmp_path, "second", previous=tmp_path / "frontier.json")
+    assert json.loads((tmp_path / "frontier.json").read_text())["command"] == "first"  # untouched
+    write_frontier(_rows(), tmp_path / "plain", "plain")
+    assert "Range rule" not in (tmp_path / "plain" / "frontier.md").read_text()
+
+
+def test_clipped_ranges_reach_the_round_to_nearest_reference() -> None:
+    points = [Point("rtn", "int3")]
+    runs = {
+        clip: run_frontier(["miniflux-a"], splits=[(0,)], eval_seeds=(0,), points=points, clip=clip)[0]
+        for clip in ("range", "mse")
+    }
+    assert runs["mse"].held != runs["range"].held and runs["mse"].bits == runs["range"].bits
+
+
 def test_one_real_split_of_the_bundled_test_bed() -> None:
     """miniflux-a calibrated on class 0: GGUF needs no calibration; dense int2 + OBS and its whole
     file share one OBS run; every point has one seen and one held-out error."""

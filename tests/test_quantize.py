@@ -432,3 +432,68 @@ def test_a_decode_into_float16_is_clamped_to_its_range_not_inf() -> None:
     narrow = dequantize_weight(q, torch.float16)
     assert bool(torch.isfinite(narrow).all()) and float(narrow[0, 1]) == top
     assert torch.equal(narrow[0, [0, 2, 3]], wide.to(torch.float16)[0, [0, 2, 3]])  # the rest as cast
+
+
+def test_mse_clip_by_hand() -> None:
+    # symmetric 2 bits, one group [4, 1, 1, 1]. The range (peak 4, s = -2) decodes 4, 0, 0, 0:
+    # squared error 3. Shrunk by 0.775 (peak 3.1, s = fp16(-1.55)): 4 clamps to code 0 -> 3.1 and
+    # 1 / -1.55 = -0.65 -> code 1 -> 1.55: error 0.9^2 + 3 * 0.55^2 = 1.7175, the least of the
+    # shrinks (0.75: 1.75, 0.8: 1.72, 0.825: 1.7575, 0.7: 1.92)
+    w = torch.tensor([[4.0, 1.0, 1.0, 1.0]])
+    ranged = quantize_weight(w, QuantSpec(2, 4, sym=True))
+    assert dequantize_weight(ranged).tolist() == [[4.0, 0.0, 0.0, 0.0]]
+    q = quantize_weight(w, QuantSpec(2, 4, sym=True, clip="mse"))
+    s = float(torch.tensor(-1.55, dtype=torch.float16))
+    assert q.scales.tolist() == [s]
+    assert q.codes.tolist() == [[0, 1, 1, 1]]
+    assert dequantize_weight(q).tolist() == [[-2 * s, -s, -s, -s]]
+    assert float((dequantize_weight(q) - w).square().sum()) == pytest.approx(1.7175, abs=2e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mse_clip_is_never_worse_than_the_range_in_any_group(bits: int, sym: bool, masked: bool) -> None:
+    gen = torch.Generator().manual_seed(10 * bits + sym)
+    w = torch.randn(12, 50, generator=gen) * torch.rand(12, 1, generator=gen)
+    w[:, 7] *= 8  # an outlier column: where a clipped range pays
+    keep = torch.rand(12, 50, generator=gen) > 0.5 if masked else None
+    base = QuantSpec(bits, 16, sym=sym)
+    clipped = dataclasses.replace(base, clip="mse")
+    assert clipped == base  # an encoder choice: the format (and so the spec's identity) is the same
+    wk = w if keep is None else w * keep
+    err_range = (fake_quantize(w, base, keep=keep) - wk).square()
+    err_mse = (fake_quantize(w, clipped, keep=keep) - wk).square()
+    # per group of 16 columns of a dense row (kept values are grouped differently: compare rows)
+    per = (lambda e: e.reshape(12, -1).sum(dim=1)) if masked else (lambda e: e[:, :48].reshape(-1, 16).sum(1))
+    assert bool((per(err_mse) <= per(err_range) * (1 + 1e-6) + 1e-12).all())
+    if bits <= 3:
+        assert float(err_mse.sum()) < float(err_range.sum())
+
+
+def test_mse_clip_changes_the_grid_not_the_decode() -> None:
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 64, generator=gen)
+    q = quantize_weight(w, QuantSpec(3, 32, sym=True, clip="mse"))
+    q.validate()
+    assert torch.equal(dequantize_weight(q), fake_quantize(w, QuantSpec(3, 32, sym=True, clip="mse")))
+    assert not torch.equal(dequantize_weight(q), fake_quantize(w, QuantSpec(3, 32, sym=True)))
+
+
+def test_an_unknown_clip_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown clip 'max'"):
+        QuantSpec(3, 32, clip="max")
+
+
+def test_mse_clip_weighs_each_value_by_its_price() -> None:
+    # the group of test_mse_clip_by_hand: with equal weights the search shrinks the range (0.775);
+    # when an error on the 4 costs 100 times more (a column OBS prices high), the full range stays
+    spec = QuantSpec(2, 4, sym=True, clip="mse")
+    group = torch.tensor([[4.0, 1.0, 1.0, 1.0]])
+    even, _ = fit_groups(group, spec, weights=torch.ones(1, 4))
+    dear, _ = fit_groups(group, spec, weights=torch.tensor([[100.0, 1.0, 1.0, 1.0]]))
+    assert even.tolist() == [float(torch.tensor(-1.55, dtype=torch.float16))]
+    assert dear.tolist() == [-2.0]
+    # the range rule ignores the weights
+    ranged, _ = fit_groups(group, QuantSpec(2, 4, sym=True), weights=torch.ones(1, 4))
+    assert ranged.tolist() == [-2.0]
