@@ -22,6 +22,8 @@ shipped), so dense and sparse get exactly the same reconstruction:
   scale per row, as Save Pruned Model (values fp8_e4m3fn) stores them;
 - ``..., rest int4``: the same with the layers that stay dense (modulation, embedders, final layer)
   rounded as ``remainder="int4"`` stores them: the whole file's error (what a file under 5 GB needs);
+  ``..., rest int3``: rounded as ``remainder="int3"`` stores them (3-bit symmetric groups of 128,
+  0.42 GB less on FLUX.1-dev: for a file under 4 GB);
 - the references, no calibration: ComfyUI's fp8 cast, GGUF (``Q8_0`` ... ``Q2_K``, :mod:`.gguf_ref`),
   round-to-nearest (``RTN``) at 4 and 3 bits;
 - ``GGUF Qx file``: the whole GGUF file as ComfyUI-GGUF's converter makes it: every 2-D weight in the
@@ -64,6 +66,7 @@ from ditprune_core.quantize import (
     QuantSpec,
     fake_quantize,
 )
+from ditprune_core.save import REMAINDER_BITS
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.tiers import choice_models
 from ditprune_core.util.io import atomic_path
@@ -72,7 +75,7 @@ from . import table_head, write_report
 from .generalisation import EVAL_SEEDS, GenRow, Split, _copy, calibrated_halves, meets_target, merge_rows
 from .gguf_ref import BITS_PER_WEIGHT, fp8_cast, gguf_fake_quantize
 from .lowbit import flux_rest_gb
-from .pareto import REMAINDER_SPEC, _fp8_values, _round_remainder, flux_bytes, round_remainder_
+from .pareto import _fp8_values, _round_remainder, flux_bytes, round_remainder_
 from .refine_holdout import SPLITS
 
 __all__ = [
@@ -94,7 +97,9 @@ MODELS = ("miniflux-a", "miniflux-b", "miniflux-c")
 #: the frontier issue's budgets, bits/weight of FLUX.1-dev's prunable layers
 BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 8.0)
 #: the remainders a file can have, and the bytes a parameter of FLUX.1-dev's remainder takes in each
-REMAINDERS = ("keep", "fp8", "int4")
+REMAINDERS = ("keep", "fp8", "int4", "int3")
+#: the remainders a whole-file point is measured with
+WHOLE_RESTS = ("int4", "int3")
 #: the weights ComfyUI-GGUF's converter (tools/convert.py) keeps in high precision; every other 2-D
 #: weight of a GGUF file, the modulation layers included, takes the file's format
 GGUF_KEPT = ("time_in.", "txt_in.", "vector_in.", "img_in.", "guidance_in.", "final_layer.")
@@ -120,7 +125,7 @@ FLUX_GGUF_QUANTISED = _flux_gguf_quantised()
 
 @dataclass(frozen=True)
 class Point:
-    """One file format of the prunable layers (and, with ``rest_int4``, of the rest too).
+    """One file format of the prunable layers (and, with ``rest``, of the rest too).
 
     ``kind``: ``"sparse"`` / ``"dense"`` (Prune and Reconstruct makes them: reconstructed), or a
     reference made without calibration: ``"gguf"``, ``"fp8 cast"``, ``"rtn"``. ``values``: ``int4``,
@@ -129,7 +134,9 @@ class Point:
     kind: str
     values: str
     sparsity: float = 0.0
-    rest_int4: bool = False
+    #: the remainder rounded as Save Pruned Model's ``remainder`` stores it (``"int4"``, ``"int3"``)
+    #: and measured with it: a whole file; None: the remainder as trained
+    rest: str | None = None
     #: values one scale covers (Prune and Reconstruct's ``value_group``), reconstructed int points
     group: int = DEFAULT_GROUP_SIZE
     #: a GGUF point: the whole file as ComfyUI-GGUF makes it (the modulation in the format too)
@@ -147,7 +154,7 @@ class Point:
         }[self.kind]
         if self.gguf_file:
             return f"{base} file (modulation {self.values})"
-        return base + (", rest int4" if self.rest_int4 else "")
+        return base + (f", rest {self.rest}" if self.rest else "")
 
     @property
     def reconstructed(self) -> bool:
@@ -195,7 +202,7 @@ class Point:
         """What the layers outside the prunable ones held when the error was measured."""
         if self.gguf_file:
             return "gguf"
-        return "int4" if self.rest_int4 else "as trained"
+        return self.rest or "as trained"
 
 
 def _sparse(
@@ -208,15 +215,15 @@ def _dense(bits: Sequence[int], group: int = DEFAULT_GROUP_SIZE) -> list[Point]:
     return [Point("dense", f"int{b}", group=group) for b in bits]
 
 
-def _whole(points: Sequence[Point]) -> list[Point]:
-    return [replace(p, rest_int4=True) for p in points]
+def _whole(points: Sequence[Point], rest: str = "int4") -> list[Point]:
+    return [replace(p, rest=rest) for p in points]
 
 
 #: every point on miniflux-a and -b (their OBS runs take seconds): sparse from 20% to 75%
 _FULL_RECON = [
     *_dense((4, 3, 2)),
     *_sparse(("int4",), (0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.75)),
-    *_sparse(("int3",), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75)),
+    *_sparse(("int3",), (0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.75)),
     *_sparse(("fp8",), (0.2, 0.3, 0.5)),
 ]
 #: groups of 32 (Prune and Reconstruct's value_group 32): more scales, less error
@@ -225,6 +232,9 @@ _G32_RECON = [
     *_sparse(("int4",), (0.4, 0.5), group=32),
     *_sparse(("int3",), (0.4, 0.5, 0.6, 0.7), group=32),
 ]
+#: whole files with the rest in 3-bit codes (Save Pruned Model's remainder int3): 0.42 GB less than
+#: int4 on FLUX.1-dev, for the 4 GB target
+_REST_INT3 = [*_sparse(("int3",), (0.55, 0.6)), *_dense((2,), group=32)]
 #: the GGUF files the file-size targets compare with, whole (the modulation in the format too)
 GGUF_FILES = (Point("gguf", "Q3_K", gguf_file=True), Point("gguf", "Q2_K", gguf_file=True))
 FULL: tuple[Point, ...] = (
@@ -237,6 +247,7 @@ FULL: tuple[Point, ...] = (
     *_whole([p for p in _FULL_RECON if p.values != "fp8"]),
     *_G32_RECON,
     *_whole(_G32_RECON),
+    *_whole(_REST_INT3, "int3"),
 )
 #: miniflux-c's reduced set (each OBS run 100-200 s, each evaluation 90 s on one core): the points
 #: near the file-size targets (5 GB and 4 GB whole files) and the dense baselines
@@ -254,6 +265,8 @@ REDUCED: tuple[Point, ...] = (
     *_dense((4, 3), group=32),  # dense int4 g32: the 12 GB tier's file
     *_sparse(("int3",), (0.5, 0.7), group=32),
     *_whole(_sparse(("int3",), (0.5, 0.7), group=32)),
+    *_sparse(("int3",), (0.55,)),
+    *_whole(_sparse(("int3",), (0.55,)), "int3"),
 )
 
 
@@ -278,7 +291,7 @@ def _round_prunable_(model: torch.nn.Module, fn: Any) -> None:
 
 class _Maker:
     """Makes the compressed pipeline of every point of one split; one OBS run per (sparsity, value
-    bits), shared by the fp8 and rest-int4 points built on it."""
+    bits), shared by the fp8 and whole-file points built on it."""
 
     def __init__(self, split: Split, clip: str = "range") -> None:
         self.split, self.clip = split, clip
@@ -339,8 +352,10 @@ class _Maker:
             pipe, bits = _fp8_values(base, "bitmask")
         else:
             pipe, bits, runs = self.obs(point.sparsity, point.value_bits, point.value_spec())
-        rest = self._clipped(REMAINDER_SPEC)
-        return (_round_remainder(pipe, rest) if point.rest_int4 else pipe), bits, runs
+        if point.rest is None:
+            return pipe, bits, runs
+        rest = self._clipped(DEFAULT_DENSE_SPECS[REMAINDER_BITS[point.rest]])
+        return _round_remainder(pipe, rest), bits, runs
 
 
 def run_frontier(
@@ -440,20 +455,25 @@ def best_for_budget(
 ) -> dict[str, Any] | None:
     """The point with the least held-out error (on ``model``, or the mean over the test-beds that
     measured every point) whose FLUX.1-dev prunable layers fit ``budget`` bits/weight; with
-    ``whole_file``, only points whose remainder error was measured (rest int4) or references."""
+    ``whole_file``, only points whose remainder error was measured (rest int4 / int3) or references."""
     models = [model] if model else choice_models(table)
     fits = [
         p
         for p in table["points"]
         if p["flux_bits_per_weight"] <= budget
         and all(m in p["models"] for m in models)
-        and (not whole_file or p["remainder_measured"] == "int4" or not p["reconstructed"])
+        and (not whole_file or p["remainder_measured"] in WHOLE_RESTS or not p["reconstructed"])
     ]
     return min(fits, key=lambda p: _mean_held(p, models)) if fits else None
 
 
+def _whole_gb(point: dict[str, Any]) -> float:
+    """The FLUX.1-dev file of a whole-file point: the size with the remainder it was measured with."""
+    return float(point["flux_gb"][point["remainder_measured"]])
+
+
 def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The frontier issue's file-size targets, per test-bed, on whole files (rest int4 measured)
+    """The frontier issue's file-size targets, per test-bed, on whole files (rest int4 / int3 measured)
     against the whole GGUF file (its modulation quantised too) where it was measured, else against
     GGUF on the prunable layers only (then the reference's error leaves its remainder out)."""
     out = []
@@ -471,10 +491,10 @@ def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
             fits = [
                 p
                 for p in ref.values()
-                if p["reconstructed"] and p["remainder_measured"] == "int4" and p["flux_gb"]["int4"] <= gb
+                if p["reconstructed"] and p["remainder_measured"] in WHOLE_RESTS and _whole_gb(p) <= gb
             ]
             if not fits:
-                out.append((f"{model}: no measured whole file (rest int4) of at most {gb:.0f} GB", False))
+                out.append((f"{model}: no measured whole file of at most {gb:.0f} GB", False))
                 continue
             best = min(fits, key=lambda p: p["models"][model]["held"])
             e = best["models"][model]["held"]
@@ -492,7 +512,7 @@ def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
             out.append(
                 (
                     f"{model}: best FLUX.1-dev file <= {gb:.0f} GB is {best['name']} "
-                    f"({best['flux_gb']['int4']:.2f} GB), "
+                    f"({_whole_gb(best):.2f} GB), "
                     f"held-out {e:.5f} vs {what} ({e / q:.2f}x; target {words} GGUF {fmt}'s{also})",
                     ok,
                 )
@@ -617,11 +637,12 @@ def _markdown(table: dict[str, Any]) -> str:
                 "-" if e is None else f"{e['held']:.5f} ({e['seen']:.5f}, {e['bits_per_weight']:.2f})"
             )
         gb = p["flux_gb"]
-        size = (
-            f"{gb['int4']:.2f} (the whole file)"
-            if p["remainder_measured"] == "gguf"
-            else f"{gb['keep']:.2f} / {gb['fp8']:.2f} / {gb['int4']:.2f}"
-        )
+        if p["remainder_measured"] == "gguf":
+            size = f"{gb['int4']:.2f} (the whole file)"
+        elif p["remainder_measured"] == "int3":
+            size = f"{gb['int3']:.2f} (rest int3)"
+        else:
+            size = f"{gb['keep']:.2f} / {gb['fp8']:.2f} / {gb['int4']:.2f}"
         lines.append(
             f"| {p['name']} | {'yes' if p['sparsity'] > 0 else 'no'} | {p['flux_bits_per_weight']:.2f} | "
             f"{size} | {' | '.join(cells)} |"
@@ -658,10 +679,10 @@ def _markdown(table: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "## File-size targets (whole files: the remainder's int4 rounding measured too)",
+        "## File-size targets (whole files: the remainder's rounding measured too)",
         "",
-        "Like for like: each of our files is measured whole (its remainder rounded to int4) and compared "
-        "with the whole GGUF file, whose modulation layers are in the GGUF format too (the rows "
+        "Like for like: each of our files is measured whole (its remainder rounded to int4 or int3) and "
+        "compared with the whole GGUF file, whose modulation layers are in the GGUF format too (the rows "
         "`GGUF Qx file`); the error of GGUF on the prunable layers alone is given beside it.",
         "",
     ]

@@ -6,7 +6,7 @@ Safetensors only, no pickle. A dense checkpoint is the state dict as it is. A co
 each pruned 2-D weight ``k`` in the smallest layout of :mod:`ditprune_core.layouts` that fits it, as
 the pieces ``k.<piece>``, with its values in their dtype, as fp8 or as group-quantised codes; on
 request the dense 2-D weights (modulation, embedders, final layer: the *remainder*) are stored as
-fp8, 8-bit or 4-bit codes too; other tensors (norms, biases, 1-D and small tensors) are stored as they
+fp8, 8-, 4- or 3-bit codes too; other tensors (norms, biases, 1-D and small tensors) are stored as they
 are. ``k`` itself is kept as an empty placeholder, so that a loader that does not know this format
 fails loudly (size mismatch) instead of loading zeros. The metadata holds ``format``,
 ``format_version``, ``checkpoint`` (dense / compressed) and a JSON ``layouts`` map, one entry per
@@ -104,10 +104,11 @@ log = logging.getLogger("ditprune")
 #: (:data:`~ditprune_core.quantize.DEFAULT_VALUE_SPECS`: groups of 128 kept values)
 VALUE_FORMATS = ("keep", "fp8", "int8", "int4", "int3")
 #: how the dense 2-D weights of a compressed file may be stored: their dtype, fp8 e4m3fn with a
-#: float32 scale per row, or 8-bit codes in groups of 128 (asymmetric)
-REMAINDER_FORMATS = ("keep", "fp8", "int8", "int4")
-#: the remainder's integer codes: a scale and zero point per 128 weights
-REMAINDER_BITS = {"int8": 8, "int4": 4}
+#: float32 scale per row, or 8-, 4- or 3-bit codes in groups of 128
+REMAINDER_FORMATS = ("keep", "fp8", "int8", "int4", "int3")
+#: the remainder's integer codes (:data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`): a scale and
+#: zero point per 128 weights at 8 and 4 bits, a scale per 128 (symmetric) at 3
+REMAINDER_BITS = {"int8": 8, "int4": 4, "int3": 3}
 _MIN_REMAINDER_NUMEL = 256
 #: ``progress(done, total)`` over the tensors a save produces
 SaveProgress = Callable[[int, int], None]
@@ -428,14 +429,14 @@ def save_pruned_checkpoint(
             state-dict key -> its :class:`~ditprune_core.quantize.QuantizedWeight`: those layers
             store exactly these codes, whatever ``values`` says, with the mask of their keep mask
             (compressed only). The tensor must hold what the codes decode to, in its dtype.
-        remainder: ``"keep"``, ``"fp8"``, ``"int8"`` or ``"int4"``: how the dense 2-D weights that
-            stay uncompressed (modulation, embedders, final layer; never norms, biases, 1-D or fp8
-            tensors) are stored in a compressed file: fp8 e4m3fn with a float32 scale per row, or
-            8- or 4-bit codes in asymmetric groups of 128
+        remainder: ``"keep"``, ``"fp8"``, ``"int8"``, ``"int4"`` or ``"int3"``: how the dense 2-D
+            weights that stay uncompressed (modulation, embedders, final layer; never norms, biases,
+            1-D or fp8 tensors) are stored in a compressed file: fp8 e4m3fn with a float32 scale per
+            row, or 8- or 4-bit codes in asymmetric groups of 128, 3-bit codes in symmetric ones
             (:data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`; int4 is what a GGUF Q4 file does
-            to these layers, and what a FLUX.1-dev file under 5 GB needs).
+            to these layers, and what a FLUX.1-dev file under 5 GB needs; int3, a file under 4 GB).
             Lossy: the error is reported (``max_remainder_relative_error``); its cost on final
-            samples is measured by ``python -m bench lowbit``.
+            samples is measured by ``python -m bench lowbit`` and ``python -m bench frontier``.
         remainder_filter: which state-dict keys the remainder applies to (default: 2-D ``*.weight``
             tensors of at least 256 values; a host passes its Linear layers' keys).
         metadata: extra string metadata (the keys in :data:`RESERVED_METADATA` are ours).

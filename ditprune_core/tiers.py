@@ -10,7 +10,7 @@ files Prune and Reconstruct + Save Pruned Model make (``reconstructed`` points: 
 given the same OBS reconstruction) are the candidates. A candidate's file is its prunable layers
 at their bits per weight plus the other parameters stored as the Save node's ``remainder`` says:
 ``keep`` or ``fp8`` for any point (the remainder's fp8 rounding measured free on MiniFlux:
-docs/bench/lowbit.md), ``int4`` only where the table measured that whole file (``rest int4`` points).
+``int4`` or ``int3`` only where the table measured that whole file (``rest int4`` / ``rest int3`` points).
 
 :func:`choose_for_size` picks, for a file of at most N GB, the candidate with the least mean held-out
 error over the test-beds that measured every point (ties: the smaller file); Prune and Reconstruct's
@@ -169,7 +169,7 @@ def file_candidates(
     for p in table["points"]:
         if not p["reconstructed"]:
             continue
-        rests = ["int4"] if p["remainder_measured"] == "int4" else ["keep", "fp8"]
+        rests = [p["remainder_measured"]] if p["remainder_measured"] in ("int4", "int3") else ["keep", "fp8"]
         errors = {m: e["held"] for m, e in p["models"].items()}
         for remainder in rests:
             out.append(

@@ -1,5 +1,5 @@
 """Save Pruned Model: the diffusion model, pruning baked in, dense or compressed (with fp8 or
-quantised values, and an fp8 or int8 remainder)."""
+quantised values, and an fp8 or integer remainder)."""
 
 from __future__ import annotations
 
@@ -91,8 +91,10 @@ REMAINDER_TOOLTIP = (
     "FLUX.1-dev) are stored; norms and biases always keep their dtype. keep: as they are. fp8: e4m3fn "
     "with a scale per row (half of bf16). int8: 8-bit codes, a scale per 128 weights (about half). "
     "int4: 4-bit codes, a scale and zero point per 128 weights (about a quarter: what a FLUX.1-dev file "
-    "under 5 GB needs, as GGUF Q4 files do; not free). What each costs in size and on final samples: "
-    "'remainder' in docs/bench/lowbit.md, the 'rest int4' points of docs/bench/frontier.md, and the tier "
+    "under 5 GB needs, as GGUF Q4 files do; not free). int3: 3-bit codes, a scale per 128 weights (about "
+    "a fifth: for a file under 4 GB; it costs about four times int4's error). What each costs in size and "
+    "on final samples: 'remainder' in docs/bench/lowbit.md, the 'rest int4' and 'rest int3' points of "
+    "docs/bench/frontier.md, and the tier "
     "choices above. size target: what Prune and Reconstruct's target_file_gb chose."
 )
 

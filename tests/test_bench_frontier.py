@@ -25,8 +25,9 @@ from bench.frontier import (
 )
 from bench.generalisation import GenRow
 from bench.lowbit import flux_rest_gb
-from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_TOTAL
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_TOTAL
 from ditprune_core.miniflux.pipeline import load_bundled
+from ditprune_core.tiers import choose_for_size
 
 
 def test_bits_per_weight_of_each_format_on_flux_by_hand() -> None:
@@ -46,7 +47,7 @@ def test_bits_per_weight_of_each_format_on_flux_by_hand() -> None:
 
 
 def test_names_and_what_the_nodes_can_make() -> None:
-    assert Point("sparse", "int3", 0.75, rest_int4=True).name == "75% + int3 + OBS, rest int4"
+    assert Point("sparse", "int3", 0.75, rest="int4").name == "75% + int3 + OBS, rest int4"
     assert Point("dense", "int2").name == "dense int2 + OBS" and Point("dense", "int2").value_bits == 2
     assert Point("sparse", "fp8", 0.3).value_bits is None and Point("sparse", "fp8", 0.3).reconstructed
     assert not Point("gguf", "Q3_K").reconstructed and Point("gguf", "Q3_K").value_bits is None
@@ -134,7 +135,7 @@ def test_clipped_ranges_reach_the_round_to_nearest_reference() -> None:
 def test_one_real_split_of_the_bundled_test_bed() -> None:
     """miniflux-a calibrated on class 0: GGUF needs no calibration; dense int2 + OBS and its whole
     file share one OBS run; every point has one seen and one held-out error."""
-    points = [Point("gguf", "Q2_K"), Point("dense", "int2"), Point("dense", "int2", rest_int4=True)]
+    points = [Point("gguf", "Q2_K"), Point("dense", "int2"), Point("dense", "int2", rest="int4")]
     rows = run_frontier(["miniflux-a"], splits=[(0,)], eval_seeds=(0,), points=points)
     got = {r.method: r for r in rows}
     assert list(got) == [p.name for p in points]
@@ -180,6 +181,34 @@ def test_file_targets_compare_with_the_whole_gguf_file(tmp_path: Path) -> None:
         "- **not met**: a: best at <= 3.5 b/w is 50% + int4 + OBS (3.08 b/w) 0.02500 vs GGUF Q3_K 0.02000"
         in text
     )
+
+
+def test_a_whole_file_with_the_rest_in_int3(tmp_path: Path) -> None:
+    point = Point("sparse", "int3", 0.55, rest="int3")
+    assert point.name == "55% + int3 + OBS, rest int3" and point.remainder_measured == "int3"
+    gb = point.flux_gb()
+    # the rest in 3-bit symmetric groups of 128: 3.125 bits a parameter against int4's 4.125 + zeros
+    assert flux_rest_gb("int3") == pytest.approx(FLUX_REST * (3 + 16 / 128) / 8e9, abs=2e-3)
+    assert gb["int4"] - gb["int3"] == pytest.approx(0.42, abs=0.01) and gb["int3"] < 4.0 < gb["int4"]
+    assert point in FULL and point in REDUCED
+    rows = [
+        *_rows(),
+        GenRow("a", 0.0, "GGUF Q2_K file (modulation Q2_K)", [0.045], [0.045], [2.625]),
+        GenRow("a", 0.55, "55% + int3 + OBS, rest int3", [0.03], [0.04], [2.5]),
+        GenRow("a", 0.0, "fp8 cast (ComfyUI)", [0.001], [0.001], [8.0]),
+    ]
+    text = write_frontier(rows, tmp_path, "cmd").read_text()
+    assert f"| 55% + int3 + OBS, rest int3 | yes | 2.41 | {gb['int3']:.2f} (rest int3) |" in text
+    # <= 4 GB: the rest-int3 file (0.04) is below the Q2_K file's 0.045, where 75% + int3 (0.05) is not
+    assert (
+        f"- met: a: best FLUX.1-dev file <= 4 GB is 55% + int3 + OBS, rest int3 ({gb['int3']:.2f} GB), "
+        "held-out 0.04000 vs the GGUF Q2_K file" in text
+    )
+    # the nodes can make it: Save Pruned Model's remainder int3
+    table = json.loads((tmp_path / "frontier.json").read_text())
+    choice = choose_for_size(table, 4.0)
+    assert choice.point == "55% + int3 + OBS, rest int3" and choice.remainder == "int3"
+    assert choice.file_gb == pytest.approx(gb["int3"], abs=2e-3)
 
 
 def test_points_by_name_and_a_run_of_a_few_points_keeps_the_rest(tmp_path: Path) -> None:

@@ -178,7 +178,7 @@ def test_rounding_at_save_is_the_reference_quantiser_and_is_reported(tmp_path, c
     assert bool((back["p"][pruned == 0] == 0).all())  # pruned weights stay pruned
 
 
-@pytest.mark.parametrize("remainder", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("remainder", ["fp8", "int8", "int4", "int3"])
 def test_remainder_stores_only_dense_2d_weights_compactly(tmp_path, remainder: str) -> None:
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(64, 128, generator=gen)
@@ -209,8 +209,10 @@ def test_remainder_stores_only_dense_2d_weights_compactly(tmp_path, remainder: s
             expected = ((original / scale).to(torch.float8_e4m3fn).float() * scale).to(torch.bfloat16)
         assert same_bits(back[key], expected), key
     # asymmetric groups: at most half a step, a step being at most twice the peak over 2^bits - 1;
-    # codes are measured as they decode, in the file's bf16: plus bf16's rounding (2^-9 of a value)
-    bound = {"fp8": 2**-4, "int8": 1 / 255 + 2**-9, "int4": 1 / 15 + 2**-9}[remainder]
+    # symmetric 3-bit ones: codes -4..3 steps of peak / 4, so a value of the peak's opposite sign
+    # clamps at 3 steps: at most a quarter of the peak; codes are measured as they decode, in the
+    # file's bf16: plus bf16's rounding (2^-9 of a value)
+    bound = {"fp8": 2**-4, "int8": 1 / 255 + 2**-9, "int4": 1 / 15 + 2**-9, "int3": 1 / 4 + 2**-9}[remainder]
     assert 0 < report.max_remainder_relative_error <= bound
     worst = max(
         float((back[key].float() - state[key].float()).abs().max() / state[key].float().abs().max())

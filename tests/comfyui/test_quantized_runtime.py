@@ -49,7 +49,8 @@ def _layouts(comfy: Comfy, name: str) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.parametrize(
-    ("values", "remainder"), [("int4", "fp8"), ("int3", "int8"), ("int8", "keep"), ("int3", "int4")]
+    ("values", "remainder"),
+    [("int4", "fp8"), ("int3", "int8"), ("int8", "keep"), ("int3", "int4"), ("int4", "int3")],
 )
 def test_compressed_on_device_draws_what_densify_at_load_draws(
     comfy: Comfy, values: str, remainder: str
