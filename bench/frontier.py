@@ -36,7 +36,7 @@ Bits/weight (b/w) are those of FLUX.1-dev's prunable layers stored in the point'
 layout arithmetic on FLUX.1-dev's shapes; kept values spread evenly over rows; mask, codes, scales
 and zero points included); the MiniFlux column is the same format on the test-bed. The FLUX.1-dev
 file adds its other 3.29B parameters (modulation, embedders, final layer) in bf16, fp8 (a scale per
-row) or int4 (groups of 128). The frontier takes, for each budget of bits/weight, the point with
+row), int4 or int3 (groups of 128). The frontier takes, for each budget of bits/weight, the point with
 the least held-out error, per test-bed and by the mean over the test-beds that measured every point
 (miniflux-c runs a reduced set: each of its OBS runs takes 100-200 s on this machine).
 """
