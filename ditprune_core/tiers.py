@@ -59,8 +59,8 @@ GIB = 1 << 30
 MIB = 1 << 20
 #: :data:`ditprune_core.quantize.DEFAULT_GROUP_SIZE` (this module imports no torch; a test checks)
 DEFAULT_GROUP_SIZE = 128
-#: the cards the shipped FLUX.1-dev workflows are made for
-TIERS_GIB = (8, 12, 16)
+#: the cards the shipped FLUX.1-dev workflows are made for (6 GB: the 4 GB file, below GGUF Q2_K's error)
+TIERS_GIB = (6, 8, 12, 16)
 #: FLUX.1-dev's largest prunable layer, ``single_blocks.N.linear1`` (21504 x 3072), decoded to bf16
 FLUX_LARGEST_DECODED_BYTES = 21504 * 3072 * 2
 #: ComfyUI 0.3.64: ``Flux.memory_usage_factor`` (comfy/supported_models.py) and

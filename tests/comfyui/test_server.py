@@ -28,6 +28,7 @@ def test_server_queues_an_api_workflow(comfy: Comfy, tmp_path: Path) -> None:
         assert sorted(templates["ditprune"]) == [
             "ditprune_flux1_dev",
             "ditprune_flux1_dev_12gb",
+            "ditprune_flux1_dev_6gb",
             "ditprune_flux1_dev_8gb",
             "ditprune_flux1_dev_reconstruct",
             "ditprune_sd35",

@@ -48,7 +48,11 @@ def test_there_are_workflows_for_flux_and_sd35() -> None:
         "ditprune_sd35_reconstruct.json",
         *TIER_WORKFLOWS,
     }
-    assert {"ditprune_flux1_dev_8gb.json", "ditprune_flux1_dev_12gb.json"} == TIER_WORKFLOWS
+    assert {
+        "ditprune_flux1_dev_6gb.json",
+        "ditprune_flux1_dev_8gb.json",
+        "ditprune_flux1_dev_12gb.json",
+    } == TIER_WORKFLOWS
 
 
 def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
