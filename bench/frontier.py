@@ -66,9 +66,9 @@ from ditprune_core.quantize import (
     QuantSpec,
     fake_quantize,
 )
-from ditprune_core.save import REMAINDER_BITS
+from ditprune_core.save import remainder_spec
 from ditprune_core.sequential import prune_sequential_
-from ditprune_core.tiers import choice_models
+from ditprune_core.tiers import WHOLE_FILE_REMAINDERS, choice_models
 from ditprune_core.util.io import atomic_path
 
 from . import table_head, write_report
@@ -98,8 +98,6 @@ MODELS = ("miniflux-a", "miniflux-b", "miniflux-c")
 BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 8.0)
 #: the remainders a file can have, and the bytes a parameter of FLUX.1-dev's remainder takes in each
 REMAINDERS = ("keep", "fp8", "int4", "int3")
-#: the remainders a whole-file point is measured with
-WHOLE_RESTS = ("int4", "int3")
 #: the weights ComfyUI-GGUF's converter (tools/convert.py) keeps in high precision; every other 2-D
 #: weight of a GGUF file, the modulation layers included, takes the file's format
 GGUF_KEPT = ("time_in.", "txt_in.", "vector_in.", "img_in.", "guidance_in.", "final_layer.")
@@ -354,7 +352,7 @@ class _Maker:
             pipe, bits, runs = self.obs(point.sparsity, point.value_bits, point.value_spec())
         if point.rest is None:
             return pipe, bits, runs
-        rest = self._clipped(DEFAULT_DENSE_SPECS[REMAINDER_BITS[point.rest]])
+        rest = self._clipped(remainder_spec(point.rest))
         return _round_remainder(pipe, rest), bits, runs
 
 
@@ -462,7 +460,7 @@ def best_for_budget(
         for p in table["points"]
         if p["flux_bits_per_weight"] <= budget
         and all(m in p["models"] for m in models)
-        and (not whole_file or p["remainder_measured"] in WHOLE_RESTS or not p["reconstructed"])
+        and (not whole_file or p["remainder_measured"] in WHOLE_FILE_REMAINDERS or not p["reconstructed"])
     ]
     return min(fits, key=lambda p: _mean_held(p, models)) if fits else None
 
@@ -491,7 +489,9 @@ def _claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
             fits = [
                 p
                 for p in ref.values()
-                if p["reconstructed"] and p["remainder_measured"] in WHOLE_RESTS and _whole_gb(p) <= gb
+                if p["reconstructed"]
+                and p["remainder_measured"] in WHOLE_FILE_REMAINDERS
+                and _whole_gb(p) <= gb
             ]
             if not fits:
                 out.append((f"{model}: no measured whole file of at most {gb:.0f} GB", False))

@@ -37,7 +37,7 @@ from ditprune_core.miniflux.pipeline import MiniFluxPipeline
 from ditprune_core.prune import apply_masks_, compute_masks
 from ditprune_core.quantize import DEFAULT_DENSE_SPECS, DEFAULT_VALUE_SPECS, quantize_weight
 from ditprune_core.runtime import decode_runtime, runtime_pieces, runtime_plan
-from ditprune_core.save import REMAINDER_BITS, load_pruned_checkpoint, save_pruned_checkpoint
+from ditprune_core.save import load_pruned_checkpoint, remainder_spec, save_pruned_checkpoint
 
 from . import write_report
 from .context import BenchContext, fmt_stat
@@ -110,7 +110,7 @@ def flux_rest_gb(remainder: str) -> float:
     rows = FLUX_REST // 3072
     if remainder == "fp8":
         return (FLUX_REST + 4 * rows) / 1e9
-    return storage_cost((rows, 3072), DEFAULT_DENSE_SPECS[REMAINDER_BITS[remainder]]).total_bytes / 1e9
+    return storage_cost((rows, 3072), remainder_spec(remainder)).total_bytes / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from ditprune_core.quantize import (
     dequantize_weight,
     fake_quantize,
 )
-from ditprune_core.save import is_remainder_weight
+from ditprune_core.save import is_remainder_weight, remainder_spec
 from ditprune_core.sequential import prune_sequential_
 from ditprune_core.util.io import atomic_path
 from ditprune_core.util.metrics import psnr, relative_error, relative_squared_error
@@ -114,7 +114,7 @@ WHOLE_FILE = (
     ("52%", DEFAULT_VALUE_SPECS[4]),
     ("60%", DEFAULT_VALUE_SPECS[4]),
 )
-REMAINDER_SPEC = DEFAULT_DENSE_SPECS[4]
+REMAINDER_SPEC = remainder_spec("int4")
 
 
 #: a layer transform: (name, weight) -> (new weight, its stored cost)

@@ -94,6 +94,7 @@ __all__ = [
     "layouts_checksum",
     "load_pruned_checkpoint",
     "read_checkpoint_info",
+    "remainder_spec",
     "save_pruned_checkpoint",
     "validate_compressed_state",
 ]
@@ -590,6 +591,12 @@ def _values_plan(
     return _Encoder(name, "values", specs, _encode_later(layout, produce, fp8, where)), entry
 
 
+def remainder_spec(remainder: str) -> QuantSpec:
+    """The codes' spec of an integer ``remainder`` (a key of :data:`REMAINDER_BITS`): the dense
+    default of its bits, what the writer stores and every benchmark of a whole file rounds to."""
+    return DEFAULT_DENSE_SPECS[REMAINDER_BITS[remainder]]
+
+
 def _remainder_plan(
     name: str, tensor: torch.Tensor, produce: Callable[[], torch.Tensor], remainder: str
 ) -> tuple[_Encoder, dict[str, str]]:
@@ -605,7 +612,7 @@ def _remainder_plan(
         }
         specs = dense.piece_specs(tensor, fp8.dtype)
         return _Encoder(name, "remainder", specs, _encode_later(dense, produce, fp8, where)), entry
-    spec = DEFAULT_DENSE_SPECS[REMAINDER_BITS[remainder]]
+    spec = remainder_spec(remainder)
     specs = dense.quantized_piece_specs(_shape(tensor), spec, None)
     make = _rounded(dense, spec, produce, False, where)
     return _Encoder(name, "remainder", specs, make), _int_entry(dense, tensor.dtype, spec)

@@ -10,7 +10,8 @@ files Prune and Reconstruct + Save Pruned Model make (``reconstructed`` points: 
 given the same OBS reconstruction) are the candidates. A candidate's file is its prunable layers
 at their bits per weight plus the other parameters stored as the Save node's ``remainder`` says:
 ``keep`` or ``fp8`` for any point (the remainder's fp8 rounding measured free on MiniFlux:
-``int4`` or ``int3`` only where the table measured that whole file (``rest int4`` / ``rest int3`` points).
+docs/bench/lowbit.md), ``int4`` or ``int3`` only where the table measured that whole file
+(``rest int4`` / ``rest int3`` points: :data:`WHOLE_FILE_REMAINDERS`).
 
 :func:`choose_for_size` picks, for a file of at most N GB, the candidate with the least mean held-out
 error over the test-beds that measured every point (ties: the smaller file); Prune and Reconstruct's
@@ -43,6 +44,7 @@ from typing import Any
 __all__ = [
     "FLUX_LARGEST_DECODED_BYTES",
     "TIERS_GIB",
+    "WHOLE_FILE_REMAINDERS",
     "FileChoice",
     "TierChoice",
     "choice_models",
@@ -59,6 +61,8 @@ GIB = 1 << 30
 MIB = 1 << 20
 #: :data:`ditprune_core.quantize.DEFAULT_GROUP_SIZE` (this module imports no torch; a test checks)
 DEFAULT_GROUP_SIZE = 128
+#: the remainders a whole-file point of the frontier table is measured with (its ``remainder_measured``)
+WHOLE_FILE_REMAINDERS = ("int4", "int3")
 #: the cards the shipped FLUX.1-dev workflows are made for (6 GB: the 4 GB file, below GGUF Q2_K's error)
 TIERS_GIB = (6, 8, 12, 16)
 #: FLUX.1-dev's largest prunable layer, ``single_blocks.N.linear1`` (21504 x 3072), decoded to bf16
@@ -169,7 +173,8 @@ def file_candidates(
     for p in table["points"]:
         if not p["reconstructed"]:
             continue
-        rests = [p["remainder_measured"]] if p["remainder_measured"] in ("int4", "int3") else ["keep", "fp8"]
+        whole = p["remainder_measured"] in WHOLE_FILE_REMAINDERS
+        rests = [p["remainder_measured"]] if whole else ["keep", "fp8"]
         errors = {m: e["held"] for m, e in p["models"].items()}
         for remainder in rests:
             out.append(
