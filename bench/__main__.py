@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         help="frontier: the range rule of every integer grid (range: the product's; mse: the least-error "
         "clipped ranges, written to docs/bench/clip_mse unless --out names another folder)",
     )
+    parser.add_argument(
+        "--shrink-text",
+        type=float,
+        default=None,
+        help="frontier: ReconstructParams.shrink_text of every reconstructed point (default: the product's)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
     parser.add_argument(
@@ -298,16 +304,31 @@ def main(argv: list[str] | None = None) -> int:
             from .refine_holdout import SPLITS
 
             tasks = [(m, split) for m in reversed(args.models) for split in SPLITS]
-            run_part = partial(run_split, eval_seeds=tuple(args.seeds), points=points, clip=args.clip)
+            run_part = partial(
+                run_split,
+                eval_seeds=tuple(args.seeds),
+                points=points,
+                clip=args.clip,
+                shrink_text=args.shrink_text,
+            )
             with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
                 parts = pool.map(run_part, *zip(*tasks, strict=True))
                 frontier_rows = rows_by_model(list(parts), args.models)
         else:
             frontier_rows = run_frontier(
-                args.models, eval_seeds=tuple(args.seeds), points=points, clip=args.clip
+                args.models,
+                eval_seeds=tuple(args.seeds),
+                points=points,
+                clip=args.clip,
+                shrink_text=args.shrink_text,
             )
         path = write_frontier(
-            frontier_rows, args.out, command, previous=args.out / "frontier.json", clip=args.clip
+            frontier_rows,
+            args.out,
+            command,
+            previous=args.out / "frontier.json",
+            clip=args.clip,
+            shrink_text=args.shrink_text,
         )
         print(path.read_text())
         return 0

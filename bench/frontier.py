@@ -55,7 +55,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ditprune_core.config import PruneConfig
+from ditprune_core.config import PruneConfig, ReconstructParams
 from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, SHAPES
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline
 from ditprune_core.prune import select_layers
@@ -291,8 +291,11 @@ class _Maker:
     """Makes the compressed pipeline of every point of one split; one OBS run per (sparsity, value
     bits), shared by the fp8 and whole-file points built on it."""
 
-    def __init__(self, split: Split, clip: str = "range") -> None:
+    def __init__(self, split: Split, clip: str = "range", shrink_text: float | None = None) -> None:
         self.split, self.clip = split, clip
+        self.reconstruct = (
+            ReconstructParams() if shrink_text is None else ReconstructParams(shrink_text=shrink_text)
+        )
         self.runs: dict[tuple[float, int | None, QuantSpec | None], tuple[MiniFluxPipeline, float, int]] = {}
 
     def obs(
@@ -301,7 +304,9 @@ class _Maker:
         key = (sparsity, bits, spec)
         if key not in self.runs:
             pipe = _copy(self.split)
-            config = PruneConfig(sparsity, update="obs", value_bits=bits, value_spec=spec)
+            config = PruneConfig(
+                sparsity, update="obs", value_bits=bits, value_spec=spec, reconstruct=self.reconstruct
+            )
             if config.value_quant is not None:
                 config = replace(config, value_spec=self._clipped(config.value_quant))
             report = prune_sequential_(
@@ -362,15 +367,17 @@ def run_frontier(
     eval_seeds: Sequence[int] = EVAL_SEEDS,
     points: Sequence[Point] | None = None,
     clip: str = "range",
+    shrink_text: float | None = None,
 ) -> list[GenRow]:
     """One :class:`~.generalisation.GenRow` per (model, point): ``method`` is the point's name.
 
     ``clip``: the range rule of every integer grid the points make (kept values, dense codes, the
     round-to-nearest references and the int4 remainder; :data:`~ditprune_core.quantize.CLIPS`):
-    ``"range"`` is the product's; ``"mse"`` measures the least-error clipped ranges instead."""
+    ``"range"`` is the product's; ``"mse"`` measures the least-error clipped ranges instead.
+    ``shrink_text``: the reconstruction's ``ReconstructParams.shrink_text`` (None: the product's)."""
     rows: dict[tuple[str, str], GenRow] = {}
     for model, split, evaluation in calibrated_halves(models, splits, eval_seeds):
-        maker = _Maker(split, clip)
+        maker = _Maker(split, clip, shrink_text)
         for point in points if points is not None else points_for(model):
             start = time.perf_counter()
             made, bits, runs = maker.make(point)
@@ -557,16 +564,23 @@ def _bit_claims(table: dict[str, Any]) -> list[tuple[str, bool]]:
 
 
 def write_frontier(
-    rows: Sequence[GenRow], out_dir: Path, command: str, previous: Path | None = None, clip: str = "range"
+    rows: Sequence[GenRow],
+    out_dir: Path,
+    command: str,
+    previous: Path | None = None,
+    clip: str = "range",
+    shrink_text: float | None = None,
 ) -> Path:
     """frontier.json, frontier.md and frontier.png. ``previous``: a frontier.json whose entries the
     new rows did not measure are kept (a run of one test-bed, or of a few points, adds to the rest);
-    ``clip``: the range rule the rows were measured with (:func:`run_frontier`).
+    ``clip`` and ``shrink_text``: the range rule and the text-stream Gram shrinkage the rows were
+    measured with (:func:`run_frontier`; None: the product's shrinkage).
 
     Raises:
-        ValueError: ``previous`` measured with another range rule (tables of two rules never mix).
+        ValueError: ``previous`` measured with another range rule or shrinkage (tables never mix).
     """
-    table = {**to_table(rows, command), "clip": clip}
+    shrink = ReconstructParams().shrink_text if shrink_text is None else shrink_text
+    table = {**to_table(rows, command), "clip": clip, "shrink_text": shrink}
     if previous is not None and previous.exists():
         old = json.loads(previous.read_text())
         if old.get("clip", "range") != clip:
@@ -574,12 +588,23 @@ def write_frontier(
                 f"{previous} was measured with clip {old.get('clip', 'range')!r}, this run with {clip!r}: "
                 "write it to another --out folder"
             )
+        if table_shrink_text(old) != shrink:
+            raise ValueError(
+                f"{previous} was measured with shrink_text {table_shrink_text(old)}, this run with "
+                f"{shrink}: add --shrink-text {table_shrink_text(old)} to add points to it, or write to "
+                "another --out folder"
+            )
         table = _merge_tables(old, table)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "frontier.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(table, indent=1) + "\n")
     _plot(table, out_dir / "frontier.png")
     return write_report(out_dir, "frontier.md", _markdown(table))
+
+
+def table_shrink_text(table: dict[str, Any]) -> float:
+    """The text-stream Gram shrinkage a frontier table was measured with (0 before it existed)."""
+    return float(table.get("shrink_text", 0.0))
 
 
 def _merge_tables(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -617,6 +642,17 @@ def _markdown(table: dict[str, Any]) -> str:
             "search (:data:`~ditprune_core.quantize.CLIP_SHRINKS`) instead of keeping it, the product's "
             "rule; compare each row with the same row of `docs/bench/frontier.md`.\n"
         )
+    shrink, default = table_shrink_text(table), ReconstructParams().shrink_text
+    protocol += (
+        f"\nReconstruction: the text-stream layers' Grams shrunk by {shrink:g} "
+        "(`ReconstructParams.shrink_text`"
+    )
+    protocol += (
+        ", the product's default).\n"
+        if shrink == default
+        else f"; the product's default is now {default:g}: these points were measured before it; a run "
+        f"with the default goes to another `--out` folder, `--shrink-text {shrink:g}` adds points here).\n"
+    )
     lines = table_head(
         "The size–fidelity frontier, held out",
         "`, then `".join(commands),

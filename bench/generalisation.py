@@ -10,7 +10,10 @@ that same calibration and nothing else:
 - ``mask-only defaults``: DiT-Pruning's mask (``PruneConfig(s)``), the kept weights unchanged;
 - ``SparseGPT one-shot``: ``sparsegpt_prune`` on every prunable layer with the dense model's Grams;
 - ``obs defaults``: ``prune_sequential_`` with ``PruneConfig(s, update="obs")``, every setting at
-  the product's default (block refinement off since it was measured not to transfer);
+  the product's default (block refinement off since it was measured not to transfer; the text-stream
+  layers' Grams shrunk toward their diagonal by 0.3, ``ReconstructParams.shrink_text``, chosen on
+  miniflux-a and -b, miniflux-c the confirmation; the same rows before that default, shrinkage 0:
+  ``generalisation_before_shrink.md``);
 - ``obs balance 0.5`` (at 50% and 70%): the same with ``ReconstructParams(balance=0.5)``
   (SparseGPT's in-update saliency ``w² / [H⁻¹]²``; the default 0.4 was chosen on seen classes):
   the candidate that held-out trials on miniflux-a and -b chose (one split, one seed: held-out

@@ -61,6 +61,19 @@ class ReconstructParams:
         blocksize: columns per lazy OBS block.
         damp: dampening of the Gram, relative to its mean diagonal (dead input channels are handled
             by it: never a crash on a singular Gram).
+        shrink: α of the Gram's shrinkage toward its diagonal, ``(1 - α) H + α · diag(H)``, in the
+            OBS update, the refit and the quantising sweep (:func:`~ditprune_core.obs.shrunk`; the
+            reported errors stay on the Gram as measured): less of the fit goes into input
+            correlations that only the calibration's prompts have, so more of it holds on prompts
+            the calibration never saw.
+            Default 0: held out, shrinking every layer's Gram helped miniflux-a and -b but raised
+            miniflux-c's error at 70% (its image-stream layers lost more than they gained).
+        shrink_text: the same for the layers whose inputs are the text tokens only (the template's
+            ``text_stream``: FLUX's ``txt_attn``/``txt_mlp``, SD3's ``context_block``...): a few
+            prompts give them few distinct inputs, so their Gram is the one that overfits most
+            (calibrated on five classes, their error on the other five was 3-13x that on the five
+            on miniflux-a, against 1.2-2.6x for the image-stream layers). Default 0.3, chosen on the
+            held-out error of miniflux-a and -b (0.3 and 0.6 tried; docs/bench/generalisation.md).
         refit: ``"none"``, ``"exact"`` (per-row masked least squares), ``"pcg"`` (preconditioned
             conjugate gradient warm-started from the OBS result) or ``"auto"`` (exact up to
             ``exact_max_in`` inputs, PCG above).
@@ -113,6 +126,8 @@ class ReconstructParams:
     balance: float = 0.4
     blocksize: int = 128
     damp: float = 0.01
+    shrink: float = 0.0
+    shrink_text: float = 0.3
     refit: str = "auto"
     refit_iters: int = 5
     refit_tol: float = 1e-4
@@ -137,6 +152,10 @@ class ReconstructParams:
             raise ValueError(f"unknown refit {self.refit!r}; choose from {list(REFITS)}")
         if not 0.0 <= self.balance <= 1.0:
             raise ValueError(f"balance must be in [0, 1], got {self.balance}")
+        for field_name in ("shrink", "shrink_text"):
+            value = getattr(self, field_name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{field_name} (the Gram's shrinkage) must be in [0, 1], got {value}")
         if self.blocksize < 1 or self.damp < 0 or self.refit_iters < 0 or self.refit_tol < 0:
             raise ValueError("blocksize must be >= 1 and damp, refit_iters, refit_tol >= 0")
         if self.block_refine_steps < 0 or self.block_refine_calls < 1 or not self.block_refine_lr > 0:

@@ -98,6 +98,11 @@ class ArchTemplate:
         optional: regex of block layers that only some blocks of a list have (SD3's last,
             pre-only context block lacks ``attn.proj`` and the MLP); other layers must be in
             every block of their list.
+        text_stream: regex of the layers whose inputs are the conditioning (text) tokens only, not
+            the image tokens: a double-stream block's text half, a cross-attention's key and value.
+            A calibration of a few prompts gives them few distinct inputs, so their Gram fits
+            those prompts closely; reconstruction shrinks it harder
+            (:attr:`~ditprune_core.config.ReconstructParams.shrink_text`). None: no such layers.
     """
 
     name: str
@@ -109,12 +114,17 @@ class ArchTemplate:
     fused: tuple[FusedLayer, ...] = ()
     bare_parameters: tuple[tuple[str, str], ...] = ()
     optional: str | None = None
+    text_stream: str | None = None
 
     def family_of(self, name: str) -> str | None:
         for family, pattern in self.families:
             if re.fullmatch(pattern, name):
                 return family
         return None
+
+    def is_text_stream(self, name: str) -> bool:
+        """Whether layer ``name``'s inputs are the conditioning tokens only (:attr:`text_stream`)."""
+        return self.text_stream is not None and re.fullmatch(self.text_stream, name) is not None
 
 
 _QKV = FusedLayer(r".*\.qkv", "out", ("q", "k", "v"))
@@ -133,6 +143,7 @@ FLUX = ArchTemplate(
     block=r"^((?:double|single)_blocks\.\d+)\.",
     display="FLUX.1 dev / schnell / Fill",
     comfy_classes=("comfy.ldm.flux.model.Flux",),
+    text_stream=r"double_blocks\.\d+\.txt_(attn|mlp)\..*",
     fused=(
         _QKV,
         FusedLayer(r"single_blocks\.\d+\.linear1", "out", ("q", "k", "v", "mlp_in")),
@@ -153,6 +164,7 @@ SD3 = ArchTemplate(
     block=r"^(joint_blocks\.\d+)\.",
     display="SD3 / SD3.5 medium, large",
     comfy_classes=("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",),
+    text_stream=r"joint_blocks\.\d+\.context_block\..*",
     fused=(_QKV,),
     # the last context block is pre-only (no attn.proj, no MLP); SD3.5 medium has attn2 in its
     # first blocks only
@@ -175,6 +187,7 @@ CHROMA = ArchTemplate(
     block=r"^((?:double|single)_blocks\.\d+)\.",
     display="Chroma (FLUX.1-schnell derivative)",
     comfy_classes=("comfy.ldm.chroma.model.Chroma",),
+    text_stream=r"double_blocks\.\d+\.txt_(attn|mlp)\..*",
     fused=FLUX.fused,
 )
 
@@ -196,6 +209,7 @@ HUNYUAN_VIDEO = ArchTemplate(
     block=r"^((?:double|single)_blocks\.\d+|txt_in\.individual_token_refiner\.blocks\.\d+)\.",
     display="HunyuanVideo T2V / I2V / SkyReels, HunyuanImage 2.1",
     comfy_classes=("comfy.ldm.hunyuan_video.model.HunyuanVideo",),
+    text_stream=r"double_blocks\.\d+\.txt_(attn|mlp)\..*",
     fused=FLUX.fused,
 )
 
@@ -217,6 +231,7 @@ QWEN_IMAGE = ArchTemplate(
     block=r"^(transformer_blocks\.\d+)\.",
     display="Qwen-Image, Qwen-Image-Edit",
     comfy_classes=("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
+    text_stream=r"transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)|txt_mlp\..*)",
 )
 
 WAN = ArchTemplate(
@@ -235,6 +250,8 @@ WAN = ArchTemplate(
     block=r"^(blocks\.\d+)\.",
     display="Wan 2.1 / 2.2 T2V, I2V, FLF2V, TI2V 5B",
     comfy_classes=("comfy.ldm.wan.model.WanModel",),
+    # the cross-attention's key and value read the text (and CLIP image) tokens
+    text_stream=r"blocks\.\d+\.cross_attn\.(k|v|k_img|v_img)",
     bare_parameters=(
         (r"blocks\.\d+\.modulation", "per-block adaLN table (1, 6, dim) added to time_projection"),
         (r"head\.modulation", "final adaLN table (1, 2, dim)"),
@@ -262,6 +279,7 @@ HIDREAM = ArchTemplate(
     block=r"^((?:double|single)_stream_blocks\.\d+)\.",
     display="HiDream-I1 full / dev / fast, HiDream-E1",
     comfy_classes=("comfy.ldm.hidream.model.HiDreamImageTransformer2DModel",),
+    text_stream=r"double_stream_blocks\.\d+\.block\.(attn1\.to_(q|k|v|out)_t|ff_t\.w[123])",
     bare_parameters=((r".*\.ff_i\.gate\.weight", "MoE router (n_experts, dim), a bare parameter"),),
 )
 
@@ -279,6 +297,8 @@ LUMINA2 = ArchTemplate(
     block=r"^((?:noise_refiner|context_refiner|layers)\.\d+)\.",
     display="Lumina Image 2.0, Neta Lumina",
     comfy_classes=("comfy.ldm.lumina.model.NextDiT",),
+    # the context refiner runs on the caption tokens alone
+    text_stream=r"context_refiner\.\d+\..*",
     fused=(_QKV,),
 )
 

@@ -57,6 +57,7 @@ __all__ = [
     "obs_quantize",
     "obs_sweep",
     "relative_output_error",
+    "shrunk",
     "sparsegpt_prune",
 ]
 
@@ -87,6 +88,28 @@ def dampened(gram: torch.Tensor, damp: float, dtype: torch.dtype = torch.float32
         scale = 1.0
     h.diagonal().add_(damp * scale)
     return h
+
+
+def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - α) H + α · diag(H)``: the Gram's off-diagonal correlations shrunk by ``α``, its
+    diagonal (each input's mean square) kept; ``gram`` itself when ``α`` is 0.
+
+    A Gram measured on a few prompts holds correlations between inputs that other prompts need not
+    share. OBS and the refit spend the update along them, so the fit is tight on those prompts and
+    looser on others; shrinking toward the diagonal (Ledoit-Wolf style, toward the diagonal rather
+    than the identity, so that each input keeps its scale) trades a little of that fit for an
+    update that holds on prompts the calibration never saw (``ReconstructParams.shrink``).
+
+    Raises:
+        ValueError: ``alpha`` is outside [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"Gram shrinkage must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return gram
+    out = gram * (1.0 - alpha)
+    out.diagonal().copy_(gram.diagonal())
+    return out
 
 
 def cholesky_inverse_upper(h: torch.Tensor, name: str, damp: float, *, retries: int = 8) -> torch.Tensor:

@@ -46,6 +46,7 @@ from .obs import (
     obs_prune,
     obs_quantize,
     relative_output_error,
+    shrunk,
 )
 from .quantize import QuantizedWeight, quantize_weight
 from .stats import CalibrationError, GramAccumulator, check_gram
@@ -309,7 +310,7 @@ class LayerReconstruction:
 
 
 def reconstruct_layer(
-    name: str, weight: torch.Tensor, gram: torch.Tensor, config: PruneConfig
+    name: str, weight: torch.Tensor, gram: torch.Tensor, config: PruneConfig, *, shrink: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, LayerReconstruction]:
     """Prune one layer and update its kept weights as ``config`` (``update="obs"``) says.
 
@@ -323,11 +324,15 @@ def reconstruct_layer(
         weight: (out, in) original weight.
         gram: (in, in) input Gram of the layer, recorded on the model as it is upstream.
         config: the prune config.
+        shrink: the Gram's shrinkage toward its diagonal in the update and the refit
+            (:func:`~ditprune_core.obs.shrunk`; the caller picks the layer's, ``reconstruct.shrink``
+            or ``shrink_text``); the report's errors are on ``gram`` as given.
     Returns:
         ``(new weight (out, in) in weight's dtype, keep-mask (out, in) bool, report)``.
     """
     start = time.perf_counter()
     params = config.reconstruct
+    measured, gram = gram, shrunk(gram, shrink)
     w32 = weight.detach().to(torch.float32)
     nm = parse_pattern(config.pattern)
     if params.mask == "metric":
@@ -362,8 +367,8 @@ def reconstruct_layer(
             exact_max_in=params.exact_max_in,
             name=name,
         )
-    error = relative_output_error(new, w32, gram)
-    mask_only = relative_output_error(w32 * keep, w32, gram)
+    error = relative_output_error(new, w32, measured)
+    mask_only = relative_output_error(w32 * keep, w32, measured)
     sparsity = 1.0 - int(keep.sum()) / keep.numel()
     report = LayerReconstruction(name, sparsity, error, mask_only, time.perf_counter() - start, info)
     return new.to(weight.dtype), keep, report
@@ -381,6 +386,7 @@ def quantize_layer(
     config: PruneConfig,
     *,
     held_dtype: torch.dtype,
+    shrink: float = 0.0,
 ) -> QuantizedWeight:
     """The kept values of one pruned layer quantised as ``config.value_bits`` says.
 
@@ -398,6 +404,7 @@ def quantize_layer(
         gram: (in, in) input Gram (used by ``update="obs"``).
         config: a config with ``value_bits`` set.
         held_dtype: the dtype the model holds the layer's weight in.
+        shrink: the Gram's shrinkage toward its diagonal in the sweep (as :func:`reconstruct_layer`).
     Returns:
         the layer's :class:`~ditprune_core.quantize.QuantizedWeight`.
     """
@@ -409,7 +416,7 @@ def quantize_layer(
         whole = torch.ones(reconstructed.shape, dtype=torch.bool, device=reconstructed.device)
         q = obs_quantize(
             reconstructed,
-            gram,
+            shrunk(gram, shrink),
             whole if keep is None else keep,
             spec,
             held_dtype=held_dtype,

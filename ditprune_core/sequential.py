@@ -302,6 +302,10 @@ def prune_sequential_(
         if on_phase is not None:
             on_phase(text)
 
+    def shrink_of(name: str) -> float:
+        params = config.reconstruct
+        return params.shrink_text if target.template.is_text_stream(name) else params.shrink
+
     for index, group in enumerate(groups):
         start = time.perf_counter()
         layers = {name: target.layers[name] for name in group}
@@ -331,7 +335,11 @@ def prune_sequential_(
                     layer_config = replace(config, sparsity=counts[name] / weight.numel())
                 # quantising starts from the float32 reconstruction, not its cast to the model's dtype
                 new, keep, report = reconstruct_layer(
-                    name, weight if spec is None else weight.float(), gram, layer_config
+                    name,
+                    weight if spec is None else weight.float(),
+                    gram,
+                    layer_config,
+                    shrink=shrink_of(name),
                 )
             else:
                 a = gram.diagonal().to(torch.float64).clamp_min(0.0)
@@ -347,7 +355,9 @@ def prune_sequential_(
                 pending.setdefault(block, {})[name] = (new if spec is not None else new.to(held), keep)
                 at[name] = len(done)
             else:
-                new, q, report = _finish_layer(name, new, keep, weight, gram, report, config, held)
+                new, q, report = _finish_layer(
+                    name, new, keep, weight, gram, report, config, held, shrink=shrink_of(name)
+                )
                 written.write(name, layer, new, keep, q, cal)
             del gram
             rows.append(LayerSparsity.of(name, target.template, keep.numel(), count_kept(keep)))
@@ -379,6 +389,7 @@ def prune_sequential_(
                     config,
                     layer.weight.dtype,
                     refined=not skipped or skipped[-1] != block,
+                    shrink=shrink_of(name),
                 )
                 written.write(name, layer, new, keep, q, cal)
                 del new, keep, dense, q
@@ -415,11 +426,13 @@ def _finish_layer(
     held: torch.dtype,
     *,
     refined: bool = False,
+    shrink: float = 0.0,
 ) -> tuple[torch.Tensor, QuantizedWeight | None, LayerReconstruction]:
     """A reconstructed layer as it is written: cast to the held dtype, or (``value_bits``) quantised
     from its float32 values, jointly on its Gram under ``update="obs"``, and decoded; the report's
     error follows (the unquantised one is kept). ``refined``: the values come from block
-    refinement, so the layer's error is measured again."""
+    refinement, so the layer's error is measured again. ``shrink``: the Gram's shrinkage in the
+    quantising sweep (the layer's ``reconstruct.shrink`` or ``shrink_text``)."""
     if config.value_quant is None:
         out = new.to(held)
         if refined:
@@ -427,9 +440,9 @@ def _finish_layer(
         return out, None, report
     began = time.perf_counter()
     if config.quantize_only:  # the whole weight: dense codes, no mask
-        q = quantize_layer(name, new.float(), None, gram, config, held_dtype=held)
+        q = quantize_layer(name, new.float(), None, gram, config, held_dtype=held, shrink=shrink)
     else:
-        q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held)
+        q = quantize_layer(name, new.float() * keep, keep, gram, config, held_dtype=held, shrink=shrink)
     out = dequantize_weight(q, held, check=False)
     error = relative_output_error(out.float(), weight.float(), gram)
     seconds = report.seconds + time.perf_counter() - began

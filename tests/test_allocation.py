@@ -95,7 +95,9 @@ def test_prune_sequential_shares_each_blocks_count() -> None:
         spread_seen |= len({round(by_name[n].sparsity, 6) for n in names}) > 1
         for n in names:
             layer_config = PruneConfig(counts[n] / layers[n].weight.numel(), update="obs")
-            new, _keep, _ = reconstruct_layer(n, layers[n].weight, cal.gram(n), layer_config)
+            params = layer_config.reconstruct
+            shrink = params.shrink_text if template.is_text_stream(n) else params.shrink
+            new, _keep, _ = reconstruct_layer(n, layers[n].weight, cal.gram(n), layer_config, shrink=shrink)
             assert torch.equal(dict(a.named_modules())[n].weight, new), n
     assert spread_seen
 

@@ -20,11 +20,13 @@ from bench.frontier import (
     best_for_budget,
     points_named,
     run_frontier,
+    table_shrink_text,
     to_table,
     write_frontier,
 )
 from bench.generalisation import GenRow
 from bench.lowbit import flux_rest_gb
+from ditprune_core.config import ReconstructParams
 from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_TOTAL
 from ditprune_core.miniflux.pipeline import load_bundled
 from ditprune_core.tiers import choose_for_size
@@ -240,3 +242,21 @@ def test_the_gguf_file_rounds_the_modulation_and_keeps_the_embedders() -> None:
     assert "double_blocks.0.img_attn.qkv.weight" in changed and "single_blocks.0.linear2.weight" in changed
     assert not changed & {"txt_in.weight", "time_in.in_layer.weight", "final_layer.adaLN_modulation.1.weight"}
     assert not any(after[k].dim() == 1 for k in changed)  # biases and norms stay
+
+
+def test_a_table_measured_with_another_shrinkage_is_never_merged(tmp_path: Path) -> None:
+    """Points measured with another ``ReconstructParams.shrink_text`` (the table before the default
+    changed has no key: 0) never mix with the product's; ``--shrink-text`` adds to it."""
+    default = ReconstructParams().shrink_text
+    write_frontier(_rows(), tmp_path, "first", shrink_text=0.0)
+    table = json.loads((tmp_path / "frontier.json").read_text())
+    assert table["shrink_text"] == 0.0 and table_shrink_text({"points": []}) == 0.0
+    md = (tmp_path / "frontier.md").read_text()
+    assert "Grams shrunk by 0 " in md and f"the product's default is now {default:g}" in md
+    with pytest.raises(ValueError, match=f"shrink_text 0.0, this run with {default}: add --shrink-text 0.0"):
+        write_frontier(_rows(), tmp_path, "second", previous=tmp_path / "frontier.json")
+    assert json.loads((tmp_path / "frontier.json").read_text())["command"] == "first"  # untouched
+    write_frontier(_rows(), tmp_path, "second", previous=tmp_path / "frontier.json", shrink_text=0.0)
+    assert json.loads((tmp_path / "frontier.json").read_text())["command"] == ["first", "second"]
+    write_frontier(_rows(), tmp_path / "now", "now")
+    assert "the product's default)" in (tmp_path / "now" / "frontier.md").read_text()

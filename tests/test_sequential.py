@@ -17,6 +17,7 @@ from ditprune_core import (
     prune_sequential_,
 )
 from ditprune_core.config import ReconstructParams
+from ditprune_core.layers import FLUX
 from ditprune_core.layouts import unpack_weight
 from ditprune_core.quantize import DEFAULT_DENSE_SPECS, dequantize_weight
 from ditprune_core.reconstruct import relative_output_error
@@ -50,8 +51,10 @@ def test_one_group_equals_the_one_shot_reconstruction() -> None:
     layers = find_prunable_layers(b)
     with Calibrator(b, layers, grams=list(layers)) as cal:
         _calibration(b)(cal)
+    params = OBS.reconstruct
     for name, layer in layers.items():
-        new, _keep, _ = reconstruct_layer(name, layer.weight, cal.gram(name), OBS)
+        shrink = params.shrink_text if FLUX.is_text_stream(name) else params.shrink
+        new, _keep, _ = reconstruct_layer(name, layer.weight, cal.gram(name), OBS, shrink=shrink)
         assert torch.equal(dict(a.named_modules())[name].weight, new), name
 
 
