@@ -29,6 +29,8 @@ that same calibration and nothing else:
 - ``dense int4 / int3 / int2 + OBS (quantise only)``: ``PruneConfig(0, update="obs", value_bits=B)``,
   nothing pruned, every prunable layer quantised by the same OBS sweep (GPTQ's update, the dense
   defaults: groups of 128), the like-for-like dense baseline of the frontier issue;
+- ``..., no text shrinkage``: the same with ``ReconstructParams(shrink_text=0)``, the defaults before
+  the text-stream layers' Grams were shrunk: the before / after of that default in one run;
 - ``GGUF Q3_K`` / ``GGUF Q2_K``: every prunable layer quantised by ggml's reference algorithm
   (:mod:`bench.gguf_ref`), no calibration.
 
@@ -156,6 +158,8 @@ def _gguf(fmt: str) -> Method:
     return method
 
 
+_NO_SHRINK = ReconstructParams(shrink_text=0.0)
+
 #: name -> (method, the sparsities it runs at by default: None every one of :data:`SPARSITIES`, () once
 #: at sparsity 0 for a method that does not prune); the size-fidelity points run at 50% only by
 #: default. Sparsities given to :func:`run_generalisation` replace every pruning method's own.
@@ -172,6 +176,10 @@ METHODS: dict[str, tuple[Method, tuple[float, ...] | None]] = {
     "dense int4 + OBS (quantise only)": (_obs(value_bits=4), ()),
     "dense int3 + OBS (quantise only)": (_obs(value_bits=3), ()),
     "dense int2 + OBS (quantise only)": (_obs(value_bits=2), ()),
+    # the defaults before text-stream shrinkage (ReconstructParams.shrink_text 0): before / after, same run
+    "obs, no text shrinkage": (_obs(reconstruct=_NO_SHRINK), None),
+    "obs + int3, no text shrinkage": (_obs(reconstruct=_NO_SHRINK, value_bits=3), (0.5,)),
+    "dense int3 + OBS, no text shrinkage (quantise only)": (_obs(reconstruct=_NO_SHRINK, value_bits=3), ()),
     "GGUF Q3_K": (_gguf("Q3_K"), ()),
     "GGUF Q2_K": (_gguf("Q2_K"), ()),
 }

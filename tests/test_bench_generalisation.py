@@ -3,11 +3,16 @@ generalisation``): the targets it checks, its table, and one real method on a ti
 
 from __future__ import annotations
 
+import types
+import typing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.generalisation import METHODS, GenRow, checks, run_generalisation, write_generalisation
+from ditprune_core.config import PruneConfig, ReconstructParams
 
 
 def _rows() -> list[GenRow]:
@@ -99,3 +104,41 @@ def test_the_frontier_takes_the_least_held_out_error_within_each_budget() -> Non
     assert best[3.5] == ("dense int3 + OBS (quantise only)", 0.0)
     # and the size targets count dense ditprune points too: <= 3.5 b/w, 0.02 < Q3_K's 0.025
     assert [ok for text, ok in checks(rows) if "Q3_K" in text] == [True]
+
+
+def test_the_before_rows_run_without_text_shrinkage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``..., no text shrinkage`` is the defaults with ``shrink_text=0``, and only that (the configs
+    the methods hand to ``prune_sequential_``)."""
+    import bench.generalisation as gen
+
+    seen: list[PruneConfig] = []
+
+    def record(_model: object, _run: object, config: PruneConfig, **_kw: object) -> _Report:
+        seen.append(config)
+        return _Report()
+
+    monkeypatch.setattr(gen, "prune_sequential_", record)
+    split = typing.cast(gen.Split, _FakeSplit())
+    for name in (
+        "obs defaults",
+        "obs, no text shrinkage",
+        "dense int3 + OBS, no text shrinkage (quantise only)",
+    ):
+        METHODS[name][0](split, 0.0 if "dense" in name else 0.5)
+    default, before, dense = seen
+    assert default.reconstruct.shrink_text == ReconstructParams().shrink_text > 0
+    assert before == replace(default, reconstruct=replace(default.reconstruct, shrink_text=0.0))
+    assert dense.value_bits == 3 and dense.sparsity == 0 and dense.reconstruct.shrink_text == 0
+
+
+class _Report:
+    bits_per_weight, sampler_runs = 0.0, 1
+
+
+class _FakeSplit:
+    """Just enough of a :class:`~bench.generalisation.Split` for a method to build its config."""
+
+    pipe = types.SimpleNamespace(model=torch.nn.Linear(1, 1), conditioner=None)
+
+    def calibrate(self, pipe: object, cal: object) -> None:
+        pass
