@@ -73,7 +73,7 @@ class ReconstructParams:
             prompts give them few distinct inputs, so their Gram is the one that overfits most
             (calibrated on five classes, their error on the other five was 3-13x that on the five
             on miniflux-a, against 1.2-2.6x for the image-stream layers). Default 0.3, chosen on the
-            held-out error of miniflux-a and -b (0.3 and 0.6 tried; docs/bench/generalisation.md).
+            held-out error of miniflux-a and -b, confirmed on miniflux-c (docs/BENCHMARKS.md, the headline).
         refit: ``"none"``, ``"exact"`` (per-row masked least squares), ``"pcg"`` (preconditioned
             conjugate gradient warm-started from the OBS result) or ``"auto"`` (exact up to
             ``exact_max_in`` inputs, PCG above).
