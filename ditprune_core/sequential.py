@@ -94,6 +94,9 @@ class SequentialReport:
             picks (:func:`unquantized_storage_cost`).
         quantized: ``{layer name: QuantizedWeight}`` (on the CPU) of every pruned layer with
             ``value_bits``; empty without, or when ``prune_sequential_(collect_quantized=False)``.
+        fruitless: refinements in a row that gained nothing when refinement stopped
+            (``block_refine_patience``; a block whose layers span several passes is refined once a
+            pass, so this counts refinements, not blocks); 0 when it did not stop.
     """
 
     layers: tuple[LayerReconstruction, ...]
@@ -104,6 +107,7 @@ class SequentialReport:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     blocks: tuple[BlockRefinement, ...] = ()
     skipped_blocks: tuple[str, ...] = ()
+    fruitless: int = 0
 
     @property
     def sampler_runs(self) -> int:
@@ -118,7 +122,7 @@ class SequentialReport:
         ]
         if self.skipped_blocks:
             lines.append(
-                f"  block refinement stopped: it gained nothing on {len(self.blocks)} block(s) in a row "
+                f"  block refinement stopped: it gained nothing on {self.fruitless} refinement(s) in a row "
                 f"(block_refine_patience); {len(self.skipped_blocks)} block(s) after them were not "
                 "refined, saving as many sampler runs"
             )
@@ -407,6 +411,7 @@ def prune_sequential_(
         written.quantized,
         tuple(refined),
         tuple(skipped),
+        fruitless if skipped else 0,
     )
 
 

@@ -347,6 +347,10 @@ def test_patience_keeps_refining_while_refinement_pays() -> None:
     first_fruitless = gained.index(False) if False in gained else total
     assert len(report.blocks) == min(first_fruitless + 1, total)
     assert report.sampler_runs == len(report.passes) + len(report.blocks)
+    # the stop names the refinements in a row that gained nothing (patience), not all refinements
+    assert report.fruitless == (1 if report.skipped_blocks else 0)
+    if report.skipped_blocks:
+        assert "it gained nothing on 1 refinement(s) in a row" in report.to_text()
 
 
 def test_refinement_is_off_by_default_and_costs_no_sampler_run() -> None:

@@ -55,7 +55,7 @@ def test_reconstruct_prunes_in_passes_saves_and_reloads_bit_for_bit(
     refined = {line.split()[1] for line in block_lines}
     # every block, unless refinement gained nothing on 2 blocks in a row (block_refine_patience's
     # default: on the tiny SD3 a fit on its 2 recorded calls never beats the reconstruction)
-    stopped = "block refinement stopped: it gained nothing on 2 block(s) in a row" in report
+    stopped = "block refinement stopped: it gained nothing on 2 refinement(s) in a row" in report
     assert refined == blocks or (stopped and refined < blocks), (refined, blocks)
     improved = 0
     for line in block_lines:
