@@ -141,6 +141,10 @@ class ReconstructParams:
     block_refine_holdout: float = 0.25
     block_refine_patience: int = 2
 
+    def shrink_of(self, text_stream: bool) -> float:
+        """The Gram shrinkage of a layer: ``shrink_text`` for a text-stream layer, else ``shrink``."""
+        return self.shrink_text if text_stream else self.shrink
+
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose from {list(ALLOCATIONS)}")

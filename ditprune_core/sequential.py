@@ -307,8 +307,7 @@ def prune_sequential_(
             on_phase(text)
 
     def shrink_of(name: str) -> float:
-        params = config.reconstruct
-        return params.shrink_text if target.template.is_text_stream(name) else params.shrink
+        return config.reconstruct.shrink_of(target.template.is_text_stream(name))
 
     for index, group in enumerate(groups):
         start = time.perf_counter()

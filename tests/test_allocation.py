@@ -96,7 +96,7 @@ def test_prune_sequential_shares_each_blocks_count() -> None:
         for n in names:
             layer_config = PruneConfig(counts[n] / layers[n].weight.numel(), update="obs")
             params = layer_config.reconstruct
-            shrink = params.shrink_text if template.is_text_stream(n) else params.shrink
+            shrink = params.shrink_of(template.is_text_stream(n))
             new, _keep, _ = reconstruct_layer(n, layers[n].weight, cal.gram(n), layer_config, shrink=shrink)
             assert torch.equal(dict(a.named_modules())[n].weight, new), n
     assert spread_seen

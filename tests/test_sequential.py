@@ -53,7 +53,7 @@ def test_one_group_equals_the_one_shot_reconstruction() -> None:
         _calibration(b)(cal)
     params = OBS.reconstruct
     for name, layer in layers.items():
-        shrink = params.shrink_text if FLUX.is_text_stream(name) else params.shrink
+        shrink = params.shrink_of(FLUX.is_text_stream(name))
         new, _keep, _ = reconstruct_layer(name, layer.weight, cal.gram(name), OBS, shrink=shrink)
         assert torch.equal(dict(a.named_modules())[name].weight, new), name
 
