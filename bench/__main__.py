@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
-decode, gpu_step, refine_holdout, tiers, coverage, generalisation, frontier.
+decode, gpu_step, refine_holdout, tiers, coverage, generalisation, frontier, remainder.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             "coverage",
             "generalisation",
             "frontier",
+            "remainder",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = bench_command(argv if argv is not None else sys.argv[1:])
-    held_out_benches = ("refine_holdout", "coverage", "generalisation", "frontier")
+    held_out_benches = ("refine_holdout", "coverage", "generalisation", "frontier", "remainder")
     if args.models is None:
         args.models = list(ALL_MODELS if args.which in held_out_benches else ALL_MODELS[:2])
     if args.which == "quality":
@@ -170,6 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         from .quant_groups import write_quant_groups
 
         path = write_quant_groups(args.out, args.models)
+        print(path.read_text())
+        return 0
+    if args.which == "remainder":
+        from .remainder import run_remainder, write_remainder
+
+        if args.jobs > 1:  # one process per model, one thread each
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(args.jobs, len(args.models)), initializer=_one_thread) as pool:
+                by_model = list(pool.map(run_remainder, args.models))
+        else:
+            by_model = [run_remainder(m) for m in args.models]
+        path = write_remainder([r for part in by_model for r in part], args.out, command)
         print(path.read_text())
         return 0
     if args.which == "tiers":

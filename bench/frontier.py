@@ -20,10 +20,13 @@ shipped), so dense and sparse get exactly the same reconstruction:
   Reconstruct's ``value_group`` 32: more scales, less error, more bits);
 - ``S% + fp8 + OBS``: S% pruned with the kept values reconstructed in bf16, then rounded to fp8 with a
   scale per row, as Save Pruned Model (values fp8_e4m3fn) stores them;
-- ``..., rest int4``: the same with the layers that stay dense (modulation, embedders, final layer)
-  rounded as ``remainder="int4"`` stores them: the whole file's error (what a file under 5 GB needs);
-  ``..., rest int3``: rounded as ``remainder="int3"`` stores them (3-bit symmetric groups of 128,
-  0.42 GB less on FLUX.1-dev: for a file under 4 GB);
+- ``..., rest int4``: the same with the modulation layers (which stay dense) rounded as
+  ``remainder="int4"`` stores them, the embedders and the final layer kept as trained, as Save
+  Pruned Model keeps them (:func:`~ditprune_core.layers.remainder_layers`): the whole file's error
+  (what a file under 5 GB needs); ``..., rest int3``: rounded as ``remainder="int3"`` stores them
+  (3-bit symmetric groups of 128, 0.42 GB less on FLUX.1-dev: for a file under 4 GB). Measured
+  since 2026-12-07 with the embedders and final layer kept (rounding them too gave 60-90% of the
+  remainder's error for 0.11 GB: docs/bench/remainder.md);
 - the references, no calibration: ComfyUI's fp8 cast, GGUF (``Q8_0`` ... ``Q2_K``, :mod:`.gguf_ref`),
   round-to-nearest (``RTN``) at 4 and 3 bits;
 - ``GGUF Qx file``: the whole GGUF file as ComfyUI-GGUF's converter makes it: every 2-D weight in the
@@ -35,8 +38,9 @@ shipped), so dense and sparse get exactly the same reconstruction:
 Bits/weight (b/w) are those of FLUX.1-dev's prunable layers stored in the point's format (exact
 layout arithmetic on FLUX.1-dev's shapes; kept values spread evenly over rows; mask, codes, scales
 and zero points included); the MiniFlux column is the same format on the test-bed. The FLUX.1-dev
-file adds its other 3.29B parameters (modulation, embedders, final layer) in bf16, fp8 (a scale per
-row), int4 or int3 (groups of 128). The frontier takes, for each budget of bits/weight, the point with
+file adds its other 3.29B parameters in bf16, or its 3.23B modulation weights in fp8 (a scale per
+row), int4 or int3 (groups of 128) and the other 67M (embedders, final layer, norms, biases) in
+bf16. The frontier takes, for each budget of bits/weight, the point with
 the least held-out error, per test-bed and by the mean over the test-beds that measured every point
 (miniflux-c runs a reduced set: each of its OBS runs takes 100-200 s on this machine).
 """

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ditprune_core.config import PruneConfig
-from ditprune_core.dit_shapes import FLUX_LAYERS, FLUX_REST
+from ditprune_core.dit_shapes import FLUX_LAYERS, FLUX_REMAINDER_CODED, FLUX_REST
 from ditprune_core.layouts import LAYOUTS, Fp8Values, storage_cost
 from ditprune_core.mask import layer_keep_mask
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline
@@ -103,14 +103,17 @@ def run_remainder(
 
 
 def flux_rest_gb(remainder: str) -> float:
-    """GB of FLUX.1-dev's 3.29B parameters outside the prunable layers, stored as ``remainder``
-    (treated as one weight matrix of 3072-wide rows: per-row and per-group data included)."""
+    """GB of FLUX.1-dev's 3.29B parameters outside the prunable layers when Save Pruned Model stores
+    them with ``remainder``: the 3.23B modulation weights it codes (treated as one weight matrix of
+    3072-wide rows: per-row and per-group data included), the embedders, final layer, norms and
+    biases in bf16 (:func:`~ditprune_core.layers.remainder_layers`)."""
+    kept = 2 * (FLUX_REST - FLUX_REMAINDER_CODED)
     if remainder == "keep":
         return 2 * FLUX_REST / 1e9
-    rows = FLUX_REST // 3072
+    rows = FLUX_REMAINDER_CODED // 3072
     if remainder == "fp8":
-        return (FLUX_REST + 4 * rows) / 1e9
-    return storage_cost((rows, 3072), remainder_spec(remainder)).total_bytes / 1e9
+        return (FLUX_REMAINDER_CODED + 4 * rows + kept) / 1e9
+    return (storage_cost((rows, 3072), remainder_spec(remainder)).total_bytes + kept) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------

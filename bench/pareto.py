@@ -54,6 +54,7 @@ from matplotlib.figure import Figure
 
 from ditprune_core.config import PruneConfig, ReconstructParams
 from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_SHAPES
+from ditprune_core.layers import remainder_layers
 from ditprune_core.layouts import StorageCost, storage_cost
 from ditprune_core.miniflux.judge import load_judge
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline
@@ -424,11 +425,13 @@ def round_remainder_(
     fn: Callable[[torch.Tensor, str], torch.Tensor],
     skip: Callable[[str], bool] = lambda key: False,
 ) -> None:
-    """Replace in place every remainder weight of ``model`` (2-D weights outside the prunable layers,
+    """Replace in place every remainder weight of ``model`` (the weights outside the prunable layers
+    that Save Pruned Model's ``remainder`` codes: :func:`~ditprune_core.layers.remainder_layers`,
     as the writer picks them) whose key ``skip`` does not name by ``fn(weight, key)``."""
     prunable = {f"{n}.weight" for n in select_layers(model, PruneConfig())}
+    coded = {f"{n}.weight" for n in remainder_layers(model)}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if key in prunable or not is_remainder_weight(key, tensor) or skip(key):
+        if key in prunable or key not in coded or not is_remainder_weight(key, tensor) or skip(key):
             continue
         tensor.copy_(fn(tensor.detach(), key))
 

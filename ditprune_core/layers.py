@@ -29,6 +29,7 @@ __all__ = [
     "COMFY_REFUSED",
     "DEFAULT_FAMILIES",
     "FAMILIES",
+    "REMAINDER_KEPT_FAMILIES",
     "TEMPLATES",
     "ArchTemplate",
     "FusedLayer",
@@ -40,6 +41,7 @@ __all__ = [
     "find_prunable_layers",
     "layer_block",
     "layer_family",
+    "remainder_layers",
     "supported_models_text",
     "unwrap_diffusion_model",
 ]
@@ -52,6 +54,13 @@ FAMILIES = ("attention", "mlp", "single_fused", "modulation", "embedder", "final
 #: the quality benchmark (README, "Which layers") measured a large error increase when they are
 #: pruned, for a small share of FLOPs (their input is one vector per sample).
 DEFAULT_FAMILIES = ("attention", "mlp", "single_fused", "block_linear")
+
+#: Families whose weights a compressed file's ``remainder`` option leaves in the model's dtype: the
+#: embedders and the final layer, as ComfyUI-GGUF's converter keeps them in 16 bits. On FLUX.1-dev
+#: they are 67M of the 3.29B parameters outside the prunable layers (0.13 GB in bf16), yet rounding
+#: them to int3 gave 60-90% of the remainder's error on the MiniFlux test-beds (held out:
+#: docs/bench/remainder.md).
+REMAINDER_KEPT_FAMILIES = ("embedder", "final")
 
 LayerFilter = Callable[[nn.Module, str], bool]
 
@@ -372,6 +381,24 @@ def unwrap_diffusion_model(model: nn.Module | object) -> nn.Module:
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def remainder_layers(model: nn.Module | object) -> list[str]:
+    """The Linear layers a compressed file's ``remainder`` option stores as fp8 or codes when they are
+    not pruned: those of a block family (modulation, and any unpruned attention or MLP layer), not the
+    embedders and the final layer (:data:`REMAINDER_KEPT_FAMILIES`), nor Linear layers no family
+    names (a generic DiT's layers outside its blocks), which stay in the model's dtype.
+
+    Raises:
+        UnsupportedModelError: when the model is not a recognisable DiT.
+    """
+    module = unwrap_diffusion_model(model)
+    template = detect_architecture(module)
+    return [
+        name
+        for name in _linear_layers(module)
+        if (family := template.family_of(name)) is not None and family not in REMAINDER_KEPT_FAMILIES
+    ]
 
 
 def _class_path(module: nn.Module) -> str:

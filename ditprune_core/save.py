@@ -5,7 +5,8 @@ The reader is :mod:`ditprune_core.load` (its names are re-exported here, where t
 Safetensors only, no pickle. A dense checkpoint is the state dict as it is. A compressed one stores
 each pruned 2-D weight ``k`` in the smallest layout of :mod:`ditprune_core.layouts` that fits it, as
 the pieces ``k.<piece>``, with its values in their dtype, as fp8 or as group-quantised codes; on
-request the dense 2-D weights (modulation, embedders, final layer: the *remainder*) are stored as
+request the dense 2-D weights (the *remainder*: what the caller's ``remainder_filter`` names; Save
+Pruned Model names the modulation, :func:`~ditprune_core.layers.remainder_layers`) are stored as
 fp8, 8-, 4- or 3-bit codes too; other tensors (norms, biases, 1-D and small tensors) are stored as they
 are. ``k`` itself is kept as an empty placeholder, so that a loader that does not know this format
 fails loudly (size mismatch) instead of loading zeros. The metadata holds ``format``,
@@ -431,7 +432,7 @@ def save_pruned_checkpoint(
             store exactly these codes, whatever ``values`` says, with the mask of their keep mask
             (compressed only). The tensor must hold what the codes decode to, in its dtype.
         remainder: ``"keep"``, ``"fp8"``, ``"int8"``, ``"int4"`` or ``"int3"``: how the dense 2-D
-            weights that stay uncompressed (modulation, embedders, final layer; never norms, biases,
+            weights that stay uncompressed (those ``remainder_filter`` names; never norms, biases,
             1-D or fp8 tensors) are stored in a compressed file: fp8 e4m3fn with a float32 scale per
             row, or 8- or 4-bit codes in asymmetric groups of 128, 3-bit codes in symmetric ones
             (:data:`~ditprune_core.quantize.DEFAULT_DENSE_SPECS`; int4 is what a GGUF Q4 file does
@@ -439,7 +440,10 @@ def save_pruned_checkpoint(
             Lossy: the error is reported (``max_remainder_relative_error``); its cost on final
             samples is measured by ``python -m bench lowbit`` and ``python -m bench frontier``.
         remainder_filter: which state-dict keys the remainder applies to (default: 2-D ``*.weight``
-            tensors of at least 256 values; a host passes its Linear layers' keys).
+            tensors of at least 256 values). Save Pruned Model passes the keys of
+            :func:`~ditprune_core.layers.remainder_layers`: the blocks' Linear layers (modulation),
+            not the embedders and the final layer, which carry most of the rounding's error on
+            final samples for 0.13 GB of FLUX.1-dev (docs/bench/remainder.md).
         metadata: extra string metadata (the keys in :data:`RESERVED_METADATA` are ours).
         progress: ``progress(done, total)`` after each tensor is produced (each source is called
             twice, to choose its layout and to write it: ``total`` counts both).

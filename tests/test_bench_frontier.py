@@ -27,7 +27,7 @@ from bench.frontier import (
 from bench.generalisation import GenRow
 from bench.lowbit import flux_rest_gb
 from ditprune_core.config import ReconstructParams
-from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_TOTAL
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REMAINDER_CODED, FLUX_REST, FLUX_TOTAL
 from ditprune_core.miniflux.pipeline import load_bundled
 from ditprune_core.tiers import choose_for_size
 
@@ -65,9 +65,9 @@ def _rows() -> list[GenRow]:
         GenRow("a", 0.0, "GGUF Q2_K", [0.06], [0.06], [2.625]),
         GenRow("a", 0.0, "dense int3 + OBS", [0.01], [0.03], [3.2]),  # 3.125 b/w on FLUX
         GenRow("a", 0.5, "50% + int4 + OBS", [0.01], [0.025], [3.2]),  # 3.078
-        GenRow("a", 0.75, "75% + int3 + OBS, rest int4", [0.03], [0.05], [1.8]),  # 1.781, 3.63 GB
+        GenRow("a", 0.75, "75% + int3 + OBS, rest int4", [0.03], [0.05], [1.8]),  # 1.781, 3.73 GB
         GenRow("a", 0.0, "dense int2 + OBS, rest int4", [0.05], [0.08], [2.2]),  # 2.125, 4.00 GB
-        GenRow("a", 0.55, "55% + int4 + OBS, rest int4", [0.004], [0.008], [2.9]),  # 2.871, 4.80 GB
+        GenRow("a", 0.55, "55% + int4 + OBS, rest int4", [0.004], [0.008], [2.9]),  # 2.871, 4.90 GB
     ]
 
 
@@ -92,10 +92,10 @@ def test_the_table_the_chooser_reads_and_the_frontier_per_budget() -> None:
 def test_markdown_states_the_frontier_and_the_file_size_targets(tmp_path: Path) -> None:
     text = write_frontier(_rows(), tmp_path, "cmd").read_text()
     assert "| 3.5 | 55% + int4 + OBS, rest int4 | yes | 2.87 |" in text
-    # <= 5 GB: 55% + int4 whole file (4.80 GB) 0.008 vs Q3_K 0.02: 0.40x, at most half: met
-    assert "- met: a: best FLUX.1-dev file <= 5 GB is 55% + int4 + OBS, rest int4 (4.80 GB)" in text
-    # <= 4 GB: 75% + int3 whole file (3.63 GB) 0.05 vs Q2_K 0.06: below: met (dense int2, 4.00 GB: 0.08)
-    assert "- met: a: best FLUX.1-dev file <= 4 GB is 75% + int3 + OBS, rest int4 (3.63 GB)" in text
+    # <= 5 GB: 55% + int4 whole file (4.90 GB) 0.008 vs Q3_K 0.02: 0.40x, at most half: met
+    assert "- met: a: best FLUX.1-dev file <= 5 GB is 55% + int4 + OBS, rest int4 (4.90 GB)" in text
+    # <= 4 GB: 75% + int3 whole file (3.73 GB) 0.05 vs Q2_K 0.06: below: met (dense int2 is 4.11 GB)
+    assert "- met: a: best FLUX.1-dev file <= 4 GB is 75% + int3 + OBS, rest int4 (3.73 GB)" in text
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert saved["points"] == to_table(_rows(), "cmd")["points"]
@@ -169,7 +169,7 @@ def test_file_targets_compare_with_the_whole_gguf_file(tmp_path: Path) -> None:
     ]
     text = write_frontier(rows, tmp_path, "cmd").read_text()
     # <= 5 GB: 0.008 vs the Q3_K file's 0.03 (not the prunable layers' 0.02)
-    assert "(4.80 GB), held-out 0.00800 vs the GGUF Q3_K file (5.22 GB) 0.03000 (0.27x" in text
+    assert "(4.90 GB), held-out 0.00800 vs the GGUF Q3_K file (5.22 GB) 0.03000 (0.27x" in text
     assert "GGUF Q3_K on the prunable layers only: 0.02000" in text
     # <= 4 GB: 75% + int3 (0.05) is not below the Q2_K file's 0.045, though below Q2_K's layers' 0.06
     assert "- **not met**: a: best FLUX.1-dev file <= 4 GB is 75% + int3 + OBS, rest int4" in text
@@ -189,8 +189,13 @@ def test_a_whole_file_with_the_rest_in_int3(tmp_path: Path) -> None:
     point = Point("sparse", "int3", 0.55, rest="int3")
     assert point.name == "55% + int3 + OBS, rest int3" and point.remainder_measured == "int3"
     gb = point.flux_gb()
-    # the rest in 3-bit symmetric groups of 128: 3.125 bits a parameter against int4's 4.125 + zeros
-    assert flux_rest_gb("int3") == pytest.approx(FLUX_REST * (3 + 16 / 128) / 8e9, abs=2e-3)
+    # the modulation in 3-bit symmetric groups of 128: 3.125 bits a weight against int4's 4.125 +
+    # zeros; the embedders, final layer, norms and biases (67M) in bf16
+    coded = 19 * 2 * 3072 * 6 * 3072 + 38 * 3072 * 3 * 3072  # img_mod/txt_mod, single modulation
+    assert coded == FLUX_REMAINDER_CODED
+    kept = 2 * (FLUX_REST - coded)
+    assert flux_rest_gb("int3") == pytest.approx((coded * (3 + 16 / 128) / 8 + kept) / 1e9, abs=2e-3)
+    assert flux_rest_gb("keep") == pytest.approx(2 * FLUX_REST / 1e9)
     assert gb["int4"] - gb["int3"] == pytest.approx(0.42, abs=0.01) and gb["int3"] < 4.0 < gb["int4"]
     assert point in FULL and point in REDUCED
     rows = [

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ditprune_core import UnsupportedModelError, detect_architecture, find_prunable_layers
-from ditprune_core.layers import layer_block, layer_family
+from ditprune_core.layers import REMAINDER_KEPT_FAMILIES, layer_block, layer_family, remainder_layers
 
 
 def test_flux_default_families_exclude_embedders_final_and_modulation(tiny_flux: nn.Module) -> None:
@@ -155,3 +155,43 @@ def test_unet_is_refused_even_though_its_blocks_repeat() -> None:
 
     with pytest.raises(UnsupportedModelError, match=r"is a UNet .*SDXL.*supported are FLUX"):
         find_prunable_layers(UNet())
+
+
+def test_remainder_layers_are_the_blocks_linears_not_the_embedders_or_final_layer(
+    tiny_flux: nn.Module, tiny_sd3: nn.Module
+) -> None:
+    names = remainder_layers(tiny_flux)
+    # the modulation and the (prunable) attention / MLP layers: a compressed file codes any of them
+    # that it holds dense; the embedders and the final layer stay in the model's dtype
+    assert "double_blocks.0.img_mod.lin" in names and "single_blocks.0.modulation.lin" in names
+    assert "double_blocks.0.img_attn.qkv" in names
+    assert not any(n.startswith(("img_in", "txt_in", "time_in", "vector_in", "final_layer")) for n in names)
+    every = {n for n, m in tiny_flux.named_modules() if isinstance(m, nn.Linear)}
+    kept = every - set(names)
+    template = detect_architecture(tiny_flux)
+    assert kept and all(layer_family(n, template) in REMAINDER_KEPT_FAMILIES for n in kept)
+    sd3 = remainder_layers(tiny_sd3)
+    assert "joint_blocks.0.x_block.adaLN_modulation.1" in sd3
+    assert not any("embedder" in n or n.startswith("final_layer") for n in sd3)
+
+
+def test_remainder_layers_of_a_generic_dit_leave_the_layers_outside_its_blocks() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.adaLN_modulation = nn.Linear(8, 16)
+
+    class Generic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(8, 4)
+
+    assert remainder_layers(Generic()) == [
+        "blocks.0.attn",
+        "blocks.0.adaLN_modulation",
+        "blocks.1.attn",
+        "blocks.1.adaLN_modulation",
+    ]
