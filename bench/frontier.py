@@ -25,7 +25,7 @@ shipped), so dense and sparse get exactly the same reconstruction:
   Pruned Model keeps them (:func:`~ditprune_core.layers.remainder_layers`): the whole file's error
   (what a file under 5 GB needs); ``..., rest int3``: rounded as ``remainder="int3"`` stores them
   (3-bit symmetric groups of 128, 0.42 GB less on FLUX.1-dev: for a file under 4 GB). Measured
-  since 2026-12-07 with the embedders and final layer kept (rounding them too gave 60-90% of the
+  since 2026-12-07 with the embedders and final layer kept (rounding them too gave 71-96% of the
   remainder's error for 0.11 GB: docs/bench/remainder.md);
 - the references, no calibration: ComfyUI's fp8 cast, GGUF (``Q8_0`` ... ``Q2_K``, :mod:`.gguf_ref`),
   round-to-nearest (``RTN``) at 4 and 3 bits;
@@ -121,6 +121,9 @@ def _gguf_kept(key: str) -> bool:
     return any(k in key for k in GGUF_KEPT)
 
 
+#: FLUX.1-dev's Linear weights (biases not included): what ComfyUI's fp8 cast stores in one byte
+FLUX_LINEAR = SHAPES["flux"]().linear_numel(SHAPES["flux"]().linears)
+
 #: FLUX.1-dev's weights in a GGUF file's format (prunable + modulation: 11.83B of its 11.90B)
 FLUX_GGUF_QUANTISED = _flux_gguf_quantised()
 
@@ -196,6 +199,9 @@ class Point:
             rest = 2 * (FLUX_PRUNABLE + FLUX_REST - FLUX_GGUF_QUANTISED)
             gb = round((self.flux_bits_per_weight() * FLUX_GGUF_QUANTISED / 8 + rest) / 1e9, 3)
             return dict.fromkeys(REMAINDERS, gb)
+        if self.kind == "fp8 cast":  # ComfyUI's cast: every Linear weight one byte, no scale
+            rest = FLUX_LINEAR - FLUX_PRUNABLE + 2 * (FLUX_REST - (FLUX_LINEAR - FLUX_PRUNABLE))
+            return dict.fromkeys(REMAINDERS, round((FLUX_PRUNABLE + rest) / 1e9, 3))
         prunable = self.flux_bits_per_weight() * FLUX_PRUNABLE / 8e9
         return {r: round(prunable + flux_rest_gb(r), 3) for r in REMAINDERS}
 
@@ -612,7 +618,9 @@ def table_shrink_text(table: dict[str, Any]) -> float:
 
 
 def _merge_tables(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` with every (point, test-bed) entry of ``old`` that ``new`` did not measure."""
+    """``new`` with every (point, test-bed) entry of ``old`` that ``new`` did not measure. Every
+    point's FLUX.1-dev sizes are computed again (layout arithmetic, not a measurement: a change to
+    what the remainder stores changes them for the points measured before it too)."""
     points = {p["name"]: {**p, "models": dict(p["models"])} for p in new["points"]}
     for p in old["points"]:
         if p["name"] in points:
@@ -629,7 +637,11 @@ def _merge_tables(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         "command": [*commands, new["command"]],
         "models": models,
         "points": [
-            {**points[n], "models": {m: points[n]["models"][m] for m in models if m in points[n]["models"]}}
+            {
+                **points[n],
+                "flux_gb": ALL_POINTS[n].flux_gb(),
+                "models": {m: points[n]["models"][m] for m in models if m in points[n]["models"]},
+            }
             for n in order
         ],
     }

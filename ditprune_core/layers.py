@@ -58,7 +58,7 @@ DEFAULT_FAMILIES = ("attention", "mlp", "single_fused", "block_linear")
 #: Families whose weights a compressed file's ``remainder`` option leaves in the model's dtype: the
 #: embedders and the final layer, as ComfyUI-GGUF's converter keeps them in 16 bits. On FLUX.1-dev
 #: they are 67M of the 3.29B parameters outside the prunable layers (0.13 GB in bf16), yet rounding
-#: them to int3 gave 60-90% of the remainder's error on the MiniFlux test-beds (held out:
+#: them to int3 or int4 gave 71-96% of the remainder's error on the MiniFlux test-beds (held out:
 #: docs/bench/remainder.md).
 REMAINDER_KEPT_FAMILIES = ("embedder", "final")
 

@@ -201,7 +201,7 @@ def _fp8(table: dict[str, Any]) -> tuple[float, dict[str, float], float]:
     errors = {m: e["held"] for m, e in fp8["models"].items()}
     models = choice_models(table)
     mean = sum(errors[m] for m in models) / len(models)
-    return _file_gb(table, fp8, "fp8", table["flux_prunable_params"], table["flux_rest_params"]), errors, mean
+    return float(fp8["flux_gb"]["fp8"]), errors, mean
 
 
 def choose_for_size(

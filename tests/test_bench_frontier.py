@@ -265,3 +265,19 @@ def test_a_table_measured_with_another_shrinkage_is_never_merged(tmp_path: Path)
     assert json.loads((tmp_path / "frontier.json").read_text())["command"] == ["first", "second"]
     write_frontier(_rows(), tmp_path / "now", "now")
     assert "the product's default)" in (tmp_path / "now" / "frontier.md").read_text()
+
+
+def test_merging_recomputes_the_sizes_of_points_measured_before(tmp_path: Path) -> None:
+    """A point kept from an older table gets today's FLUX.1-dev sizes (arithmetic, not measured):
+    the remainder's layers changed after some points were measured."""
+    write_frontier(_rows(), tmp_path, "first")
+    path = tmp_path / "frontier.json"
+    table = json.loads(path.read_text())
+    stale = next(p for p in table["points"] if p["name"] == "55% + int4 + OBS, rest int4")
+    stale["flux_gb"] = {"keep": 1.0, "fp8": 1.0, "int4": 1.0, "int3": 1.0}
+    path.write_text(json.dumps(table))
+    q3 = [GenRow("a", 0.0, "GGUF Q3_K", [0.02], [0.02], [3.4375])]
+    write_frontier(q3, tmp_path, "second", previous=path)
+    merged = next(p for p in json.loads(path.read_text())["points"] if p["name"] == stale["name"])
+    assert merged["flux_gb"] == Point("sparse", "int4", 0.55, rest="int4").flux_gb()
+    assert merged["models"]["a"]["held"] == stale["models"]["a"]["held"]  # the measurement is kept

@@ -37,7 +37,7 @@ def _point(name: str, kind: str, bpw: float, errors: dict[str, float], **kw: obj
         "remainder_measured": kw.get("rest", "as trained"),
         "reconstructed": kind in ("sparse", "dense"),
         "flux_bits_per_weight": bpw,
-        "flux_gb": {},
+        "flux_gb": kw.get("flux_gb", {}),
         "models": {m: {"held": e, "seen": e / 2, "bits_per_weight": bpw} for m, e in errors.items()},
         **({"value_group": kw["group"]} if "group" in kw else {}),
     }
@@ -50,7 +50,15 @@ def _table() -> dict:
         "flux_rest_params": PARAMS,
         "rest_bytes_per_param": {"keep": 2.0, "fp8": 1.0, "int4": 0.5},
         "points": [
-            _point("fp8 cast (ComfyUI)", "fp8 cast", 8.0, {"a": 0.001, "b": 0.003}, values="fp8"),
+            # ComfyUI's cast: its own size (every weight a byte, the rest kept: here 2 GB)
+            _point(
+                "fp8 cast (ComfyUI)",
+                "fp8 cast",
+                8.0,
+                {"a": 0.001, "b": 0.003},
+                values="fp8",
+                flux_gb={"fp8": 2.0},
+            ),
             _point("GGUF Q2_K", "gguf", 2.625, {"a": 0.05, "b": 0.07, "c": 0.02}, values="Q2_K"),
             # dense int4 + OBS: 0.52 GB of layers, + 1 GB fp8 rest = 1.52; + 2 GB kept = 2.52
             _point("dense int4 + OBS", "dense", 4.16, {"a": 0.003, "b": 0.005, "c": 0.0001}),
