@@ -63,21 +63,26 @@ def test_sd3_names(tiny_sd3: nn.Module) -> None:
     )
 
 
+class _GenericBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(8, 8)
+        self.ff = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.adaLN_modulation = nn.Linear(8, 16)
+
+
+class _GenericDiT(nn.Module):
+    """A DiT no template names: Linear layers in repeated blocks, an embedder and a head outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList([_GenericBlock(), _GenericBlock()])
+        self.head = nn.Linear(8, 4)
+
+
 def test_generic_fallback_finds_linears_in_repeated_blocks() -> None:
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.Linear(8, 8)
-            self.ff = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
-
-    class Generic(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Linear(4, 8)
-            self.blocks = nn.ModuleList([Block(), Block()])
-            self.head = nn.Linear(8, 4)
-
-    model = Generic()
+    model = _GenericDiT()
     assert detect_architecture(model).name == "generic"
     assert list(find_prunable_layers(model)) == [
         "blocks.0.attn",
@@ -176,22 +181,5 @@ def test_remainder_layers_are_the_blocks_linears_not_the_embedders_or_final_laye
 
 
 def test_remainder_layers_of_a_generic_dit_leave_the_layers_outside_its_blocks() -> None:
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.Linear(8, 8)
-            self.adaLN_modulation = nn.Linear(8, 16)
-
-    class Generic(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Linear(4, 8)
-            self.blocks = nn.ModuleList([Block(), Block()])
-            self.head = nn.Linear(8, 4)
-
-    assert remainder_layers(Generic()) == [
-        "blocks.0.attn",
-        "blocks.0.adaLN_modulation",
-        "blocks.1.attn",
-        "blocks.1.adaLN_modulation",
-    ]
+    names = remainder_layers(_GenericDiT())
+    assert names == [f"blocks.{i}.{n}" for i in (0, 1) for n in ("attn", "ff.0", "ff.2", "adaLN_modulation")]
