@@ -241,8 +241,15 @@ _G32_RECON = [
     *_sparse(("int3",), (0.4, 0.5, 0.6, 0.7), group=32),
 ]
 #: whole files with the rest in 3-bit codes (Save Pruned Model's remainder int3): 0.42 GB less than
-#: int4 on FLUX.1-dev, for the 4 GB target
-_REST_INT3 = [*_sparse(("int3",), (0.55, 0.6)), *_dense((2,), group=32)]
+#: int4 on FLUX.1-dev, for the 4 GB target; and, since the remainder codes the modulation only (its
+#: int3 rounding then adds little), 5 GB files of up to 3.35 b/w in the prunable layers
+_REST_INT3 = [
+    *_sparse(("int3",), (0.55, 0.6)),
+    *_dense((2,), group=32),
+    *_dense((3,)),
+    *_sparse(("int3",), (0.3,)),
+    *_sparse(("int4",), (0.5,)),
+]
 #: the GGUF files the file-size targets compare with, whole (the modulation in the format too)
 GGUF_FILES = (Point("gguf", "Q3_K", gguf_file=True), Point("gguf", "Q2_K", gguf_file=True))
 FULL: tuple[Point, ...] = (
@@ -274,7 +281,7 @@ REDUCED: tuple[Point, ...] = (
     *_sparse(("int3",), (0.5, 0.7), group=32),
     *_whole(_sparse(("int3",), (0.5, 0.7), group=32)),
     *_sparse(("int3",), (0.55,)),
-    *_whole(_sparse(("int3",), (0.55,)), "int3"),
+    *_whole([*_sparse(("int3",), (0.55, 0.6)), *_dense((3,)), *_sparse(("int4",), (0.5,))], "int3"),
 )
 
 
