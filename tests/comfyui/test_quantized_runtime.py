@@ -191,6 +191,7 @@ def test_corrupted_or_lying_quantised_files_are_refused_in_every_mode(comfy: Com
         data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta.pop("tensor_crc32")
     key = f"{LAYER}.weight"
+    mod_key = "double_blocks.0.img_mod.lin.weight"  # a remainder tensor: the modulation is coded
     crafted = {
         "scales": ({**data, f"{key}.qscales": data[f"{key}.qscales"][:-1].clone()}, "scales of shape"),
         "spec": (
@@ -198,7 +199,7 @@ def test_corrupted_or_lying_quantised_files_are_refused_in_every_mode(comfy: Com
             "'qspec' piece says",
         ),
         "rest": (
-            {**data, "img_in.weight.qcodes": data["img_in.weight.qcodes"][:-8].clone()},
+            {**data, f"{mod_key}.qcodes": data[f"{mod_key}.qcodes"][:-8].clone()},
             "packed codes of shape",
         ),
     }
