@@ -22,7 +22,6 @@ __all__ = [
     "FLUX_DEV",
     "FLUX_LAYERS",
     "FLUX_PRUNABLE",
-    "FLUX_REMAINDER_CODED",
     "FLUX_REST",
     "FLUX_SHAPES",
     "FLUX_TOTAL",
@@ -30,7 +29,6 @@ __all__ = [
     "SHAPES",
     "DitShapes",
     "module_tree",
-    "remainder_coded_params",
 ]
 
 # ---- FLUX.1-dev, defined once for every benchmark -------------------------------------------------
@@ -436,25 +434,3 @@ def module_tree(shapes: DitShapes, device: torch.device | str = "meta") -> nn.Mo
         parent, last = at(key)
         parent.register_parameter(last, nn.Parameter(torch.empty(shape, device=device), requires_grad=False))
     return root
-
-
-def remainder_coded_params(shapes: DitShapes, template_name: str) -> int:
-    """Weights outside the prunable layers that a compressed file's ``remainder`` option codes
-    (:func:`~ditprune_core.layers.remainder_layers`: the modulation, not the embedders and the final
-    layer): of a model with these shapes, named as ``template_name``'s architecture names them."""
-    from .layers import DEFAULT_FAMILIES, REMAINDER_KEPT_FAMILIES, TEMPLATES
-
-    template = next(t for t in TEMPLATES if t.name == template_name)
-    coded = [
-        name
-        for name in shapes.linears
-        if (family := template.family_of(name)) is not None
-        and family not in REMAINDER_KEPT_FAMILIES
-        and family not in DEFAULT_FAMILIES
-    ]
-    return shapes.linear_numel(coded)
-
-
-#: FLUX.1-dev's weights that ``remainder`` codes: the modulation layers (3.23B of the 3.29B outside
-#: the prunable layers); the other 67M (embedders, final layer, norms, biases) stay in bf16
-FLUX_REMAINDER_CODED = remainder_coded_params(SHAPES["flux"](), "flux")

@@ -22,8 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from .dit_shapes import DitShapes
 
 __all__ = [
     "COMFY_REFUSED",
@@ -41,6 +45,7 @@ __all__ = [
     "find_prunable_layers",
     "layer_block",
     "layer_family",
+    "remainder_coded_params",
     "remainder_layers",
     "supported_models_text",
     "unwrap_diffusion_model",
@@ -381,6 +386,21 @@ def unwrap_diffusion_model(model: nn.Module | object) -> nn.Module:
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def remainder_coded_params(shapes: DitShapes, template_name: str) -> int:
+    """Weights outside the prunable layers that a compressed file's ``remainder`` option codes
+    (:func:`remainder_layers`: the modulation, not the embedders and the final layer) in a model of
+    these shapes (:mod:`~ditprune_core.dit_shapes`), named as ``template_name``'s architecture."""
+    template = next(t for t in TEMPLATES if t.name == template_name)
+    coded = [
+        name
+        for name in shapes.linears
+        if (family := template.family_of(name)) is not None
+        and family not in REMAINDER_KEPT_FAMILIES
+        and family not in DEFAULT_FAMILIES
+    ]
+    return shapes.linear_numel(coded)
 
 
 def remainder_layers(model: nn.Module | object) -> list[str]:

@@ -25,9 +25,9 @@ from bench.frontier import (
     write_frontier,
 )
 from bench.generalisation import GenRow
-from bench.lowbit import flux_rest_gb
+from bench.lowbit import FLUX_REMAINDER_CODED, flux_rest_gb
 from ditprune_core.config import ReconstructParams
-from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REMAINDER_CODED, FLUX_REST, FLUX_TOTAL
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_TOTAL
 from ditprune_core.miniflux.pipeline import load_bundled
 from ditprune_core.tiers import choose_for_size
 

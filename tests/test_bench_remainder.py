@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from bench.lowbit import FLUX_REMAINDER_CODED
 from bench.pareto import round_remainder_
 from bench.remainder import GROUPS, RemainderRow, flux_group_params, group_keys, rounded, write_remainder
-from ditprune_core.dit_shapes import FLUX_REMAINDER_CODED
 from ditprune_core.miniflux.pipeline import load_bundled
 
 
