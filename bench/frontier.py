@@ -60,7 +60,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ditprune_core.config import PruneConfig, ReconstructParams
-from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, SHAPES
+from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_TOTAL, SHAPES
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline
 from ditprune_core.prune import select_layers
 from ditprune_core.quantize import (
@@ -121,8 +121,13 @@ def _gguf_kept(key: str) -> bool:
     return any(k in key for k in GGUF_KEPT)
 
 
+def _flux_linear_weights() -> int:
+    shapes = SHAPES["flux"]()
+    return shapes.linear_numel(shapes.linears)
+
+
 #: FLUX.1-dev's Linear weights (biases not included): what ComfyUI's fp8 cast stores in one byte
-FLUX_LINEAR = SHAPES["flux"]().linear_numel(SHAPES["flux"]().linears)
+FLUX_LINEAR = _flux_linear_weights()
 
 #: FLUX.1-dev's weights in a GGUF file's format (prunable + modulation: 11.83B of its 11.90B)
 FLUX_GGUF_QUANTISED = _flux_gguf_quantised()
@@ -199,9 +204,8 @@ class Point:
             rest = 2 * (FLUX_PRUNABLE + FLUX_REST - FLUX_GGUF_QUANTISED)
             gb = round((self.flux_bits_per_weight() * FLUX_GGUF_QUANTISED / 8 + rest) / 1e9, 3)
             return dict.fromkeys(REMAINDERS, gb)
-        if self.kind == "fp8 cast":  # ComfyUI's cast: every Linear weight one byte, no scale
-            rest = FLUX_LINEAR - FLUX_PRUNABLE + 2 * (FLUX_REST - (FLUX_LINEAR - FLUX_PRUNABLE))
-            return dict.fromkeys(REMAINDERS, round((FLUX_PRUNABLE + rest) / 1e9, 3))
+        if self.kind == "fp8 cast":  # ComfyUI's cast: every Linear weight one byte, no scale; the rest bf16
+            return dict.fromkeys(REMAINDERS, round((FLUX_LINEAR + 2 * (FLUX_TOTAL - FLUX_LINEAR)) / 1e9, 3))
         prunable = self.flux_bits_per_weight() * FLUX_PRUNABLE / 8e9
         return {r: round(prunable + flux_rest_gb(r), 3) for r in REMAINDERS}
 

@@ -31,7 +31,7 @@ import torch
 
 from ditprune_core.config import PruneConfig
 from ditprune_core.dit_shapes import FLUX_LAYERS, FLUX_REST, SHAPES
-from ditprune_core.layers import remainder_coded_params
+from ditprune_core.layers import rest_linear_params
 from ditprune_core.layouts import LAYOUTS, Fp8Values, storage_cost
 from ditprune_core.mask import layer_keep_mask
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline
@@ -105,7 +105,7 @@ def run_remainder(
 
 #: FLUX.1-dev's weights that ``remainder`` codes: the modulation layers (3.23B of the 3.29B outside
 #: the prunable layers); the other 67M (embedders, final layer, norms, biases) stay in bf16
-FLUX_REMAINDER_CODED = remainder_coded_params(SHAPES["flux"](), "flux")
+FLUX_REMAINDER_CODED = rest_linear_params(SHAPES["flux"](), "flux")
 
 
 def flux_rest_gb(remainder: str) -> float:

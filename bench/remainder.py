@@ -36,7 +36,12 @@ import numpy as np
 import torch
 
 from ditprune_core.dit_shapes import SHAPES
-from ditprune_core.layers import DEFAULT_FAMILIES, REMAINDER_KEPT_FAMILIES, TEMPLATES, detect_architecture
+from ditprune_core.layers import (
+    DEFAULT_FAMILIES,
+    detect_architecture,
+    is_remainder_family,
+    rest_linear_params,
+)
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
 from ditprune_core.quantize import fake_quantize
 from ditprune_core.save import is_remainder_weight, remainder_spec
@@ -48,7 +53,7 @@ from .refine_holdout import SPLITS, class_split
 #: group name -> which families (of a Linear layer outside the prunable ones) it rounds
 GROUPS: dict[str, Callable[[str | None], bool]] = {
     "every Linear": lambda family: True,
-    "modulation": lambda family: family is not None and family not in REMAINDER_KEPT_FAMILIES,
+    "modulation": is_remainder_family,
     "embedders": lambda family: family == "embedder",
     "final layer": lambda family: family == "final",
 }
@@ -73,15 +78,7 @@ def group_keys(model: torch.nn.Module, group: str) -> list[str]:
 
 def flux_group_params(group: str) -> int:
     """Weights of FLUX.1-dev's Linear layers in ``group``."""
-    shapes = SHAPES["flux"]()
-    template = next(t for t in TEMPLATES if t.name == "flux")
-    chosen = GROUPS[group]
-    names = [
-        n
-        for n in shapes.linears
-        if template.family_of(n) not in DEFAULT_FAMILIES and chosen(template.family_of(n))
-    ]
-    return shapes.linear_numel(names)
+    return rest_linear_params(SHAPES["flux"](), "flux", GROUPS[group])
 
 
 @torch.no_grad()

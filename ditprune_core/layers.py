@@ -43,10 +43,11 @@ __all__ = [
     "check_blocks",
     "detect_architecture",
     "find_prunable_layers",
+    "is_remainder_family",
     "layer_block",
     "layer_family",
-    "remainder_coded_params",
     "remainder_layers",
+    "rest_linear_params",
     "supported_models_text",
     "unwrap_diffusion_model",
 ]
@@ -388,19 +389,24 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def remainder_coded_params(shapes: DitShapes, template_name: str) -> int:
-    """Weights outside the prunable layers that a compressed file's ``remainder`` option codes
-    (:func:`remainder_layers`: the modulation, not the embedders and the final layer) in a model of
-    these shapes (:mod:`~ditprune_core.dit_shapes`), named as ``template_name``'s architecture."""
+def is_remainder_family(family: str | None) -> bool:
+    """Whether a compressed file's ``remainder`` option codes the unpruned Linear layers of
+    ``family`` (:func:`remainder_layers`): a block family, not the embedders and the final layer
+    (:data:`REMAINDER_KEPT_FAMILIES`), nor layers no family names."""
+    return family is not None and family not in REMAINDER_KEPT_FAMILIES
+
+
+def rest_linear_params(
+    shapes: DitShapes, template_name: str, chosen: Callable[[str | None], bool] = is_remainder_family
+) -> int:
+    """Weights of the Linear layers outside the prunable families (:data:`DEFAULT_FAMILIES`) whose
+    family ``chosen`` takes, in a model of these shapes (:mod:`~ditprune_core.dit_shapes`) named as
+    ``template_name``'s architecture; by default those ``remainder`` codes (the modulation)."""
     template = next(t for t in TEMPLATES if t.name == template_name)
-    coded = [
-        name
-        for name in shapes.linears
-        if (family := template.family_of(name)) is not None
-        and family not in REMAINDER_KEPT_FAMILIES
-        and family not in DEFAULT_FAMILIES
-    ]
-    return shapes.linear_numel(coded)
+    families = {name: template.family_of(name) for name in shapes.linears}
+    return shapes.linear_numel(
+        [name for name, family in families.items() if family not in DEFAULT_FAMILIES and chosen(family)]
+    )
 
 
 def remainder_layers(model: nn.Module | object) -> list[str]:
@@ -414,11 +420,7 @@ def remainder_layers(model: nn.Module | object) -> list[str]:
     """
     module = unwrap_diffusion_model(model)
     template = detect_architecture(module)
-    return [
-        name
-        for name in _linear_layers(module)
-        if (family := template.family_of(name)) is not None and family not in REMAINDER_KEPT_FAMILIES
-    ]
+    return [name for name in _linear_layers(module) if is_remainder_family(template.family_of(name))]
 
 
 def _class_path(module: nn.Module) -> str:
