@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .cluster import ClusterParams
@@ -247,6 +247,12 @@ class PruneConfig:
         value_spec: an explicit :class:`~ditprune_core.quantize.QuantSpec` (group size, symmetry,
             grouping) instead of the default of ``value_bits``; its bits must be ``value_bits``
             (``value_bits`` may be left None: it is taken from the spec).
+        upgrade_share: mixed precision (ours): this share of the selected layers' weights, in whole
+            layers, is stored at ``upgrade_bits`` instead of ``value_bits`` (0, the default: none).
+            :func:`~ditprune_core.sequential.prune_sequential_` picks the layers whose rounding at
+            ``value_bits`` costs most per weight (:func:`~ditprune_core.reconstruct.allocate_upgrades`).
+            Needs ``value_bits`` and its default spec.
+        upgrade_bits: the bits of the upgraded layers (default 4), above ``value_bits``.
         filter_fn: optional ``filter_fn(module, name) -> bool``, applied last; not serialised.
     """
 
@@ -262,6 +268,8 @@ class PruneConfig:
     reconstruct: ReconstructParams = field(default_factory=ReconstructParams)
     value_bits: int | None = None
     value_spec: QuantSpec | None = None
+    upgrade_share: float = 0.0
+    upgrade_bits: int = 4
     filter_fn: LayerFilter | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -300,6 +308,7 @@ class PruneConfig:
                 ) from exc
 
         self._check_values()
+        self._check_upgrade()
         if self.sparsity == 0 and self.value_bits is None:
             raise ValueError(
                 "sparsity must be strictly between 0 and 1 to prune; sparsity 0 prunes nothing: give "
@@ -327,6 +336,36 @@ class PruneConfig:
                 f"value_spec has {spec.bits} bits but value_bits is {bits}: give one of them, or make them "
                 "agree"
             )
+
+    def _check_upgrade(self) -> None:
+        share, bits = self.upgrade_share, self.upgrade_bits
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= float(share) < 1.0:
+            raise ValueError(
+                f"upgrade_share must be in [0, 1): the share of the layers' weights stored at upgrade_bits "
+                f"(0: none); got {share!r}"
+            )
+        if share == 0:
+            return
+        if self.value_bits is None:
+            raise ValueError(
+                f"upgrade_share {share} stores some layers at upgrade_bits instead of value_bits, but "
+                "value_bits is None: give value_bits (e.g. 3) or set upgrade_share to 0"
+            )
+        if self.value_spec is not None:
+            raise ValueError(
+                "upgrade_share upgrades layers from value_bits' default spec to upgrade_bits' default spec; "
+                "a custom value_spec has no upgraded twin: drop value_spec or set upgrade_share to 0"
+            )
+        allowed = DENSE_VALUE_BITS if self.sparsity == 0 else VALUE_BITS
+        if isinstance(bits, bool) or not isinstance(bits, int) or not self.value_bits < bits in allowed:
+            above = [b for b in allowed if b > self.value_bits]
+            raise ValueError(
+                f"upgrade_bits must be above value_bits {self.value_bits}, one of {above}; got {bits!r}"
+            )
+
+    def upgraded(self) -> PruneConfig:
+        """This config for a layer that ``upgrade_share`` upgrades: its values at ``upgrade_bits``."""
+        return replace(self, value_bits=self.upgrade_bits, upgrade_share=0.0)
 
     @property
     def needs_calibration(self) -> bool:

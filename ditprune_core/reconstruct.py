@@ -20,6 +20,8 @@ This module adds:
   OBS result (large layers).
 - :func:`allocate_block_counts` and :func:`plan_groups`: how a block's prune count is shared among
   its layers, and which layers are calibrated together under a memory budget.
+- :func:`allocate_upgrades`: which layers mixed precision (``PruneConfig.upgrade_share``) stores at
+  more bits.
 - :func:`reconstruct_layer` and :func:`quantize_layer`: one layer as a :class:`PruneConfig` says
   (the per-layer dispatch that :func:`~ditprune_core.sequential.prune_sequential_` runs).
 
@@ -48,7 +50,7 @@ from .obs import (
     relative_output_error,
     shrunk,
 )
-from .quantize import QuantizedWeight, quantize_weight
+from .quantize import QuantizedWeight, QuantSpec, fake_quantize, quantize_weight
 from .stats import CalibrationError, GramAccumulator, check_gram
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "ObsResult",
     "RefitInfo",
     "allocate_block_counts",
+    "allocate_upgrades",
     "dampened",
     "obs_prune",
     "obs_quantize",
@@ -68,6 +71,7 @@ __all__ = [
     "reconstruct_layer",
     "refit_masked",
     "relative_output_error",
+    "rounding_cost",
 ]
 
 log = logging.getLogger("ditprune")
@@ -260,6 +264,52 @@ def allocate_block_counts(
     for i in order[: total - sum(whole)]:
         whole[i] += 1
     return dict(zip(names, whole, strict=True))
+
+
+def rounding_cost(
+    weight: torch.Tensor, energy: torch.Tensor, spec: QuantSpec, *, name: str = "weight"
+) -> float:
+    """Estimated relative output error of rounding ``weight`` to nearest with ``spec``:
+    ``Σ_ij e_ij² a_j / Σ_ij w_ij² a_j`` with ``e`` the rounding error and ``a = energy`` each input
+    channel's mean square (``E[x²]``, the Gram's diagonal); 0 for a layer with no output energy."""
+    w = weight.detach().float()
+    a = energy.to(w.device, torch.float32).clamp_min(0.0)
+    total = float((w.square() * a).sum())
+    if total <= 0.0:
+        return 0.0
+    e = fake_quantize(w, spec, where=name) - w
+    return float((e.square() * a).sum()) / total
+
+
+def allocate_upgrades(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], spec: QuantSpec, share: float
+) -> tuple[str, ...]:
+    """The layers that mixed precision stores at more bits: those whose rounding costs most per weight.
+
+    Each layer's cost is :func:`rounding_cost` at ``spec`` (the bits every other layer gets) divided
+    by its weight count: upgrading a layer removes most of its rounding error, and costs bits in
+    proportion to its size. Layers are taken by that cost, highest first (ties by name), each while
+    the upgraded weights stay within ``share`` of all the layers' weights; a layer that would go over
+    is passed and smaller ones after it may still fit. The choice is made on the dense weights,
+    before any is pruned: an estimate, which the final layers' output errors in the report check.
+
+    Args:
+        layers: ``{name: (weight (out, in), energy (in,))}``.
+        spec: the spec of the layers that are not upgraded.
+        share: the most of all the weights that may be upgraded, in [0, 1).
+    Returns:
+        the upgraded layers' names, most costly per weight first.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"upgrade share must be in [0, 1), got {share}")
+    sizes = {name: w.numel() for name, (w, _a) in layers.items()}
+    per_weight = {name: rounding_cost(w, a, spec, name=name) / sizes[name] for name, (w, a) in layers.items()}
+    allowed, used, chosen = share * sum(sizes.values()), 0, []
+    for name in sorted(per_weight, key=lambda n: (-per_weight[n], n)):
+        if used + sizes[name] <= allowed:
+            chosen.append(name)
+            used += sizes[name]
+    return tuple(chosen)
 
 
 def plan_groups(

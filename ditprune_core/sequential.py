@@ -31,6 +31,7 @@ from .quantize import QuantizedWeight, dequantize_weight
 from .reconstruct import (
     LayerReconstruction,
     allocate_block_counts,
+    allocate_upgrades,
     plan_groups,
     quantize_layer,
     reconstruct_layer,
@@ -94,6 +95,8 @@ class SequentialReport:
             picks (:func:`unquantized_storage_cost`).
         quantized: ``{layer name: QuantizedWeight}`` (on the CPU) of every pruned layer with
             ``value_bits``; empty without, or when ``prune_sequential_(collect_quantized=False)``.
+        upgraded: the layers mixed precision stored at ``upgrade_bits`` (``PruneConfig.upgrade_share``),
+            most costly per weight first; empty without.
         fruitless: refinements in a row that gained nothing when refinement stopped
             (``block_refine_patience``; a block whose layers span several passes is refined once a
             pass, so this counts refinements, not blocks); 0 when it did not stop.
@@ -108,6 +111,7 @@ class SequentialReport:
     blocks: tuple[BlockRefinement, ...] = ()
     skipped_blocks: tuple[str, ...] = ()
     fruitless: int = 0
+    upgraded: tuple[str, ...] = ()
 
     @property
     def sampler_runs(self) -> int:
@@ -309,11 +313,18 @@ def prune_sequential_(
     def shrink_of(name: str) -> float:
         return config.reconstruct.shrink_of(target.template.is_text_stream(name))
 
+    upgraded: tuple[str, ...] = ()  # mixed precision: the layers stored at config.upgrade_bits
+
+    def bits_of(name: str) -> PruneConfig:
+        return config.upgraded() if name in upgraded else config
+
     for index, group in enumerate(groups):
         start = time.perf_counter()
         layers = {name: target.layers[name] for name in group}
         phase(f"calibration pass {index + 1} of {len(groups)}: sampling to record {len(group)} layers")
-        with Calibrator(target.module, layers, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
+        # mixed precision is chosen from every layer's input energy: the first pass records it for all
+        hooked = target.layers if index == 0 and config.upgrade_share > 0 else layers
+        with Calibrator(target.module, hooked, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
             run_calibration(cal)
         gram_bytes = cal.gram_bytes
         silent = [name for name in group if cal.tokens(name) == 0]
@@ -323,6 +334,8 @@ def prune_sequential_(
                 f"{len(silent)} of its layers (e.g. {silent[0]!r}); it must run the model on the "
                 "calibration inputs every time it is called"
             )
+        if hooked is not layers:
+            upgraded = _upgrades(target, cal, config, weight_fn)
         counts = _block_counts(target, group, cal, config, weight_fn)
         for name in group:
             layer = target.layers[name]
@@ -359,7 +372,7 @@ def prune_sequential_(
                 at[name] = len(done)
             else:
                 new, q, report = _finish_layer(
-                    name, new, keep, weight, gram, report, config, held, shrink=shrink_of(name)
+                    name, new, keep, weight, gram, report, bits_of(name), held, shrink=shrink_of(name)
                 )
                 written.write(name, layer, new, keep, q, cal)
             del gram
@@ -389,7 +402,7 @@ def prune_sequential_(
                     dense,
                     cal.gram(name),
                     done[at[name]],
-                    config,
+                    bits_of(name),
                     layer.weight.dtype,
                     refined=not skipped or skipped[-1] != block,
                     shrink=shrink_of(name),
@@ -411,7 +424,23 @@ def prune_sequential_(
         tuple(refined),
         tuple(skipped),
         fruitless if skipped else 0,
+        upgraded,
     )
+
+
+def _upgrades(
+    target: PruneTarget, cal: Calibrator, config: PruneConfig, weight_fn: WeightFn
+) -> tuple[str, ...]:
+    """The layers ``config.upgrade_share`` stores at ``upgrade_bits``, from the dense weights and the
+    first pass's input energy of every layer (:func:`~ditprune_core.reconstruct.allocate_upgrades`)."""
+    spec = config.value_quant
+    assert spec is not None  # PruneConfig refuses an upgrade share without value_bits
+    stats = cal.stats
+    energies = {
+        name: (weight_fn(name, layer).detach(), stats[name].activation_sq_mean)
+        for name, layer in target.layers.items()
+    }
+    return allocate_upgrades(energies, spec, float(config.upgrade_share))
 
 
 def _gained_nothing(result: BlockRefinement) -> bool:

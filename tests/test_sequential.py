@@ -274,3 +274,53 @@ def test_quantise_only_choices_are_checked() -> None:
     model = _model()
     with pytest.raises(ValueError, match=r"sparsity 0 \(quantise only\) prunes nothing, so there is no mask"):
         compute_masks(model, None, PruneConfig(0, metric="magnitude", value_bits=4))
+
+
+# --- mixed precision: upgrade_share ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_mixed_precision_upgrades_the_layers_it_chose_and_counts_their_bits(tmp_path, sparsity) -> None:
+    """``upgrade_share``: the layers ``allocate_upgrades`` picks from the dense weights and the
+    calibration's input energy are stored at 4 bits, the rest at 3, within the share; the report's
+    bits per weight are the written file's, with several passes (a small budget) too."""
+    from ditprune_core.calibrate import Calibrator
+    from ditprune_core.quantize import DEFAULT_VALUE_SPECS
+    from ditprune_core.reconstruct import allocate_upgrades
+
+    specs = DEFAULT_DENSE_SPECS if sparsity == 0 else DEFAULT_VALUE_SPECS
+    model = _model(5)
+    layers = find_prunable_layers(model)
+    with Calibrator(model, layers) as cal:
+        _calibration(model)(cal)
+    expected = allocate_upgrades(
+        {n: (layer.weight.detach(), cal.stats[n].activation_sq_mean) for n, layer in layers.items()},
+        specs[3],
+        0.3,
+    )
+    config = PruneConfig(sparsity, update="obs", value_bits=3, upgrade_share=0.3)
+    largest = max(GramAccumulator.nbytes(layer.in_features) for layer in layers.values())
+    report = prune_sequential_(model, _calibration(model), config, memory_budget_bytes=largest)
+    assert len(report.passes) > 1 and report.upgraded == expected and expected
+    sizes = {n: layer.weight.numel() for n, layer in layers.items()}
+    assert 0 < sum(sizes[n] for n in expected) <= 0.3 * sum(sizes.values())
+    for name, q in report.quantized.items():
+        assert q.spec == specs[4 if name in expected else 3], name
+        assert torch.equal(dequantize_weight(q, layers[name].weight.dtype), layers[name].weight), name
+    path = tmp_path / "mixed.safetensors"
+    save_pruned_checkpoint(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}, path, quantized=report.quantized
+    )
+    values = {k: e["values"] for k, e in read_checkpoint_info(path).layouts.items()}
+    assert values == {f"{n}.weight": "int4" if n in expected else "int3" for n in layers}
+    keys = {f"{n}.weight" for n in layers}
+    with safe_open(str(path), framework="pt") as f:
+        stored = sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()  # noqa: SIM118
+            if k in keys or k.rpartition(".")[0] in keys
+        )
+    assert report.bits_per_weight == 8.0 * stored / sum(sizes.values())
+    other = _model(5)
+    plain = prune_sequential_(other, _calibration(other), PruneConfig(sparsity, update="obs", value_bits=3))
+    assert plain.upgraded == () and plain.bits_per_weight < report.bits_per_weight
