@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
-decode, gpu_step, refine_holdout, tiers, coverage, generalisation, frontier, remainder.
+decode, gpu_step, refine_holdout, tiers, coverage, generalisation, frontier, remainder, ceiling.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_OUT = Path("docs/bench")
 #: the MiniFlux test-beds (the held-out benchmarks run all three by default)
@@ -22,6 +23,13 @@ def _one_thread() -> None:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def _ceiling_of(model: str, **kwargs: Any) -> list[Any]:
+    """One model's rows of the ceiling benchmark (a process's share)."""
+    from .ceiling import run_ceiling
+
+    return run_ceiling([model], **kwargs)
 
 
 def bench_command(argv: list[str]) -> str:
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             "generalisation",
             "frontier",
             "remainder",
+            "ceiling",
         ),
     )
     parser.add_argument("--only", nargs="+", default=None, help="speed: only these method labels")
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = bench_command(argv if argv is not None else sys.argv[1:])
-    held_out_benches = ("refine_holdout", "coverage", "generalisation", "frontier", "remainder")
+    held_out_benches = ("refine_holdout", "coverage", "generalisation", "frontier", "remainder", "ceiling")
     if args.models is None:
         args.models = list(ALL_MODELS if args.which in held_out_benches else ALL_MODELS[:2])
     if args.which == "quality":
@@ -261,6 +270,27 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(2)  # the machine's two cores; the table's seconds say so
         md, _png = write_coverage(run_coverage(args.models), args.out, command)
         print(md.read_text())
+        return 0
+    if args.which == "ceiling":
+        import torch
+
+        from .ceiling import SPARSITIES, run_ceiling, write_ceiling
+
+        torch.set_num_threads(2)
+        sparsities = tuple(args.sparsities or SPARSITIES)
+        if args.jobs > 1:  # one process per model, one thread each, the largest model first
+            from concurrent.futures import ProcessPoolExecutor
+            from functools import partial
+
+            run_one = partial(_ceiling_of, sparsities=sparsities, eval_seeds=tuple(args.seeds))
+            with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+                order = list(reversed(args.models))
+                per_model = dict(zip(order, pool.map(run_one, order), strict=True))
+            ceiling = [r for m in args.models for r in per_model[m]]
+        else:
+            ceiling = run_ceiling(args.models, sparsities, tuple(args.seeds))
+        path = write_ceiling(ceiling, args.out, command)
+        print(path.read_text())
         return 0
     if args.which == "refine_holdout":
         from .refine_holdout import run_refine_holdout, write_refine_holdout

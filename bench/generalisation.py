@@ -80,6 +80,7 @@ __all__ = [
     "merge_rows",
     "run_generalisation",
     "run_split",
+    "split_of",
     "write_generalisation",
 ]
 
@@ -248,13 +249,14 @@ def calibrated_halves(
         pipe = load_bundled(model)
         for half in splits:
             seen, held = class_split(half, pipe.config.num_classes)
-            yield model, _split(pipe, seen), HeldOutEval.of(pipe, seen, held, eval_seeds)
+            yield model, split_of(pipe, seen), HeldOutEval.of(pipe, seen, held, eval_seeds)
 
 
-def _split(pipe: MiniFluxPipeline, seen: Sequence[int]) -> Split:
-    """The calibration on ``seen``: one sampler run a seed records mask-only's statistics and the
-    dense model's Grams of every prunable layer together."""
-    labels = class_labels(seen, CAL_PER_CLASS)
+def split_of(pipe: MiniFluxPipeline, seen: Sequence[int], per_class: int = CAL_PER_CLASS) -> Split:
+    """The calibration on ``seen`` (``per_class`` samples of each per calibration seed): one sampler
+    run a seed records mask-only's statistics and the dense model's Grams of every prunable layer
+    together."""
+    labels = class_labels(seen, per_class)
     names = list(select_layers(pipe.model, PruneConfig(0.5)))
     with Calibrator(pipe.model, weighting="log", grams=names) as cal:
         _calibrate(pipe, labels, cal)

@@ -47,7 +47,8 @@ def test_upgrade_choices_are_checked() -> None:
     config = PruneConfig(0.5, update="obs", value_bits=3, upgrade_share=0.25)
     assert config.upgraded().value_bits == 4 and config.upgraded().upgrade_share == 0
     assert PruneConfig.from_dict(config.to_dict()) == config
-    assert PruneConfig(0, update="obs", value_bits=2, upgrade_share=0.1, upgrade_bits=3).upgraded().value_bits == 3
+    two = PruneConfig(0, update="obs", value_bits=2, upgrade_share=0.1, upgrade_bits=3)
+    assert two.upgraded().value_bits == 3
     with pytest.raises(ValueError, match=r"upgrade_share must be in \[0, 1\)"):
         PruneConfig(0.5, update="obs", value_bits=3, upgrade_share=1.0)
     with pytest.raises(ValueError, match="value_bits is None: give value_bits"):
