@@ -151,10 +151,15 @@ class Point:
     group: int = DEFAULT_GROUP_SIZE
     #: a GGUF point: the whole file as ComfyUI-GGUF makes it (the modulation in the format too)
     gguf_file: bool = False
+    #: mixed precision (``PruneConfig.upgrade_share``): this share of the weights, in whole layers,
+    #: stored at int4 instead of ``values`` (a reconstructed int3 point)
+    upgrade: float = 0.0
 
     @property
     def name(self) -> str:
         values = self.values if self.group == DEFAULT_GROUP_SIZE else f"{self.values} g{self.group}"
+        if self.upgrade:
+            values += f" + {self.upgrade:.0%} int4"
         base = {
             "sparse": f"{self.sparsity:.0%} + {values} + OBS",
             "dense": f"dense {values} + OBS",
@@ -191,6 +196,12 @@ class Point:
             return 8.0
         if self.values == "fp8":
             stored = flux_bytes(torch.float8_e4m3fn, self.sparsity)
+        elif self.upgrade:  # at most this share at int4 (the share bounds what is upgraded)
+            return (1 - self.upgrade) * replace(
+                self, upgrade=0.0
+            ).flux_bits_per_weight() + self.upgrade * replace(
+                self, values="int4", upgrade=0.0
+            ).flux_bits_per_weight()
         elif self.kind == "sparse":
             stored = flux_bytes(self.value_spec() or DEFAULT_VALUE_SPECS[int(self.values[3:])], self.sparsity)
         else:  # dense codes (reconstructed or round to nearest)
@@ -317,18 +328,25 @@ class _Maker:
         self.reconstruct = (
             ReconstructParams() if shrink_text is None else ReconstructParams(shrink_text=shrink_text)
         )
-        self.runs: dict[tuple[float, int | None, QuantSpec | None], tuple[MiniFluxPipeline, float, int]] = {}
+        self.runs: dict[
+            tuple[float, int | None, QuantSpec | None, float], tuple[MiniFluxPipeline, float, int]
+        ] = {}
 
     def obs(
-        self, sparsity: float, bits: int | None, spec: QuantSpec | None = None
+        self, sparsity: float, bits: int | None, spec: QuantSpec | None = None, upgrade: float = 0.0
     ) -> tuple[MiniFluxPipeline, float, int]:
-        key = (sparsity, bits, spec)
+        key = (sparsity, bits, spec, upgrade)
         if key not in self.runs:
             pipe = _copy(self.split)
             config = PruneConfig(
-                sparsity, update="obs", value_bits=bits, value_spec=spec, reconstruct=self.reconstruct
+                sparsity,
+                update="obs",
+                value_bits=bits,
+                value_spec=spec,
+                reconstruct=self.reconstruct,
+                upgrade_share=upgrade,
             )
-            if config.value_quant is not None:
+            if config.value_quant is not None and not upgrade:  # an upgrade takes the default specs
                 config = replace(config, value_spec=self._clipped(config.value_quant))
             report = prune_sequential_(
                 pipe.model,
@@ -375,7 +393,7 @@ class _Maker:
             base, _, runs = self.obs(point.sparsity, None)
             pipe, bits = _fp8_values(base, "bitmask")
         else:
-            pipe, bits, runs = self.obs(point.sparsity, point.value_bits, point.value_spec())
+            pipe, bits, runs = self.obs(point.sparsity, point.value_bits, point.value_spec(), point.upgrade)
         if point.rest is None:
             return pipe, bits, runs
         rest = self._clipped(remainder_spec(point.rest))

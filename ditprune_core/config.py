@@ -25,6 +25,7 @@ __all__ = [
     "PATTERNS",
     "REFITS",
     "UPDATES",
+    "UPGRADE_ATTENTION",
     "ProgressFn",
     "PruneConfig",
     "ReconstructParams",
@@ -45,6 +46,9 @@ OBS_MASKS = ("metric", "in-update")
 ALLOCATIONS = ("uniform", "block")
 #: value bits of a quantise-only config (sparsity 0): those of kept values, and 2
 DENSE_VALUE_BITS = tuple(sorted(DEFAULT_DENSE_SPECS))
+#: ``PruneConfig.upgrade_layers`` for FLUX-style blocks: both streams' attention qkv and the image
+#: stream's attention output (docs/bench/frontier.md measures it)
+UPGRADE_ATTENTION = r"(img|txt)_attn\.qkv|img_attn\.proj"
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,9 @@ class PruneConfig:
             :func:`~ditprune_core.sequential.prune_sequential_` picks the layers whose rounding at
             ``value_bits`` costs most per weight (:func:`~ditprune_core.reconstruct.allocate_upgrades`).
             Needs ``value_bits`` and its default spec.
+        upgrade_layers: mixed precision by name: the selected layers whose name this regular
+            expression finds (``re.search``) are stored at ``upgrade_bits``, e.g.
+            :data:`UPGRADE_ATTENTION`. Instead of ``upgrade_share``, not with it.
         upgrade_bits: the bits of the upgraded layers (default 4), above ``value_bits``.
         filter_fn: optional ``filter_fn(module, name) -> bool``, applied last; not serialised.
     """
@@ -270,6 +277,7 @@ class PruneConfig:
     value_spec: QuantSpec | None = None
     upgrade_share: float = 0.0
     upgrade_bits: int = 4
+    upgrade_layers: str | None = None
     filter_fn: LayerFilter | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -344,17 +352,30 @@ class PruneConfig:
                 f"upgrade_share must be in [0, 1): the share of the layers' weights stored at upgrade_bits "
                 f"(0: none); got {share!r}"
             )
-        if share == 0:
+        regex = self.upgrade_layers
+        if regex is not None:
+            if share:
+                raise ValueError(
+                    "give upgrade_share (the layers chosen by estimate) or upgrade_layers (by name), not both"
+                )
+            try:
+                re.compile(regex)
+            except (re.error, TypeError) as exc:
+                raise ValueError(
+                    f"upgrade_layers {regex!r} is not a valid regular expression: {exc}"
+                ) from exc
+        if share == 0 and regex is None:
             return
+        what = f"upgrade_share {share}" if share else f"upgrade_layers {regex!r}"
         if self.value_bits is None:
             raise ValueError(
-                f"upgrade_share {share} stores some layers at upgrade_bits instead of value_bits, but "
-                "value_bits is None: give value_bits (e.g. 3) or set upgrade_share to 0"
+                f"{what} stores some layers at upgrade_bits instead of value_bits, but value_bits is None: "
+                "give value_bits (e.g. 3), or no upgrade"
             )
         if self.value_spec is not None:
             raise ValueError(
-                "upgrade_share upgrades layers from value_bits' default spec to upgrade_bits' default spec; "
-                "a custom value_spec has no upgraded twin: drop value_spec or set upgrade_share to 0"
+                f"{what} upgrades layers from value_bits' default spec to upgrade_bits' default spec; a "
+                "custom value_spec has no upgraded twin: drop value_spec, or the upgrade"
             )
         allowed = DENSE_VALUE_BITS if self.sparsity == 0 else VALUE_BITS
         if isinstance(bits, bool) or not isinstance(bits, int) or not self.value_bits < bits in allowed:
@@ -365,7 +386,12 @@ class PruneConfig:
 
     def upgraded(self) -> PruneConfig:
         """This config for a layer that ``upgrade_share`` upgrades: its values at ``upgrade_bits``."""
-        return replace(self, value_bits=self.upgrade_bits, upgrade_share=0.0)
+        return replace(self, value_bits=self.upgrade_bits, upgrade_share=0.0, upgrade_layers=None)
+
+    @property
+    def upgrades(self) -> bool:
+        """Mixed precision: some layers are stored at ``upgrade_bits``."""
+        return bool(self.upgrade_share) or self.upgrade_layers is not None
 
     @property
     def needs_calibration(self) -> bool:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -95,8 +96,8 @@ class SequentialReport:
             picks (:func:`unquantized_storage_cost`).
         quantized: ``{layer name: QuantizedWeight}`` (on the CPU) of every pruned layer with
             ``value_bits``; empty without, or when ``prune_sequential_(collect_quantized=False)``.
-        upgraded: the layers mixed precision stored at ``upgrade_bits`` (``PruneConfig.upgrade_share``),
-            most costly per weight first; empty without.
+        upgraded: the layers mixed precision stored at ``upgrade_bits`` (``PruneConfig.upgrade_share``:
+            most costly per weight first; ``upgrade_layers``: in forward order); empty without.
         fruitless: refinements in a row that gained nothing when refinement stopped
             (``block_refine_patience``; a block whose layers span several passes is refined once a
             pass, so this counts refinements, not blocks); 0 when it did not stop.
@@ -324,6 +325,8 @@ def prune_sequential_(
         phase(f"calibration pass {index + 1} of {len(groups)}: sampling to record {len(group)} layers")
         # mixed precision is chosen from every layer's input energy: the first pass records it for all
         hooked = target.layers if index == 0 and config.upgrade_share > 0 else layers
+        if index == 0 and config.upgrade_layers is not None:
+            upgraded = tuple(n for n in target.layers if re.search(config.upgrade_layers, n))
         with Calibrator(target.module, hooked, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
             run_calibration(cal)
         gram_bytes = cal.gram_bytes

@@ -324,3 +324,19 @@ def test_mixed_precision_upgrades_the_layers_it_chose_and_counts_their_bits(tmp_
     other = _model(5)
     plain = prune_sequential_(other, _calibration(other), PruneConfig(sparsity, update="obs", value_bits=3))
     assert plain.upgraded == () and plain.bits_per_weight < report.bits_per_weight
+
+
+def test_mixed_precision_by_name_upgrades_exactly_the_matching_layers() -> None:
+    from ditprune_core.config import UPGRADE_ATTENTION
+    from ditprune_core.quantize import DEFAULT_VALUE_SPECS
+
+    model = _model(6)
+    config = PruneConfig(0.5, update="obs", value_bits=3, upgrade_layers=UPGRADE_ATTENTION)
+    report = prune_sequential_(model, _calibration(model), config)
+    assert report.upgraded == (
+        "double_blocks.0.img_attn.qkv",
+        "double_blocks.0.img_attn.proj",
+        "double_blocks.0.txt_attn.qkv",
+    )
+    for name, q in report.quantized.items():
+        assert q.spec == DEFAULT_VALUE_SPECS[4 if name in report.upgraded else 3], name

@@ -59,3 +59,18 @@ def test_upgrade_choices_are_checked() -> None:
         PruneConfig(0.5, update="obs", value_bits=4, upgrade_share=0.2, upgrade_bits=3)
     with pytest.raises(ValueError, match=r"one of \[4, 8\]; got 2"):
         PruneConfig(0.5, update="obs", value_bits=3, upgrade_share=0.2, upgrade_bits=2)
+
+
+def test_upgrade_by_name_is_checked() -> None:
+    from ditprune_core.config import UPGRADE_ATTENTION
+
+    config = PruneConfig(0, update="obs", value_bits=3, upgrade_layers=UPGRADE_ATTENTION)
+    assert config.upgrades and config.upgraded().upgrade_layers is None and not config.upgraded().upgrades
+    assert PruneConfig.from_dict(config.to_dict()) == config
+    assert not PruneConfig(0, update="obs", value_bits=3).upgrades
+    with pytest.raises(ValueError, match=r"upgrade_share .* or upgrade_layers .* not both"):
+        PruneConfig(0.5, update="obs", value_bits=3, upgrade_share=0.2, upgrade_layers="qkv")
+    with pytest.raises(ValueError, match=r"upgrade_layers '\(qkv' is not a valid regular expression"):
+        PruneConfig(0.5, update="obs", value_bits=3, upgrade_layers="(qkv")
+    with pytest.raises(ValueError, match=r"upgrade_layers 'qkv' stores some layers .* value_bits is None"):
+        PruneConfig(0.5, update="obs", upgrade_layers="qkv")
