@@ -48,6 +48,7 @@ the least held-out error, per test-bed and by the mean over the test-beds that m
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -59,8 +60,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ditprune_core.config import PruneConfig, ReconstructParams
+from ditprune_core.config import UPGRADE_ATTENTION, PruneConfig, ReconstructParams
 from ditprune_core.dit_shapes import FLUX_PRUNABLE, FLUX_REST, FLUX_TOTAL, SHAPES
+from ditprune_core.layers import DEFAULT_FAMILIES, TEMPLATES
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline
 from ditprune_core.prune import select_layers
 from ditprune_core.quantize import (
@@ -151,15 +153,17 @@ class Point:
     group: int = DEFAULT_GROUP_SIZE
     #: a GGUF point: the whole file as ComfyUI-GGUF makes it (the modulation in the format too)
     gguf_file: bool = False
-    #: mixed precision (``PruneConfig.upgrade_share``): this share of the weights, in whole layers,
+    #: mixed precision (``PruneConfig.upgrade_layers``): the prunable layers this regex finds are
     #: stored at int4 instead of ``values`` (a reconstructed int3 point)
-    upgrade: float = 0.0
+    upgrade: str | None = None
 
     @property
     def name(self) -> str:
         values = self.values if self.group == DEFAULT_GROUP_SIZE else f"{self.values} g{self.group}"
         if self.upgrade:
-            values += f" + {self.upgrade:.0%} int4"
+            values += (
+                " + attention int4" if self.upgrade == UPGRADE_ATTENTION else f" + int4 /{self.upgrade}/"
+            )
         base = {
             "sparse": f"{self.sparsity:.0%} + {values} + OBS",
             "dense": f"dense {values} + OBS",
@@ -196,12 +200,10 @@ class Point:
             return 8.0
         if self.values == "fp8":
             stored = flux_bytes(torch.float8_e4m3fn, self.sparsity)
-        elif self.upgrade:  # at most this share at int4 (the share bounds what is upgraded)
-            return (1 - self.upgrade) * replace(
-                self, upgrade=0.0
-            ).flux_bits_per_weight() + self.upgrade * replace(
-                self, values="int4", upgrade=0.0
-            ).flux_bits_per_weight()
+        elif self.upgrade:  # the upgraded layers' share of the weights at int4, the rest as the point
+            share = flux_upgraded_share(self.upgrade)
+            low, high = replace(self, upgrade=None), replace(self, values="int4", upgrade=None)
+            return (1 - share) * low.flux_bits_per_weight() + share * high.flux_bits_per_weight()
         elif self.kind == "sparse":
             stored = flux_bytes(self.value_spec() or DEFAULT_VALUE_SPECS[int(self.values[3:])], self.sparsity)
         else:  # dense codes (reconstructed or round to nearest)
@@ -226,6 +228,15 @@ class Point:
         if self.gguf_file:
             return "gguf"
         return self.rest or "as trained"
+
+
+def flux_upgraded_share(regex: str) -> float:
+    """The share of FLUX.1-dev's prunable weights in the layers ``regex`` finds (``re.search``)."""
+    shapes = SHAPES["flux"]()
+    template = next(t for t in TEMPLATES if t.name == "flux")
+    prunable = [n for n in shapes.linears if template.family_of(n) in DEFAULT_FAMILIES]
+    assert shapes.linear_numel(prunable) == FLUX_PRUNABLE
+    return shapes.linear_numel([n for n in prunable if re.search(regex, n)]) / FLUX_PRUNABLE
 
 
 def _sparse(
@@ -265,6 +276,13 @@ _REST_INT3 = [
     *_sparse(("int3",), (0.3,)),
     *_sparse(("int4",), (0.5,)),
 ]
+#: mixed precision (``upgrade_layers``): int3 codes with the attention layers that cost most when rounded
+#: (both streams' qkv, the image stream's output; chosen on miniflux-a and -b by rounding one layer
+#: family at a time) at int4: 4.92-4.94 GB whole files with the rest in int3
+_UPGRADED = [
+    Point("dense", "int3", upgrade=UPGRADE_ATTENTION),
+    Point("sparse", "int3", 0.3, upgrade=UPGRADE_ATTENTION),
+]
 #: the GGUF files the file-size targets compare with, whole (the modulation in the format too)
 GGUF_FILES = (Point("gguf", "Q3_K", gguf_file=True), Point("gguf", "Q2_K", gguf_file=True))
 FULL: tuple[Point, ...] = (
@@ -278,6 +296,8 @@ FULL: tuple[Point, ...] = (
     *_G32_RECON,
     *_whole(_G32_RECON),
     *_whole(_REST_INT3, "int3"),
+    _UPGRADED[0],
+    *_whole(_UPGRADED, "int3"),
 )
 #: miniflux-c's reduced set (each OBS run 100-200 s, each evaluation 90 s on one core): the points
 #: near the file-size targets (5 GB and 4 GB whole files) and the dense baselines
@@ -297,6 +317,8 @@ REDUCED: tuple[Point, ...] = (
     *_whole(_sparse(("int3",), (0.5, 0.7), group=32)),
     *_sparse(("int3",), (0.55,)),
     *_whole([*_sparse(("int3",), (0.55, 0.6)), *_dense((3,)), *_sparse(("int4",), (0.5,))], "int3"),
+    _UPGRADED[0],
+    *_whole(_UPGRADED[:1], "int3"),
 )
 
 
@@ -329,11 +351,11 @@ class _Maker:
             ReconstructParams() if shrink_text is None else ReconstructParams(shrink_text=shrink_text)
         )
         self.runs: dict[
-            tuple[float, int | None, QuantSpec | None, float], tuple[MiniFluxPipeline, float, int]
+            tuple[float, int | None, QuantSpec | None, str | None], tuple[MiniFluxPipeline, float, int]
         ] = {}
 
     def obs(
-        self, sparsity: float, bits: int | None, spec: QuantSpec | None = None, upgrade: float = 0.0
+        self, sparsity: float, bits: int | None, spec: QuantSpec | None = None, upgrade: str | None = None
     ) -> tuple[MiniFluxPipeline, float, int]:
         key = (sparsity, bits, spec, upgrade)
         if key not in self.runs:
@@ -344,7 +366,7 @@ class _Maker:
                 value_bits=bits,
                 value_spec=spec,
                 reconstruct=self.reconstruct,
-                upgrade_share=upgrade,
+                upgrade_layers=upgrade,
             )
             if config.value_quant is not None and not upgrade:  # an upgrade takes the default specs
                 config = replace(config, value_spec=self._clipped(config.value_quant))
@@ -465,6 +487,7 @@ def to_table(rows: Sequence[GenRow], command: str) -> dict[str, Any]:
                 "values": point.values,
                 "value_bits": point.value_bits,
                 "value_group": point.group,
+                "upgrade_layers": point.upgrade,
                 "remainder_measured": point.remainder_measured,
                 "reconstructed": point.reconstructed,
                 "flux_bits_per_weight": round(point.flux_bits_per_weight(), 4),

@@ -26,6 +26,7 @@ __all__ = [
     "REFITS",
     "UPDATES",
     "UPGRADE_ATTENTION",
+    "UPGRADE_CHOICES",
     "ProgressFn",
     "PruneConfig",
     "ReconstructParams",
@@ -49,6 +50,8 @@ DENSE_VALUE_BITS = tuple(sorted(DEFAULT_DENSE_SPECS))
 #: ``PruneConfig.upgrade_layers`` for FLUX-style blocks: both streams' attention qkv and the image
 #: stream's attention output (docs/bench/frontier.md measures it)
 UPGRADE_ATTENTION = r"(img|txt)_attn\.qkv|img_attn\.proj"
+#: Prune and Reconstruct's ``upgrade`` widget: its names and the ``upgrade_layers`` each gives
+UPGRADE_CHOICES: dict[str, str | None] = {"none": None, "attention int4": UPGRADE_ATTENTION}
 
 
 @dataclass(frozen=True)

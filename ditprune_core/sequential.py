@@ -326,7 +326,7 @@ def prune_sequential_(
         # mixed precision is chosen from every layer's input energy: the first pass records it for all
         hooked = target.layers if index == 0 and config.upgrade_share > 0 else layers
         if index == 0 and config.upgrade_layers is not None:
-            upgraded = tuple(n for n in target.layers if re.search(config.upgrade_layers, n))
+            upgraded = _upgraded_by_name(target, config.upgrade_layers)
         with Calibrator(target.module, hooked, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
             run_calibration(cal)
         gram_bytes = cal.gram_bytes
@@ -429,6 +429,20 @@ def prune_sequential_(
         fruitless if skipped else 0,
         upgraded,
     )
+
+
+def _upgraded_by_name(target: PruneTarget, regex: str) -> tuple[str, ...]:
+    """The selected layers ``upgrade_layers`` finds; a regex that finds none is refused (a pattern
+    written for another architecture's names would otherwise upgrade nothing, silently)."""
+    found = tuple(name for name in target.layers if re.search(regex, name))
+    if not found:
+        example = next(iter(target.layers))
+        raise ValueError(
+            f"upgrade_layers {regex!r} finds none of the {len(target.layers)} selected layers of this "
+            f"{target.template.name} model (e.g. {example!r}): write it for this model's layer names, or "
+            "give no upgrade"
+        )
+    return found
 
 
 def _upgrades(

@@ -114,6 +114,8 @@ class FileChoice:
         errors: test-bed -> held-out relative MSE of final samples against dense (MiniFlux).
         mean_error: the mean of ``errors`` over the test-beds the choice is made on.
         value_group: Prune and Reconstruct's ``value_group`` widget: values a scale covers.
+        upgrade_layers: its mixed precision, ``PruneConfig.upgrade_layers`` (None: every layer at
+            ``value_bits``).
     """
 
     point: str
@@ -127,6 +129,7 @@ class FileChoice:
     errors: dict[str, float]
     mean_error: float
     value_group: int = field(default=DEFAULT_GROUP_SIZE, kw_only=True)
+    upgrade_layers: str | None = field(default=None, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +138,8 @@ class FileChoice:
         bits = "values in the model's dtype" if self.value_bits is None else f"{self.value_bits}-bit values"
         if self.value_bits is not None and self.value_group != DEFAULT_GROUP_SIZE:
             bits += f" in groups of {self.value_group}"
+        if self.upgrade_layers is not None:
+            bits += f", the layers /{self.upgrade_layers}/ at 4 bits"
         kind = f"{self.sparsity:.0%} sparsity" if self.sparsity > 0 else "no pruning (quantise only)"
         errors = ", ".join(f"{m} {e:.4f}" for m, e in self.errors.items())
         return (
@@ -184,6 +189,7 @@ def file_candidates(
                     pattern="unstructured",
                     value_bits=p["value_bits"],
                     value_group=p.get("value_group", DEFAULT_GROUP_SIZE),
+                    upgrade_layers=p.get("upgrade_layers"),
                     values=SAVE_VALUES[p["values"]],
                     remainder=remainder,
                     file_gb=_file_gb(table, p, remainder, prunable, rest),

@@ -11,7 +11,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.latest import io
 
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
-from ..ditprune_core.config import ReconstructParams
+from ..ditprune_core.config import UPGRADE_CHOICES, ReconstructParams
 from ..ditprune_core.prune import select_layers
 from ..ditprune_core.quantize import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantSpec, dequantize_weight
 from ..ditprune_core.sequential import default_memory_budget, prune_sequential_
@@ -147,13 +147,22 @@ def reconstruct_config(
     saliency: SaliencySpec | None,
     clusters: GroupingSpec | None,
     value_group: str = VALUE_GROUP_CHOICES[0],
+    upgrade: str = "none",
 ) -> PruneConfig:
     """The node's widgets as a :class:`PruneConfig` with ``update="obs"`` (a Score Saliency /
     Cluster Weights input overrides the metric / comparison group); ``value_group`` other than the
-    default gives the value bits' default spec with that group size."""
+    default gives the value bits' default spec with that group size; ``upgrade``: a name of
+    :data:`UPGRADE_CHOICES` (mixed precision)."""
     grouping = clusters or GroupingSpec()
     if value_group not in VALUE_GROUP_CHOICES:
         raise ValueError(f"value_group must be one of {list(VALUE_GROUP_CHOICES)}, got {value_group!r}")
+    if upgrade not in UPGRADE_CHOICES:
+        raise ValueError(f"upgrade must be one of {list(UPGRADE_CHOICES)}, got {upgrade!r}")
+    if UPGRADE_CHOICES[upgrade] is not None and value_bits != "3":
+        raise ValueError(
+            f"upgrade {upgrade!r} stores some layers at 4 bits and the rest at value_bits, which must then "
+            f"be 3 (got {value_bits!r}): set value_bits to 3, or upgrade to none"
+        )
     config = PruneConfig(
         sparsity,
         metric=saliency.metric if saliency is not None else metric,
@@ -165,6 +174,7 @@ def reconstruct_config(
         layer_regex=layer_regex or None,
         update="obs",
         value_bits=None if value_bits == "none" else int(value_bits),
+        upgrade_layers=UPGRADE_CHOICES[upgrade],
         reconstruct=ReconstructParams()
         if block_refine_steps is None
         else ReconstructParams(block_refine_steps=int(block_refine_steps)),
@@ -294,6 +304,17 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     "dense); the frontier (docs/bench/frontier.md) measures where they pay. A size target "
                     "sets it.",
                 ),
+                io.Combo.Input(  # after value_group: workflows saved before it keep their values
+                    "upgrade",
+                    options=list(UPGRADE_CHOICES),
+                    default="none",
+                    optional=True,
+                    tooltip="Mixed precision, with value_bits 3: 'attention int4' stores the attention "
+                    "layers whose rounding costs most (both streams' qkv and the image stream's output, "
+                    "FLUX's img_attn/txt_attn names; 15% of FLUX.1-dev's pruned weights, +0.16 GB) at 4 bits. "
+                    "Held out it cut dense int3's error by about a third on every test-bed "
+                    "(docs/bench/frontier.md). A size target sets it.",
+                ),
                 SaliencyType.Input(
                     "saliency",
                     optional=True,
@@ -340,6 +361,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         memory_budget_gb: float = 0.0,
         value_bits: str = "none",
         value_group: str = VALUE_GROUP_CHOICES[0],
+        upgrade: str = "none",
         block_refine_steps: int | None = None,
         target_file_gb: float = 0.0,
         saliency: SaliencySpec | None = None,
@@ -353,6 +375,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             sparsity, pattern = target.sparsity, target.pattern
             value_bits = "none" if target.value_bits is None else str(target.value_bits)
             value_group = str(target.value_group)
+            upgrade = next(k for k, v in UPGRADE_CHOICES.items() if v == target.upgrade_layers)
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = reconstruct_config(
             sparsity,
@@ -365,6 +388,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             saliency,
             clusters,
             value_group,
+            upgrade,
         )
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         plan = CalibrationPlan.of(run, prompt_set, dm)  # checked before loading

@@ -986,6 +986,7 @@ def reconstruct_chain(
             0,  # block_refine_steps: the default, off (it did not hold out: docs/bench/generalisation.md)
             setting.get("target_file_gb", 0.0),  # the size target (0: the widgets above)
             setting.get("value_group", "128"),  # values a scale covers (the size target sets it too)
+            setting.get("upgrade", "none"),  # mixed precision (the size target sets it too)
         ],
         [
             ("model", "MODEL"),
@@ -1273,6 +1274,19 @@ def tiers() -> list[dict[str, Any]]:
     return [t for t in json.loads(TIERS_JSON.read_text())["tiers"] if t["verdict"] == "ditprune"]
 
 
+#: ditprune_core.config.UPGRADE_CHOICES, which this script does not import (it needs no torch; a test
+#: checks they agree): Prune and Reconstruct's ``upgrade`` widget -> the table's ``upgrade_layers``
+UPGRADE_CHOICES: dict[str, str | None] = {
+    "none": None,
+    "attention int4": r"(img|txt)_attn\.qkv|img_attn\.proj",
+}
+
+
+def upgrade_choice(upgrade_layers: str | None) -> str:
+    """Prune and Reconstruct's ``upgrade`` widget value for a table's ``upgrade_layers``."""
+    return next(name for name, regex in UPGRADE_CHOICES.items() if regex == upgrade_layers)
+
+
 def tier_setting(tier: dict[str, Any]) -> dict[str, Any]:
     """Prune and Reconstruct's and Save's widgets for a tier, read from the table's choice: the
     size target is the card's file budget (the node picks the same setting from the same table), the
@@ -1282,6 +1296,7 @@ def tier_setting(tier: dict[str, Any]) -> dict[str, Any]:
         "sparsity": tier["sparsity"],
         "value_bits": "none" if bits is None else str(bits),
         "value_group": str(tier["value_group"]),
+        "upgrade": upgrade_choice(tier.get("upgrade_layers")),
         "values": FROM_TARGET,
         "remainder": FROM_TARGET,
         "target_file_gb": tier["target_file_gb"],
@@ -1297,6 +1312,8 @@ def tier_text(tier: dict[str, Any]) -> str:
     bits = "values in the model's dtype" if tier["value_bits"] is None else f"{tier['value_bits']}-bit values"
     if tier["value_bits"] is not None and tier["value_group"] != 128:
         bits += f" in groups of {tier['value_group']}"
+    if tier.get("upgrade_layers") is not None:
+        bits += f" ({upgrade_choice(tier['upgrade_layers'])}: those attention layers at 4 bits)"
     kind = f"{tier['sparsity']:.0%} sparsity" if tier["sparsity"] > 0 else "no pruning (quantise only)"
     models = "/".join(m.removeprefix("miniflux-").upper() for m in tier["errors"])
     return (

@@ -60,7 +60,10 @@ def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
     picks from docs/bench/frontier.json for its card (not copied by hand): the size target that
     picks it, the three widgets it replaces showing it, Save taking values and remainder from it; its
     note says what that costs and gives, in the table's figures."""
+    from ditprune_core.config import UPGRADE_CHOICES
     from ditprune_core.tiers import choose_tier
+
+    assert _generator()["UPGRADE_CHOICES"] == UPGRADE_CHOICES  # the generator's copy (it imports no torch)
 
     table = json.loads((REPO / "docs" / "bench" / "frontier.json").read_text())
     for name in TIER_WORKFLOWS:
@@ -78,6 +81,9 @@ def test_per_gpu_workflows_carry_the_size_fidelity_tables_choice() -> None:
         assert (sparsity, pattern) == (choice.sparsity, choice.pattern), name
         assert value_bits == ("none" if choice.value_bits is None else str(choice.value_bits)), name
         assert recon["widgets_values"][17:20] == [0, choice.target_file_gb, str(choice.value_group)], name
+        assert recon["widgets_values"][20] == next(
+            k for k, v in UPGRADE_CHOICES.items() if v == choice.upgrade_layers
+        ), name
         assert save["widgets_values"][1:] == ["compressed", "size target", "auto", "size target"], name
         note = next(
             n["widgets_values"][0]
