@@ -283,6 +283,13 @@ _UPGRADED = [
     Point("dense", "int3", upgrade=UPGRADE_ATTENTION),
     Point("sparse", "int3", 0.3, upgrade=UPGRADE_ATTENTION),
 ]
+#: sparse with the same upgrade, each just within a budget: 2.97 b/w (<= 3.0), 2.48 b/w (<= 2.5) and a
+#: 3.88 GB whole file with the rest in int3 (<= 4 GB, and the 6 GB card's 3.9 GB)
+_UPGRADED_SPARSE = [
+    Point("sparse", "int3", 0.4, upgrade=UPGRADE_ATTENTION),
+    Point("sparse", "int3", 0.55, upgrade=UPGRADE_ATTENTION),
+    Point("sparse", "int3", 0.6, rest="int3", upgrade=UPGRADE_ATTENTION),
+]
 #: the GGUF files the file-size targets compare with, whole (the modulation in the format too)
 GGUF_FILES = (Point("gguf", "Q3_K", gguf_file=True), Point("gguf", "Q2_K", gguf_file=True))
 FULL: tuple[Point, ...] = (
@@ -298,6 +305,7 @@ FULL: tuple[Point, ...] = (
     *_whole(_REST_INT3, "int3"),
     _UPGRADED[0],
     *_whole(_UPGRADED, "int3"),
+    *_UPGRADED_SPARSE,
 )
 #: miniflux-c's reduced set (each OBS run 100-200 s, each evaluation 90 s on one core): the points
 #: near the file-size targets (5 GB and 4 GB whole files) and the dense baselines

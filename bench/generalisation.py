@@ -26,6 +26,10 @@ that same calibration and nothing else:
   patience 2): is refinement worth turning on by default? At 50% only (it costs sampler runs);
 - ``obs + int4`` / ``obs + int3``: the defaults with ``value_bits`` 4 / 3, at 50% (the size-fidelity
   points);
+- ``dense int3 + attention int4 + OBS (quantise only)``: the same int3 sweep with mixed precision
+  (``PruneConfig.upgrade_layers=UPGRADE_ATTENTION``: both streams' attention qkv and the image
+  stream's attention output at int4); ``... 15% int4 by estimate ...``: ``upgrade_share=0.15``, the
+  layers chosen by their estimated rounding cost per weight instead of by name;
 - ``dense int4 / int3 / int2 + OBS (quantise only)``: ``PruneConfig(0, update="obs", value_bits=B)``,
   nothing pruned, every prunable layer quantised by the same OBS sweep (GPTQ's update, the dense
   defaults: groups of 128), the like-for-like dense baseline of the frontier issue;
@@ -55,7 +59,7 @@ import numpy as np
 import torch
 
 from ditprune_core.calibrate import Calibrator
-from ditprune_core.config import PruneConfig, ReconstructParams
+from ditprune_core.config import UPGRADE_ATTENTION, PruneConfig, ReconstructParams
 from ditprune_core.miniflux.pipeline import MiniFluxPipeline, load_bundled
 from ditprune_core.obs import sparsegpt_prune
 from ditprune_core.prune import apply_masks_, compute_masks, select_layers
@@ -177,6 +181,13 @@ METHODS: dict[str, tuple[Method, tuple[float, ...] | None]] = {
     "dense int4 + OBS (quantise only)": (_obs(value_bits=4), ()),
     "dense int3 + OBS (quantise only)": (_obs(value_bits=3), ()),
     "dense int2 + OBS (quantise only)": (_obs(value_bits=2), ()),
+    # mixed precision: the attention rule (upgrade_layers) and the estimate (upgrade_share, 15%: the
+    # rule's share of FLUX.1-dev's weights) against plain int3
+    "dense int3 + attention int4 + OBS (quantise only)": (
+        _obs(value_bits=3, upgrade_layers=UPGRADE_ATTENTION),
+        (),
+    ),
+    "dense int3 + 15% int4 by estimate + OBS (quantise only)": (_obs(value_bits=3, upgrade_share=0.15), ()),
     # the defaults before text-stream shrinkage (ReconstructParams.shrink_text 0): before / after, same run
     "obs, no text shrinkage": (_obs(reconstruct=_NO_SHRINK), None),
     "obs + int3, no text shrinkage": (_obs(reconstruct=_NO_SHRINK, value_bits=3), (0.5,)),
