@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,14 +217,23 @@ def choose_for_size(
     target_gb: float,
     prunable_params: int | None = None,
     rest_params: int | None = None,
+    layer_names: Sequence[str] | None = None,
 ) -> FileChoice:
     """The least-error file of at most ``target_gb`` GB (ties: the smaller file), never one that
-    ComfyUI's fp8 cast beats in both size and error.
+    ComfyUI's fp8 cast beats in both size and error. ``layer_names``: the model's selected layers;
+    a file whose mixed precision (``upgrade_layers``) finds none of them is not a candidate (its
+    names are another architecture's).
 
     Raises:
         ValueError: no file of the table is that small (naming the smallest, and its size).
     """
-    candidates = file_candidates(table, prunable_params, rest_params)
+    candidates = [
+        c
+        for c in file_candidates(table, prunable_params, rest_params)
+        if c.upgrade_layers is None
+        or layer_names is None
+        or any(re.search(c.upgrade_layers, name) for name in layer_names)
+    ]
     if not candidates:
         raise ValueError("the frontier table has no reconstructed point; run python -m bench frontier")
     fp8_gb, _errors, fp8_mean = _fp8(table)

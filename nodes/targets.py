@@ -85,7 +85,7 @@ def size_target_choice(
     if prunable == 0:
         raise ValueError("target_file_gb: the family widgets select no layer of this model; turn one on")
     try:
-        return choose_for_size(table, target_gb, prunable, total - prunable)
+        return choose_for_size(table, target_gb, prunable, total - prunable, layer_names=list(layers))
     except ValueError as exc:
         raise ValueError(f"target_file_gb {target_gb:g}: {exc}") from exc
 

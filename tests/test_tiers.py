@@ -157,6 +157,30 @@ def test_a_point_with_groups_of_32_is_made_with_value_group_32() -> None:
     assert dense4.value_group == 128 and "in groups" not in dense4.describe()
 
 
+def test_a_mixed_precision_file_is_chosen_only_for_a_model_whose_layers_it_names() -> None:
+    """A point with ``upgrade_layers`` is made with that upgrade; for a model whose selected layers the
+    regex does not find (another architecture's names) it is no candidate."""
+    from ditprune_core.config import UPGRADE_ATTENTION
+
+    table = _table()
+    # dense int3 + attention int4: 3.3 b/w = 0.4125 GB + 1 GB fp8 rest; mean error 0.0025 beats
+    # dense int4's 0.004 at 1.52 GB
+    point = _point("dense int3 + attention int4 + OBS", "dense", 3.3, {"a": 0.002, "b": 0.003}, values="int3")
+    table["points"].append({**point, "upgrade_layers": UPGRADE_ATTENTION})
+    flux = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "single_blocks.0.linear1"]
+    c = choose_for_size(table, 1.5, layer_names=flux)
+    assert (c.point, c.value_bits, c.upgrade_layers) == (
+        "dense int3 + attention int4 + OBS, rest fp8",
+        3,
+        UPGRADE_ATTENTION,
+    )
+    assert f"the layers /{UPGRADE_ATTENTION}/ at 4 bits" in c.describe()
+    assert choose_for_size(table, 1.5).upgrade_layers == UPGRADE_ATTENTION  # no names given: every file
+    sd3 = ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.mlp.fc1"]
+    other = choose_for_size(table, 1.6, layer_names=sd3)
+    assert (other.point, other.upgrade_layers) == ("dense int4 + OBS, rest fp8", None)
+
+
 def test_the_tier_chooser_and_the_quantiser_agree_on_the_default_group() -> None:
     from ditprune_core import quantize, tiers
 
