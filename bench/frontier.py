@@ -18,6 +18,10 @@ shipped), so dense and sparse get exactly the same reconstruction:
 - ``S% + intB + OBS``: S% pruned, the kept values quantised jointly in the sweep (B = 4, 3);
 - ``... intB g32 ...``: the same with a scale for every 32 values instead of 128 (Prune and
   Reconstruct's ``value_group`` 32: more scales, less error, more bits);
+- ``... int3 + attention int4 ...``: mixed precision (new): the same int3 sweep with the attention
+  layers that cost most when rounded (both streams' qkv, the image stream's output:
+  ``PruneConfig.upgrade_layers=UPGRADE_ATTENTION``, Prune and Reconstruct's ``upgrade``) at int4:
+  15% of FLUX.1-dev's pruned weights;
 - ``S% + fp8 + OBS``: S% pruned with the kept values reconstructed in bf16, then rounded to fp8 with a
   scale per row, as Save Pruned Model (values fp8_e4m3fn) stores them;
 - ``..., rest int4``: the same with the modulation layers (which stay dense) rounded as
