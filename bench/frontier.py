@@ -20,7 +20,7 @@ shipped), so dense and sparse get exactly the same reconstruction:
   Reconstruct's ``value_group`` 32: more scales, less error, more bits);
 - ``... int3 + attention int4 ...``: mixed precision (new): the same int3 sweep with the attention
   layers that cost most when rounded (both streams' qkv, the image stream's output:
-  ``PruneConfig.upgrade_layers=UPGRADE_ATTENTION``, Prune and Reconstruct's ``upgrade``) at int4:
+  ``PruneConfig.upgrade_layers=UPGRADE_ATTENTION``; in ComfyUI through the size target) at int4:
   15% of FLUX.1-dev's pruned weights;
 - ``S% + fp8 + OBS``: S% pruned with the kept values reconstructed in bf16, then rounded to fp8 with a
   scale per row, as Save Pruned Model (values fp8_e4m3fn) stores them;

@@ -50,7 +50,7 @@ DENSE_VALUE_BITS = tuple(sorted(DEFAULT_DENSE_SPECS))
 #: ``PruneConfig.upgrade_layers`` for FLUX-style blocks: both streams' attention qkv and the image
 #: stream's attention output (docs/bench/frontier.md measures it)
 UPGRADE_ATTENTION = r"(img|txt)_attn\.qkv|img_attn\.proj"
-#: Prune and Reconstruct's ``upgrade`` widget: its names and the ``upgrade_layers`` each gives
+#: the mixed-precision choices a size target names (the table's ``upgrade_layers``) and their regexes
 UPGRADE_CHOICES: dict[str, str | None] = {"none": None, "attention int4": UPGRADE_ATTENTION}
 
 

@@ -304,17 +304,6 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
                     "dense); the frontier (docs/bench/frontier.md) measures where they pay. A size target "
                     "sets it.",
                 ),
-                io.Combo.Input(  # after value_group: workflows saved before it keep their values
-                    "upgrade",
-                    options=list(UPGRADE_CHOICES),
-                    default="none",
-                    optional=True,
-                    tooltip="Mixed precision, with value_bits 3: 'attention int4' stores the attention "
-                    "layers whose rounding costs most (both streams' qkv and the image stream's output, "
-                    "FLUX's img_attn/txt_attn names; 15% of FLUX.1-dev's pruned weights, +0.16 GB) at 4 bits. "
-                    "Held out it cut dense int3's error by about a third on every test-bed "
-                    "(docs/bench/frontier.md). A size target sets it.",
-                ),
                 SaliencyType.Input(
                     "saliency",
                     optional=True,
@@ -361,7 +350,6 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         memory_budget_gb: float = 0.0,
         value_bits: str = "none",
         value_group: str = VALUE_GROUP_CHOICES[0],
-        upgrade: str = "none",
         block_refine_steps: int | None = None,
         target_file_gb: float = 0.0,
         saliency: SaliencySpec | None = None,
@@ -369,7 +357,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         prompt_set: EncodedPrompts | None = None,
     ) -> io.NodeOutput:
         dm = diffusion_model(model, action="prune and reconstruct it")
-        target = None
+        target, upgrade = None, "none"  # mixed precision: what a size target's file uses
         if target_file_gb > 0:  # the frontier's file for that size replaces the three widgets
             target = size_target_choice(dm, target_file_gb, attention, mlp, single_fused, modulation)
             sparsity, pattern = target.sparsity, target.pattern

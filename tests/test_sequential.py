@@ -340,3 +340,10 @@ def test_mixed_precision_by_name_upgrades_exactly_the_matching_layers() -> None:
     )
     for name, q in report.quantized.items():
         assert q.spec == DEFAULT_VALUE_SPECS[4 if name in report.upgraded else 3], name
+
+
+def test_an_upgrade_regex_that_finds_no_layer_is_refused() -> None:
+    model = _model(7)
+    config = PruneConfig(0.5, update="obs", value_bits=3, upgrade_layers=r"context_block\.attn")
+    with pytest.raises(ValueError, match=r"finds none of the \d+ selected layers of this flux"):
+        prune_sequential_(model, _calibration(model), config)

@@ -986,7 +986,6 @@ def reconstruct_chain(
             0,  # block_refine_steps: the default, off (it did not hold out: docs/bench/generalisation.md)
             setting.get("target_file_gb", 0.0),  # the size target (0: the widgets above)
             setting.get("value_group", "128"),  # values a scale covers (the size target sets it too)
-            setting.get("upgrade", "none"),  # mixed precision (the size target sets it too)
         ],
         [
             ("model", "MODEL"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -174,44 +173,3 @@ def test_value_group_refusal(comfy: Comfy) -> None:
         node_module.reconstruct_config(
             0.5, "unstructured", ("attention",), "energy", "", "4", None, None, None, "48"
         )
-
-
-def test_attention_int4_upgrade_is_made_stored_and_drawn_bit_for_bit(comfy: Comfy) -> None:
-    """Prune and Reconstruct's ``upgrade`` (mixed precision): with value bits 3, 'attention int4'
-    stores both streams' attention qkv and the image stream's attention output at 4 bits, the rest
-    at 3; Save stores each layer's own codes, the file draws what the graph drew, the reported bits
-    per weight are the file's; the widget is refused with other value bits and on an SD3 model."""
-    from tiny_models import sd3_cond, sd3_shapes
-
-    from ditprune_core.config import UPGRADE_ATTENTION
-
-    model = load(random_state_dict(flux_shapes(), seed=44))
-    cond = flux_cond()
-    upgrade = {"upgrade": "attention int4"}
-    pruned, _report = reconstruct(comfy, model, flux_cond, sparsity=0.0, value_bits="3", **upgrade)
-    patches = reconstructed_patches(pruned)
-    upgraded = {n for n in patches if re.search(UPGRADE_ATTENTION, n)}
-    assert upgraded and upgraded != set(patches)
-    assert {n: p.quantized.spec.bits for n, p in patches.items()} == {
-        n: 4 if n in upgraded else 3 for n in patches
-    }
-    assert pruned.model_options["ditprune"]["config"]["upgrade_layers"] == UPGRADE_ATTENTION
-    in_graph = sample(comfy, pruned, cond)
-    path, _text = _save(comfy, pruned, "attention_int4")
-    with safe_open(str(path), framework="pt") as f:
-        layouts = json.loads(f.metadata()["layouts"])
-    assert {n: layouts[f"{n}.weight"]["values"] for n in patches} == {
-        n: "int4" if n in upgraded else "int3" for n in patches
-    }
-    keys = {f"{n}.weight" for n in patches}
-    stored = sum(s for k, s in _tensor_bytes(path).items() if k in keys or k.rpartition(".")[0] in keys)
-    modules = dict(pruned.model.diffusion_model.named_modules())
-    weights = sum(modules[n].weight.numel() for n in patches)
-    assert pruned.model_options["ditprune"]["bits_per_weight"] == 8.0 * stored / weights
-    for mode in ("compressed on device", "densify at load"):
-        assert torch.equal(sample(comfy, _load(comfy, path, mode), cond), in_graph), mode
-    with pytest.raises(ValueError, match=r"upgrade 'attention int4' stores some layers .* must then be 3"):
-        reconstruct(comfy, model, flux_cond, sparsity=0.0, value_bits="4", **upgrade)
-    sd3 = load(random_state_dict(sd3_shapes(), seed=45))
-    with pytest.raises(ValueError, match=r"upgrade_layers .* finds none of the .* layers of this sd3"):
-        reconstruct(comfy, sd3, sd3_cond, sparsity=0.0, value_bits="3", **upgrade)
