@@ -388,7 +388,8 @@ class PruneConfig:
             )
 
     def upgraded(self) -> PruneConfig:
-        """This config for a layer that ``upgrade_share`` upgrades: its values at ``upgrade_bits``."""
+        """This config for an upgraded layer (``upgrade_share`` or ``upgrade_layers``): its values at
+        ``upgrade_bits``."""
         return replace(self, value_bits=self.upgrade_bits, upgrade_share=0.0, upgrade_layers=None)
 
     @property

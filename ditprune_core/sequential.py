@@ -314,7 +314,8 @@ def prune_sequential_(
     def shrink_of(name: str) -> float:
         return config.reconstruct.shrink_of(target.template.is_text_stream(name))
 
-    upgraded: tuple[str, ...] = ()  # mixed precision: the layers stored at config.upgrade_bits
+    # mixed precision: the layers stored at config.upgrade_bits (by name now, by estimate in pass 1)
+    upgraded = () if config.upgrade_layers is None else _upgraded_by_name(target, config.upgrade_layers)
 
     def bits_of(name: str) -> PruneConfig:
         return config.upgraded() if name in upgraded else config
@@ -325,8 +326,6 @@ def prune_sequential_(
         phase(f"calibration pass {index + 1} of {len(groups)}: sampling to record {len(group)} layers")
         # mixed precision is chosen from every layer's input energy: the first pass records it for all
         hooked = target.layers if index == 0 and config.upgrade_share > 0 else layers
-        if index == 0 and config.upgrade_layers is not None:
-            upgraded = _upgraded_by_name(target, config.upgrade_layers)
         with Calibrator(target.module, hooked, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
             run_calibration(cal)
         gram_bytes = cal.gram_bytes

@@ -11,7 +11,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.latest import io
 
 from ..ditprune_core import METRICS, MetricParams, PruneConfig
-from ..ditprune_core.config import UPGRADE_CHOICES, ReconstructParams
+from ..ditprune_core.config import ReconstructParams
 from ..ditprune_core.prune import select_layers
 from ..ditprune_core.quantize import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantSpec, dequantize_weight
 from ..ditprune_core.sequential import default_memory_budget, prune_sequential_
@@ -147,22 +147,15 @@ def reconstruct_config(
     saliency: SaliencySpec | None,
     clusters: GroupingSpec | None,
     value_group: str = VALUE_GROUP_CHOICES[0],
-    upgrade: str = "none",
+    upgrade_layers: str | None = None,
 ) -> PruneConfig:
     """The node's widgets as a :class:`PruneConfig` with ``update="obs"`` (a Score Saliency /
     Cluster Weights input overrides the metric / comparison group); ``value_group`` other than the
-    default gives the value bits' default spec with that group size; ``upgrade``: a name of
-    :data:`UPGRADE_CHOICES` (mixed precision)."""
+    default gives the value bits' default spec with that group size; ``upgrade_layers``: a size
+    target's mixed precision (``PruneConfig.upgrade_layers``, which checks it)."""
     grouping = clusters or GroupingSpec()
     if value_group not in VALUE_GROUP_CHOICES:
         raise ValueError(f"value_group must be one of {list(VALUE_GROUP_CHOICES)}, got {value_group!r}")
-    if upgrade not in UPGRADE_CHOICES:
-        raise ValueError(f"upgrade must be one of {list(UPGRADE_CHOICES)}, got {upgrade!r}")
-    if UPGRADE_CHOICES[upgrade] is not None and value_bits != "3":
-        raise ValueError(
-            f"upgrade {upgrade!r} stores some layers at 4 bits and the rest at value_bits, which must then "
-            f"be 3 (got {value_bits!r}): set value_bits to 3, or upgrade to none"
-        )
     config = PruneConfig(
         sparsity,
         metric=saliency.metric if saliency is not None else metric,
@@ -174,7 +167,7 @@ def reconstruct_config(
         layer_regex=layer_regex or None,
         update="obs",
         value_bits=None if value_bits == "none" else int(value_bits),
-        upgrade_layers=UPGRADE_CHOICES[upgrade],
+        upgrade_layers=upgrade_layers,
         reconstruct=ReconstructParams()
         if block_refine_steps is None
         else ReconstructParams(block_refine_steps=int(block_refine_steps)),
@@ -357,13 +350,13 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         prompt_set: EncodedPrompts | None = None,
     ) -> io.NodeOutput:
         dm = diffusion_model(model, action="prune and reconstruct it")
-        target, upgrade = None, "none"  # mixed precision: what a size target's file uses
+        target, upgrade_layers = None, None  # mixed precision: what a size target's file uses
         if target_file_gb > 0:  # the frontier's file for that size replaces the three widgets
             target = size_target_choice(dm, target_file_gb, attention, mlp, single_fused, modulation)
             sparsity, pattern = target.sparsity, target.pattern
             value_bits = "none" if target.value_bits is None else str(target.value_bits)
             value_group = str(target.value_group)
-            upgrade = next(k for k, v in UPGRADE_CHOICES.items() if v == target.upgrade_layers)
+            upgrade_layers = target.upgrade_layers
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = reconstruct_config(
             sparsity,
@@ -376,7 +369,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             saliency,
             clusters,
             value_group,
-            upgrade,
+            upgrade_layers,
         )
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         plan = CalibrationPlan.of(run, prompt_set, dm)  # checked before loading
