@@ -160,6 +160,9 @@ class Point:
     #: mixed precision (``PruneConfig.upgrade_layers``): the prunable layers this regex finds are
     #: stored at int4 instead of ``values`` (a reconstructed int3 point)
     upgrade: str | None = None
+    #: the remainder quantised by GPTQ in the sweep (``PruneConfig.remainder_bits``, the bits of
+    #: ``rest``) instead of rounded to nearest when saved
+    rest_gptq: bool = False
 
     @property
     def name(self) -> str:
@@ -177,7 +180,12 @@ class Point:
         }[self.kind]
         if self.gguf_file:
             return f"{base} file (modulation {self.values})"
-        return base + (f", rest {self.rest}" if self.rest else "")
+        return base + (f", rest {self.rest}{' GPTQ' if self.rest_gptq else ''}" if self.rest else "")
+
+    @property
+    def remainder_bits(self) -> int | None:
+        """Prune and Reconstruct's ``PruneConfig.remainder_bits`` (None: the remainder rounded when saved)."""
+        return int(self.rest[3:]) if self.rest_gptq and self.rest else None
 
     @property
     def reconstructed(self) -> bool:
@@ -294,6 +302,15 @@ _UPGRADED_SPARSE = [
     Point("sparse", "int3", 0.55, upgrade=UPGRADE_ATTENTION),
     Point("sparse", "int3", 0.6, rest="int3", upgrade=UPGRADE_ATTENTION),
 ]
+#: the same whole files with the remainder quantised by GPTQ in the sweep (``remainder_bits``, new):
+#: the same bytes, calibrated codes for the modulation instead of round to nearest
+_REST_GPTQ = [
+    Point("dense", "int3", rest="int3", upgrade=UPGRADE_ATTENTION, rest_gptq=True),
+    Point("sparse", "int3", 0.6, rest="int3", upgrade=UPGRADE_ATTENTION, rest_gptq=True),
+    Point("sparse", "int3", 0.55, rest="int3", rest_gptq=True),
+    Point("dense", "int3", rest="int3", rest_gptq=True),
+    Point("dense", "int3", rest="int4", upgrade=UPGRADE_ATTENTION, rest_gptq=True),
+]
 #: the GGUF files the file-size targets compare with, whole (the modulation in the format too)
 GGUF_FILES = (Point("gguf", "Q3_K", gguf_file=True), Point("gguf", "Q2_K", gguf_file=True))
 FULL: tuple[Point, ...] = (
@@ -310,6 +327,7 @@ FULL: tuple[Point, ...] = (
     _UPGRADED[0],
     *_whole(_UPGRADED, "int3"),
     *_UPGRADED_SPARSE,
+    *_REST_GPTQ,
 )
 #: miniflux-c's reduced set (each OBS run 100-200 s, each evaluation 90 s on one core): the points
 #: near the file-size targets (5 GB and 4 GB whole files) and the dense baselines
@@ -331,6 +349,7 @@ REDUCED: tuple[Point, ...] = (
     *_whole([*_sparse(("int3",), (0.55, 0.6)), *_dense((3,)), *_sparse(("int4",), (0.5,))], "int3"),
     _UPGRADED[0],
     *_whole(_UPGRADED[:1], "int3"),
+    *_REST_GPTQ[:3],
 )
 
 
@@ -363,13 +382,19 @@ class _Maker:
             ReconstructParams() if shrink_text is None else ReconstructParams(shrink_text=shrink_text)
         )
         self.runs: dict[
-            tuple[float, int | None, QuantSpec | None, str | None], tuple[MiniFluxPipeline, float, int]
+            tuple[float, int | None, QuantSpec | None, str | None, int | None],
+            tuple[MiniFluxPipeline, float, int],
         ] = {}
 
     def obs(
-        self, sparsity: float, bits: int | None, spec: QuantSpec | None = None, upgrade: str | None = None
+        self,
+        sparsity: float,
+        bits: int | None,
+        spec: QuantSpec | None = None,
+        upgrade: str | None = None,
+        remainder_bits: int | None = None,
     ) -> tuple[MiniFluxPipeline, float, int]:
-        key = (sparsity, bits, spec, upgrade)
+        key = (sparsity, bits, spec, upgrade, remainder_bits)
         if key not in self.runs:
             pipe = _copy(self.split)
             config = PruneConfig(
@@ -379,6 +404,7 @@ class _Maker:
                 value_spec=spec,
                 reconstruct=self.reconstruct,
                 upgrade_layers=upgrade,
+                remainder_bits=remainder_bits,
             )
             if config.value_quant is not None and not upgrade:  # an upgrade takes the default specs
                 config = replace(config, value_spec=self._clipped(config.value_quant))
@@ -427,8 +453,10 @@ class _Maker:
             base, _, runs = self.obs(point.sparsity, None)
             pipe, bits = _fp8_values(base, "bitmask")
         else:
-            pipe, bits, runs = self.obs(point.sparsity, point.value_bits, point.value_spec(), point.upgrade)
-        if point.rest is None:
+            pipe, bits, runs = self.obs(
+                point.sparsity, point.value_bits, point.value_spec(), point.upgrade, point.remainder_bits
+            )
+        if point.rest is None or point.rest_gptq:  # a GPTQ remainder is in the pipeline already
             return pipe, bits, runs
         rest = self._clipped(remainder_spec(point.rest))
         return _round_remainder(pipe, rest), bits, runs
@@ -501,6 +529,7 @@ def to_table(rows: Sequence[GenRow], command: str) -> dict[str, Any]:
                 "value_group": point.group,
                 "upgrade_layers": point.upgrade,
                 "remainder_measured": point.remainder_measured,
+                "remainder_bits": point.remainder_bits,
                 "reconstructed": point.reconstructed,
                 "flux_bits_per_weight": round(point.flux_bits_per_weight(), 4),
                 "flux_gb": point.flux_gb(),

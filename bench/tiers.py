@@ -55,7 +55,7 @@ def to_markdown(choices: list[TierChoice], source: str) -> str:
             f"| {c.vram_gib} GB | {'ComfyUI fp8' if c.verdict == 'fp8' else 'ditprune'} | {c.point} | "
             f"{c.sparsity:.0%} {c.pattern} | "
             f"{f'{c.value_bits} ({c.value_group})' if c.value_bits else 'none'} | {c.values} | "
-            f"{c.remainder} | {c.file_gb:.2f} | "
+            f"{c.remainder}{' (GPTQ when pruning)' if c.remainder_bits else ''} | {c.file_gb:.2f} | "
             f"{c.vram_gb:.2f} | {' | '.join(_cell(c.errors.get(m)) for m in models)} | {fp8} |"
         )
     return "\n".join(lines)

@@ -471,7 +471,7 @@ def quantize_layer(
             spec,
             held_dtype=held_dtype,
             blocksize=params.blocksize,
-            damp=params.damp,
+            damp=params.damp_of_quantising(),
             name=name,
         )
         if keep is None:  # every weight kept: the same codes and groups, as a dense weight's

@@ -23,12 +23,12 @@ from torch import nn
 
 from .calibrate import Calibrator, TimestepWeighting
 from .config import ProgressFn, PruneConfig, parse_pattern
-from .layers import layer_block
+from .layers import layer_block, remainder_layers
 from .layouts import StorageCost, choose_layout, quantized_storage_cost, storage_cost
 from .mask import layer_keep_mask
-from .obs import relative_output_error
+from .obs import gptq_quantize, relative_output_error
 from .prune import PruneTarget
-from .quantize import QuantizedWeight, dequantize_weight
+from .quantize import DEFAULT_DENSE_SPECS, QuantizedWeight, dequantize_weight, fake_quantize
 from .reconstruct import (
     LayerReconstruction,
     allocate_block_counts,
@@ -44,6 +44,7 @@ from .util.dtypes import storage_view
 
 __all__ = [
     "PassReport",
+    "RemainderLayer",
     "RunCalibration",
     "SequentialReport",
     "WriteFn",
@@ -85,6 +86,18 @@ class PassReport:
 
 
 @dataclass(frozen=True)
+class RemainderLayer:
+    """One remainder layer quantised by ``PruneConfig.remainder_bits``: its relative output error on
+    its own Gram as GPTQ left it, and that of rounding it to nearest (what saving with that remainder
+    would have stored), and its seconds."""
+
+    name: str
+    output_error: float
+    rounded_error: float
+    seconds: float
+
+
+@dataclass(frozen=True)
 class SequentialReport:
     """What :func:`prune_sequential_` did, per layer and per pass, and the sparsity report.
 
@@ -101,6 +114,9 @@ class SequentialReport:
         fruitless: refinements in a row that gained nothing when refinement stopped
             (``block_refine_patience``; a block whose layers span several passes is refined once a
             pass, so this counts refinements, not blocks); 0 when it did not stop.
+        remainder: the remainder layers ``PruneConfig.remainder_bits`` quantised, in forward order
+            (their codes are in ``quantized`` too; they count in neither ``layers``, ``sparsity`` nor
+            ``bits_per_weight``); empty without.
     """
 
     layers: tuple[LayerReconstruction, ...]
@@ -113,6 +129,7 @@ class SequentialReport:
     skipped_blocks: tuple[str, ...] = ()
     fruitless: int = 0
     upgraded: tuple[str, ...] = ()
+    remainder: tuple[RemainderLayer, ...] = ()
 
     @property
     def sampler_runs(self) -> int:
@@ -145,6 +162,12 @@ class SequentialReport:
             lines.append(
                 f"  block {b.block} refined: output error {b.error_before:.4g} -> {b.error_after:.4g}"
                 f"{reverted}{held}, {b.calls} calls, {b.steps} steps, {b.seconds:.1f} s"
+            )
+        if self.remainder:
+            worst = max(self.remainder, key=lambda r: r.output_error)
+            lines.append(
+                f"  remainder: {len(self.remainder)} layers quantised by GPTQ, output error at most "
+                f"{worst.output_error:.4g} ({worst.name}; round to nearest {worst.rounded_error:.4g})"
             )
         for r in self.layers:
             quantised = "" if r.unquantized_error is None else f", unquantised {r.unquantized_error:.4g}"
@@ -262,6 +285,14 @@ def prune_sequential_(
     layer.weight.dtype)``: the float32 decode cast to that dtype, which is what a file's decode
     must produce too. Later passes calibrate on the quantised layers.
 
+    With ``config.remainder_bits`` the remainder (the block layers that are not selected:
+    :func:`~ditprune_core.layers.remainder_layers`, FLUX's and SD3's modulation) joins the passes in
+    forward order: each remainder layer's Gram is recorded with its pass's layers (within the budget),
+    and it is quantised whole by GPTQ (``reconstruct.remainder_damp``) to the codes Save Pruned
+    Model's remainder of those bits stores, then written by ``write_fn`` (an all-True keep mask, its
+    dense codes). It is neither pruned nor counted in ``bits_per_weight``; ``report.remainder``
+    has each one's error against rounding it to nearest.
+
     State after an exception or interrupt: hooks are always removed. Layers of the groups finished
     before it, and the layers of the current group already written, are pruned and updated in
     place (by ``write_fn``); all other layers are untouched. Callers that need all-or-nothing (the
@@ -290,7 +321,10 @@ def prune_sequential_(
     """
     target = PruneTarget.of(model, config)
     budget = memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(target.layers)
-    groups = plan_groups([(n, layer.in_features) for n, layer in target.layers.items()], budget)
+    rest = _remainder_of(target, config)
+    calibrated = _in_module_order(target.module, {**target.layers, **rest}) if rest else target.layers
+    groups = plan_groups([(n, layer.in_features) for n, layer in calibrated.items()], budget)
+    rest_done: list[RemainderLayer] = []
     rows: list[LayerSparsity] = []
     done: list[LayerReconstruction] = []
     passes: list[PassReport] = []
@@ -322,10 +356,10 @@ def prune_sequential_(
 
     for index, group in enumerate(groups):
         start = time.perf_counter()
-        layers = {name: target.layers[name] for name in group}
+        layers = {name: calibrated[name] for name in group}
         phase(f"calibration pass {index + 1} of {len(groups)}: sampling to record {len(group)} layers")
         # mixed precision is chosen from every layer's input energy: the first pass records it for all
-        hooked = target.layers if index == 0 and config.upgrade_share > 0 else layers
+        hooked = {**target.layers, **layers} if index == 0 and config.upgrade_share > 0 else layers
         with Calibrator(target.module, hooked, weighting=weighting, weight_fn=weight_fn, grams=group) as cal:
             run_calibration(cal)
         gram_bytes = cal.gram_bytes
@@ -338,8 +372,13 @@ def prune_sequential_(
             )
         if hooked is not layers:
             upgraded = _upgrades(target, cal, config, weight_fn)
-        counts = _block_counts(target, group, cal, config, weight_fn)
+        counts = _block_counts(target, [n for n in group if n not in rest], cal, config, weight_fn)
         for name in group:
+            if name in rest:  # quantised whole by GPTQ, written now: no mask, no refinement
+                rest_done.append(_quantize_remainder(name, rest[name], cal, config, weight_fn, written))
+                if progress is not None:
+                    progress(len(done), len(target.layers), name)
+                continue
             layer = target.layers[name]
             weight = weight_fn(name, layer).detach()
             gram = cal.gram(name)
@@ -427,7 +466,39 @@ def prune_sequential_(
         tuple(skipped),
         fruitless if skipped else 0,
         upgraded,
+        tuple(rest_done),
     )
+
+
+def _remainder_of(target: PruneTarget, config: PruneConfig) -> dict[str, nn.Linear]:
+    """The layers ``config.remainder_bits`` quantises: the remainder layers that are not selected."""
+    if config.remainder_bits is None:
+        return {}
+    named = dict(target.module.named_modules())
+    return {n: named[n] for n in remainder_layers(target.module) if n not in target.layers}
+
+
+def _in_module_order(module: nn.Module, layers: Mapping[str, nn.Linear]) -> dict[str, nn.Linear]:
+    return {name: m for name, m in module.named_modules() if name in layers}
+
+
+def _quantize_remainder(
+    name: str, layer: nn.Linear, cal: Calibrator, config: PruneConfig, weight_fn: WeightFn, written: _Written
+) -> RemainderLayer:
+    """One remainder layer quantised whole by GPTQ on its Gram to the remainder's codes, and written."""
+    began = time.perf_counter()
+    assert config.remainder_bits is not None
+    spec = DEFAULT_DENSE_SPECS[config.remainder_bits]
+    weight = weight_fn(name, layer).detach()
+    gram = cal.gram(name)
+    damp = config.reconstruct.remainder_damp
+    q = gptq_quantize(weight.float(), gram, spec.bits, spec.group_size, spec.sym, damp=damp, where=name)
+    new = dequantize_weight(q, layer.weight.dtype, check=False)
+    error = relative_output_error(new.float(), weight.float(), gram)
+    rounded = relative_output_error(fake_quantize(weight.float(), spec, where=name), weight.float(), gram)
+    keep = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    written.write(name, layer, new, keep, q, cal, counted=False)
+    return RemainderLayer(name, error, rounded, time.perf_counter() - began)
 
 
 def _upgraded_by_name(target: PruneTarget, regex: str) -> tuple[str, ...]:
@@ -517,12 +588,16 @@ class _Written:
         keep: torch.Tensor,
         q: QuantizedWeight | None,
         cal: Calibrator,
+        *,
+        counted: bool = True,
     ) -> None:
+        """``counted``: the layer's storage counts in ``bits_per_weight`` (not a remainder layer's)."""
         if q is not None and self.collect:
             self.quantized[name] = _to_cpu(q)
-        cost = quantized_storage_cost(q) if q is not None else unquantized_storage_cost(new)
-        self.stored_bytes += cost.total_bytes
-        self.stored_weights += cost.weights
+        if counted:
+            cost = quantized_storage_cost(q) if q is not None else unquantized_storage_cost(new)
+            self.stored_bytes += cost.total_bytes
+            self.stored_weights += cost.weights
         self.write_fn(name, layer, new, keep, q)
         cal.free_gram(name)
 

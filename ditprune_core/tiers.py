@@ -118,6 +118,8 @@ class FileChoice:
         value_group: Prune and Reconstruct's ``value_group`` widget: values a scale covers.
         upgrade_layers: its mixed precision, ``PruneConfig.upgrade_layers`` (None: every layer at
             ``value_bits``).
+        remainder_bits: ``PruneConfig.remainder_bits``: the remainder quantised by GPTQ when pruning
+            (to the codes ``remainder`` stores); None: rounded to nearest when saved.
     """
 
     point: str
@@ -132,6 +134,7 @@ class FileChoice:
     mean_error: float
     value_group: int = field(default=DEFAULT_GROUP_SIZE, kw_only=True)
     upgrade_layers: str | None = field(default=None, kw_only=True)
+    remainder_bits: int | None = field(default=None, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +145,8 @@ class FileChoice:
             bits += f" in groups of {self.value_group}"
         if self.upgrade_layers is not None:
             bits += f", the layers /{self.upgrade_layers}/ at 4 bits"
+        if self.remainder_bits is not None:
+            bits += f", the remainder quantised to {self.remainder_bits} bits by GPTQ"
         kind = f"{self.sparsity:.0%} sparsity" if self.sparsity > 0 else "no pruning (quantise only)"
         errors = ", ".join(f"{m} {e:.4f}" for m, e in self.errors.items())
         return (
@@ -192,6 +197,7 @@ def file_candidates(
                     value_bits=p["value_bits"],
                     value_group=p.get("value_group", DEFAULT_GROUP_SIZE),
                     upgrade_layers=p.get("upgrade_layers"),
+                    remainder_bits=p.get("remainder_bits"),
                     values=SAVE_VALUES[p["values"]],
                     remainder=remainder,
                     file_gb=_file_gb(table, p, remainder, prunable, rest),

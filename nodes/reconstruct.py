@@ -148,11 +148,13 @@ def reconstruct_config(
     clusters: GroupingSpec | None,
     value_group: str = VALUE_GROUP_CHOICES[0],
     upgrade_layers: str | None = None,
+    remainder_bits: int | None = None,
 ) -> PruneConfig:
     """The node's widgets as a :class:`PruneConfig` with ``update="obs"`` (a Score Saliency /
     Cluster Weights input overrides the metric / comparison group); ``value_group`` other than the
-    default gives the value bits' default spec with that group size; ``upgrade_layers``: a size
-    target's mixed precision (``PruneConfig.upgrade_layers``, which checks it)."""
+    default gives the value bits' default spec with that group size; ``upgrade_layers`` and
+    ``remainder_bits``: a size target's mixed precision and GPTQ remainder (``PruneConfig`` checks
+    them)."""
     grouping = clusters or GroupingSpec()
     if value_group not in VALUE_GROUP_CHOICES:
         raise ValueError(f"value_group must be one of {list(VALUE_GROUP_CHOICES)}, got {value_group!r}")
@@ -168,6 +170,7 @@ def reconstruct_config(
         update="obs",
         value_bits=None if value_bits == "none" else int(value_bits),
         upgrade_layers=upgrade_layers,
+        remainder_bits=remainder_bits,
         reconstruct=ReconstructParams()
         if block_refine_steps is None
         else ReconstructParams(block_refine_steps=int(block_refine_steps)),
@@ -350,13 +353,14 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
         prompt_set: EncodedPrompts | None = None,
     ) -> io.NodeOutput:
         dm = diffusion_model(model, action="prune and reconstruct it")
-        target, upgrade_layers = None, None  # mixed precision: what a size target's file uses
+        # mixed precision and the GPTQ remainder: what a size target's file uses
+        target, upgrade_layers, remainder_bits = None, None, None
         if target_file_gb > 0:  # the frontier's file for that size replaces the three widgets
             target = size_target_choice(dm, target_file_gb, attention, mlp, single_fused, modulation)
             sparsity, pattern = target.sparsity, target.pattern
             value_bits = "none" if target.value_bits is None else str(target.value_bits)
             value_group = str(target.value_group)
-            upgrade_layers = target.upgrade_layers
+            upgrade_layers, remainder_bits = target.upgrade_layers, target.remainder_bits
         sparsity, families = pruning_choice(sparsity, pattern, attention, mlp, single_fused, modulation)
         config = reconstruct_config(
             sparsity,
@@ -370,6 +374,7 @@ class DitPrunePruneAndReconstruct(io.ComfyNode):
             clusters,
             value_group,
             upgrade_layers,
+            remainder_bits,
         )
         run = SamplerRun(positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         plan = CalibrationPlan.of(run, prompt_set, dm)  # checked before loading

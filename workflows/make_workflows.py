@@ -1258,6 +1258,9 @@ def _reconstruct_notes(
 # and the passes they take at 8 and 4 GiB: ditprune_core.reconstruct.plan_groups over the full-size
 # layers (tests/comfyui/test_workflows.py recomputes them)
 GRAM_GIB: dict[str, tuple[float, int, int]] = {"flux1-dev": (60.1, 8, 17), "sd3.5-large": (31.4, 4, 9)}
+#: GiB of Gram matrices a size target's GPTQ remainder (``remainder_bits``) adds: the modulation layers
+#: (the rest of the blocks' Linear layers) of full-size FLUX.1-dev (the same test recomputes it)
+REMAINDER_GRAM_GIB = {"flux1-dev": 2.7}
 #: transformer blocks, each refined with one more sampler run (19 double + 38 single; 38 joint)
 BLOCKS = {"FLUX.1-dev": 57, "SD3.5 Large": 38}
 #: the unquantised reconstruction: values in the model's dtype, the rest as it is
@@ -1321,7 +1324,17 @@ def tier_text(tier: dict[str, Any]) -> str:
         f"VRAM {tier['vram_gb']:.2f} GB ({tier['needs_gb']:.2f} GB with ComfyUI's reserve at 1024²). "
         f"Held-out error (MiniFlux {models}): {_errors(tier['errors'])}; ComfyUI's fp8 "
         f"({tier['fp8_gb']:.1f} GB, {'fits' if tier['fp8_fits'] else 'does not fit'}): "
-        f"{_errors(tier['fp8_errors'])}.\n\n"
+        f"{_errors(tier['fp8_errors'])}.{_remainder_text(tier)}\n\n"
+    )
+
+
+def _remainder_text(tier: dict[str, Any]) -> str:
+    """A tier whose remainder is quantised by GPTQ while pruning (``remainder_bits``) says so."""
+    if tier.get("remainder_bits") is None:
+        return ""
+    return (
+        f" The remainder (modulation) is quantised to {tier['remainder_bits']} bits by GPTQ in the same "
+        f"passes ({REMAINDER_GRAM_GIB['flux1-dev']} GiB more Gram matrices), not rounded when saved."
     )
 
 

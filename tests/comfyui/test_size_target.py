@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import Comfy
 from graph import load, reconstruct, reconstructed_patches
 from safetensors import safe_open
@@ -18,6 +19,8 @@ from tiny_models import flux_cond, flux_shapes, random_state_dict
 
 from ditprune_core.config import PruneConfig
 from ditprune_core.prune import select_layers
+from ditprune_core.quantize import DEFAULT_DENSE_SPECS, dequantize_weight
+from ditprune_core.save import load_pruned_checkpoint
 from ditprune_core.tiers import choose_for_size, file_candidates, load_frontier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,8 +53,15 @@ def test_the_size_target_takes_the_frontiers_file_and_save_stores_it(comfy: Comf
     )
     assert f"size target {target:g} GB: {expected.describe()}" in report
     assert pruned.model_options["ditprune"]["size_target"]["point"] == expected.point
-    patches = reconstructed_patches(pruned)
-    assert patches
+    everything = reconstructed_patches(pruned)
+    selected = set(select_layers(model.model.diffusion_model, PruneConfig(0.5)))
+    patches = {n: p for n, p in everything.items() if n in selected}
+    # the remainder (modulation) is patched only where the choice quantises it by GPTQ
+    rest = {n: p for n, p in everything.items() if n not in selected}
+    assert patches and bool(rest) == (expected.remainder_bits is not None)
+    for name, patch in rest.items():
+        assert patch.mask is None and patch.quantized.keep is None, name
+        assert patch.quantized.spec == DEFAULT_DENSE_SPECS[expected.remainder_bits], name
     for name, patch in patches.items():
         if expected.value_bits is None:
             assert patch.quantized is None, name
@@ -69,6 +79,11 @@ def test_the_size_target_takes_the_frontiers_file_and_save_stores_it(comfy: Comf
     remainder = {v["values"] for k, v in layouts.items() if v["layout"] == "dense" and "_mod.lin" in k}
     if expected.remainder != "keep":
         assert remainder == {"float8_e4m3fn" if expected.remainder == "fp8" else expected.remainder}
+    if rest:  # the file holds GPTQ's codes, not a second rounding of them
+        loaded = load_pruned_checkpoint(path)
+        for name, patch in rest.items():
+            held = dequantize_weight(patch.quantized, loaded[f"{name}.weight"].dtype)
+            assert torch.equal(loaded[f"{name}.weight"], held), name
 
 
 def test_size_target_refusals(comfy: Comfy) -> None:

@@ -331,6 +331,7 @@ def test_reconstruction_notes_quote_the_passes_the_planner_makes(comfy: Comfy) -
 
     from ditprune_core.config import PruneConfig
     from ditprune_core.dit_shapes import SHAPES, DitShapes, module_tree
+    from ditprune_core.layers import remainder_layers
     from ditprune_core.prune import select_layers
     from ditprune_core.reconstruct import plan_groups
 
@@ -350,6 +351,13 @@ def test_reconstruction_notes_quote_the_passes_the_planner_makes(comfy: Comfy) -
         ins = [(n, layer.in_features) for n, layer in layers.items()]
         total = round(sum(4 * f * f for _n, f in ins) / gib, 1)
         assert quoted[name] == (total, len(plan_groups(ins, 8 * gib)), len(plan_groups(ins, 4 * gib))), name
+    # a GPTQ remainder (PruneConfig.remainder_bits) adds the Grams of the blocks' other Linear layers
+    flux = full["flux1-dev"]
+    selected = select_layers(flux, PruneConfig(0.5, families=families))
+    named = dict(flux.named_modules())
+    rest = [named[n].in_features for n in remainder_layers(flux) if n not in selected]
+    assert len(rest) == 76  # 19 double blocks x 2 streams + 38 single blocks
+    assert _generator()["REMAINDER_GRAM_GIB"] == {"flux1-dev": round(sum(4 * f * f for f in rest) / gib, 1)}
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

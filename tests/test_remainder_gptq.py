@@ -1,0 +1,110 @@
+"""PruneConfig.remainder_bits: the remainder (modulation) quantised by GPTQ in the sequential passes,
+stored by the writer as the codes computed, and every refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_miniflux_models import tiny_miniflux as _model
+from tiny_miniflux_models import tiny_miniflux_forward as _run
+
+from ditprune_core import PruneConfig, find_prunable_layers, prune_sequential_
+from ditprune_core.calibrate import Calibrator
+from ditprune_core.config import ReconstructParams
+from ditprune_core.layers import remainder_layers
+from ditprune_core.obs import gptq_quantize
+from ditprune_core.quantize import DEFAULT_DENSE_SPECS, dequantize_weight
+from ditprune_core.save import load_pruned_checkpoint, read_checkpoint_info, save_pruned_checkpoint
+from ditprune_core.stats import GramAccumulator
+
+
+def _calibration(model):
+    return lambda cal: [_run(model, 4, seed) for seed in range(3)]
+
+
+def _rest(model) -> list[str]:
+    selected = set(find_prunable_layers(model))
+    return [n for n in remainder_layers(model) if n not in selected]
+
+
+def test_the_remainder_is_gptq_on_the_dense_models_gram_in_one_pass() -> None:
+    """One pass (every Gram fits): each remainder layer holds exactly GPTQ's decode of its weight on
+    the Gram of its inputs in the model as given (which pruning upstream does not change: the
+    modulation reads the conditioning vector), with ``remainder_damp``; its codes are the remainder's
+    spec, and GPTQ's error on its own Gram is below round to nearest's."""
+    a, b = _model(21), _model(21)
+    config = PruneConfig(0.5, update="obs", value_bits=4, remainder_bits=3)
+    report = prune_sequential_(a, _calibration(a), config, memory_budget_bytes=1 << 30)
+    rest = _rest(b)
+    assert rest and [r.name for r in report.remainder] == rest  # forward order
+    assert len(report.passes) == 1 and set(report.passes[0].layers) >= set(rest)
+    named_b = dict(b.named_modules())
+    with Calibrator(b, {n: named_b[n] for n in rest}, grams=rest) as cal:
+        _calibration(b)(cal)
+    named_a = dict(a.named_modules())
+    spec = DEFAULT_DENSE_SPECS[3]
+    for r in report.remainder:
+        q = report.quantized[r.name]
+        assert q.spec == spec and q.keep is None, r.name
+        damp = config.reconstruct.remainder_damp
+        weight, gram = named_b[r.name].weight, cal.gram(r.name)
+        expected = gptq_quantize(weight, gram, 3, spec.group_size, spec.sym, damp=damp, where=r.name)
+        assert torch.equal(q.codes, expected.codes) and torch.equal(q.scales, expected.scales), r.name
+        assert torch.equal(named_a[r.name].weight, dequantize_weight(expected, torch.float32)), r.name
+        assert 0 < r.output_error < r.rounded_error, r
+    # not pruned, not counted: the sparsity report and the layer reports are the selected layers'
+    assert [row.name for row in report.sparsity.layers] == list(find_prunable_layers(a))
+    assert f"remainder: {len(rest)} layers quantised by GPTQ" in report.to_text()
+
+
+def test_the_remainder_does_not_change_bits_per_weight_and_stays_within_the_budget() -> None:
+    model = _model(22)
+    layers = find_prunable_layers(model)
+    largest = max(GramAccumulator.nbytes(layer.in_features) for layer in layers.values())
+    config = PruneConfig(0, update="obs", value_bits=3, remainder_bits=4)
+    report = prune_sequential_(model, _calibration(model), config, memory_budget_bytes=largest)
+    plain_model = _model(22)
+    plain_config = PruneConfig(0, update="obs", value_bits=3)
+    plain = prune_sequential_(
+        plain_model, _calibration(plain_model), plain_config, memory_budget_bytes=largest
+    )
+    assert report.bits_per_weight == plain.bits_per_weight  # dense codes: the same bytes either way
+    assert len(report.passes) > 1 and all(p.gram_bytes <= largest for p in report.passes)
+    order = [n for n, _m in model.named_modules() if n in layers or n in set(_rest(model))]
+    assert [n for p in report.passes for n in p.layers] == order  # forward order, each once
+    assert all(report.quantized[r.name].spec == DEFAULT_DENSE_SPECS[4] for r in report.remainder)
+    assert plain.remainder == ()
+
+
+def test_the_file_stores_the_remainders_codes_whatever_remainder_the_save_asks(tmp_path) -> None:
+    """Save Pruned Model passes every layer's codes: the remainder layers are stored as GPTQ made
+    them (not rounded again at save time), the file loads back bit for bit."""
+    model = _model(23)
+    report = prune_sequential_(
+        model, _calibration(model), PruneConfig(0.5, update="obs", value_bits=3, remainder_bits=3)
+    )
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rest = {f"{n}.weight" for n in _rest(model)}
+    for remainder in ("int3", "keep"):
+        path = tmp_path / f"{remainder}.safetensors"
+        saved = save_pruned_checkpoint(state, path, quantized=report.quantized, remainder=remainder)
+        assert rest <= set(saved.stored_codes) and not set(saved.remainder) & rest
+        entries = read_checkpoint_info(path).layouts
+        assert {entries[k]["layout"] for k in rest} == {"dense"}
+        assert {entries[k]["values"] for k in rest} == {"int3"}
+        loaded = load_pruned_checkpoint(path)
+        for key in rest:
+            assert torch.equal(loaded[key], state[key]), key
+
+
+def test_remainder_bits_refusals() -> None:
+    with pytest.raises(ValueError, match=r"remainder_bits must be None or one of \[3, 4, 8\]"):
+        PruneConfig(0.5, update="obs", remainder_bits=2)
+    with pytest.raises(ValueError, match=r"remainder_bits must be None or one of"):
+        PruneConfig(0.5, update="obs", remainder_bits=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs update='obs'"):
+        PruneConfig(0.5, remainder_bits=3)
+    with pytest.raises(ValueError, match="remainder_damp must be >= 0"):
+        ReconstructParams(remainder_damp=float("nan"))
+    config = PruneConfig(0.5, update="obs", value_bits=3, remainder_bits=4)
+    assert PruneConfig.from_dict(config.to_dict()) == config
