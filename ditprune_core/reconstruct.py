@@ -445,7 +445,8 @@ def quantize_layer(
     to nearest (:func:`~ditprune_core.quantize.quantize_weight` with the keep mask). With ``keep``
     None (quantise only) the whole weight is quantised: under ``update="obs"`` by the same sweep on
     a mask that keeps every weight (GPTQ, compensating the value the model holds), and the codes
-    come back dense (no keep mask: what the dense layout stores).
+    come back dense (no keep mask: what the dense layout stores), the Gram dampened by
+    ``reconstruct.dense_damp`` instead of ``damp``.
 
     Args:
         name: the layer's name, for messages.
@@ -471,7 +472,7 @@ def quantize_layer(
             spec,
             held_dtype=held_dtype,
             blocksize=params.blocksize,
-            damp=params.damp_of_quantising(),
+            damp=params.damp if keep is not None else params.dense_damp,
             name=name,
         )
         if keep is None:  # every weight kept: the same codes and groups, as a dense weight's

@@ -108,3 +108,47 @@ def test_remainder_bits_refusals() -> None:
         ReconstructParams(remainder_damp=float("nan"))
     config = PruneConfig(0.5, update="obs", value_bits=3, remainder_bits=4)
     assert PruneConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["quantise-only", "kept-values"])
+def test_the_quantising_sweep_is_dampened_by_dense_damp_when_nothing_is_pruned(pruned: bool) -> None:
+    """``ReconstructParams.dense_damp`` dampens the quantise-only sweep (dense GPTQ); the kept
+    values of a pruned layer keep ``damp``: each equals :func:`obs_quantize` with that dampening."""
+    from ditprune_core.obs import obs_quantize
+    from ditprune_core.reconstruct import quantize_layer
+
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 32), torch.randn(64, 32) * torch.linspace(0.1, 3, 32)
+    gram = x.T @ x / 64
+    keep = torch.rand(8, 32) > 0.5 if pruned else None
+    params = ReconstructParams(damp=0.001, dense_damp=0.5)
+    config = PruneConfig(0.5 if pruned else 0, update="obs", value_bits=3, reconstruct=params)
+    weight = w * keep if keep is not None else w
+    q = quantize_layer("layer", weight, keep, gram, config, held_dtype=torch.float32)
+    whole = torch.ones(w.shape, dtype=torch.bool)
+    damp = 0.001 if pruned else 0.5
+    expected = obs_quantize(
+        weight,
+        gram,
+        whole if keep is None else keep,
+        config.value_quant,
+        held_dtype=torch.float32,
+        blocksize=params.blocksize,
+        damp=damp,
+        name="layer",
+    )
+    assert torch.equal(q.codes.reshape(-1), expected.codes.reshape(-1))
+    assert torch.equal(q.scales, expected.scales)
+    other = obs_quantize(
+        weight,
+        gram,
+        whole if keep is None else keep,
+        config.value_quant,
+        held_dtype=torch.float32,
+        blocksize=params.blocksize,
+        damp=0.5 if pruned else 0.001,
+        name="layer",
+    )
+    assert not torch.equal(other.codes.reshape(-1), expected.codes.reshape(-1))  # the choice matters
+    with pytest.raises(ValueError, match="dense_damp must be >= 0"):
+        ReconstructParams(dense_damp=-1.0)
