@@ -1,7 +1,8 @@
 """Benchmarks: ``python -m bench WHICH [--out DIR]``.
 
 WHICH: quality, sweep, speed, checkpoint, video, models, quantgroups, pareto, obsspeed, lowbit,
-decode, gpu_step, refine_holdout, tiers, coverage, generalisation, frontier, remainder, ceiling.
+decode, gpu_step, refine_holdout, tiers, coverage, generalisation, frontier, remainder, remainder_gptq,
+ceiling.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             "generalisation",
             "frontier",
             "remainder",
+            "remainder_gptq",
             "ceiling",
         ),
     )
@@ -91,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="frontier: ReconstructParams.shrink_text of every reconstructed point (default: the product's)",
+    )
+    parser.add_argument(
+        "--damps",
+        type=float,
+        nargs="+",
+        default=None,
+        help="remainder_gptq: the GPTQ dampenings to run (default: bench.remainder_gptq.DAMPS)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the tables and pictures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds (quality)")
@@ -156,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = bench_command(argv if argv is not None else sys.argv[1:])
-    held_out_benches = ("refine_holdout", "coverage", "generalisation", "frontier", "remainder", "ceiling")
+    held_out_benches = (
+        "refine_holdout",
+        "coverage",
+        "generalisation",
+        "frontier",
+        "remainder",
+        "remainder_gptq",
+        "ceiling",
+    )
     if args.models is None:
         args.models = list(ALL_MODELS if args.which in held_out_benches else ALL_MODELS[:2])
     if args.which == "quality":
@@ -193,6 +210,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             by_model = [run_remainder(m) for m in args.models]
         path = write_remainder([r for part in by_model for r in part], args.out, command)
+        print(path.read_text())
+        return 0
+    if args.which == "remainder_gptq":
+        from functools import partial
+
+        from .remainder_gptq import DAMPS, run_remainder_gptq, write_remainder_gptq
+
+        run_gptq = partial(run_remainder_gptq, damps=tuple(args.damps or DAMPS))
+        if args.jobs > 1:  # one process per model, one thread each
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(args.jobs, len(args.models)), initializer=_one_thread) as pool:
+                gptq_parts = list(pool.map(run_gptq, args.models))
+        else:
+            gptq_parts = [run_gptq(m) for m in args.models]
+        path = write_remainder_gptq([r for part in gptq_parts for r in part], args.out, command)
         print(path.read_text())
         return 0
     if args.which == "tiers":
