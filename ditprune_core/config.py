@@ -134,9 +134,10 @@ class ReconstructParams:
             quantises it by GPTQ, relative to their mean diagonal. Much more than ``damp``: a
             modulation layer's input is the conditioning vector (timestep, guidance, pooled
             prompt), and the calibration's few prompts span few of its directions: held out, GPTQ
-            with ``damp`` 0.01 fitted the calibrated classes 4-9x better than round to nearest and
-            the other classes little better or worse. Default 1.0, chosen on miniflux-a and -b
-            (int3, modulation alone; tried 0.1, 0.3, 1, 3 and Gram shrinkage 0.3 / 0.6; held-out
+            with ``damp`` 0.01 fitted the calibrated classes 4-8x better than round to nearest and
+            the other classes barely better (0.98x / 0.89x on miniflux-a / -b). Default 1.0,
+            chosen on miniflux-a and -b (int3, modulation alone; tried 0.1, 0.3, 1, 3 and Gram
+            shrinkage 0.3 / 0.6; held-out
             error 0.00128 / 0.00152 against round to nearest's 0.00207 / 0.00377) and confirmed on
             miniflux-c (0.00016 against 0.00129): docs/BENCHMARKS.md.
         dense_damp: dampening of the quantising sweep when nothing is pruned (quantise only: dense

@@ -475,7 +475,15 @@ def _remainder_of(target: PruneTarget, config: PruneConfig) -> dict[str, nn.Line
     if config.remainder_bits is None:
         return {}
     named = dict(target.module.named_modules())
-    return {n: named[n] for n in remainder_layers(target.module) if n not in target.layers}
+    rest = {n: named[n] for n in remainder_layers(target.module) if n not in target.layers}
+    if not rest:
+        log.warning(
+            "ditprune: remainder_bits %d: every remainder layer of this %s model is selected (pruned) "
+            "already, so there is no remainder to quantise",
+            config.remainder_bits,
+            target.template.name,
+        )
+    return rest
 
 
 def _in_module_order(module: nn.Module, layers: Mapping[str, nn.Linear]) -> dict[str, nn.Linear]:

@@ -152,3 +152,18 @@ def test_the_quantising_sweep_is_dampened_by_dense_damp_when_nothing_is_pruned(p
     assert not torch.equal(other.codes.reshape(-1), expected.codes.reshape(-1))  # the choice matters
     with pytest.raises(ValueError, match="dense_damp must be >= 0"):
         ReconstructParams(dense_damp=-1.0)
+
+
+def test_a_remainder_that_is_all_selected_is_said_and_nothing_else_changes(caplog) -> None:
+    """Modulation selected for pruning: the remainder is empty, and the log says why nothing was
+    quantised as remainder."""
+    from ditprune_core.layers import DEFAULT_FAMILIES
+
+    model = _model(24)
+    families = (*DEFAULT_FAMILIES, "modulation")
+    config = PruneConfig(0.5, update="obs", value_bits=4, remainder_bits=3, families=families)
+    with caplog.at_level("WARNING", logger="ditprune"):
+        report = prune_sequential_(model, _calibration(model), config)
+    assert report.remainder == ()
+    assert "every remainder layer of this flux model is selected" in caplog.text
+    assert all(n in {r.name for r in report.layers} for n in remainder_layers(model))
