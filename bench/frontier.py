@@ -14,7 +14,9 @@ product's defaults (one OBS sweep: OBS update, refit, block allocation; block re
 shipped), so dense and sparse get exactly the same reconstruction:
 
 - ``dense intB + OBS``: sparsity 0, the whole weight quantised in the sweep (GPTQ's update, groups
-  of 128), stored as dense codes with no mask (what Prune and Reconstruct with sparsity 0 makes);
+  of 128; its Gram dampened by ``ReconstructParams.dense_damp``, 0.1 since 2026-12-08: every dense
+  point was measured again with it), stored as dense codes with no mask (what Prune and Reconstruct
+  with sparsity 0 makes);
 - ``S% + intB + OBS``: S% pruned, the kept values quantised jointly in the sweep (B = 4, 3);
 - ``... intB g32 ...``: the same with a scale for every 32 values instead of 128 (Prune and
   Reconstruct's ``value_group`` 32: more scales, less error, more bits);
@@ -31,6 +33,9 @@ shipped), so dense and sparse get exactly the same reconstruction:
   (3-bit symmetric groups of 128, 0.42 GB less on FLUX.1-dev: for a file under 4 GB). Measured
   since 2026-12-07 with the embedders and final layer kept (rounding them too gave 71-96% of the
   remainder's error for 0.11 GB: docs/bench/remainder.md);
+- ``..., rest int3 GPTQ`` / ``rest int4 GPTQ`` (new): the same whole file with the modulation
+  quantised inside the sweep by GPTQ on its calibration Grams (``PruneConfig.remainder_bits``,
+  ``ReconstructParams.remainder_damp``) instead of rounded to nearest when saved: the same bytes;
 - the references, no calibration: ComfyUI's fp8 cast, GGUF (``Q8_0`` ... ``Q2_K``, :mod:`.gguf_ref`),
   round-to-nearest (``RTN``) at 4 and 3 bits;
 - ``GGUF Qx file``: the whole GGUF file as ComfyUI-GGUF's converter makes it: every 2-D weight in the
@@ -310,6 +315,7 @@ _REST_GPTQ = [
     Point("sparse", "int3", 0.55, rest="int3", rest_gptq=True),
     Point("dense", "int3", rest="int3", rest_gptq=True),
     Point("dense", "int3", rest="int4", upgrade=UPGRADE_ATTENTION, rest_gptq=True),
+    Point("sparse", "int4", 0.3, rest="int4", rest_gptq=True),
 ]
 #: the GGUF files the file-size targets compare with, whole (the modulation in the format too)
 GGUF_FILES = (Point("gguf", "Q3_K", gguf_file=True), Point("gguf", "Q2_K", gguf_file=True))
