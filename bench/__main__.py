@@ -11,12 +11,29 @@ import argparse
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DEFAULT_OUT = Path("docs/bench")
 #: the MiniFlux test-beds (the held-out benchmarks run all three by default)
 ALL_MODELS = ("miniflux-a", "miniflux-b", "miniflux-c")
+
+
+T = TypeVar("T")
+
+
+def _per_model(run: Callable[[str], list[T]], models: list[str], jobs: int) -> list[T]:
+    """``run(model)`` for each model, concatenated in order: one process per model (one thread each)
+    with ``jobs`` > 1."""
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(jobs, len(models)), initializer=_one_thread) as pool:
+            parts = list(pool.map(run, models))
+    else:
+        parts = [run(m) for m in models]
+    return [row for part in parts for row in part]
 
 
 def _one_thread() -> None:
@@ -202,15 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "remainder":
         from .remainder import run_remainder, write_remainder
 
-        if args.jobs > 1:  # one process per model, one thread each
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(min(args.jobs, len(args.models)), initializer=_one_thread) as pool:
-                by_model = list(pool.map(run_remainder, args.models))
-        else:
-            by_model = [run_remainder(m) for m in args.models]
-        path = write_remainder([r for part in by_model for r in part], args.out, command)
-        print(path.read_text())
+        remainder_rows = _per_model(run_remainder, args.models, args.jobs)
+        print(write_remainder(remainder_rows, args.out, command).read_text())
         return 0
     if args.which == "remainder_gptq":
         from functools import partial
@@ -218,15 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         from .remainder_gptq import DAMPS, run_remainder_gptq, write_remainder_gptq
 
         run_gptq = partial(run_remainder_gptq, damps=tuple(args.damps or DAMPS))
-        if args.jobs > 1:  # one process per model, one thread each
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(min(args.jobs, len(args.models)), initializer=_one_thread) as pool:
-                gptq_parts = list(pool.map(run_gptq, args.models))
-        else:
-            gptq_parts = [run_gptq(m) for m in args.models]
-        path = write_remainder_gptq([r for part in gptq_parts for r in part], args.out, command)
-        print(path.read_text())
+        gptq_rows = _per_model(run_gptq, args.models, args.jobs)
+        print(write_remainder_gptq(gptq_rows, args.out, command).read_text())
         return 0
     if args.which == "tiers":
         from .tiers import write_tiers

@@ -125,30 +125,16 @@ def test_the_quantising_sweep_is_dampened_by_dense_damp_when_nothing_is_pruned(p
     config = PruneConfig(0.5 if pruned else 0, update="obs", value_bits=3, reconstruct=params)
     weight = w * keep if keep is not None else w
     q = quantize_layer("layer", weight, keep, gram, config, held_dtype=torch.float32)
-    whole = torch.ones(w.shape, dtype=torch.bool)
-    damp = 0.001 if pruned else 0.5
-    expected = obs_quantize(
-        weight,
-        gram,
-        whole if keep is None else keep,
-        config.value_quant,
-        held_dtype=torch.float32,
-        blocksize=params.blocksize,
-        damp=damp,
-        name="layer",
-    )
+    mask = torch.ones(w.shape, dtype=torch.bool) if keep is None else keep
+
+    def sweep(damp: float):
+        spec = config.value_quant
+        return obs_quantize(weight, gram, mask, spec, held_dtype=torch.float32, blocksize=128, damp=damp)
+
+    expected = sweep(0.001 if pruned else 0.5)
     assert torch.equal(q.codes.reshape(-1), expected.codes.reshape(-1))
     assert torch.equal(q.scales, expected.scales)
-    other = obs_quantize(
-        weight,
-        gram,
-        whole if keep is None else keep,
-        config.value_quant,
-        held_dtype=torch.float32,
-        blocksize=params.blocksize,
-        damp=0.5 if pruned else 0.001,
-        name="layer",
-    )
+    other = sweep(0.5 if pruned else 0.001)
     assert not torch.equal(other.codes.reshape(-1), expected.codes.reshape(-1))  # the choice matters
     with pytest.raises(ValueError, match="dense_damp must be >= 0"):
         ReconstructParams(dense_damp=-1.0)
